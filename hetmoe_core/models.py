@@ -382,15 +382,17 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
     else:
         fingerprint = f"hub:{where}@{revision or 'main'}"
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(where, **kw)
     from .hosts import host_for
-    host = host_for(config)
-    try:
+    try:  # OSError: hub unreachable or no such repo; ValueError: remote code refused
+        config = AutoConfig.from_pretrained(where, **kw)
+        host = host_for(config)
         model = AutoModelForCausalLM.from_pretrained(
             where, config=host.config if host else config, dtype=_DTYPES[dtype], use_safetensors=True,
             key_mapping=host.key_mapping if host else None, **kw)
     except OSError as e:
-        raise ValueError(f"could not load {source!r}: {e}") from None
+        hint = " (the Hugging Face hub is unreachable offline: download the model to a folder)" \
+            if kind == "hub" else ""
+        raise ValueError(f"could not load {source!r}{hint}: {str(e).splitlines()[0]}") from None
     if host:
         host.finish(model)
     model.to(device).eval()

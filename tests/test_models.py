@@ -157,3 +157,9 @@ def test_cli_info_json():
 def test_cli_bad_source_is_one_line():
     rc, out, err = _cli("info", "/no/such/dir")
     assert rc == 2 and err.startswith("error:") and "Traceback" not in err
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="hub is unreachable offline"):
+        load_model("allenai/OLMoE-1B-7B-0924")
