@@ -118,6 +118,7 @@ class Anatomy:
     dtype: str
     tied_lm_head: bool = False
     shared_experts_per_layer: int = 0
+    host: str = ""  # "deepseek→qwen2_moe" when a remote-code type runs in a built-in class (hosts.py)
 
     @property
     def total_params(self) -> int:
@@ -127,7 +128,7 @@ class Anatomy:
         """JSON-able summary: family, layers, MoE layers, experts, top-k, shared experts, counts."""
         m = self.moe_layers
         return {
-            "family": self.family, "model_class": self.model_class, "dtype": self.dtype,
+            "family": self.family, "host": self.host, "model_class": self.model_class, "dtype": self.dtype,
             "num_layers": self.num_layers, "moe_layers": [x.layer for x in m],
             "experts_per_layer": sorted({x.num_experts for x in m}),
             "top_k": sorted({x.top_k for x in m}),
@@ -213,7 +214,8 @@ def anatomy_of(model: nn.Module) -> Anatomy:
         n_shared = int(getattr(model.config, "n_shared_experts", None) or 1)
     return Anatomy(family=family, model_class=type(model).__name__, num_layers=len(layers),
                    moe_layers=moe_layers, modules={k: tuple(v) for k, v in kinds.items()},
-                   param_counts=counts, dtype=dtype, tied_lm_head=tied, shared_experts_per_layer=n_shared)
+                   param_counts=counts, dtype=dtype, tied_lm_head=tied, shared_experts_per_layer=n_shared,
+                   host=getattr(model.config, "hetmoe_host", None) or "")
 
 
 def _count_params(model: nn.Module, kinds: dict[str, list[str]]) -> dict[str, int]:
@@ -366,7 +368,7 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
     Raises:
         ValueError: bad source, dtype, missing safetensors, or a model without routed experts.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; choose one of {', '.join(_DTYPES)}")
     kind, where = resolve_source(source)
@@ -384,17 +386,19 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     from .hosts import host_for
     try:  # OSError: hub unreachable or no such repo; ValueError: remote code refused
-        config = AutoConfig.from_pretrained(where, **kw)
-        host = host_for(config)
-        model = AutoModelForCausalLM.from_pretrained(
-            where, config=host.config if host else config, dtype=_DTYPES[dtype], use_safetensors=True,
-            key_mapping=host.key_mapping if host else None, **kw)
+        # hosted model types (hosts.py) have no built-in config class: read config.json as a dict
+        host = host_for(PretrainedConfig.get_config_dict(where, revision=revision)[0])
+        if host:
+            model = host.load(where, dtype=_DTYPES[dtype], **kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                where, config=AutoConfig.from_pretrained(where, **kw), dtype=_DTYPES[dtype],
+                use_safetensors=True, **kw)
     except OSError as e:
         hint = " (the Hugging Face hub is unreachable offline: download the model to a folder)" \
             if kind == "hub" else ""
         raise ValueError(f"could not load {source!r}{hint}: {str(e).splitlines()[0]}") from None
-    if host:
-        host.finish(model)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    # a hosted checkpoint's config.json names a model type AutoTokenizer cannot parse: pass the host's
+    tokenizer = AutoTokenizer.from_pretrained(where, **kw, **({"config": model.config} if host else {}))
     return LoadedModel(model, tokenizer, anatomy_of(model), source, fingerprint)
