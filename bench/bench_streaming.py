@@ -1,0 +1,176 @@
+"""Streaming MaxNNScore / Router Norm from safetensors: throughput vs `cat FILES > /dev/null`, peak RSS vs tensor size.
+
+Checkpoint: OLMoE-1B-7B's real shapes (hidden 2048, 64 experts, expert intermediate 1024, vocab 50304, 16 heads)
+for two decoder layers, generated into a temp dir in the hub's per-expert layout (``mlp.experts.E.gate_proj``) and/or
+transformers 5's fused layout (``mlp.experts.gate_up_proj`` [64, 2048, 2048]), one shard per layer plus one for
+embeddings / LM head. Fairness:
+  * throughput = bytes of the tensors each reader reads / seconds; streaming reads expert and router tensors only,
+    cat reads every byte of every shard, so both are rated on what they actually read;
+  * page cache: "cold" evicts the shards from the page cache before every run with posix_fadvise(DONTNEED) (only
+    these files, no global drop_caches on a shared machine); "warm" reads them once first; best of --repeat runs;
+  * streaming and cat each run in a fresh subprocess; peak RSS is that process's ru_maxrss, so the generator's memory
+    never counts. Reported as the increment over the process's RSS after imports (python + torch) and in total.
+Goals (issue B): throughput ratio >= 0.8; peak RSS increment <= 2 x largest tensor.
+
+    python bench/bench_streaming.py [--layout hub|fused|both] [--dtype bfloat16|float32] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+H, E, I, V, LAYERS = 2048, 64, 1024, 50304, 2
+
+_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import torch, safetensors
+from hetmoe_core.scores import stream_scores, _plan, _shards
+from pathlib import Path
+torch.set_num_threads(int(sys.argv[3]))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
+s = stream_scores(sys.argv[1])
+dt = time.perf_counter() - t
+plan = _plan(_shards(Path(sys.argv[1])))
+print(json.dumps({"seconds": dt, "bytes": sum(p.nbytes for p in plan), "largest_read": max(p.nbytes for p in plan),
+                  "rss_base": base, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "layers": len(s.layers), "maxnn0": float(s.layers[0].maxnn[0])}))
+"""
+
+
+def generate(folder: Path, layout: str, dtype: str) -> None:
+    """Write the checkpoint (run in a subprocess by main so its memory never meets the measured processes)."""
+    import torch
+    from safetensors.torch import save_file
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "olmoe", "hidden_size": H, "num_experts": E,
+                                                    "intermediate_size": I, "num_hidden_layers": LAYERS}))
+    save_file({"model.embed_tokens.weight": rnd(V, H), "lm_head.weight": rnd(V, H),
+               "model.norm.weight": torch.ones(H, dtype=dt)}, str(folder / "model-embed.safetensors"))
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}."
+        sd = {p + f"self_attn.{n}_proj.weight": rnd(H, H) for n in "qkvo"}
+        sd |= {p + f"self_attn.{n}_norm.weight": torch.ones(H, dtype=dt) for n in "qk"}
+        sd |= {p + n: torch.ones(H, dtype=dt) for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}
+        sd[p + "mlp.gate.weight"] = rnd(E, H)
+        if layout == "hub":
+            for e in range(E):
+                for n, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                    sd[p + f"mlp.experts.{e}.{n}.weight"] = rnd(*shape, scale=0.02 * (1 + e / E))
+        else:
+            sd[p + "mlp.experts.gate_up_proj"] = rnd(E, 2 * I, H)
+            sd[p + "mlp.experts.down_proj"] = rnd(E, H, I)
+        save_file(sd, str(folder / f"model-{layer:05d}.safetensors"))
+        del sd
+
+
+def evict(files) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_cat(files) -> float:
+    t = time.perf_counter()
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - t
+
+
+def run_stream(folder: Path, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(ROOT), str(threads)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def bench(folder: Path, repeat: int, threads: int) -> dict:
+    files = sorted(folder.glob("*.safetensors"))
+    total = sum(f.stat().st_size for f in files)
+    from safetensors import safe_open
+    largest = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                sl = fh.get_slice(k)
+                n = 1
+                for s in sl.get_shape():
+                    n *= s
+                largest = max(largest, n * {"BF16": 2, "F16": 2, "F32": 4}[sl.get_dtype()])
+    res = {"files_bytes": total, "largest_tensor_bytes": largest}
+    for mode in ("cold", "warm"):
+        cats, streams = [], []
+        for _ in range(repeat):
+            (evict(files) if mode == "cold" else run_cat(files))
+            cats.append(run_cat(files))
+            (evict(files) if mode == "cold" else run_cat(files))
+            streams.append(run_stream(folder, threads))
+        st = min(streams, key=lambda r: r["seconds"])
+        cat_bps, st_bps = total / min(cats), st["bytes"] / st["seconds"]
+        res[mode] = {"cat_s": min(cats), "cat_GBps": cat_bps / 1e9, "stream_s": st["seconds"],
+                     "stream_bytes": st["bytes"], "stream_GBps": st_bps / 1e9, "ratio": st_bps / cat_bps}
+        res["rss"] = {"base_MB": st["rss_base"] / 2**20, "peak_MB": st["rss_peak"] / 2**20,
+                      "increment_MB": (st["rss_peak"] - st["rss_base"]) / 2**20,
+                      "largest_read_MB": st["largest_read"] / 2**20, "largest_tensor_MB": largest / 2**20,
+                      "increment_over_largest": (st["rss_peak"] - st["rss_base"]) / largest,
+                      "peak_over_largest": st["rss_peak"] / largest}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layout", default="both", choices=["hub", "fused", "both"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the streaming process (on a busy "
+                    "2-core machine 2 threads oversubscribe and run ~10x slower)")
+    ap.add_argument("--generate", default=None, help=argparse.SUPPRESS)   # internal: generator subprocess
+    args = ap.parse_args()
+    if args.generate:
+        layout, folder = args.generate.split(":", 1)
+        generate(Path(folder), layout, args.dtype)
+        return
+    layouts = ["hub", "fused"] if args.layout == "both" else [args.layout]
+    with tempfile.TemporaryDirectory(prefix="hetmoe-bench-") as tmp:
+        for layout in layouts:
+            folder = Path(tmp) / layout
+            t = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--generate", f"{layout}:{folder}"],
+                           check=True)
+            gen = time.perf_counter() - t
+            r = bench(folder, args.repeat, args.threads)
+            print(f"== layout {layout}, {args.dtype}, {r['files_bytes'] / 1e9:.2f} GB in "
+                  f"{len(list(folder.glob('*.safetensors')))} shards (generated in {gen:.0f} s)")
+            for mode in ("cold", "warm"):
+                m = r[mode]
+                print(f"  {mode}: cat {m['cat_GBps']:.2f} GB/s ({m['cat_s']:.2f} s), stream {m['stream_GBps']:.2f} "
+                      f"GB/s ({m['stream_bytes'] / 1e9:.2f} GB in {m['stream_s']:.2f} s) -> ratio {m['ratio']:.2f} "
+                      f"(goal >= 0.8)")
+            q = r["rss"]
+            print(f"  RSS: after imports {q['base_MB']:.0f} MB, peak {q['peak_MB']:.0f} MB, increment "
+                  f"{q['increment_MB']:.0f} MB; largest tensor {q['largest_tensor_MB']:.0f} MB (largest read "
+                  f"{q['largest_read_MB']:.0f} MB) -> increment/largest {q['increment_over_largest']:.2f} "
+                  f"(goal <= 2), peak/largest {q['peak_over_largest']:.2f}")
+            print("  json:", json.dumps({"layout": layout, "dtype": args.dtype, **r}))
+            shutil.rmtree(folder)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""MaxNNScore / Router Norm: in-memory vs an independent per-expert loop, streaming vs in-memory."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hetmoe_core.models import TINY_FAMILIES, anatomy_of, tiny_model
+from hetmoe_core.scores import expert_scores, random_scores, stream_scores, strategy_scores
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny_model(f, seed=1) for f in TINY_FAMILIES}
+
+
+def _loop_maxnn(m, e):
+    """Independent reference: copy each projection of expert e, take neuron norms one by one."""
+    gate, up, down = m.gate(e), m.up(e).detach().clone(), m.down(e).detach().clone()
+    projs = {"up": [float(up[i].norm()) for i in range(up.shape[0])],
+             "down": [float(down[:, i].norm()) for i in range(down.shape[1])]}
+    if gate is not None:
+        gate = gate.detach().clone()
+        projs["gate"] = [float(gate[i].norm()) for i in range(gate.shape[0])]
+    return projs, float(np.prod([max(v) for v in projs.values()]))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_maxnn_equals_per_expert_loop(models, family):
+    a = anatomy_of(models[family])
+    s = expert_scores(a)
+    assert len(s.layers) == len(a.moe_layers)
+    for m, ls in zip(a.moe_layers, s.layers):
+        assert ls.layer == m.layer and ls.maxnn.shape == (m.num_experts,)
+        for e in range(m.num_experts):
+            projs, ref = _loop_maxnn(m, e)
+            assert set(projs) == set(ls.neuron_norms) == ({"gate", "up", "down"} if m.gated else {"up", "down"})
+            for p, v in projs.items():
+                np.testing.assert_allclose(ls.neuron_norms[p][e], v, rtol=1e-5)
+                assert ls.proj_max[p][e] == pytest.approx(max(v), rel=1e-5)
+            assert ls.maxnn[e] == pytest.approx(ref, rel=1e-5)
+        rows = m.router_weight().detach().clone()
+        np.testing.assert_allclose(ls.router_norm, [float(r.norm()) for r in rows], rtol=1e-5)
+        # experts were drawn with different scales, so the scores must differ
+        assert ls.maxnn.max() > 1.5 * ls.maxnn.min()
+
+
+def test_gpt_oss_uses_interleaved_transposed_layout(models):
+    m = anatomy_of(models["gpt_oss"]).moe_layers[0]
+    ls = expert_scores(anatomy_of(models["gpt_oss"])).layers[0]
+    raw = m.experts.gate_up_proj.detach()            # [E, H, 2I], gate = even columns
+    np.testing.assert_allclose(ls.neuron_norms["gate"], raw[:, :, ::2].norm(dim=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ls.neuron_norms["up"], raw[:, :, 1::2].norm(dim=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ls.neuron_norms["down"], m.experts.down_proj.detach().norm(dim=2).numpy(), rtol=1e-6)
+
+
+def _assert_same(a, b):
+    assert [x.layer for x in a.layers] == [y.layer for y in b.layers]
+    for x, y in zip(a.layers, b.layers):
+        assert set(x.neuron_norms) == set(y.neuron_norms)
+        for p in x.neuron_norms:
+            np.testing.assert_allclose(x.neuron_norms[p], y.neuron_norms[p], rtol=1e-6)
+        np.testing.assert_allclose(x.maxnn, y.maxnn, rtol=1e-5)
+        np.testing.assert_allclose(x.router_norm, y.router_norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_streaming_equals_in_memory_hub_layout(models, family, tmp_path):
+    """save_pretrained writes each family's hub layout (OLMoE per-expert, Mixtral w1/w3/w2, Granite, GPT-OSS)."""
+    models[family].save_pretrained(tmp_path)
+    _assert_same(stream_scores(tmp_path), expert_scores(anatomy_of(models[family])))
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
+def test_streaming_equals_in_memory_fused_layout(models, family, tmp_path):
+    """transformers-5 fused keys (...mlp.experts.gate_up_proj), split over two shards, small expert chunks."""
+    model = models[family]
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[::2]}, str(tmp_path / "a.safetensors"))
+    save_file({k: sd[k] for k in keys[1::2]}, str(tmp_path / "b.safetensors"))
+    model.config.to_json_file(str(tmp_path / "config.json"))
+    seen = []
+    s = stream_scores(tmp_path, chunk_bytes=1000, progress=lambda d, t: seen.append((d, t)))
+    _assert_same(s, expert_scores(anatomy_of(model)))
+    assert seen[-1][0] == seen[-1][1] and len(seen) >= 3
+
+
+def test_streaming_per_expert_bf16(tmp_path):
+    """bf16 checkpoint in the OLMoE hub layout, written by hand: norms accumulate in float32."""
+    g = torch.Generator().manual_seed(0)
+    E, I, H = 3, 5, 7
+    w = {"gate": torch.randn(E, I, H, generator=g), "up": torch.randn(E, I, H, generator=g),
+         "down": torch.randn(E, H, I, generator=g) * 3}
+    sd = {f"model.layers.1.mlp.experts.{e}.{p}_proj.weight": w[p][e].bfloat16() for e in range(E) for p in w}
+    sd["model.layers.1.mlp.gate.weight"] = torch.randn(E, H, generator=g).bfloat16()
+    sd["model.layers.0.mlp.gate_proj.weight"] = torch.randn(I, H, generator=g).bfloat16()   # dense layer: ignored
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    s = stream_scores(tmp_path)
+    assert len(s.layers) == 1 and s.layers[0].layer == 1 and s.layers[0].moe_index == 0
+    ref = np.prod([w[p].bfloat16().float().norm(dim=2 if p != "down" else 1).max(dim=1).values.numpy()
+                   for p in w], axis=0)
+    np.testing.assert_allclose(s.layers[0].maxnn, ref, rtol=1e-5)
+
+
+def test_streaming_errors(tmp_path):
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        stream_scores(tmp_path)
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="no routed-expert tensors"):
+        stream_scores(tmp_path)
+    with pytest.raises(ValueError, match="not a folder"):
+        stream_scores(tmp_path / "model.safetensors")
+
+
+def test_strategy_scores_and_random():
+    a = random_scores([4, 4], seed=3)
+    b = random_scores([4, 4], seed=3)
+    assert all((x == y).all() for x, y in zip(a, b)) and not (a[0] == random_scores([4, 4], seed=4)[0]).all()
+    with pytest.raises(ValueError, match="unknown strategy"):
+        strategy_scores("norm", num_experts=[4])
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        strategy_scores("frequency", num_experts=[4])
+    with pytest.raises(ValueError, match="needs expert scores"):
+        strategy_scores("maxnn", num_experts=[4])
+
+
+def test_streaming_fused_ungated(tmp_path):
+    """An ungated fused layout (experts.up_proj [E, I, H]) gives up and down maxima only."""
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(4, 6, 5, generator=g), torch.randn(4, 5, 6, generator=g)
+    save_file({"model.layers.0.mlp.experts.up_proj": up, "model.layers.0.mlp.experts.down_proj": down,
+               "model.layers.0.mlp.gate.weight": torch.randn(4, 5, generator=g)}, str(tmp_path / "m.safetensors"))
+    ls = stream_scores(tmp_path).layers[0]
+    assert set(ls.neuron_norms) == {"up", "down"}
+    np.testing.assert_allclose(ls.maxnn, (up.norm(dim=2).amax(1) * down.norm(dim=1).amax(1)).numpy(), rtol=1e-6)
+
+
+def test_cli_scores(capsys, tmp_path):
+    import json
+    from hetmoe_core.cli import main
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"text": "The cat sat on the mat.", "domain": "prose"}\n'
+                     '{"text": "x = 1 + 2", "domain": "code"}\n')
+    assert main(["scores", "tiny:olmoe", "--json", "--calib", str(calib), "--cache-dir", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = expert_scores(anatomy_of(tiny_model("olmoe")))
+    assert out["source"] == "tiny:olmoe" and out["calibration"]["domains"] == ["prose", "code"]
+    assert len(out["layers"]) == 2
+    for lo, ls in zip(out["layers"], ref.layers):
+        np.testing.assert_allclose(lo["maxnn"], ls.maxnn, rtol=1e-6)
+        np.testing.assert_allclose(lo["proj_max"]["down"], ls.proj_max["down"], rtol=1e-6)
+        np.testing.assert_allclose(lo["router_norm"], ls.router_norm, rtol=1e-6)
+        assert sum(lo["frequency"]) == pytest.approx(2.0) and len(lo["weight"]) == 8
+    tiny_model("olmoe").save_pretrained(tmp_path / "ckpt")
+    assert main(["scores", str(tmp_path / "ckpt"), "--stream", "--json"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(streamed["layers"][1]["maxnn"], ref.layers[1].maxnn, rtol=1e-5)
+    assert main(["scores", "tiny:olmoe", "--calib", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: calibration file") and len(err.strip().splitlines()) == 1
