@@ -35,8 +35,251 @@ def cmd_info(args) -> dict:
     return {"source": args.source, "fingerprint": lm.fingerprint, **lm.anatomy.summary()}
 
 
+# ---- scores, place (issue B)
+def _calib_args(p):
+    p.add_argument("--calib", default=None, help="calibration text (.txt one per line, .json, .jsonl with "
+                   "text/domain); default: the default model's validation text")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration text (truncated)")
+    p.add_argument("--cache-dir", default=None, help="activation-statistics cache (default cache/activation)")
+
+
+def _activation(args, lm):
+    from .routing import activation_stats, default_calibration, read_calibration
+    texts, where = (read_calibration(args.calib), args.calib) if args.calib else default_calibration()
+    stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, batch_size=args.batch_size,
+                             max_length=args.max_length, cache_dir=args.cache_dir, fingerprint=lm.fingerprint)
+    return stats, {"from": where, "tokens": stats.num_tokens, "domains": list(stats.domains)}
+
+
+def add_scores(p):
+    _source(p)
+    _calib_args(p)
+    p.add_argument("--no-activation", action="store_true", help="skip frequency/weight (no forward passes)")
+    p.add_argument("--stream", action="store_true", help="local folder only: MaxNNScore and Router Norm straight "
+                   "from the safetensors shards, model never built (no frequency/weight)")
+    p.add_argument("--neuron-norms", action="store_true", help="include every neuron's norm")
+
+
+def cmd_scores(args) -> dict:
+    from .scores import expert_scores, stream_scores
+    if args.stream:
+        from .models import resolve_source
+        kind, where = resolve_source(args.source)
+        if kind not in ("folder", "default"):
+            raise ValueError("--stream reads a local checkpoint folder; give its path (or drop --stream)")
+        return {**stream_scores(where).to_dict(args.neuron_norms), "source": args.source, "streamed": True}
+    lm = _load(args)
+    out = {**expert_scores(lm.anatomy).to_dict(args.neuron_norms), "source": args.source,
+           "fingerprint": lm.fingerprint}
+    if not args.no_activation:
+        stats, out["calibration"] = _activation(args, lm)
+        for i, layer in enumerate(out["layers"]):
+            layer["frequency"], layer["weight"] = stats.frequency[i].tolist(), stats.weight[i].tolist()
+    return out
+
+
+def add_place(p):
+    _source(p)
+    _calib_args(p)
+    p.add_argument("--budget", required=True, help="share of routed experts run digitally, in [0, 1]")
+    p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random")
+    p.add_argument("--scope", default="layer", help="layer (budget per MoE layer, the paper) | global")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
+    p.add_argument("--analog-dense", default="", help="comma-separated dense kinds put on AIMC "
+                   "(attention,lm_head,shared_experts,router,dense_mlp); default none (paper)")
+
+
+def cmd_place(args) -> dict:
+    from .placement import DENSE_KINDS, DensePolicy, check_request, digital_share, place
+    try:
+        budget = float(args.budget)
+    except ValueError:
+        raise ValueError(f"budget must be a number in [0, 1], got {args.budget!r}") from None
+    check_request(args.strategy, budget, args.scope)
+    analog = [k for k in args.analog_dense.split(",") if k.strip()]
+    if bad := [k for k in analog if k not in DENSE_KINDS]:
+        raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
+    lm = _load(args)
+    stats, calib = _activation(args, lm) if args.strategy in ("frequency", "weight") else (None, None)
+    p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats,
+              dense=DensePolicy(**{k: False for k in analog}))
+    out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),
+           **digital_share(p, lm.anatomy)}
+    if calib:
+        out["calibration"] = calib
+    return out
+
+
+# ---- evaluate, sweep, runs, export, import, report (issue E)
+def _store_arg(p):
+    p.add_argument("--store", default=None, help="results store (DuckDB file; default cache/results.duckdb)")
+
+
+def _eval_args(p, sweep: bool):
+    _source(p)
+    _store_arg(p)
+    s = "s" if sweep else ""
+    p.add_argument(f"--strateg{'ies' if sweep else 'y'}", dest="strategies", default="maxnn",
+                   help="maxnn | frequency | weight | router_norm | random" + (" (comma-separated)" if sweep else ""))
+    p.add_argument(f"--budget{s}", dest="budgets", default="0.125", help="digital budget(s) in [0, 1]")
+    p.add_argument(f"--preset{s}", dest="presets", default="paper-pcm-c1.5", help="noise preset(s) (noise.PRESETS)")
+    p.add_argument("--seeds", type=int, default=1, help="number of noise seeds (0..N-1): mean ± std over them")
+    p.add_argument("--tasks", default="local", help="comma-separated tasks: the default model's (alias 'local'; "
+                   "'ppl' = per-domain perplexity), paper_* (alias 'paper'), or any lm-eval task name")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit)")
+    p.add_argument("--backend", default="fast", help="fast | aihwkit")
+    p.add_argument("--scope", default="layer", help="layer | global")
+    p.add_argument("--batch-size", type=int, default=8, help="fixed for the whole run (enters the cache key)")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--no-ideal", action="store_true", help="skip the all-digital reference result")
+
+
+def _run_eval(args, bar: bool) -> dict:
+    import logging
+    import os
+    os.environ.setdefault("TQDM_DISABLE", "1")   # lm-eval's and datasets' per-task bars: only ours is shown
+    for name in ("lm_eval", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from .evaluate import evaluate_many, summarize
+    pbar = None
+    if bar and not args.json:
+        from tqdm import tqdm
+        pbar = tqdm(total=None, desc="sweep", unit="result", file=sys.stderr, disable=False)
+
+    def progress(done, total, r):
+        if pbar is not None:
+            pbar.total = total
+            pbar.n = done
+            pbar.set_postfix_str(f"{r['task']} {r['strategy']} b={r['budget']} seed={r['seed']}"
+                                 f"{' (cached)' if r['cached'] else ''}")
+            pbar.refresh()
+    try:
+        res = evaluate_many(args.source, store=args.store, strategies=args.strategies, budgets=args.budgets,
+                            presets=args.presets, seeds=args.seeds, tasks=args.tasks, limit=args.limit,
+                            backend=args.backend, scope=args.scope, batch_size=args.batch_size,
+                            num_fewshot=args.num_fewshot, include_ideal=not args.no_ideal, device=args.device,
+                            dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                            progress=progress)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    out = {"results": res, "summary": summarize(res), "computed": sum(not r["cached"] for r in res),
+           "cached": sum(r["cached"] for r in res)}
+    if args.json:
+        return out
+    for r in out["summary"]:
+        std = "" if r["std"] is None else f" ± {r['std']:.3g}"
+        print(f"{r['task']:<22} {r['metric']:<16} {r['strategy']:<11} budget={r['budget']:<6g} {r['preset']:<22} "
+              f"{r['mean']:.4g}{std} (n={r['n_seeds']}){' cached' if r['cached'] else ''}")
+    print(f"{out['computed']} computed, {out['cached']} from the cache")
+    return None
+
+
+def add_evaluate(p):
+    _eval_args(p, sweep=False)
+
+
+def cmd_evaluate(args) -> dict:
+    return _run_eval(args, bar=False)
+
+
+def add_sweep(p):
+    _eval_args(p, sweep=True)
+
+
+def cmd_sweep(args) -> dict:
+    return _run_eval(args, bar=True)
+
+
+def add_runs(p):
+    _store_arg(p)
+    p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]",
+                   help="filter, e.g. --where strategy=maxnn --where task=paper_piqa (repeatable)")
+    p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric")
+    p.add_argument("--max-rows", type=int, default=200)
+
+
+def _filters(where: list[str]) -> dict:
+    out = {}
+    for w in where:
+        if "=" not in w:
+            raise ValueError(f"filter {w!r} must look like column=value")
+        k, v = w.split("=", 1)
+        vals = []
+        for x in v.split(","):
+            try:
+                vals.append(float(x) if k in ("budget", "limit") else int(x) if k in ("seed", "batch_size", "num_fewshot") else x)
+            except ValueError:
+                raise ValueError(f"filter {k}: {x!r} is not a number") from None
+        out[k.strip()] = vals
+    return out
+
+
+def cmd_runs(args) -> dict:
+    from .store import Store
+    st = Store(args.store, create=False)
+    df = st.summary_frame(_filters(args.where)) if args.summary else st.runs_frame(_filters(args.where)).drop(
+        columns=["config", "versions", "error"])
+    rows = json.loads(df.head(args.max_rows).to_json(orient="records", date_format="iso"))
+    if not args.json:
+        import pandas as pd
+        cols = ["task", "metric", "strategy", "budget", "preset", "backend"] + (
+            ["mean", "std", "n_seeds"] if args.summary else ["seed", "value", "stderr", "limit", "key"])
+        view = df.head(args.max_rows)[cols].assign(**({} if args.summary else {"key": df.key.str[:12]}))
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(view.to_string(index=False) if len(df) else "no stored results match")
+        return None
+    return {"store": str(st.path), "count": len(df), "rows": rows}
+
+
+def add_export(p):
+    _store_arg(p)
+    p.add_argument("out", help="snapshot file to write (.zip)")
+    p.add_argument("--keys", default=None, help="comma-separated run keys (default: all matching --where)")
+    p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]", help="filter as in `runs`")
+
+
+def cmd_export(args) -> dict:
+    from .snapshot import export_snapshot
+    from .store import Store
+    keys = [k for k in args.keys.split(",") if k] if args.keys else None
+    return {"path": args.out, **export_snapshot(Store(args.store, create=False), args.out, keys=keys, filters=_filters(args.where))}
+
+
+def add_import(p):
+    _store_arg(p)
+    p.add_argument("snapshot", help="snapshot file (.zip) written by `export`")
+
+
+def cmd_import(args) -> dict:
+    from .snapshot import import_snapshot, read_snapshot
+    from .store import Store
+    read_snapshot(args.snapshot)   # validate before the store file is even created
+    return import_snapshot(args.snapshot, Store(args.store))
+
+
+def add_report(p):
+    p.add_argument("source", help="snapshot (.zip) or store (.duckdb) to report")
+    p.add_argument("--out", default="report.html", help="HTML file to write")
+    p.add_argument("--title", default="hetmoe results")
+
+
+def cmd_report(args) -> dict:
+    from .report import write_report
+    return write_report(args.source, args.out, title=args.title)
+
+
 COMMANDS = {
     "info": (add_info, cmd_info, "anatomy summary of an MoE model"),
+    "scores": (add_scores, cmd_scores, "MaxNNScore, per-projection maxima, router norm, frequency, weight"),
+    "place": (add_place, cmd_place, "digital/analog placement of routed experts and its digital share"),
+    "evaluate": (add_evaluate, cmd_evaluate, "scores under a placement and noise preset, n seeds, cached"),
+    "sweep": (add_sweep, cmd_sweep, "evaluate the product budgets x strategies x presets x seeds x tasks (resumable)"),
+    "runs": (add_runs, cmd_runs, "list or filter stored results"),
+    "export": (add_export, cmd_export, "write chosen results to a portable snapshot (.zip of Parquet)"),
+    "import": (add_import, cmd_import, "merge a snapshot into a store (idempotent, validated)"),
+    "report": (add_report, cmd_report, "standalone HTML report (Plotly, offline) of a snapshot or store"),
 }
 
 

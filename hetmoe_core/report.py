@@ -1,0 +1,116 @@
+"""Standalone HTML report of stored results (a snapshot or a store): opens offline, plotly.js embedded.
+
+Sections: score table (mean ± std over seeds per strategy, budget and preset, with the ideal all-digital result),
+one figure per task and headline metric (score vs digital budget, one line per strategy × preset, error bars =
+std over seeds, dashed line = ideal), and the placements used.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .store import Store
+
+HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
+LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def report_data(source: str | os.PathLike | Store):
+    """(summary DataFrame, placements DataFrame) of a snapshot file (.zip) or a store (path or Store).
+
+    A snapshot is validated and imported into a temporary store first (snapshot.import_snapshot's checks apply).
+    """
+    if isinstance(source, Store):
+        return source.summary_frame(), source.placements_frame()
+    path = Path(source)
+    if path.suffix == ".zip" or (path.is_file() and path.read_bytes()[:2] == b"PK"):
+        from .snapshot import import_snapshot
+        with tempfile.TemporaryDirectory() as d:
+            st = Store(Path(d) / "report.duckdb")
+            import_snapshot(path, st)
+            return st.summary_frame(), st.placements_frame()
+    if not path.is_file():
+        raise ValueError(f"no snapshot or store at {path}")
+    st = Store(path)
+    return st.summary_frame(), st.placements_frame()
+
+
+def _fmt(mean, std) -> str:
+    if mean is None:
+        return ""
+    s = f"{mean:.4g}"
+    return s if std is None or std != std else f"{s} ± {std:.2g}"
+
+
+def _figures(summary) -> list:
+    import plotly.graph_objects as go
+    figs = []
+    for (task, metric), g in summary.groupby(["task", "metric"], sort=True):
+        if metric not in HEADLINE:
+            continue
+        fig = go.Figure()
+        ideal = g[g.strategy == "ideal"]
+        for (strategy, preset), line in g[g.strategy != "ideal"].groupby(["strategy", "preset"], sort=True):
+            line = line.sort_values("budget")
+            fig.add_trace(go.Scatter(
+                x=line.budget, y=line["mean"], mode="lines+markers", name=f"{strategy} · {preset}",
+                error_y=dict(type="data", array=line["std"].fillna(0).tolist(), visible=True),
+                customdata=line[["n_seeds"]].to_numpy(),
+                hovertemplate="budget %{x}<br>%{y:.4g} (n=%{customdata[0]} seeds)<extra></extra>"))
+        if len(ideal):
+            fig.add_hline(y=float(ideal["mean"].iloc[0]), line_dash="dash", line_color="black",
+                          annotation_text="ideal (all digital)", annotation_position="top left")
+        arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        fig.update_layout(title=f"{task} — {metric} ({arrow}) vs digital budget", template="plotly_white",
+                          xaxis_title="digital budget (share of routed experts digital)", yaxis_title=metric,
+                          height=420, legend_title="strategy · preset", showlegend=True)
+        fig.update_xaxes(range=[-0.03, 1.03])   # budgets live in [0, 1]
+        figs.append(fig)
+    return figs
+
+
+def _table(df, cols) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>"
+                   for r in df.to_dict("records"))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, title: str = "hetmoe results") -> dict:
+    """Write the HTML report of ``source`` (snapshot .zip, store path or Store) to ``out``.
+
+    Returns {"path", "results" (summary rows), "figures", "placements"}. Raises ValueError when there is no result.
+    """
+    from .paper_tasks import MISSING_NOTE, PAPER_TASKS
+    summary, placements = report_data(source)
+    if summary.empty:
+        raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
+    summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
+    figs = _figures(summary)
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
+    table = summary.assign(score=[_fmt(m, s) for m, s in zip(summary["mean"], summary["std"])],
+                           digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"))
+    cols = ["task", "metric", "strategy", "budget", "preset", "backend", "score", "n_seeds", "digital_share",
+            "limit", "model_source"]
+    ptable = ""
+    if len(placements):
+        p = placements.assign(per_layer_digital=[json.dumps([len(d) for d in json.loads(x)["digital"]])
+                                                 for x in placements.placement])
+        ptable = _table(p, ["key", "model_fingerprint", "strategy", "budget", "scope", "seed", "per_layer_digital"])
+    note = f"<p class='note'>{html.escape(MISSING_NOTE)}</p>" if summary.task.isin(list(PAPER_TASKS)).any() else ""
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555}}</style>
+</head><body><h1>{html.escape(title)}</h1>
+<p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
+<h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
+<h2>Scores</h2>{_table(table, cols)}
+<h2>Placements</h2>{ptable or '<p>none stored</p>'}
+</body></html>"""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(doc, encoding="utf-8")
+    return {"path": str(out), "results": len(summary), "figures": len(figs), "placements": len(placements)}

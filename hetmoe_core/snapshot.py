@@ -1,0 +1,199 @@
+"""Portable snapshots of stored results: one zip of Parquet tables plus a manifest (no pickle anywhere).
+
+Layout: ``manifest.json`` ({"format": "hetmoe-snapshot", "schema_version", "created_at", "hetmoe_version",
+"tables": {name: {"file", "sha256", "rows", "bytes"}}}) and ``<table>.parquet`` for runs, metrics, placements and
+expert_stats. Import never writes archive members to disk: every member is checked (name, declared size,
+compression ratio, sha256, columns) and read into memory with a bounded read, then merged into the store in one
+transaction (idempotent: rows whose primary key exists are kept as they are). Any failure leaves the store untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import posixpath
+import zipfile
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .store import SCHEMA_VERSION, TABLES, Store, _where
+
+FORMAT = "hetmoe-snapshot"
+MAX_FILE_BYTES = 512 << 20          # snapshot file on disk
+MAX_MEMBER_BYTES = 512 << 20       # declared uncompressed size of one member
+MAX_TOTAL_BYTES = 1 << 30          # declared uncompressed size of all members
+MAX_RATIO = 100                    # declared uncompressed / compressed size (zip bombs reach 1000+)
+ALLOWED = ("manifest.json",) + tuple(f"{t}.parquet" for t in TABLES)
+
+
+class SnapshotError(ValueError):
+    """A file that is not a valid snapshot of this schema version (the message says why)."""
+
+
+def _parquet(table) -> bytes:
+    import pyarrow.parquet as pq
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: dict | None = None) -> dict:
+    """Write the chosen successful runs (by cache ``keys`` and/or runs_frame ``filters``; all when neither) with
+    their metrics, placements and their models' expert statistics to the zip ``path`` (written atomically).
+
+    Returns the manifest. Raises ValueError when nothing matches or for an unknown filter.
+    """
+    from . import __version__
+    where, params = _where(filters, "ok")
+    if keys is not None:
+        keys = list(keys)
+        where += (" AND " if where else "WHERE ") + "list_contains(?, r.key)"
+        params.append(keys)
+    sel = f"SELECT r.key FROM runs r {where}"
+    queries = {
+        "runs": f"SELECT * FROM runs WHERE key IN ({sel}) ORDER BY key",
+        "metrics": f"SELECT * FROM metrics WHERE key IN ({sel}) ORDER BY key, task, metric",
+        "placements": f"SELECT * FROM placements WHERE key IN (SELECT placement_key FROM runs WHERE key IN ({sel})) ORDER BY key",
+        "expert_stats": f"SELECT * FROM expert_stats WHERE model_fingerprint IN "
+                        f"(SELECT model_fingerprint FROM runs WHERE key IN ({sel})) ORDER BY model_fingerprint, name",
+    }
+    with store.read_connection() as con:
+        tables = {t: con.sql(q, params=params).to_arrow_table() for t, q in queries.items()}
+    if tables["runs"].num_rows == 0:
+        raise ValueError("no stored results match; check the keys/filters with `runs`")
+    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "hetmoe_version": __version__,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tables": {}}
+    blobs = {}
+    for t, tab in tables.items():
+        blob = _parquet(tab)
+        blobs[f"{t}.parquet"] = blob
+        manifest["tables"][t] = {"file": f"{t}.parquet", "sha256": hashlib.sha256(blob).hexdigest(),
+                                 "rows": tab.num_rows, "bytes": len(blob)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:   # Parquet is already compressed
+        z.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        for name, blob in blobs.items():
+            z.writestr(name, blob)
+    os.replace(tmp, path)
+    return manifest
+
+
+def _read(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        with z.open(info) as f:
+            data = f.read(info.file_size + 1)   # bounded: never more than the (checked) declared size + 1
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:
+        raise SnapshotError(f"member {info.filename} is damaged or encrypted: {e}") from None
+    if len(data) != info.file_size:
+        raise SnapshotError(f"member {info.filename} holds more or less data than declared")
+    return data
+
+
+def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Validate a snapshot and return (manifest, {table: pyarrow.Table}) without touching any store.
+
+    Raises SnapshotError (a ValueError) for: a missing, oversized or non-zip file; a member whose name escapes the
+    archive (absolute, '..', backslash, drive) or is unexpected; declared sizes over the limits or a compression
+    ratio typical of zip bombs; a wrong format or schema version; a checksum mismatch; unreadable Parquet.
+    """
+    import pyarrow.parquet as pq
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"no snapshot file at {path}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise SnapshotError(f"{path} is {path.stat().st_size} bytes, over the {MAX_FILE_BYTES} byte snapshot limit")
+    if not zipfile.is_zipfile(path):
+        raise SnapshotError(f"{path} is not a hetmoe snapshot (not a zip archive)")
+    try:
+        z = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise SnapshotError(f"{path} is not a readable zip archive: {e}") from None
+    with z:
+        infos, total = {}, 0
+        for info in z.infolist():
+            name = info.filename
+            norm = posixpath.normpath(name)
+            if (name.startswith(("/", "\\")) or "\\" in name or ":" in name or norm != name
+                    or any(p in ("", ".", "..") for p in name.split("/"))):
+                raise SnapshotError(f"member path {name!r} escapes the archive or is not plain; refusing the snapshot")
+            if name not in ALLOWED or name in infos:
+                raise SnapshotError(f"unexpected or repeated member {name!r}; a snapshot holds only {', '.join(ALLOWED)}")
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise SnapshotError(f"member {name} declares {info.file_size} bytes, over the {MAX_MEMBER_BYTES} limit")
+            if info.file_size > MAX_RATIO * max(info.compress_size, 1) and info.file_size > (1 << 20):
+                raise SnapshotError(f"member {name} expands {info.file_size / max(info.compress_size, 1):.0f}x: "
+                                    "refusing a likely zip bomb")
+            total += info.file_size
+            infos[name] = info
+        if total > MAX_TOTAL_BYTES:
+            raise SnapshotError(f"snapshot declares {total} bytes uncompressed, over the {MAX_TOTAL_BYTES} limit")
+        if "manifest.json" not in infos:
+            raise SnapshotError(f"{path} has no manifest.json: not a hetmoe snapshot")
+        try:
+            manifest = json.loads(_read(z, infos["manifest.json"]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SnapshotError(f"manifest.json is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise SnapshotError("manifest.json does not describe a hetmoe snapshot")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise SnapshotError(f"snapshot schema version {manifest.get('schema_version')!r}; this hetmoe reads "
+                                f"version {SCHEMA_VERSION}: export it again with a matching hetmoe")
+        described = manifest.get("tables")
+        if not isinstance(described, dict) or set(described) != set(TABLES):
+            raise SnapshotError(f"manifest must describe exactly the tables {', '.join(TABLES)}")
+        tables = {}
+        for t in TABLES:
+            d = described[t]
+            name = f"{t}.parquet"
+            if not isinstance(d, dict) or d.get("file") != name or name not in infos:
+                raise SnapshotError(f"table {t}: member {name} missing or misnamed")
+            blob = _read(z, infos[name])
+            if hashlib.sha256(blob).hexdigest() != d.get("sha256"):
+                raise SnapshotError(f"table {t}: sha256 checksum mismatch (the file was altered or damaged)")
+            try:
+                tables[t] = pq.read_table(io.BytesIO(blob))
+            except Exception as e:   # pyarrow raises several types for a damaged file
+                raise SnapshotError(f"table {t}: unreadable Parquet ({e})") from None
+            if tables[t].num_rows != d.get("rows"):
+                raise SnapshotError(f"table {t}: {tables[t].num_rows} rows, manifest says {d.get('rows')}")
+        extra = set(infos) - {"manifest.json"} - {f"{t}.parquet" for t in TABLES}
+        if extra:
+            raise SnapshotError(f"unexpected members {sorted(extra)}")
+    runs = set(tables["runs"].column("key").to_pylist()) if "key" in tables["runs"].column_names else set()
+    if "key" in tables["metrics"].column_names and not set(tables["metrics"].column("key").to_pylist()) <= runs:
+        raise SnapshotError("metrics refer to runs the snapshot does not hold")
+    return manifest, tables
+
+
+def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
+    """Merge a snapshot into ``store`` in one transaction (idempotent); returns rows added per table.
+
+    Raises SnapshotError (see read_snapshot) or when a table's columns do not match the store's; the store is
+    untouched on any error. A failed run in the store is replaced by the snapshot's successful one.
+    """
+    import duckdb
+    manifest, tables = read_snapshot(path)
+    added = {}
+    try:
+        with store.write_transaction() as con:
+            for t in TABLES:
+                cols = [r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()]
+                if sorted(tables[t].column_names) != sorted(cols):
+                    raise SnapshotError(f"table {t} has columns {tables[t].column_names}, the store has {cols}")
+                con.register("incoming", tables[t])
+                before = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                if t == "runs":
+                    con.execute("DELETE FROM runs WHERE status <> 'ok' AND key IN "
+                                "(SELECT key FROM incoming WHERE status = 'ok')")
+                    con.execute("DELETE FROM metrics WHERE key IN (SELECT key FROM incoming WHERE status = 'ok') "
+                                "AND key NOT IN (SELECT key FROM runs)")
+                con.execute(f"INSERT OR IGNORE INTO {t} BY NAME SELECT * FROM incoming")
+                con.unregister("incoming")
+                added[t] = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] - before
+    except duckdb.Error as e:
+        raise SnapshotError(f"snapshot rows do not fit the store: {e}") from None
+    return {"added": added, "snapshot_rows": {t: manifest["tables"][t]["rows"] for t in TABLES}}

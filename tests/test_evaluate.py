@@ -1,0 +1,212 @@
+"""Noisy evaluation with honest caching: real lm-eval runs on tiny models, real DuckDB stores, real subprocesses."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hetmoe_core import evaluate as ev
+from hetmoe_core.evaluate import evaluate_many, plan, summarize
+from hetmoe_core.models import LoadedModel, _tiny_tokenizer, anatomy_of, load_model, tiny_config
+from hetmoe_core.paper_tasks import PAPER_TASKS, build_paper_suite
+from hetmoe_core.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = dict(strategies=["maxnn"], budgets=[0.25], presets=["paper-pcm-c1.5"], seeds=2, tasks=["paper_arc_easy"],
+             limit=3, batch_size=4)
+
+
+def _count_forwards(model):
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+    return calls, model.register_forward_hook(hook)
+
+
+def test_cache_hit_without_forward_and_same_numbers(tmp_path):
+    lm = load_model("tiny:olmoe")
+    calls, h = _count_forwards(lm.model)
+    seen = []
+    first = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "a.duckdb",
+                          progress=lambda d, t, r: seen.append((d, t, r["cached"])), **QUICK)
+    ran = calls[0]
+    assert ran > 0 and len(first) == 3 and not any(r["cached"] for r in first)
+    assert [r["ideal"] for r in first] == [True, False, False] and seen[-1] == (3, 3, False)
+    assert first[0]["digital_share"] > first[1]["digital_share"] > 0   # ideal: everything digital
+    times = []
+    for _ in range(3):   # best of 3: the CPUs are shared, the code path is what is measured
+        t0 = time.perf_counter()
+        second = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "a.duckdb", **QUICK)
+        times.append(time.perf_counter() - t0)
+    assert min(times) < 0.1                                  # a cache hit: no model run, < 100 ms
+    assert calls[0] == ran                                   # not one forward pass
+    assert all(r["cached"] for r in second)
+    assert [r["metrics"] for r in second] == [r["metrics"] for r in first]
+    # without a loaded model, a full cache hit never loads one
+    ev._loaded.clear()
+    third = evaluate_many("tiny:olmoe", store=tmp_path / "a.duckdb", **QUICK)
+    assert all(r["cached"] for r in third) and not ev._loaded
+    # same config + same seed into a fresh store: identical numbers, recomputed
+    again = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "b.duckdb", **QUICK)
+    assert calls[0] > ran and [r["metrics"] for r in again] == [r["metrics"] for r in first]
+    h.remove()
+    s = summarize(second)
+    row = next(x for x in s if x["strategy"] == "maxnn" and x["metric"] == "acc_norm")
+    assert row["n_seeds"] == 2 and row["cached"] and row["std"] is not None
+
+
+def test_key_changes_with_every_part_of_the_config(monkeypatch):
+    base = dict(strategies=["maxnn"], budgets=[0.25], presets=["paper-pcm-c1.5"], seeds=[0], tasks=["paper_piqa"],
+                limit=5, num_fewshot=0, batch_size=8, backend="fast", scope="layer")
+
+    def key(source="tiny:olmoe", **kw):
+        specs = plan(source, **{**base, **kw})
+        return specs[0].key, specs[1].key       # ideal, noisy
+
+    ideal, noisy = key()
+    assert key() == (ideal, noisy)               # same config -> same key
+    variants = [dict(strategies=["random"]), dict(budgets=[0.5]), dict(scope="global"),
+                dict(dense={"attention": False}), dict(presets=["paper-pcm-c2.5"]),
+                dict(preset_overrides={"adc_bits": 6}), dict(seeds=[1]), dict(backend="aihwkit")]
+    keys = {noisy}
+    for v in variants:
+        i, n = key(**v)
+        assert i == ideal, v                      # the ideal result does not depend on the noisy setting
+        keys.add(n)
+    for v in [dict(tasks=["paper_boolq"]), dict(limit=6), dict(num_fewshot=1), dict(batch_size=4),
+              dict(source="tiny:mixtral"), dict(dtype="bfloat16"), dict(device="cuda")]:
+        i, n = key(**v)
+        assert i != ideal, v
+        keys.add(n)
+    monkeypatch.setattr(ev, "_VERSIONS", {**ev.library_versions(), "lm_eval": "0.0.1"})
+    keys.add(key()[1])
+    monkeypatch.setattr(ev, "_VERSIONS", {**ev.library_versions(), "hetmoe": "9.9"})
+    keys.add(key()[1])
+    assert len(keys) == 1 + len(variants) + 7 + 2
+    cfg = plan("tiny:olmoe", **base)[1].config()
+    assert set(cfg["versions"]) == {"torch", "transformers", "aihwkit", "lm_eval", "hetmoe"}
+    assert cfg["noise"]["prog_noise_scale"] == 1.5 and cfg["task"]["version"]   # every preset parameter, task version
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(budgets=[1.5]), "budgets"), (dict(strategies=["best"]), "strategies"), (dict(presets=["nope"]), "preset"),
+    (dict(seeds=0), "seeds"), (dict(batch_size=0), "batch size"), (dict(limit=-1), "limit"),
+    (dict(tasks=""), "no task"), (dict(backend="gpu"), "backend"), (dict(tasks=["no_such_task_zz"]), "unknown task")])
+def test_bad_input_clear_error_nothing_stored(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate_many("tiny:olmoe", store=tmp_path / "r.duckdb", **{**QUICK, **bad})
+    if "tasks" not in bad or bad["tasks"] == "":
+        assert not (tmp_path / "r.duckdb").exists()
+    else:   # registry names are checked after the cache lookup, before any model is loaded
+        assert Store(tmp_path / "r.duckdb").counts()["runs"] == 0
+
+
+def _long_tiny():
+    """Tiny OLMoE with 4096 positions: the byte-level tiny tokenizer makes paper prompts long."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config("olmoe")
+    cfg.max_position_embeddings = 4096
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    return LoadedModel(model, _tiny_tokenizer(), anatomy_of(model), "tiny-long", "test:tiny-olmoe-4096")
+
+
+def test_paper_suite_builds_with_lm_eval_prompts_and_runs(tmp_path):
+    built = build_paper_suite()
+    sizes = {k: v["docs"] for k, v in built["tasks"].items()}
+    assert sizes == {"paper_arc_easy": 2376, "paper_arc_challenge": 1172, "paper_boolq": 3270,
+                     "paper_hellaswag": 10042, "paper_piqa": 1838, "paper_winogrande": 1267, "paper_mmlu": 14042}
+    assert "MathQA" in built["missing"]
+    from lm_eval.tasks import TaskManager
+    tm = TaskManager(include_path=built["path"], include_defaults=False)
+    tasks = tm.load(list(PAPER_TASKS))["tasks"]
+    prompts = {}
+    for name, task in tasks.items():
+        task.set_config("num_fewshot", 0)
+        doc = next(iter(task.test_docs() if task.has_test_docs() else task.validation_docs()))
+        prompts[name] = (task.fewshot_context(doc, 0), task.doc_to_choice(doc), task.doc_to_target(doc))
+    q, choices, gold = prompts["paper_arc_easy"]
+    assert q.startswith("Question: ") and q.endswith("\nAnswer:") and len(choices) == 4 and 0 <= gold < 4
+    q, choices, _ = prompts["paper_boolq"]
+    assert " -- " in q and q.endswith("?\nAnswer:") and choices == ["no", "yes"]
+    q, choices, _ = prompts["paper_piqa"]
+    assert q.startswith("Question: How do I ready a guinea pig cage") and len(choices) == 2
+    q, choices, _ = prompts["paper_hellaswag"]
+    assert q == "Roof shingle removal: A man is sitting on a roof. He" and len(choices) == 4
+    q, choices, target = prompts["paper_winogrande"]     # lm-eval's partial scoring: contexts per option
+    assert choices == ["Sarah was a much better surgeon than Maria so Sarah",
+                       "Sarah was a much better surgeon than Maria so Maria"] and target == "always got the easier cases."
+    q, choices, _ = prompts["paper_mmlu"]
+    assert q.startswith("The following are multiple choice questions (with answers) about abstract algebra.\n\n")
+    assert q.endswith("\nD. 6\nAnswer:") and choices == ["A", "B", "C", "D"]
+    # and all seven run end to end (limit 2) under noise, with the ideal reference
+    res = evaluate_many("tiny-long", lm=_long_tiny(), store=tmp_path / "p.duckdb", strategies=["maxnn"],
+                        budgets=[0.0], presets=["paper-dac-adc-8bit"], seeds=1, tasks="paper", limit=2,
+                        include_ideal=False)
+    assert len(res) == 7 and {r["task"] for r in res} == set(PAPER_TASKS)
+    for r in res:
+        assert 0 <= r["metrics"]["acc"] <= 1
+
+
+def _cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "hetmoe_core", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_evaluate_stores_then_says_cached(tmp_path):
+    db = str(tmp_path / "r.duckdb")
+    ev_args = ["evaluate", "default", "--strategy", "maxnn", "--budget", "0.25", "--preset", "paper-pcm-c1.5",
+               "--seeds", "1", "--tasks", "paper_arc_easy", "--limit", "2", "--store", db, "--json"]
+    out, err = _cli(*ev_args).communicate(timeout=300)
+    first = json.loads(out)
+    assert first["computed"] == 2 and first["cached"] == 0, err
+    out, _ = _cli(*ev_args).communicate(timeout=300)
+    second = json.loads(out)
+    assert second["computed"] == 0 and all(r["cached"] for r in second["results"])
+    assert [r["metrics"] for r in second["results"]] == [r["metrics"] for r in first["results"]]
+
+
+def test_background_thread_progress_and_cancel(tmp_path):
+    """The dashboard's way: evaluate_many in a thread, cached results reported at once, cancel mid-sweep."""
+    import threading
+    lm = load_model("tiny:olmoe")
+    db = tmp_path / "t.duckdb"
+    evaluate_many("tiny:olmoe", lm=lm, store=db, **{**QUICK, "seeds": 1})      # ideal + seed 0 cached
+    cancel, seen, out = threading.Event(), [], {}
+
+    def progress(done, total, r):
+        seen.append((done, total, r["cached"]))
+        if not r["cached"]:
+            cancel.set()          # stop after the first computed result
+
+    t = threading.Thread(target=lambda: out.update(r=evaluate_many(
+        "tiny:olmoe", lm=lm, store=db, progress=progress, cancel=cancel, **{**QUICK, "seeds": 4})))
+    t.start()
+    t.join(120)
+    assert not t.is_alive()
+    assert seen[:2] == [(1, 5, True), (2, 5, True)]                 # cached first, before any model work
+    assert [c for _, _, c in seen[2:]] == [False] and len(out["r"]) == 3
+    st = Store(db)
+    assert st.counts()["runs"] == 3 and st.counts()["metrics"] == 6  # whole results only
+
+
+def test_perplexity_tasks_noise_moves_scores_per_seed(tmp_path):
+    """Per-domain perplexity (rolling log-likelihood): the noisy model scores differ from the ideal and per seed."""
+    import torch
+    assert "hetmoe_ppl_sotu" in ev.task_aliases()["ppl"]
+    lm = load_model("tiny:olmoe")
+    with torch.no_grad():   # random 0.05-scale weights predict near-uniformly; x10 makes noise visible in the score
+        for p in lm.model.parameters():
+            if p.dim() >= 2:
+                p.mul_(10)
+    lm = LoadedModel(lm.model, lm.tokenizer, lm.anatomy, "tiny-x10", "test:tiny-olmoe-x10")
+    res = evaluate_many("tiny-x10", lm=lm, store=tmp_path / "p.duckdb", strategies=["maxnn"], budgets=[0.0],
+                        presets=["paper-pcm-c2.5"], seeds=2, tasks=["hetmoe_ppl_sotu"], limit=1)
+    ideal, s0, s1 = (r["metrics"] for r in res)
+    assert set(ideal) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert ideal["bits_per_byte"] > 0 and ideal["byte_perplexity"] > 1
+    assert len({ideal["bits_per_byte"], s0["bits_per_byte"], s1["bits_per_byte"]}) == 3
