@@ -1,19 +1,26 @@
-"""hetmoe dashboard entry: `streamlit run app.py`."""
+"""hetmoe dashboard entry: ``streamlit run app.py`` (listens on 127.0.0.1:8501, see .streamlit/config.toml).
+
+The sidebar (hetmoe_core.ui.frame) chooses the model (default, hub id, local folder, tiny random), device and dtype;
+the pages in ``pages/`` lay out widgets and call ``hetmoe_core``. Shared view state lives in st.session_state and in
+the URL's query parameters (model, strategy, budget, preset).
+"""
 import streamlit as st
 
-from hetmoe_core.models import load_model
+from hetmoe_core import ui
 
-st.set_page_config(page_title="hetmoe", layout="wide")
-
-
-@st.cache_resource(max_entries=2)
-def _model(source: str):
-    return load_model(source)
-
-
-st.title("hetmoe — heterogeneous analog-digital MoE workbench")
-source = st.sidebar.text_input("Model", "default", help="'default', a hub id (org/name) or a local folder")
+ui.frame(entry=True)
+page = st.navigation([
+    st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
+    st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/thermostat:"),
+    st.Page("pages/placement.py", title="Placement", icon=":material/grid_on:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/science:"),
+    st.Page("pages/results.py", title="Results", icon=":material/monitoring:"),
+    st.Page("pages/share.py", title="Share", icon=":material/share:"),
+])
+st.session_state["_in_frame"] = True     # the page's own ui.frame() call is a no-op inside this run
+st.session_state["_redirected"] = False
 try:
-    st.json(_model(source).anatomy.summary())
-except ValueError as e:
-    st.error(str(e))
+    page.run()
+finally:
+    st.session_state["_in_frame"] = False

@@ -1,0 +1,131 @@
+"""Dashboard speed on the default model (prints figures; never a test).
+
+    python bench/bench_dashboard.py            # all three measurements (~1 min)
+    python bench/bench_dashboard.py --no-browser
+
+1. slider, direct: server work of one budget-slider move from cached scores — place() + digital_share() + the
+   heatmap figure + its JSON (what st.plotly_chart sends) — median / p95 over budgets 0..100 % in 0.5 % steps.
+2. slider, AppTest: a whole rerun of the Placement page (app frame + page) after slider.set_value(), as Streamlit's
+   script runner executes it; median / p95 over 20 moves. Target < 150 ms.
+3. cold start: `streamlit run app.py` spawned fresh, headless Chromium opens /sensitivity; seconds from the spawn
+   until the first heatmap is drawn in the page, and the server's CPU seconds by then (independent of other load on
+   the machine). Target < 5 s.
+"""
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(v, "1")
+os.environ.setdefault("HETMOE_STORE", str(Path(tempfile.mkdtemp()) / "bench.duckdb"))
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def slider_direct():
+    from hetmoe_core import figures
+    from hetmoe_core.models import load_model
+    from hetmoe_core.placement import digital_share, place
+    from hetmoe_core.scores import expert_scores
+    lm = load_model("default")
+    a, sc = lm.anatomy, expert_scores(lm.anatomy)
+    layers = [m.layer for m in a.moe_layers]
+    times = []
+    for i in range(201):
+        t = time.perf_counter()
+        p = place(a, "maxnn", i / 200, scores=sc)
+        digital_share(p, a)
+        figures.expert_heatmap(sc.get("maxnn"), layers, "t", "MaxNNScore", digital=p.digital, log=True).to_json()
+        times.append(time.perf_counter() - t)
+    return times[1:], f"{a.model_class}, {len(layers)} MoE layers x {a.moe_layers[0].num_experts} experts"
+
+
+def slider_apptest():
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/placement.py").run()
+    at.slider(key="budget_pct").set_value(25.0).run()   # warm every cache
+    times = []
+    for i in range(20):
+        v = float((i * 7) % 100)
+        t = time.perf_counter()
+        at.slider(key="budget_pct").set_value(v).run()
+        times.append(time.perf_counter() - t)
+        assert not at.exception, at.exception
+    return times
+
+
+def cold_start(model: str):
+    from playwright.sync_api import sync_playwright
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+                                 "--server.address", "127.0.0.1", "--server.headless", "true"], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            t_up = time.perf_counter() - t0
+            page.goto(f"http://127.0.0.1:{port}/sensitivity?model={model}")
+            page.wait_for_selector(".js-plotly-plot .heatmaplayer, .js-plotly-plot .hm", timeout=60000)
+            t_heat = time.perf_counter() - t0
+            cpu = psutil.Process(proc.pid).cpu_times()      # load-independent: the server's own CPU seconds
+            cpu_s = cpu.user + cpu.system
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            browser.close()
+    return t_up, t_heat, cpu_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-browser", action="store_true", help="skip the cold-start measurement (needs Chromium)")
+    ap.add_argument("--model", default="default", help="model source of the cold start (default, a folder, ...)")
+    args = ap.parse_args()
+    d, model = slider_direct()
+    print(f"model: default ({model})")
+    print(f"slider, direct (place + share + heatmap JSON): median {statistics.median(d) * 1e3:.1f} ms, "
+          f"p95 {pct(d, 0.95) * 1e3:.1f} ms over {len(d)} budgets")
+    t = slider_apptest()
+    print(f"slider, AppTest full rerun of the Placement page: median {statistics.median(t) * 1e3:.0f} ms, "
+          f"p95 {pct(t, 0.95) * 1e3:.0f} ms over {len(t)} moves; target 150 ms -> ratio "
+          f"{statistics.median(t) / 0.150:.2f}")
+    if not args.no_browser and Path(CHROMIUM).exists():
+        up, heat, cpu = cold_start(args.model)
+        print(f"cold start ({args.model}): server healthy after {up:.1f} s, first Sensitivity heatmap drawn after "
+              f"{heat:.1f} s from spawn ({cpu:.1f} CPU s in the server); target 5 s -> ratio {heat / 5:.2f}")
+    elif not args.no_browser:
+        print(f"cold start: skipped ({CHROMIUM} not installed)")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
+if __name__ == "__main__":
+    main()

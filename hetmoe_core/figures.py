@@ -1,0 +1,232 @@
+"""Plotly figures of the dashboard (pure functions: arrays / frames in, ``go.Figure`` out) and the Learn page's toy.
+
+Heatmaps are MoE layer (rows, labelled by decoder layer) × routed expert (columns); layers with fewer experts are
+padded with NaN (blank cells). Hover always names the layer, the expert and the values.
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared experts", "router": "routers",
+               "attention": "attention", "dense_mlp": "dense MLP", "lm_head": "LM head", "embeddings": "embeddings",
+               "norms": "norms", "other": "other"}
+STRATEGY_LABELS = {"maxnn": "MaxNNScore", "frequency": "Activation frequency", "weight": "Activation weight",
+                   "router_norm": "Router norm", "random": "Random"}
+_LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit themes charts (and templates cost ~15 ms)
+
+
+def _grid(values) -> np.ndarray:
+    """list of per-layer [E_l] arrays -> float [L, max E] padded with NaN."""
+    E = max(len(v) for v in values)
+    out = np.full((len(values), E), np.nan)
+    for i, v in enumerate(values):
+        out[i, :len(v)] = np.asarray(v, dtype=float)
+    return out
+
+
+def param_breakdown(param_counts: dict) -> go.Figure:
+    """Horizontal bar chart of parameters per module kind (count and share of the total)."""
+    items = sorted(((k, int(v)) for k, v in param_counts.items() if v), key=lambda kv: kv[1])
+    total = sum(v for _, v in items) or 1
+    labels = [KIND_LABELS.get(k, k) for k, _ in items]
+    vals = [v for _, v in items]
+    fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", text=[f"{v / total:.1%}" for v in vals],
+                           textposition="auto", hovertemplate="%{y}: %{x:,} parameters<extra></extra>",
+                           marker_color="#4c78a8"))
+    fig.update_layout(title=f"Parameters by module kind ({total:,} in all)", xaxis_title="parameters",
+                      height=60 + 34 * len(items), **_LAYOUT)
+    return fig
+
+
+def expert_heatmap(values, layers, title: str, value_name: str, digital=None, extra: dict | None = None,
+                   colorscale: str = "Viridis", log: bool = False, compact: bool = False) -> go.Figure:
+    """Layer × expert heatmap of one per-expert quantity.
+
+    values: per MoE layer [E] arrays; layers: decoder index of each MoE layer (row labels); digital: per layer
+    tuples of digital expert ids (marked with a square outline) or None; extra: {name: per-layer [E] arrays} shown
+    in the hover; log: colour by log10 of the value (hover keeps the raw value); compact: a small panel (one of
+    several side by side: lower, automatic expert ticks).
+    Built as one dict (a few ms; it is redrawn on every budget-slider move).
+    """
+    z = _grid(values)
+    rows = [f"L{l}" for l in layers]
+    names = [value_name] + list(extra or {})
+    custom = np.stack([z] + [_grid(v) for v in (extra or {}).values()], axis=-1)
+    hover = "layer %{y}, expert %{x}<br>" + "<br>".join(
+        f"{n}: %{{customdata[{i}]:.4g}}" for i, n in enumerate(names)) + "<extra></extra>"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zc = np.log10(np.where(z > 0, z, np.nan)) if log else z
+    data = [dict(type="heatmap", z=zc, x=list(range(z.shape[1])), y=rows, customdata=custom, hovertemplate=hover,
+                 colorscale=colorscale, colorbar=dict(title=dict(text=("log10 " if log else "") + value_name)),
+                 xgap=1, ygap=1)]
+    ticks = 1 if z.shape[1] <= (8 if compact else 32) else None
+    layout = dict(title=dict(text=title), height=max(220, 90 + (30 if compact else 36) * len(rows)), **_LAYOUT,
+                  xaxis=dict(title=dict(text="routed expert"), dtick=ticks, range=[-0.5, z.shape[1] - 0.5]),
+                  yaxis=dict(title=dict(text="MoE layer"), autorange="reversed", type="category"))
+    if digital is not None:
+        xs = [e for d in digital for e in d]
+        ys = [rows[i] for i, d in enumerate(digital) for _ in d]
+        data.append(dict(type="scatter", x=xs, y=ys, mode="markers", name="digital", hoverinfo="skip",
+                         marker=dict(symbol="square-open", size=14, color="#e45756", line=dict(width=3))))
+        layout["legend"] = dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom")
+    return go.Figure(dict(data=data, layout=layout))
+
+
+def score_scatter(x_values, y_values, layers, x_name: str, y_name: str, log_x: bool = True) -> go.Figure:
+    """Scatter of one per-expert quantity against another, coloured by MoE layer; hover names layer and expert."""
+    fig = go.Figure()
+    for i, (xv, yv) in enumerate(zip(x_values, y_values)):
+        e = np.arange(len(xv))
+        fig.add_trace(go.Scatter(
+            x=np.asarray(xv, float), y=np.asarray(yv, float), mode="markers", name=f"L{layers[i]}",
+            customdata=np.stack([np.full(len(e), layers[i]), e], axis=-1),
+            hovertemplate=(f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{x_name}: %{{x:.4g}}"
+                           f"<br>{y_name}: %{{y:.4g}}<extra></extra>"), marker=dict(size=8, opacity=0.8)))
+    fig.update_layout(title=f"{y_name} vs {x_name}", xaxis_title=x_name, yaxis_title=y_name, height=380, **_LAYOUT)
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def neuron_histogram(neuron_norms: dict, layer: int, expert: int) -> go.Figure:
+    """Histogram of one expert's neuron norms per projection (neuron_norms: projection -> [I] array)."""
+    fig = go.Figure()
+    for p, v in neuron_norms.items():
+        v = np.asarray(v, float)
+        fig.add_trace(go.Histogram(x=v, name=f"{p} (max {v.max():.3g})", opacity=0.6, nbinsx=40,
+                                   hovertemplate=f"{p}: norm %{{x}}<br>%{{y}} neurons<extra></extra>"))
+    fig.update_layout(barmode="overlay", title=f"Neuron L2 norms of expert {expert}, layer {layer}",
+                      xaxis_title="L2 norm of the neuron's weight vector", yaxis_title="neurons", height=340,
+                      **_LAYOUT)
+    return fig
+
+
+def share_bars(by_kind: dict) -> go.Figure:
+    """Stacked bars of digital / analog / memory parameters per module kind (placement.digital_share's by_kind)."""
+    kinds = [k for k, v in by_kind.items() if v["params"]]
+    labels = [KIND_LABELS.get(k, k) for k in kinds]
+    data = [dict(type="bar", y=labels, x=[by_kind[k][part] for k in kinds], name=part, orientation="h",
+                 marker=dict(color=color), hovertemplate="%{y}: %{x:,} " + part + " parameters<extra></extra>")
+            for part, color in (("digital", "#e45756"), ("analog", "#4c78a8"), ("memory", "#bab0ac"))]
+    layout = dict(barmode="stack", title=dict(text="Where each module kind runs"),
+                  xaxis=dict(title=dict(text="parameters")), height=80 + 30 * len(kinds), **_LAYOUT)
+    return go.Figure(dict(data=data, layout=layout))
+
+
+def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog: dict | None = None,
+                     higher_is_better: bool = True) -> go.Figure:
+    """Metric against digital budget, one line per (strategy, preset) with mean ± std (over seeds) error bars.
+
+    frame: store.Store.summary_frame rows of one task and metric (columns strategy, preset, budget, mean, std,
+    n_seeds); ideal: the all-digital noise-free result (dashed line); all_analog: {preset: value} of the results
+    with every routed expert analog (budget 0; dotted lines).
+    """
+    fig = go.Figure()
+    for (s, p), g in frame.groupby(["strategy", "preset"], sort=True):
+        g = g.sort_values("budget")
+        std = g["std"].astype(float).fillna(0).to_numpy()
+        fig.add_trace(go.Scatter(
+            x=g["budget"] * 100, y=g["mean"], mode="lines+markers", name=f"{STRATEGY_LABELS.get(s, s)} · {p}",
+            error_y=dict(type="data", array=std, visible=True),
+            customdata=np.stack([std, g["n_seeds"].to_numpy()], axis=-1),
+            hovertemplate=("budget %{x:.1f}%<br>" + metric + ": %{y:.4g} ± %{customdata[0]:.2g}"
+                           "<br>%{customdata[1]} seed(s)<extra></extra>")))
+    refs = [("ideal (all digital, no noise)", ideal, "dash")]
+    refs += [(f"all routed experts analog · {p}", y, "dot") for p, y in (all_analog or {}).items()]
+    for name, y, dash in refs:
+        if y is not None and np.isfinite(y):
+            fig.add_hline(y=y, line_dash=dash, line_color="#555", annotation_text=f"{name}: {y:.4g}",
+                          annotation_position="top left")
+    fig.update_layout(title=f"{metric} vs digital budget" + ("" if higher_is_better else " (lower is better)"),
+                      xaxis_title="digital budget (% of routed experts)", yaxis_title=metric, height=440,
+                      legend=dict(orientation="h", y=-0.2), **_LAYOUT)
+    fig.update_xaxes(range=[-3, 103])
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- Learn page toy
+def toy_expert_errors(moe_layer, noise, seed: int = 0, tokens: int = 64, show: int = 0) -> dict:
+    """Programming noise on every expert of one MoE layer and the output error it causes (Learn page toy).
+
+    Each expert's gate/up ``[I, H]`` and down ``[H, I]`` are programmed onto tiles with ``analog.program_weights``
+    (aihwkit noise model of ``noise``: weights normalised per output channel, so the noise is relative to each
+    channel's abs-max, as on a chip). ``tokens`` random inputs ``x ~ N(0, 1)`` of size H (seeded) go through the
+    SwiGLU expert ``down(silu(gate x) * up x)`` with clean and noisy weights.
+    Returns {"maxnn": [E], "error": [E] mean L2 output error, "rel_error": [E] error / mean clean output norm,
+    "up": [I, H] clean up projection of expert ``show``, "up_noisy": [I, H] the same after programming}.
+    The paper's claim (arXiv 2603.02633): the absolute error grows with the maximum neuron norm.
+    """
+    import torch
+    from .analog import program_weights, split_sizes
+    from .scores import layer_scores
+    m = moe_layer
+    H, I, E = m.hidden_size, m.intermediate_size, m.num_experts
+    nm = noise.build_noise_model()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, H, generator=g)
+    with torch.no_grad():
+        up = torch.stack([m.up(e).float() for e in range(E)])                 # [E, I, H]
+        gate = torch.stack([m.gate(e).float() for e in range(E)]) if m.gated else None
+        down = torch.stack([m.down(e).float() for e in range(E)])             # [E, H, I]
+
+        def prog(w, s):
+            if nm is None:
+                return w
+            return program_weights(w, noise, nm, split_sizes(w.shape[2], noise.tile_size),
+                                   split_sizes(w.shape[1], noise.tile_size), seed + s, w.device)[0]
+
+        def run(gw, uw, dw):
+            h = torch.einsum("eih,th->eti", uw, x)
+            if gw is not None:
+                h = torch.nn.functional.silu(torch.einsum("eih,th->eti", gw, x)) * h
+            return torch.einsum("ehi,eti->eth", dw, h)                        # [E, T, H]
+        y = run(gate, up, down)
+        up_n = prog(up, 2)
+        yn = run(prog(gate, 1) if gate is not None else None, up_n, prog(down, 3))
+        err = (yn - y).norm(dim=-1).mean(-1)
+        ref = y.norm(dim=-1).mean(-1).clamp(min=1e-12)
+    return {"maxnn": layer_scores(m).maxnn, "error": err.numpy(), "rel_error": (err / ref).numpy(),
+            "up": up[show].numpy(), "up_noisy": up_n[show].numpy()}
+
+
+def toy_figure(maxnn, error, layer: int, noise_label: str, highlight: int | None = None) -> go.Figure:
+    """Output error of each expert against its MaxNNScore, with a least-squares line in log-log space."""
+    maxnn, error = np.asarray(maxnn, float), np.asarray(error, float)
+    colors = ["#e45756" if e == highlight else "#4c78a8" for e in range(len(maxnn))]
+    fig = go.Figure(go.Scatter(x=maxnn, y=error, mode="markers+text", text=[str(e) for e in range(len(maxnn))],
+                               textposition="top center", marker=dict(size=10, color=colors),
+                               hovertemplate="expert %{text}<br>MaxNNScore %{x:.4g}<br>output error %{y:.4g}"
+                                             "<extra></extra>", name="expert"))
+    ok = (maxnn > 0) & (error > 0)
+    if ok.sum() >= 2 and np.ptp(np.log(maxnn[ok])) > 0:
+        k, c = np.polyfit(np.log(maxnn[ok]), np.log(error[ok]), 1)
+        xs = np.linspace(maxnn[ok].min(), maxnn[ok].max(), 50)
+        fig.add_trace(go.Scatter(x=xs, y=np.exp(c) * xs ** k, mode="lines", name=f"fit: error ∝ score^{k:.2f}",
+                                 line=dict(dash="dash", color="#e45756"), hoverinfo="skip"))
+    fig.update_layout(title=f"Layer {layer}: output error under {noise_label} vs MaxNNScore",
+                      xaxis_title="MaxNNScore (product of max neuron norms)", yaxis_title="mean L2 output error",
+                      height=400, **_LAYOUT)
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def matrix_pair(clean, noisy, title: str) -> go.Figure:
+    """Two heatmaps side by side: a weight matrix [rows = neurons, cols = inputs] and its programming error, each
+    on its own symmetric colour scale (the error is far smaller than the weights; the subtitle gives the ratio)."""
+    from plotly.subplots import make_subplots
+    clean, noisy = np.asarray(clean, float), np.asarray(noisy, float)
+    err = noisy - clean
+    ratio = float(np.sqrt((err ** 2).mean() / max((clean ** 2).mean(), 1e-30)))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+        "weights", f"programmed − weights (RMS {ratio:.1%} of the weights' RMS)"))
+    for i, z in enumerate((clean, err)):
+        lim = float(np.abs(z).max()) or 1.0
+        fig.add_trace(go.Heatmap(z=z, zmin=-lim, zmax=lim, colorscale="RdBu",
+                                 colorbar=dict(x=0.44 if i == 0 else 1.0, len=0.9),
+                                 hovertemplate="neuron %{y}, input %{x}<br>%{z:.4g}<extra></extra>"), 1, i + 1)
+    fig.update_yaxes(autorange="reversed", title_text="neuron (row of up_proj)", row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title, height=330, **_LAYOUT)
+    return fig

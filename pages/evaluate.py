@@ -1,0 +1,176 @@
+"""Evaluate page: a noise preset (every parameter editable), strategies, budgets, seeds, tasks; run in background."""
+import dataclasses
+
+import pandas as pd
+import streamlit as st
+
+from hetmoe_core import figures, ui
+from hetmoe_core.noise import NOISE_MODELS, PRESET_DOCS, PRESETS, NoiseConfig
+from hetmoe_core.placement import DENSE_KINDS
+from hetmoe_core.scores import STRATEGIES
+
+ui.frame()
+st.title("Noisy evaluation")
+st.caption("Run the model with its analog part on simulated AIMC tiles and score it with the lm-eval harness. "
+           "Every result is stored; a configuration that was run before is answered from the store at once.")
+ss = st.session_state
+h = ui.require_model()
+try:
+    from hetmoe_core import evaluate as ev
+    from hetmoe_core.store import Store
+except ImportError as e:
+    st.info(f"Evaluation is not available yet ({e}).")
+    st.stop()
+
+# ---------------------------------------------------------------- noise preset, every field editable
+HELP = {  # units and meaning of every NoiseConfig field (see hetmoe_core/noise.py)
+    "noise_model": "Weight-noise model (aihwkit): pcm = PCMLikeNoiseModel, reram-wan2022, hermes, gaussian, none.",
+    "dac_bits": "DAC resolution on tile inputs, bits (0 = ideal DAC).",
+    "adc_bits": "ADC resolution on tile outputs, bits (0 = ideal ADC).",
+    "out_bound": "ADC clipping bound, normalised output units (channel abs-max × input range = 1).",
+    "out_noise": "Std of Gaussian noise on each tile output before the ADC, normalised output units.",
+    "prog_noise_scale": "Scale c of the programming noise (paper: 1.5 and 2.5). Unitless.",
+    "read_noise_scale": "Scale of the 1/f read noise accumulated at t_inference. Unitless.",
+    "drift_scale": "Scale of the conductance drift exponents ν. Unitless.",
+    "t_inference": "Time of inference after programming, seconds (86400 = one day). Drift and read noise act up to it.",
+    "g_max": "Conductance the channel abs-max maps to, µS (0 = the noise model's default).",
+    "gaussian_std": "For noise_model=gaussian: weight-noise std relative to each channel's abs-max.",
+    "drift_compensation": "Global drift compensation (aihwkit GlobalDriftCompensation).",
+    "tile_size": "Largest tile, rows and columns (paper: 512).",
+}
+presets = list(PRESETS)
+if ss.get("preset") not in presets:
+    ss["preset"] = presets[0]
+c1, c2 = st.columns([2, 3])
+preset = c1.selectbox("Noise preset", presets, key="preset", persist_state="session",
+                      help="Start from a preset; every parameter below can be changed.")
+c2.info(PRESET_DOCS.get(preset, ""))
+base = PRESETS[preset]
+UNITS = {"dac_bits": "bits, 0 = ideal", "adc_bits": "bits, 0 = ideal", "t_inference": "s", "g_max": "µS, 0 = default",
+         "tile_size": "rows = cols"}
+with st.expander("Noise parameters (units in the tooltips)", expanded=False):
+    cols = st.columns(4)
+    vals = {}
+    for i, f in enumerate(x for x in dataclasses.fields(NoiseConfig) if x.name != "name"):
+        v, col, k = getattr(base, f.name), cols[i % 4], f"nz_{preset}_{f.name}"
+        label = f"{f.name} ({UNITS[f.name]})" if f.name in UNITS else f.name
+        kw = dict(key=k, help=HELP.get(f.name), persist_state="session")
+        if f.name == "noise_model":
+            vals[f.name] = col.selectbox(label, NOISE_MODELS, index=NOISE_MODELS.index(v), **kw)
+        elif isinstance(v, bool):
+            vals[f.name] = col.checkbox(label, v, **kw)
+        elif f.name in ("dac_bits", "adc_bits", "g_max"):          # optional: 0 stands for None
+            num = col.number_input(label, 0, 24, v or 0, **kw) if f.name != "g_max" else \
+                col.number_input(label, 0.0, 1000.0, float(v or 0.0), **kw)
+            vals[f.name] = num or None
+        elif isinstance(v, int):
+            vals[f.name] = int(col.number_input(label, 1, 1 << 16, v, **kw))
+        elif isinstance(v, float):
+            vals[f.name] = col.number_input(label, 0.0, None, v, format="%.4g", **kw)
+overrides = {k: v for k, v in vals.items() if v != getattr(base, k)}
+try:
+    noise = base.replace(**overrides)
+except ValueError as e:
+    st.error(f"{e}\n\nChange the parameter named above.")
+    st.stop()
+if overrides:
+    st.caption("Changed from the preset: " + ", ".join(f"{k} = {v}" for k, v in overrides.items()))
+
+# ---------------------------------------------------------------- sweep
+aliases = ev.task_aliases()
+tasks_all = aliases.get("local", []) + [t for t in aliases.get("paper", []) if t not in aliases.get("local", [])]
+c1, c2, c3 = st.columns(3)
+strategies = c1.multiselect("Strategies", STRATEGIES, default=[ss.get("strategy", "maxnn")],
+                            format_func=figures.STRATEGY_LABELS.get, key="ev_strategies", persist_state="session")
+budgets_txt = c2.text_input("Digital budgets (%)", f"{ui.budget() * 100:g}", key="ev_budgets", persist_state="session",
+                            help="Comma-separated percentages of routed experts kept digital, e.g. 0, 12.5, 25")
+first = next((t for t in ("hetmoe_cloze", "hetmoe_choice") if t in tasks_all), tasks_all[0] if tasks_all else None)
+tasks = c3.multiselect("Tasks", tasks_all, default=[first] if first else [], key="ev_tasks", persist_state="session",
+                       help="hetmoe_* tasks ship with the default model; paper_* are the paper's zero-shot suite.")
+c1, c2, c3, c4 = st.columns(4)
+seeds = c1.number_input("Seeds", 1, 20, 1, key="ev_seeds", persist_state="session",
+                        help="Noise seeds 0..N-1; results show mean ± std.")
+limit = c2.number_input("Limit (documents per task, 0 = all)", 0, 100000, 20, key="ev_limit", persist_state="session",
+                        help="lm-eval --limit: a small number gives a quick, rough answer.")
+backend = c3.radio("Backend", list(ev.BACKENDS), key="ev_backend", persist_state="session", horizontal=True,
+                   help="fast: vectorised, aihwkit's noise functions; aihwkit: reference, one layer per expert (slow).")
+batch = c4.number_input("Batch size", 1, 256, 8, key="ev_batch", persist_state="session")
+dense = {k: bool(ss.get(f"dense_{k}", True)) for k in DENSE_KINDS}
+st.caption(f"Placement page: budget **{ui.budget() * 100:g}%**, scope **{ss.get('scope', 'layer')}**; dense modules "
+           "digital: " + ", ".join(figures.KIND_LABELS[k] for k, v in dense.items() if v)
+           + " (scope and dense modules are set on the Placement page).")
+
+try:
+    budgets = [float(b) / 100 for b in budgets_txt.replace(";", ",").split(",") if b.strip()]
+except ValueError:
+    st.error(f"Budgets {budgets_txt!r}: give comma-separated numbers between 0 and 100.")
+    st.stop()
+kw = dict(strategies=strategies, budgets=budgets, presets=[preset], seeds=int(seeds), tasks=tasks,
+          limit=int(limit) or None, backend=backend, batch_size=int(batch), scope=ss.get("scope", "layer"),
+          dense=dense, preset_overrides=overrides or None, device=ss["device"], dtype=ss["dtype"])
+try:
+    specs = ev.plan(ss["source"], **kw)
+    store = Store()
+    have = store.existing_keys(s.key for s in specs)
+except ValueError as e:
+    st.error(f"{e}")
+    st.stop()
+st.markdown(f"**{len(specs)} results** in this sweep (ideal references included): "
+            f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
+
+job = ss.get("eval_job")
+running = job is not None and job.running
+b1, b2 = st.columns([1, 5])
+if b1.button("Run", type="primary", disabled=running or not specs, key="ev_run"):
+    ss["eval_job"] = job = ui.Job(h, source=ss["source"], store=None, **kw)
+    running = True
+
+
+def _table(results):
+    """One row per result (evaluate_many's dicts): task, strategy, budget, preset, seed, metrics, cached."""
+    rows = [{"task": r["task"], "strategy": r["strategy"], "budget %": r["budget"] * 100, "preset": r["preset"],
+             "seed": r["seed"], **r["metrics"], "cached": "✓ cached" if r["cached"] else "computed"}
+            for r in results]
+    return pd.DataFrame(rows)
+
+
+def _from_store(spec):
+    got = store.get_result(spec.key)
+    run = got["run"]
+    return {"task": run["task"], "strategy": run["strategy"], "budget": run["budget"], "preset": run["preset"],
+            "seed": run["seed"], "metrics": {m["metric"]: m["value"] for m in got["metrics"]}, "cached": True}
+
+
+@st.fragment(run_every=1.0 if running else None)
+def progress():
+    """Polls the background job once a second; only this fragment reruns while the job runs."""
+    j = ss.get("eval_job")
+    if j is None:
+        return
+    if j.running:
+        last = j.results[-1] if j.results else None
+        what = (f"last: {last['task']} · {last['strategy']} · {last['budget'] * 100:g}%"
+                f"{' (cached)' if last['cached'] else ''}") if last else "loading the model and the tasks"
+        st.progress(j.fraction, text=f"{j.done} / {j.total or '?'} results · {what} · {j.elapsed:.0f} s")
+        if st.button("Cancel", key="ev_cancel"):
+            j.cancel.set()
+            st.toast("Cancelling at the next forward pass …")
+        return
+    if j.status == "done":
+        st.success(f"Done: {len(j.results)} results in {j.elapsed:.1f} s "
+                   f"({sum(r['cached'] for r in j.results)} from the cache).")
+    elif j.status == "cancelled":
+        st.warning(f"Cancelled after {len(j.results)} results (those are stored).")
+    else:
+        st.error(f"The evaluation stopped: {j.error}")
+    if ss.get("_job_seen") is not j:      # the job just ended: refresh the whole page once (stops the polling)
+        ss["_job_seen"] = j
+        st.rerun(scope="app")
+    if j.results:
+        st.dataframe(_table(j.results), hide_index=True)
+
+progress()
+if (job is None or not job.running) and have and (job is None or job.kwargs != {"source": ss["source"],
+                                                                                   "store": None, **kw}):
+    st.markdown("**Cached results of this configuration** (shown without running):")
+    st.dataframe(_table([_from_store(s) for s in specs if s.key in have]), hide_index=True)

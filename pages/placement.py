@@ -1,0 +1,90 @@
+"""Placement page: choose the digital budget, strategy, scope and dense modules; see which experts stay digital."""
+import streamlit as st
+
+from hetmoe_core import figures, ui
+from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, place
+from hetmoe_core.scores import STRATEGIES
+
+ui.frame()
+st.title("Digital placement")
+st.caption("The **digital budget** is the share of routed experts that run on digital hardware; the strategy ranks "
+           "experts and the top ones get the digital slots. Every other routed expert runs on analog (AIMC) tiles.")
+ss = st.session_state
+h = ui.require_model()
+a = h.lm.anatomy
+sc = ui.scores(h)
+layers = [m.layer for m in a.moe_layers]
+label = figures.STRATEGY_LABELS.get
+
+c1, c2, c3 = st.columns([3, 2, 2])
+c1.slider("Digital budget (% of routed experts)", 0.0, 100.0, step=0.5, key="budget_pct", persist_state="session",
+          format="%.1f%%",
+          help="Paper: 12.5% and 25%. Per-layer scope gives every MoE layer round(budget × E) digital experts.")
+c2.selectbox("Strategy", STRATEGIES, key="strategy", persist_state="session", format_func=label,
+             help="MaxNNScore (paper), Activation frequency / weight (from calibration text), Router norm, Random.")
+c3.radio("Scope", ["layer", "global"], key="scope", persist_state="session", horizontal=True,
+         help="layer: the budget applies within each MoE layer (paper); global: one ranking over all experts.")
+with st.expander("Dense modules (digital when ticked — the paper keeps all of them digital)"):
+    cols = st.columns(len(DENSE_KINDS))
+    for c, k in zip(cols, DENSE_KINDS):
+        ss.setdefault(f"dense_{k}", True)
+        c.toggle(figures.KIND_LABELS[k], key=f"dense_{k}", persist_state="session", disabled=not a.modules.get(k),
+                 help=None if a.modules.get(k) else "this model has none")
+dense = DensePolicy(**{k: bool(ss[f"dense_{k}"]) for k in DENSE_KINDS})
+
+
+def needs_stats(strategy):
+    return strategy in ("frequency", "weight")
+
+
+def placement_of(strategy, stats):
+    return place(a, strategy, ui.budget(), scope=ss["scope"], dense=dense, stats=stats, scores=sc)
+
+
+stats = ui.stats_for(h) if needs_stats(ss["strategy"]) else None   # the comparison below loads its own
+if needs_stats(ss["strategy"]) and stats is None:
+    st.warning(f"{label(ss['strategy'])} needs activation statistics; choose another strategy.")
+    st.stop()
+p = placement_of(ss["strategy"], stats)
+share = digital_share(p, a)
+
+m = st.columns(4)
+m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}",
+            help="Digital matrix-vector parameters / all parameters (embeddings and norms count as memory).")
+m[1].metric("Digital routed experts", f"{sum(share['per_layer_digital'])} / {sum(share['per_layer_experts'])}")
+m[2].metric("Analog parameters", f"{share['analog_params'] / 1e6:.2f} M",
+            help=f"{share['analog_params'] / share['total_params']:.1%} of all parameters run on AIMC tiles")
+m[3].metric("Per layer", " ".join(str(x) for x in share["per_layer_digital"]), help="digital experts per MoE layer")
+
+values = ({"frequency": stats.frequency, "weight": stats.weight}[ss["strategy"]] if needs_stats(ss["strategy"])
+          else sc.get(ss["strategy"]) if ss["strategy"] != "random" else sc.get("maxnn"))
+vname = label(ss["strategy"]) if ss["strategy"] != "random" else "MaxNNScore"
+extra = {"MaxNNScore": sc.get("maxnn")} if vname != "MaxNNScore" else None
+st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname} — red squares: digital experts", vname,
+                                       digital=p.digital, extra=extra,
+                                       log=ss["strategy"] in ("maxnn", "router_norm", "random")), key="placement_heat")
+
+left, right = st.columns([3, 2])
+with left:
+    st.plotly_chart(figures.share_bars(share["by_kind"]), key="share_bars")
+with right:
+    st.markdown("**Compare with another strategy**")
+    others = [s for s in STRATEGIES if s != ss["strategy"]]
+    if ss.get("strategy_b") not in others:
+        ss["strategy_b"] = others[0]
+    sb = st.selectbox("Second strategy", others, key="strategy_b", persist_state="session", format_func=label)
+    sb_stats = stats if not needs_stats(sb) else (stats or ui.stats_for(h))
+    if needs_stats(sb) and sb_stats is None:
+        st.info(f"{label(sb)} needs activation statistics.")
+    else:
+        q = placement_of(sb, sb_stats)
+        both = sum(len(set(x) & set(y)) for x, y in zip(p.digital, q.digital))
+        union = sum(len(set(x) | set(y)) for x, y in zip(p.digital, q.digital))
+        n = sum(len(x) for x in p.digital)
+        st.metric("Shared digital experts", f"{both} / {n}",
+                  help="Experts both strategies keep digital at this budget")
+        st.caption(f"Jaccard overlap {both / union:.0%} (intersection / union of the two digital sets)."
+                   if union else "No digital experts at this budget.")
+        st.dataframe({"MoE layer": [f"L{l}" for l in layers],
+                      label(ss["strategy"]): [", ".join(map(str, d)) for d in p.digital],
+                      label(sb): [", ".join(map(str, d)) for d in q.digital]}, hide_index=True)

@@ -1,0 +1,83 @@
+"""Results page: stored results from the DuckDB store — metric vs budget, a filterable table, downloads."""
+import io
+
+import pandas as pd
+import streamlit as st
+
+from hetmoe_core import figures, ui
+
+ui.frame()
+st.title("Results")
+ss = st.session_state
+try:
+    from hetmoe_core.report import LOWER_IS_BETTER
+    from hetmoe_core.store import Store
+    store = Store()
+    summary = store.summary_frame()
+except ImportError as e:
+    st.info(f"The results store is not available yet ({e}).")
+    st.stop()
+except (ValueError, RuntimeError) as e:
+    st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
+             "holding it.")
+    st.stop()
+st.caption(f"Store `{store.path}` · {len(summary)} summary rows (mean ± std over seeds).")
+if summary.empty:
+    st.info("No results stored yet. Run an evaluation on the **Evaluate** page (or `python -m hetmoe_core`).")
+    st.page_link("pages/evaluate.py", label="→ Evaluate")
+    st.stop()
+
+# ---------------------------------------------------------------- filters
+h = ui.get_model(show_errors=False)
+models = sorted(summary.model_fingerprint.dropna().unique())
+cur = h.lm.fingerprint if h is not None else None
+c1, c2, c3, c4 = st.columns(4)
+names = {f: ", ".join(summary[summary.model_fingerprint == f].model_source.unique()) for f in models}
+model = c1.selectbox("Model", models, index=models.index(cur) if cur in models else 0, key="res_model",
+                     format_func=lambda f: f"{names[f]} ({f[:20]})")
+s = summary[summary.model_fingerprint == model]
+task = c2.selectbox("Task", sorted(s.task.unique()), key="res_task")
+s = s[s.task == task]
+metrics = sorted(s.metric.unique())
+prefer = [m for m in ("acc", "acc_norm", "word_perplexity", "perplexity") if m in metrics]
+metric = c3.selectbox("Metric", metrics, index=metrics.index(prefer[0]) if prefer else 0, key="res_metric")
+s = s[s.metric == metric]
+limits = sorted(s["limit"].dropna().unique().tolist()) + (["all"] if s["limit"].isna().any() else [])
+lim = c4.selectbox("Limit (documents)", limits, index=len(limits) - 1, key="res_limit",
+                   help="Results with different limits are not comparable.")
+s = s[s["limit"].isna()] if lim == "all" else s[s["limit"] == lim]
+noisy = s[s.strategy != "ideal"]
+c1, c2, c3 = st.columns(3)
+presets = c1.multiselect("Presets", sorted(noisy.preset.unique()), default=sorted(noisy.preset.unique()),
+                         key="res_presets")
+strategies = c2.multiselect("Strategies", sorted(noisy.strategy.unique()), default=sorted(noisy.strategy.unique()),
+                            key="res_strategies", format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
+backends = c3.multiselect("Backends", sorted(noisy.backend.unique()), default=sorted(noisy.backend.unique()),
+                          key="res_backends")
+shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noisy.backend.isin(backends)]
+ideal = s[s.strategy == "ideal"]["mean"]
+analog = {p: float(g["mean"].mean()) for p, g in shown[shown.budget == 0].groupby("preset")}
+
+st.plotly_chart(figures.metric_vs_budget(shown, metric, float(ideal.iloc[0]) if len(ideal) else None, analog,
+                                         higher_is_better=metric not in LOWER_IS_BETTER), key="res_chart")
+if not analog:
+    st.caption("Run a budget of 0 % to draw the all-analog reference line.")
+
+st.subheader("Table")
+table = shown.assign(**{"budget %": shown.budget * 100}).drop(columns=["budget"])
+cols = ["strategy", "budget %", "preset", "backend", "scope", "mean", "std", "n_seeds", "digital_share", "seeds",
+        "limit", "model_source"]
+table = pd.concat([s[s.strategy == "ideal"].assign(**{"budget %": 100.0}), table], ignore_index=True)
+st.dataframe(table[[c for c in cols if c in table]], hide_index=True,
+             column_config={"mean": st.column_config.NumberColumn(format="%.4f"),
+                            "std": st.column_config.NumberColumn(format="%.4f"),
+                            "digital_share": st.column_config.NumberColumn("digital share", format="%.3f")})
+
+st.subheader("Download")
+runs = store.runs_frame({"model_fingerprint": model})
+st.caption(f"All {runs.key.nunique()} stored runs of this model, one row per (run, metric).")
+d1, d2 = st.columns(2)
+d1.download_button("CSV", runs.to_csv(index=False).encode(), "hetmoe_results.csv", "text/csv", key="dl_csv")
+buf = io.BytesIO()
+runs.to_parquet(buf, index=False)
+d2.download_button("Parquet", buf.getvalue(), "hetmoe_results.parquet", "application/octet-stream", key="dl_parquet")

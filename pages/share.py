@@ -1,0 +1,111 @@
+"""Share page: a link to the current view, snapshot export / import, and the HTML report."""
+import tempfile
+from pathlib import Path
+from urllib.parse import urlencode
+
+import streamlit as st
+
+from hetmoe_core import ui
+
+UPLOAD_MB = 50      # also server.maxUploadSize in .streamlit/config.toml
+
+ui.frame()
+st.title("Share")
+ss = st.session_state
+
+st.subheader("Link to this view")
+params = {q: st.query_params[q] for q in ui.QUERY if q in st.query_params}
+base = (getattr(st.context, "url", None) or "http://127.0.0.1:8501/").split("?")[0].rstrip("/")
+base = base.rsplit("/share", 1)[0]
+st.code(f"{base}/placement?{urlencode(params)}", language=None)
+st.caption("Opens the Placement page with the same model, strategy, digital budget and noise preset "
+           "(every page keeps these in its URL).")
+
+try:
+    from hetmoe_core.report import write_report
+    from hetmoe_core.snapshot import SnapshotError, export_snapshot, import_snapshot, read_snapshot
+    from hetmoe_core.store import Store
+    store = Store()
+except ImportError as e:
+    st.info(f"Snapshots and reports are not available yet ({e}).")
+    st.stop()
+
+counts = store.counts()
+st.subheader("Export")
+h = ui.get_model(show_errors=False)
+scope = st.radio("Results to export", ["this model", "all models"], horizontal=True, key="share_scope",
+                 disabled=h is None, index=1 if h is None else 0)
+filters = {"model_fingerprint": h.lm.fingerprint} if (h is not None and scope == "this model") else None
+n = len(store.runs_frame(filters).key.unique()) if counts["runs"] else 0
+st.caption(f"{n} stored run(s) selected from `{store.path}`.")
+
+
+@st.cache_data(max_entries=4, show_spinner="Writing the snapshot …")
+def _snapshot(path: str, signature: str, fingerprint: str | None) -> bytes:
+    """Snapshot zip bytes of the store at ``path`` (cached until the store changes: ``signature``)."""
+    with tempfile.TemporaryDirectory() as d:
+        export_snapshot(Store(path), Path(d) / "snapshot.zip",
+                        filters={"model_fingerprint": fingerprint} if fingerprint else None)
+        return (Path(d) / "snapshot.zip").read_bytes()
+
+
+@st.cache_data(max_entries=4, show_spinner="Writing the HTML report …")
+def _report(_source: str, signature: str) -> bytes:
+    """HTML report bytes of a store or snapshot file (cached per content ``signature``)."""
+    with tempfile.TemporaryDirectory() as d:
+        write_report(_source, Path(d) / "report.html")
+        return (Path(d) / "report.html").read_bytes()
+
+
+# bytes are made when the page is drawn (cached), not on click: a deferred download callable can be dropped by
+# Streamlit's media-file cleanup when another session of the server ends between the drawing and the click
+sig = str(store.query("SELECT count(*), max(created_at) FROM runs").values.tolist())
+c1, c2 = st.columns(2)
+if n:
+    c1.download_button("Download snapshot (.zip)", _snapshot(str(store.path), sig, filters and h.lm.fingerprint),
+                       "hetmoe_snapshot.zip", "application/zip", key="dl_snapshot",
+                       help="Parquet tables + manifest; no code, no pickle.")
+    c2.download_button("Download HTML report", _report(str(store.path), f"{store.path}|{sig}"), "hetmoe_report.html", "text/html",
+                       key="dl_report",
+                       help="One self-contained page (plotly.js embedded): tables and figures of every stored result.")
+if n == 0:
+    st.info("Nothing to export yet: run an evaluation first.")
+
+
+def manifest_sig(manifest: dict) -> str:
+    """Content signature of a snapshot: the sha256 of each of its tables."""
+    return ",".join(f"{t}:{v.get('sha256')}" for t, v in sorted(manifest.get("tables", {}).items()))
+
+
+st.subheader("Import")
+up = st.file_uploader(f"Snapshot (.zip, at most {UPLOAD_MB} MB)", type=["zip"], key="share_upload",
+                      max_upload_size=UPLOAD_MB,
+                      help="Validated before anything is written: names, sizes, checksums, schema. Never executed.")
+if up is not None:
+    data = up.getvalue()
+    if len(data) > UPLOAD_MB << 20:
+        st.error(f"{up.name} is {len(data) / 2**20:.1f} MB; the limit is {UPLOAD_MB} MB.")
+        st.stop()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "upload.zip"
+        path.write_bytes(data)
+        try:
+            manifest, tables = read_snapshot(path)
+        except (SnapshotError, ValueError) as e:
+            st.error(f"{up.name} is not a valid hetmoe snapshot: {e}")
+            st.stop()
+        st.success(f"Valid snapshot from hetmoe {manifest.get('hetmoe_version', '?')}, created "
+                   f"{manifest.get('created_at', '?')}: " + ", ".join(f"{t} {tables[t].num_rows}" for t in tables))
+        c1, c2 = st.columns(2)
+        if c1.button("Import into the store", type="primary", key="share_import"):
+            try:
+                added = import_snapshot(path, store)
+                st.success("Imported: " + ", ".join(f"{k} +{v}" for k, v in added.items())
+                           + ". See the Results page.")
+            except (SnapshotError, ValueError) as e:
+                st.error(f"Import failed, the store is unchanged: {e}")
+        try:
+            c2.download_button("HTML report of this snapshot", _report(str(path), manifest_sig(manifest)),
+                               "hetmoe_snapshot_report.html", "text/html", key="dl_upload_report")
+        except ValueError as e:
+            c2.info(f"No report: {e}")

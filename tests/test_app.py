@@ -1,0 +1,191 @@
+"""Dashboard pages through Streamlit's AppTest: real app script, real default model, real DuckDB store in tmp."""
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture
+def store_env(tmp_path, monkeypatch):
+    path = tmp_path / "results.duckdb"
+    monkeypatch.setenv("HETMOE_STORE", str(path))
+    return path
+
+
+def app(query=None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update(query or {})
+    return at.run()
+
+
+def page(at, name) -> AppTest:
+    at.switch_page(f"pages/{name}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def keys(node, out=None) -> set:
+    """User keys of every element rendered in this run (sidebar included)."""
+    out = set() if out is None else out
+    if isinstance(getattr(node, "key", None), str):
+        out.add(node.key)
+    for child in (getattr(node, "children", None) or {}).values():
+        keys(child, out)
+    return out
+
+
+def metric(at, label):
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def eval_task() -> str:
+    from hetmoe_core.evaluate import task_aliases
+    local = task_aliases()["local"]
+    return "hetmoe_cloze" if "hetmoe_cloze" in local else (local[0] if local else "paper_boolq")
+
+
+def test_every_page_renders_with_its_widgets(store_env):
+    at = app()
+    assert not at.exception and at.title[0].value == "Model anatomy"
+    assert metric(at, "Top-k") and at.sidebar.radio(key="source_kind").value == "Default"
+    expected = {"learn": ("toy_c",), "sensitivity": ("sens_layer", "sens_expert"),
+                "placement": ("budget_pct", "strategy", "scope", "strategy_b"),
+                "evaluate": ("preset", "ev_strategies", "ev_budgets", "ev_tasks", "ev_seeds", "ev_limit", "ev_backend"),
+                "results": (), "share": ()}
+    for name, want in expected.items():
+        page(at, name)
+        assert not at.error, (name, [e.value for e in at.error])
+        missing = set(want) - keys(at._tree)
+        assert not missing, (name, missing)
+    page(at, "sensitivity")
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 5          # MaxNNScore, 3 projections, router norm (+ density, scatter, histogram)
+
+
+def test_budget_slider_changes_digital_share_and_url(store_env):
+    at = page(app(), "placement")
+    assert at.slider(key="budget_pct").value == 12.5
+    shares = {}
+    for b in (0.0, 25.0, 100.0):
+        at.slider(key="budget_pct").set_value(b).run()
+        assert not at.exception
+        shares[b] = float(metric(at, "Digital parameter share").rstrip("%"))
+        assert at.query_params["budget"] == f"{b / 100:g}"
+    assert shares[0.0] < shares[25.0] < shares[100.0]
+    n_experts = sum(m.num_experts for m in _anatomy().moe_layers)
+    assert metric(at, "Digital routed experts") == f"{n_experts} / {n_experts}"
+    # state is shared across pages: the Evaluate page proposes the budget set here
+    page(at, "evaluate")
+    assert at.text_input(key="ev_budgets").value == "100"
+
+
+def _anatomy():
+    from hetmoe_core.models import load_model
+    return load_model("default").anatomy
+
+
+def test_link_reproduces_view(store_env):
+    at = page(app({"strategy": "router_norm", "budget": "0.25", "preset": "paper-pcm-c2.5"}), "placement")
+    assert at.slider(key="budget_pct").value == 25.0
+    assert at.selectbox(key="strategy").value == "router_norm"
+    page(at, "evaluate")
+    assert at.selectbox(key="preset").value == "paper-pcm-c2.5"
+
+
+def test_bad_model_source_is_a_friendly_error(store_env):
+    at = app({"model": "/no/such/folder"})
+    assert not at.exception
+    assert at.error and "Could not load model" in at.error[0].value and "sidebar" in at.error[0].value
+
+
+def test_learn_toy_error_grows_with_maxnn(store_env):
+    at = page(app(), "learn")
+    r0 = float(metric(at, "Correlation (log score, log error)"))
+    assert r0 > 0.5                       # the paper's point: larger max neuron norm, larger output error
+    at.slider(key="toy_c").set_value(0.0).run()
+    assert not at.exception and any("c = 0" in i.value for i in at.info)
+
+
+def _wait(at, timeout=150):
+    t0 = time.time()
+    while True:
+        job = at.session_state["eval_job"]
+        if not job.running:
+            at.run()                      # the page's last rerun after the job ended
+            return job
+        assert time.time() - t0 < timeout, "evaluation did not finish"
+        time.sleep(0.5)
+        at.run()
+
+
+def test_run_stores_rows_and_rerun_is_a_cache_hit(store_env):
+    from hetmoe_core.store import Store
+    at = page(app(), "evaluate")
+    at.multiselect(key="ev_tasks").set_value([eval_task()])
+    at.number_input(key="ev_limit").set_value(4)
+    at.run()
+    assert any("0 cached" in m.value for m in at.markdown)
+    at.button(key="ev_run").click().run()
+    job = _wait(at)
+    assert job.status == "done", job.error
+    assert len(job.results) == 2 and not any(r["cached"] for r in job.results)   # ideal + one noisy result
+    assert Store(store_env).counts()["runs"] == 2
+    assert any(s.value.startswith("Done: 2 results") for s in at.success)
+    # the same configuration again: answered from the store, shown as cached before and after Run
+    assert any("2 cached" in m.value for m in at.markdown)
+    at.button(key="ev_run").click().run()
+    job2 = _wait(at, timeout=30)
+    assert job2 is not job and all(r["cached"] for r in job2.results) and job2.elapsed < 10
+    assert [r["metrics"] for r in job2.results] == [r["metrics"] for r in job.results]
+    assert Store(store_env).counts()["runs"] == 2
+    # Results page draws it; Share page exports it and imports a snapshot into another store
+    page(at, "results")
+    assert at.get("plotly_chart") and [b.label for b in at.get("download_button")] == ["CSV", "Parquet"]
+
+
+def test_share_imports_a_valid_snapshot_and_rejects_garbage(store_env, tmp_path, monkeypatch):
+    from hetmoe_core.snapshot import export_snapshot
+    from hetmoe_core.store import Store
+    src = Store(tmp_path / "src.duckdb")
+    src.put_result("k1", {"model_source": "default", "strategy": "maxnn", "budget": 0.125, "preset": "ideal",
+                          "seed": 0, "task": "t", "scope": "layer", "backend": "fast"},
+                   [{"task": "t", "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": 0}])
+    export_snapshot(src, tmp_path / "snap.zip")
+    at = page(app(), "share")
+    at.file_uploader(key="share_upload").set_value(("bad.zip", b"not a zip", "application/zip")).run()
+    assert not at.exception and "not a valid hetmoe snapshot" in at.error[0].value
+    assert Store(store_env).counts()["runs"] == 0
+    at.file_uploader(key="share_upload").set_value(
+        ("snap.zip", (tmp_path / "snap.zip").read_bytes(), "application/zip")).run()
+    assert not at.error and any("Valid snapshot" in s.value for s in at.success)
+    at.button(key="share_import").click().run()
+    assert any("Imported" in s.value for s in at.success)
+    assert Store(store_env).counts()["runs"] == 1
+    # a zip with a path-escaping member is refused and the store stays as it is
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("../evil.py", "print('x')")
+    at.file_uploader(key="share_upload").set_value(("evil.zip", buf.getvalue(), "application/zip")).run()
+    assert "not a valid hetmoe snapshot" in at.error[0].value and Store(store_env).counts()["runs"] == 1
+
+
+def test_cancel_stops_a_running_sweep(store_env):
+    from hetmoe_core.store import Store
+    at = page(app(), "evaluate")
+    at.multiselect(key="ev_tasks").set_value([eval_task()])
+    at.number_input(key="ev_limit").set_value(4)
+    at.number_input(key="ev_seeds").set_value(3)
+    at.text_input(key="ev_budgets").set_value("0, 25, 50").run()
+    assert any(m.value.startswith("**10 results**") for m in at.markdown)     # ideal + 3 budgets x 3 seeds
+    at.button(key="ev_run").click().run()
+    assert at.get("progress"), "one progress bar while the job runs"
+    at.button(key="ev_cancel").click().run()
+    job = _wait(at)
+    assert job.status == "cancelled" and len(job.results) < 10
+    assert any("Cancelled after" in w.value for w in at.warning)
+    assert Store(store_env).counts()["runs"] == len(job.results)   # what finished is stored, nothing else
