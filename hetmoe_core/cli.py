@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -307,6 +308,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an environment problem: one line for users, the traceback on request
+        if os.environ.get("HETMOE_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set HETMOE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     if out is not None:
         _print(out, args.json)
     return 0

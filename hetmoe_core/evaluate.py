@@ -360,7 +360,8 @@ _task_managers: dict = {}
 def _task_manager(include_paths: tuple, defaults: bool):
     from lm_eval.tasks import TaskManager
     with _tm_lock:
-        k = (include_paths, defaults)
+        # task folders built later in this process (e.g. another paper task) must be indexed too
+        k = (include_paths, defaults, tuple(sorted(str(f) for d in include_paths for f in Path(d).rglob("*.yaml"))))
         if k not in _task_managers:
             _task_managers[k] = TaskManager(include_path=list(include_paths) or None, include_defaults=defaults)
         return _task_managers[k]
@@ -371,10 +372,14 @@ def _run_task(hflm, ref: TaskRef, spec: RunSpec) -> list[dict]:
     import lm_eval
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
-    with contextlib.redirect_stdout(sys.stderr):   # lm-eval prints progress notes; stdout stays for --json
-        res = lm_eval.simple_evaluate(model=hflm, tasks=[ref.name], task_manager=tm, limit=limit,
-                                      num_fewshot=spec.num_fewshot, bootstrap_iters=BOOTSTRAP_ITERS,
-                                      log_samples=False, verbosity="ERROR")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):   # lm-eval prints progress notes; stdout stays for --json
+            res = lm_eval.simple_evaluate(model=hflm, tasks=[ref.name], task_manager=tm, limit=limit,
+                                          num_fewshot=spec.num_fewshot, bootstrap_iters=BOOTSTRAP_ITERS,
+                                          log_samples=False, verbosity="ERROR")
+    except AssertionError:   # lm-eval asserts that every answer fits the model's context window
+        raise ValueError(f"task {ref.name} has answers longer than the model's context window "
+                         f"({hflm.max_length} tokens); choose another task or a model with a longer context") from None
     out = []
     for task, vals in res["results"].items():
         for k, v in vals.items():

@@ -333,6 +333,15 @@ def _tiny_tokenizer():
                                    eos_token="<3>", bos_token="<2>")
 
 
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but this torch build or machine has no CUDA GPU; use --device cpu")
+
+
 def resolve_source(source: str) -> tuple[str, str | None]:
     """Classify a model source: ("default"|"tiny"|"folder"|"hub", path or id).
 
@@ -371,6 +380,7 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; choose one of {', '.join(_DTYPES)}")
+    _check_device(device)
     kind, where = resolve_source(source)
     if kind == "tiny":
         model = tiny_model(where, dtype=_DTYPES[dtype]).to(device)
@@ -398,7 +408,17 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
         hint = " (the Hugging Face hub is unreachable offline: download the model to a folder)" \
             if kind == "hub" else ""
         raise ValueError(f"could not load {source!r}{hint}: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"could not load {source!r}: its weights or config.json are damaged or do not match "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:  # safetensors' SafetensorError (corrupt header) derives from Exception only
+        if "Safetensor" not in type(e).__name__:
+            raise
+        raise ValueError(f"could not load {source!r}: a safetensors file is damaged ({e})") from None
     model.to(device).eval()
-    # a hosted checkpoint's config.json names a model type AutoTokenizer cannot parse: pass the host's
-    tokenizer = AutoTokenizer.from_pretrained(where, **kw, **({"config": model.config} if host else {}))
+    try:  # a hosted checkpoint's config.json names a model type AutoTokenizer cannot parse: pass the host's
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw, **({"config": model.config} if host else {}))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"could not load the tokenizer of {source!r}: the folder needs tokenizer.json and "
+                         f"tokenizer_config.json ({type(e).__name__})") from None
     return LoadedModel(model, tokenizer, anatomy_of(model), source, fingerprint)

@@ -163,3 +163,15 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="hub is unreachable offline"):
         load_model("allenai/OLMoE-1B-7B-0924")
+
+
+def test_damaged_weights_and_bad_device_are_clear_errors(tmp_path):
+    tiny_model("olmoe").config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="safetensors file is damaged"):
+        load_model(str(tmp_path))
+    with pytest.raises(ValueError, match="not a torch device"):
+        load_model("tiny:olmoe", device="nonsense")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            load_model("tiny:olmoe", device="cuda")

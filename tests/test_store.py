@@ -17,7 +17,7 @@ METRICS = ("acc", "acc_norm", "f1", "ppl", "bpb")
 
 # A writer that stores results 0..N-1 (skipping stored ones, as a resumed sweep does), each a run + 5 metrics.
 WRITER = textwrap.dedent("""
-    import sys
+    import sys, time
     sys.path.insert(0, {root!r})
     from hetmoe_core.store import Store
     st, n = Store(sys.argv[1]), int(sys.argv[2])
@@ -28,6 +28,8 @@ WRITER = textwrap.dedent("""
         st.put_result(f"k{{i}}", {{"task": "t", "seed": i, "strategy": "maxnn", "budget": i / n}},
                       [{{"task": "t", "metric": m, "value": i + j / 10, "stderr": 0.01, "seed": i}}
                        for j, m in enumerate({metrics!r})])
+        if len(sys.argv) > 3:
+            time.sleep(float(sys.argv[3]))   # a slow sweep, so a kill lands mid-way
     print("wrote", n - len(have))
 """).format(root=str(ROOT), metrics=METRICS)
 
@@ -136,7 +138,7 @@ def test_kill_9_leaves_whole_results_and_resume_runs_only_missing(tmp_path):
     db, n = str(tmp_path / "r.duckdb"), 60
     Store(db)
     w = _script(tmp_path, "w.py", WRITER)
-    p = subprocess.Popen([sys.executable, w, db, str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, w, db, str(n), "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     st = Store(db)
     deadline = time.time() + 60
     while st.counts()["runs"] < 8 and time.time() < deadline:
