@@ -98,7 +98,7 @@ def cmd_place(args) -> dict:
     except ValueError:
         raise ValueError(f"budget must be a number in [0, 1], got {args.budget!r}") from None
     check_request(args.strategy, budget, args.scope)
-    analog = [k for k in args.analog_dense.split(",") if k.strip()]
+    analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
         raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
     lm = _load(args)

@@ -88,6 +88,8 @@ class Store:
     def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0, create: bool = True):
         self.path = Path(path or os.environ.get("HETMOE_STORE") or DEFAULT_PATH).expanduser().resolve()
         self.timeout = timeout
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a folder; give a .duckdb file path as the store")
         if not create and not self.path.is_file():
             raise ValueError(f"no results store at {self.path}; run `evaluate`/`sweep` or `import` first")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,10 @@ class Store:
                     con = duckdb.connect(str(self.path), read_only=not write)
                     break
                 except duckdb.IOException as e:   # lock held by a process outside this protocol
-                    if "lock" not in str(e).lower() or time.monotonic() > deadline:
+                    if "lock" not in str(e).lower():
+                        raise ValueError(f"{self.path} is not a readable DuckDB store ({str(e).splitlines()[0]}); "
+                                         "use another --store path") from None
+                    if time.monotonic() > deadline:
                         raise StoreBusy(f"store {self.path} is locked by another program: {e}") from None
                     time.sleep(0.02 + random.random() * 0.05)
                 except duckdb.Error as e:

@@ -183,3 +183,13 @@ def test_cli_sweep_killed_mid_way_then_resumed(tmp_path):
     assert len(res["results"]) == 5 and res["computed"] == 5 - done and res["cached"] == done, out.stderr
     runs = Store(db).runs_frame()
     assert set(runs.key) == keys and len(runs) == 2 * len(keys)   # 2 metrics per run, no duplicates
+
+
+def test_non_duckdb_file_or_folder_is_a_clear_error(tmp_path):
+    bad = tmp_path / "notes.duckdb"
+    bad.write_text("not a database")
+    with pytest.raises(ValueError, match="not a readable DuckDB store"):
+        Store(bad)
+    assert bad.read_text() == "not a database"      # nothing overwritten
+    with pytest.raises(ValueError, match="is a folder"):
+        Store(tmp_path)
