@@ -83,8 +83,6 @@ def source_fingerprint(source: str, revision: str | None = None) -> str:
         return f"{source}:seed0"
     if source == "default":
         folder = ASSETS / "default"
-        if not (folder / "config.json").exists():
-            return "tiny:olmoe:seed0"   # models.load_model falls back to this until the trained default ships
     else:
         folder = Path(source).expanduser()
         if not folder.is_dir():

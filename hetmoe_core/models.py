@@ -386,7 +386,8 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
         model = tiny_model(where, dtype=_DTYPES[dtype]).to(device)
         return LoadedModel(model, _tiny_tokenizer(), anatomy_of(model), source, f"tiny:{where}:seed0")
     if kind == "default" and not (DEFAULT_DIR / "config.json").exists():
-        return load_model("tiny:olmoe", device, dtype)  # until the trained default ships
+        raise ValueError(f"the embedded default model is missing from {DEFAULT_DIR}; reinstall hetmoe "
+                         "(or use 'tiny:olmoe' for a random toy model)")
     if kind in ("default", "folder"):
         if not list(Path(where).glob("*.safetensors")):
             raise ValueError(f"{where} holds no *.safetensors weights (pickled .bin files are never loaded)")

@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,8 @@ def test_cache_hit_without_forward_and_same_numbers(tmp_path):
     assert ran > 0 and len(first) == 3 and not any(r["cached"] for r in first)
     assert [r["ideal"] for r in first] == [True, False, False] and seen[-1] == (3, 3, False)
     assert first[0]["digital_share"] > first[1]["digital_share"] > 0   # ideal: everything digital
-    times = []
-    for _ in range(3):   # best of 3: the CPUs are shared, the code path is what is measured
-        t0 = time.perf_counter()
-        second = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "a.duckdb", **QUICK)
-        times.append(time.perf_counter() - t0)
-    assert min(times) < 0.1                                  # a cache hit: no model run, < 100 ms
+    # speed of a cache hit is measured in bench/bench_sweep.py (cached rerun), not here
+    second = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "a.duckdb", **QUICK)
     assert calls[0] == ran                                   # not one forward pass
     assert all(r["cached"] for r in second)
     assert [r["metrics"] for r in second] == [r["metrics"] for r in first]
