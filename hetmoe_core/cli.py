@@ -8,8 +8,75 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+
+
+# ---- flag value types: a bad value gets one line that names its flag (argparse adds "argument --flag: ")
+def _number(text: str, kind=float) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"got {text}; give a finite number")
+    if kind is int:
+        if not x.is_integer():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        return int(x)
+    return x
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        x = _number(text, int)
+        if x < lo:
+            raise argparse.ArgumentTypeError(f"got {x}; give a whole number >= {lo}")
+        return x
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _share(text: str) -> float:
+    x = _number(text)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"got {text}; give a share of routed experts in [0, 1] (0.125 = 12.5%)")
+    return x
+
+
+def _shares(text: str) -> list[float]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError("give at least one budget in [0, 1], e.g. 0,0.125,0.25")
+    return [_share(v) for v in vals]
+
+
+def _limit(text: str) -> float:
+    x = _number(text)
+    if not (0 < x < 1 or (x >= 1 and x.is_integer())):
+        raise argparse.ArgumentTypeError(f"got {text}; give a whole number of documents >= 1 or a fraction in (0, 1)")
+    return x
+
+
+def _setting(text: str) -> tuple:
+    """NAME=VALUE of --set, parsed by noise.parse_value (a bad name or value names the parameter)."""
+    from .noise import parse_value
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} must look like NAME=VALUE, e.g. adc_bits=6 "
+                                         "(`python -m hetmoe_core presets` lists the parameters)")
+    name, value = (x.strip() for x in text.split("=", 1))
+    try:
+        return name, parse_value(name, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags give one line (``error: argument --budget: 'abc' is not a number``) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def _source(p):
@@ -40,8 +107,8 @@ def cmd_info(args) -> dict:
 def _calib_args(p):
     p.add_argument("--calib", default=None, help="calibration text (.txt one per line, .json, .jsonl with "
                    "text/domain); default: the default model's validation text")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration text (truncated)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument("--max-length", type=_int_at_least(1), default=256, help="tokens per calibration text (truncated)")
     p.add_argument("--cache-dir", default=None, help="activation-statistics cache (default cache/activation)")
 
 
@@ -62,7 +129,31 @@ def add_scores(p):
     p.add_argument("--neuron-norms", action="store_true", help="include every neuron's norm")
 
 
+def _scores_table(out: dict) -> None:
+    """One line per (MoE layer, expert): MaxNNScore, router norm and, when measured, frequency and weight."""
+    import pandas as pd
+    rows = []
+    for layer in out["layers"]:
+        for e, v in enumerate(layer["maxnn"]):
+            rows.append({"layer": layer["layer"], "expert": e, "maxnn": v, "router_norm": layer["router_norm"][e],
+                         **({"frequency": layer["frequency"][e], "weight": layer["weight"][e]} if "frequency" in layer
+                            else {})})
+    for k in ("source", "fingerprint", "streamed", "calibration"):
+        if k in out:
+            print(f"{k}: {json.dumps(out[k]) if isinstance(out[k], dict) else out[k]}")
+    with pd.option_context("display.float_format", "{:.4g}".format):
+        print(pd.DataFrame(rows).to_string(index=False))
+
+
 def cmd_scores(args) -> dict:
+    out = _scores(args)
+    if args.json:
+        return out
+    _scores_table(out)
+    return None
+
+
+def _scores(args) -> dict:
     from .scores import expert_scores, stream_scores
     if args.stream:
         from .models import resolve_source
@@ -83,20 +174,17 @@ def cmd_scores(args) -> dict:
 def add_place(p):
     _source(p)
     _calib_args(p)
-    p.add_argument("--budget", required=True, help="share of routed experts run digitally, in [0, 1]")
+    p.add_argument("--budget", required=True, type=_share, help="share of routed experts run digitally, in [0, 1]")
     p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random")
     p.add_argument("--scope", default="layer", help="layer (budget per MoE layer, the paper) | global")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random strategy")
     p.add_argument("--analog-dense", default="", help="comma-separated dense kinds put on AIMC "
                    "(attention,lm_head,shared_experts,router,dense_mlp); default none (paper)")
 
 
 def cmd_place(args) -> dict:
     from .placement import DENSE_KINDS, DensePolicy, check_request, digital_share, place
-    try:
-        budget = float(args.budget)
-    except ValueError:
-        raise ValueError(f"budget must be a number in [0, 1], got {args.budget!r}") from None
+    budget = args.budget
     check_request(args.strategy, budget, args.scope)
     analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
@@ -123,16 +211,21 @@ def _eval_args(p, sweep: bool):
     s = "s" if sweep else ""
     p.add_argument(f"--strateg{'ies' if sweep else 'y'}", dest="strategies", default="maxnn",
                    help="maxnn | frequency | weight | router_norm | random" + (" (comma-separated)" if sweep else ""))
-    p.add_argument(f"--budget{s}", dest="budgets", default="0.125", help="digital budget(s) in [0, 1]")
+    p.add_argument(f"--budget{s}", dest="budgets", type=_shares, default=[0.125], help="digital budget(s) in [0, 1]"
+                   + (" (comma-separated)" if sweep else ""))
     p.add_argument(f"--preset{s}", dest="presets", default="paper-pcm-c1.5", help="noise preset(s) (noise.PRESETS)")
-    p.add_argument("--seeds", type=int, default=1, help="number of noise seeds (0..N-1): mean ± std over them")
+    p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                   help="override one noise parameter of every preset, e.g. --set adc_bits=6 --set t_inference=3600 "
+                        "(repeatable; `presets` lists them with units and ranges)")
+    p.add_argument("--seeds", type=_int_at_least(1), default=1,
+                   help="number of noise seeds (0..N-1): mean ± std over them")
     p.add_argument("--tasks", default="local", help="comma-separated tasks: the default model's (alias 'local'; "
                    "'ppl' = per-domain perplexity), paper_* (alias 'paper'), or any lm-eval task name")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit)")
+    p.add_argument("--limit", type=_limit, default=None, help="documents per task (lm-eval --limit)")
     p.add_argument("--backend", default="fast", help="fast | aihwkit")
     p.add_argument("--scope", default="layer", help="layer | global")
-    p.add_argument("--batch-size", type=int, default=8, help="fixed for the whole run (enters the cache key)")
-    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="fixed for the whole run (enters the cache key)")
+    p.add_argument("--num-fewshot", type=_int_at_least(0), default=0)
     p.add_argument("--no-ideal", action="store_true", help="skip the all-digital reference result")
 
 
@@ -155,13 +248,14 @@ def _run_eval(args, bar: bool) -> dict:
             pbar.set_postfix_str(f"{r['task']} {r['strategy']} b={r['budget']} seed={r['seed']}"
                                  f"{' (cached)' if r['cached'] else ''}")
             pbar.refresh()
+    kw = dict(strategies=args.strategies, budgets=args.budgets, presets=args.presets, seeds=args.seeds,
+              tasks=args.tasks, limit=args.limit, backend=args.backend, scope=args.scope, batch_size=args.batch_size,
+              num_fewshot=args.num_fewshot, include_ideal=not args.no_ideal, device=args.device, dtype=args.dtype,
+              revision=args.revision, preset_overrides=dict(args.settings) or None)
+    _announce(args, kw)
     try:
-        res = evaluate_many(args.source, store=args.store, strategies=args.strategies, budgets=args.budgets,
-                            presets=args.presets, seeds=args.seeds, tasks=args.tasks, limit=args.limit,
-                            backend=args.backend, scope=args.scope, batch_size=args.batch_size,
-                            num_fewshot=args.num_fewshot, include_ideal=not args.no_ideal, device=args.device,
-                            dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                            progress=progress)
+        res = evaluate_many(args.source, store=args.store, trust_remote_code=args.trust_remote_code,
+                            progress=progress, **kw)
     finally:
         if pbar is not None:
             pbar.close()
@@ -169,12 +263,55 @@ def _run_eval(args, bar: bool) -> dict:
            "cached": sum(r["cached"] for r in res)}
     if args.json:
         return out
+    from .noise import get_preset
+    settled = {p: get_preset(p, **dict(args.settings)).deterministic for p in _names(args.presets)}
     for r in out["summary"]:
-        std = "" if r["std"] is None else f" ± {r['std']:.3g}"
+        std = (" deterministic" if r["ideal"] or settled.get(r["preset"])
+               else "" if r["std"] is None else f" ± {r['std']:.3g}")
         print(f"{r['task']:<22} {r['metric']:<16} {r['strategy']:<11} budget={r['budget']:<6g} {r['preset']:<22} "
               f"{r['mean']:.4g}{std} (n={r['n_seeds']}){' cached' if r['cached'] else ''}")
     print(f"{out['computed']} computed, {out['cached']} from the cache")
     return None
+
+
+LARGE_RUN = 200   # results: above this, say how many and about how long before starting
+
+
+def _names(text) -> list[str]:
+    return [x.strip() for x in (text.split(",") if isinstance(text, str) else text) if x and x.strip()]
+
+
+def run_estimate(specs, store) -> dict:
+    """How many of ``specs`` (evaluate.plan) are not stored yet and about how long computing them takes:
+    {"total", "todo", "per_result_s" (median duration of this model's stored results, None when none), "timed"
+    (how many stored results that median is of), "seconds" (None when unknown)}. Reads the store only."""
+    have = store.existing_keys(s.key for s in specs)
+    todo = sum(s.key not in have for s in specs)
+    t = store.query("SELECT median(duration_s) AS t, count(*) AS n FROM runs WHERE status='ok' AND "
+                    "model_fingerprint=? AND duration_s > 0", [specs[0].fingerprint]) if specs else None
+    n = int(t.n.iloc[0]) if t is not None else 0
+    per = float(t.t.iloc[0]) if n else None
+    return {"total": len(specs), "todo": todo, "per_result_s": per, "timed": n,
+            "seconds": None if per is None else per * todo}
+
+
+def _announce(args, kw: dict) -> None:
+    """Before a run of more than LARGE_RUN results, print (stderr) how many will be computed and about how long
+    that takes (nothing is loaded or computed here)."""
+    from .evaluate import plan
+    from .store import Store
+    specs = plan(args.source, **kw)   # validates everything first: a bad value fails before the store is touched
+    if len(specs) <= LARGE_RUN:
+        return
+    e = run_estimate(specs, Store(args.store))
+    if e["seconds"] is None:
+        eta = "time unknown: no stored result of this model to time yet (try a small --limit first)"
+    else:
+        secs = e["seconds"]
+        eta = (f"about {secs / 3600:.1f} h" if secs > 5400 else f"about {secs / 60:.0f} min" if secs > 90
+               else f"about {secs:.0f} s") + (f" at {e['per_result_s']:.1f} s per result (median of "
+                                               f"{e['timed']} stored results of this model)")
+    print(f"{e['total']} results: {e['todo']} to compute, {e['total'] - e['todo']} cached; {eta}", file=sys.stderr)
 
 
 def add_evaluate(p):
@@ -196,56 +333,87 @@ def cmd_sweep(args) -> dict:
 def add_runs(p):
     _store_arg(p)
     p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]",
-                   help="filter, e.g. --where strategy=maxnn --where task=paper_piqa (repeatable)")
+                   help="filter, e.g. --where strategy=maxnn --where task=paper_piqa --where status=error (repeatable)")
     p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric")
-    p.add_argument("--max-rows", type=int, default=200)
+    p.add_argument("--max-rows", type=_int_at_least(1), default=200, help="rows to print (>= 1)")
 
 
 def _filters(where: list[str]) -> dict:
     out = {}
     for w in where:
         if "=" not in w:
-            raise ValueError(f"filter {w!r} must look like column=value")
-        k, v = w.split("=", 1)
+            raise ValueError(f"--where {w!r} must look like column=value")
+        k, v = (x.strip() for x in w.split("=", 1))
         vals = []
         for x in v.split(","):
             try:
                 vals.append(float(x) if k in ("budget", "limit") else int(x) if k in ("seed", "batch_size", "num_fewshot") else x)
             except ValueError:
-                raise ValueError(f"filter {k}: {x!r} is not a number") from None
-        out[k.strip()] = vals
+                raise ValueError(f"--where {k}: {x!r} is not a number") from None
+        out[k] = vals
     return out
+
+
+def _records(df) -> list[dict]:
+    """Rows as JSON-able dicts with full float precision (pandas' to_json rounds to 10 digits)."""
+    import pandas as pd
+
+    def plain(v):
+        if isinstance(v, (list, tuple)) or hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
+            v = v.tolist() if hasattr(v, "tolist") else list(v)
+            return [plain(x) for x in v] if isinstance(v, list) else v
+        if isinstance(v, pd.Timestamp):
+            return v.isoformat()
+        if isinstance(v, float) and v != v:
+            return None
+        return None if v is pd.NaT or v is None or (not isinstance(v, (str, list)) and pd.isna(v)) else v
+    return [{k: plain(v) for k, v in r.items()} for r in df.to_dict("records")]
 
 
 def cmd_runs(args) -> dict:
     from .store import Store
-    st = Store(args.store, create=False)
-    df = st.summary_frame(_filters(args.where)) if args.summary else st.runs_frame(_filters(args.where)).drop(
-        columns=["config", "versions", "error"])
-    rows = json.loads(df.head(args.max_rows).to_json(orient="records", date_format="iso"))
+    st = Store(args.store, create=False, read_only=True)
+    filters = _filters(args.where)
+    if args.summary:
+        df = st.summary_frame(filters)
+    else:
+        df = st.runs_frame(filters).drop(columns=["config", "versions"] + ([] if "status" in filters else ["error"]))
+    shown = df.head(args.max_rows)
     if not args.json:
         import pandas as pd
-        cols = ["task", "metric", "strategy", "budget", "preset", "backend"] + (
-            ["mean", "std", "n_seeds"] if args.summary else ["seed", "value", "stderr", "limit", "key"])
-        view = df.head(args.max_rows)[cols].assign(**({} if args.summary else {"key": df.key.str[:12]}))
-        with pd.option_context("display.width", 200, "display.max_columns", 20):
-            print(view.to_string(index=False) if len(df) else "no stored results match")
+        if args.summary:
+            cols = ["task", "metric", "strategy", "budget", "preset", "backend", "batch_size", "dtype", "mean",
+                    "spread", "n_seeds", "origins"]
+            shown = shown.assign(spread=["deterministic" if d else "" if s != s else f"± {s:.3g}"
+                                         for d, s in zip(shown.deterministic, shown["std"])])
+        else:
+            cols = ["task", "metric", "strategy", "budget", "preset", "backend", "seed", "value", "stderr", "limit",
+                    "status", "origin", "key"]
+            shown = shown.assign(key=shown.key.str[:12])
+        with pd.option_context("display.width", 240, "display.max_columns", 20, "display.max_colwidth", 60):
+            print(shown[[c for c in cols if c in shown]].to_string(index=False) if len(df)
+                  else "no stored results match")
+        if len(df) > len(shown):
+            print(f"({len(df) - len(shown)} more rows: raise --max-rows or narrow with --where)")
         return None
-    return {"store": str(st.path), "count": len(df), "rows": rows}
+    return {"store": str(st.path), "count": len(df), "rows": _records(shown)}
 
 
 def add_export(p):
     _store_arg(p)
-    p.add_argument("out", help="snapshot file to write (.zip)")
+    p.add_argument("out", help="snapshot file to write (.zip); never overwritten without --force")
     p.add_argument("--keys", default=None, help="comma-separated run keys (default: all matching --where)")
     p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]", help="filter as in `runs`")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (never the store itself)")
 
 
 def cmd_export(args) -> dict:
     from .snapshot import export_snapshot
     from .store import Store
     keys = [k for k in args.keys.split(",") if k] if args.keys else None
-    return {"path": args.out, **export_snapshot(Store(args.store, create=False), args.out, keys=keys, filters=_filters(args.where))}
+    man = export_snapshot(Store(args.store, create=False, read_only=True), args.out, keys=keys,
+                          filters=_filters(args.where), overwrite=args.force)
+    return {"path": args.out, **man}
 
 
 def add_import(p):
@@ -262,13 +430,53 @@ def cmd_import(args) -> dict:
 
 def add_report(p):
     p.add_argument("source", help="snapshot (.zip) or store (.duckdb) to report")
-    p.add_argument("--out", default="report.html", help="HTML file to write")
+    p.add_argument("--out", default="report.html", help="HTML file to write; never overwritten without --force")
     p.add_argument("--title", default="hetmoe results")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists (never the source itself)")
 
 
 def cmd_report(args) -> dict:
     from .report import write_report
-    return write_report(args.source, args.out, title=args.title)
+    return write_report(args.source, args.out, title=args.title, overwrite=args.force)
+
+
+# ---- presets: every noise parameter with its unit, source and allowed range (noise.NoiseConfig field metadata)
+def add_presets(p):
+    p.add_argument("name", nargs="?", default=None, help="a preset (default: list them all)")
+
+
+def _allowed(d: dict) -> str:
+    a = d.get("allowed")
+    if a is None:
+        return ""
+    text = ", ".join(a) if isinstance(a[0], str) else "true | false" if isinstance(a[0], bool) else f"[{a[0]:g}, {a[1]:g}]"
+    return text + (f" or None ({d['optional']})" if d.get("optional") else "")
+
+
+def cmd_presets(args) -> dict:
+    from .noise import PRESET_DOCS, PRESETS, field_docs, get_preset
+    docs = field_docs()
+    names = [args.name] if args.name else list(PRESETS)
+    presets = {n: get_preset(n) for n in names}   # ValueError names the choices for an unknown preset
+    out = {n: {"doc": PRESET_DOCS[n], "parameters": {
+        f: {"value": v, "unit": docs[f]["unit"], "allowed": _allowed(docs[f]), "source": docs[f]["source"],
+            "help": docs[f]["help"], "default": docs[f]["default"]}
+        for f, v in p.to_dict().items() if f != "name"}} for n, p in presets.items()}
+    if args.json:
+        return out
+    for n, d in out.items():
+        print(f"{n}: {d['doc']}")
+        if args.name:
+            for f, x in d["parameters"].items():
+                print(f"  {f:<19} {str(x['value']):<10} {x['unit']:<26} allowed {x['allowed']:<28} {x['source']}")
+                print(f"  {'':<19} {x['help']}")
+        else:
+            changed = {f: x["value"] for f, x in d["parameters"].items() if x["value"] != x["default"]}
+            print("  " + (", ".join(f"{f}={v}" for f, v in changed.items()) or "all defaults"))
+    if not args.name:
+        print("`presets NAME` prints every parameter with its unit, allowed range and source; "
+              "`evaluate --set NAME=VALUE` overrides one.")
+    return None
 
 
 COMMANDS = {
@@ -281,6 +489,7 @@ COMMANDS = {
     "export": (add_export, cmd_export, "write chosen results to a portable snapshot (.zip of Parquet)"),
     "import": (add_import, cmd_import, "merge a snapshot into a store (idempotent, validated)"),
     "report": (add_report, cmd_report, "standalone HTML report (Plotly, offline) of a snapshot or store"),
+    "presets": (add_presets, cmd_presets, "noise presets and every noise parameter: unit, allowed range, source"),
 }
 
 
@@ -293,13 +502,16 @@ def _print(out, as_json: bool):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hetmoe_core", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m hetmoe_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, _, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         p.add_argument("--json", action="store_true", help="print JSON")
         add(p)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:   # a bad flag (one line already printed) or --help: an exit code, also in-process
+        return e.code if isinstance(e.code, int) else 2
     try:
         out = COMMANDS[args.command][1](args)
     except (ValueError, FileNotFoundError) as e:

@@ -7,7 +7,8 @@ same model and task is always computed once and cached alongside. Scores come fr
 ``paper_tasks`` and the default model's local tasks in ``hetmoe_core/assets/tasks``).
 
 Cache hits are answered from the store without loading the model or running a forward pass: the model fingerprint
-of a local folder (``default`` included) is the weights' content hash, remembered per file size and mtime.
+of a local folder (``default`` included) is the weights' content hash, remembered per file inode, size, mtime and
+ctime (a copy can preserve size and mtime, ``cp -p`` / ``touch -r``, but never the ctime).
 All public functions may run in a background thread (e.g. a Streamlit page): connections are per call and each
 loaded model is guarded by its own lock while its weights are noisy.
 """
@@ -73,7 +74,9 @@ def source_fingerprint(source: str, revision: str | None = None) -> str:
     """The fingerprint ``models.load_model(source).fingerprint`` will have, without loading the model.
 
     Local folders ("default" included): sha256 of config.json and *.safetensors (models.weights_fingerprint),
-    remembered in cache/fingerprints.json per (path, size, mtime) of those files. Hub ids: "hub:<id>@<revision>".
+    remembered in cache/fingerprints.json per (path, inode, size, mtime, ctime) of those files: replacing the
+    weights in place with the same size and a preserved mtime (``cp -p``, ``touch -r``) still changes the ctime,
+    which no user-level copy can set, so the weights are hashed again. Hub ids: "hub:<id>@<revision>".
     "tiny:<family>": "tiny:<family>:seed0". Raises ValueError for an empty source.
     """
     source = (source or "").strip()
@@ -90,7 +93,8 @@ def source_fingerprint(source: str, revision: str | None = None) -> str:
     files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
     if not all(f.exists() for f in files) or len(files) < 2:
         raise ValueError(f"{folder} needs config.json and *.safetensors weights")
-    stamp = canonical_json([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    stats = [(f.name, f.stat()) for f in files]
+    stamp = canonical_json([[n, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] for n, st in stats])
     path = str(folder.resolve())
     with _fp_lock:
         memo = json.loads(_FP_CACHE.read_text()) if _FP_CACHE.exists() else {}
@@ -230,7 +234,7 @@ class RunSpec:
                 "budget": self.budget, "scope": self.scope if not self.ideal else IDEAL, "preset": self.preset,
                 "seed": self.seed, "backend": self.backend, "task": self.task.name, "task_version": self.task.version,
                 "limit": self.limit, "num_fewshot": self.num_fewshot, "batch_size": self.batch_size,
-                "config": canonical_json(self.config()), "versions": canonical_json(library_versions())}
+                "dtype": self.dtype, "config": canonical_json(self.config()), "versions": canonical_json(library_versions())}
 
     @property
     def unit(self) -> tuple:

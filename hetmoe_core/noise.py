@@ -37,85 +37,77 @@ RERAM_TIMES = (1.0, 86400.0, 172800.0)
 _GAUSS_G_MAX, _GAUSS_G_MIN = 25.0, 5.0
 
 
+def _param(default, help: str, unit: str, source: str, allowed=None, optional: str | None = None):
+    """A NoiseConfig field whose documentation lives in its metadata (the single source the CLI's ``presets``
+    command and the dashboard read): help, unit, source, allowed (lo, hi) inclusive range or a tuple of choices,
+    optional (what None means, when None is allowed)."""
+    return dataclasses.field(default=default, metadata={"help": help, "unit": unit, "source": source,
+                                                        "allowed": allowed, "optional": optional})
+
+
+TEN_YEARS_S = 3.16e8
+
+
 @dataclass(frozen=True)
 class NoiseConfig:
     """Nonidealities of the AIMC tiles the analog part of a model runs on (immutable).
 
-    Construct through ``get_preset(name, **overrides)`` or ``NoiseConfig(...)``; invalid values
-    raise ValueError. ``to_dict()`` holds every parameter (it enters results cache keys).
+    Construct through ``get_preset(name, **overrides)`` or ``NoiseConfig(...)``; invalid values (outside a
+    field's ``metadata["allowed"]``) raise ValueError. ``to_dict()`` holds every parameter (it enters results
+    cache keys). Each field's meaning, unit, source and allowed range are in its ``metadata``
+    (see :func:`field_docs`).
     """
 
-    name: str = "custom"
-    """Preset name (free text for custom configurations)."""
-
-    noise_model: str = "none"
-    """Weight-noise model, one of ``NOISE_MODELS``. Source: aihwkit.inference.noise."""
-
-    dac_bits: int | None = None
-    """DAC resolution on tile inputs (bits); None = ideal DAC. Levels: 2^bits - 1 symmetric levels
-    in [-1, 1] of the per-token input range (aihwkit ``IOParameters.inp_res = 1/(2^bits-2)``)."""
-
-    adc_bits: int | None = None
-    """ADC resolution on tile outputs (bits); None = ideal ADC. 2^bits - 1 levels in
-    [-out_bound, out_bound] (aihwkit ``IOParameters.out_res = 1/(2^bits-2)``)."""
-
-    out_bound: float = 0.0
-    """ADC clipping bound in normalised output units (input range × channel weight abs-max = 1);
-    0 = unbounded (only without ADC). aihwkit ``IOParameters.out_bound`` (its default is 12)."""
-
-    out_noise: float = 0.0
-    """Std of additive Gaussian noise on each tile output before the ADC, normalised output units.
-    aihwkit ``IOParameters.out_noise`` (its default is 0.06)."""
-
-    prog_noise_scale: float = 1.0
-    """Scale c of the model's programming noise (paper: c = 1.5, 2.5). Unitless; aihwkit
-    ``prog_noise_scale`` (``noise_scale`` for ReRAM)."""
-
-    read_noise_scale: float = 0.0
-    """Scale of the model's accumulated 1/f read noise at t_inference. Unitless; aihwkit
-    ``read_noise_scale``. 0 with drift_scale 0 = programming noise only."""
-
-    drift_scale: float = 0.0
-    """Scale of the model's drift exponents ν. Unitless; aihwkit ``drift_scale``."""
-
-    t_inference: float = 0.0
-    """Time of inference after programming (s); drift and read noise act up to it. aihwkit
-    ``drift_analog_weights(t_inference)``."""
-
-    g_max: float | None = None
-    """Conductance the channel abs-max maps to (µS); None = the noise model's default
-    (PCM 25, ReRAM 25 via its converter, Hermes 20.7 for 2 devices)."""
-
-    gaussian_std: float = 0.0
-    """For ``noise_model="gaussian"``: std of additive weight noise relative to each channel's
-    absolute maximum (per tile). Built as aihwkit StateIndependentNoiseModel (constant σ)."""
-
-    drift_compensation: bool = True
-    """Global drift compensation (aihwkit ``GlobalDriftCompensation``) when drift/read noise act."""
-
-    tile_size: int = 512
-    """Largest tile, rows and columns (paper: 512 × 512). aihwkit ``MappingParameter.max_input_size``
-    and ``max_output_size``; larger matrices split into equal tiles as aihwkit's TileModuleArray."""
+    name: str = _param("custom", "Preset name (free text for custom configurations).", "", "hetmoe")
+    noise_model: str = _param(
+        "none", "Weight-noise model: pcm = PCMLikeNoiseModel, reram-wan2022 = ReRamWan2022NoiseModel, hermes = "
+        "HermesNoiseModel, gaussian = StateIndependentNoiseModel with constant sigma, none = no weight noise.",
+        "", "aihwkit.inference.noise", allowed=NOISE_MODELS)
+    dac_bits: int | None = _param(
+        None, "DAC resolution on tile inputs: 2^bits - 1 symmetric levels in [-1, 1] of the per-token input range.",
+        "bits", "aihwkit IOParameters.inp_res = 1/(2^bits - 2)", allowed=(1, 24), optional="ideal DAC")
+    adc_bits: int | None = _param(
+        None, "ADC resolution on tile outputs: 2^bits - 1 levels in [-out_bound, out_bound].",
+        "bits", "aihwkit IOParameters.out_res = 1/(2^bits - 2)", allowed=(1, 24), optional="ideal ADC")
+    out_bound: float = _param(
+        0.0, "ADC clipping bound in normalised output units (input range x channel weight abs-max = 1); 0 = "
+        "unbounded (only without ADC). aihwkit's default is 12; hetmoe's 8-bit presets use 16 (measured).",
+        "normalised output units", "aihwkit IOParameters.out_bound", allowed=(0.0, 1e4))
+    out_noise: float = _param(
+        0.0, "Std of additive Gaussian noise on each tile output before the ADC (aihwkit's default is 0.06).",
+        "normalised output units", "aihwkit IOParameters.out_noise", allowed=(0.0, 10.0))
+    prog_noise_scale: float = _param(
+        1.0, "Scale c of the noise model's programming noise (paper: c = 1.5, 2.5); noise_scale for ReRAM.",
+        "unitless", "aihwkit prog_noise_scale; arXiv 2603.02633", allowed=(0.0, 100.0))
+    read_noise_scale: float = _param(
+        0.0, "Scale of the noise model's accumulated 1/f read noise at t_inference; 0 with drift_scale 0 = "
+        "programming noise only.", "unitless", "aihwkit read_noise_scale", allowed=(0.0, 100.0))
+    drift_scale: float = _param(
+        0.0, "Scale of the noise model's conductance drift exponents nu.", "unitless", "aihwkit drift_scale",
+        allowed=(0.0, 100.0))
+    t_inference: float = _param(
+        0.0, "Time of inference after programming (86400 = one day); drift and read noise act up to it.",
+        "s", "aihwkit drift_analog_weights(t_inference)", allowed=(0.0, TEN_YEARS_S))
+    g_max: float | None = _param(
+        None, "Conductance the channel abs-max maps to.", "µS",
+        "aihwkit noise model g_max (PCM 25, ReRAM 25 via its converter, Hermes 20.7 for 2 devices)",
+        allowed=(1e-3, 1000.0), optional="the noise model's default")
+    gaussian_std: float = _param(
+        0.0, "For noise_model gaussian: std of additive weight noise relative to each channel's absolute maximum "
+        "(per tile).", "fraction of channel abs-max", "aihwkit StateIndependentNoiseModel (constant sigma)",
+        allowed=(0.0, 10.0))
+    drift_compensation: bool = _param(
+        True, "Global drift compensation when drift or read noise act.", "on/off",
+        "aihwkit GlobalDriftCompensation", allowed=(False, True))
+    tile_size: int = _param(
+        512, "Largest tile, rows and columns; larger matrices split into equal tiles (paper: 512 x 512).",
+        "rows/columns", "aihwkit MappingParameter.max_input_size / max_output_size; arXiv 2603.02633",
+        allowed=(1, 8192))
 
     def __post_init__(self):
-        bad = []
-        if self.noise_model not in NOISE_MODELS:
-            bad.append(f"noise_model {self.noise_model!r} unknown; choose one of {', '.join(NOISE_MODELS)}")
-        for f in ("dac_bits", "adc_bits"):
-            v = getattr(self, f)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 24):
-                bad.append(f"{f}={v!r}: give an integer 1..24 (bits), or None for an ideal converter")
-        for f in ("out_bound", "out_noise", "prog_noise_scale", "read_noise_scale", "drift_scale",
-                  "t_inference", "gaussian_std"):
-            v = getattr(self, f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
-                bad.append(f"{f}={v!r}: must be a finite number >= 0")
-        if self.g_max is not None and not (isinstance(self.g_max, (int, float)) and self.g_max > 0):
-            bad.append(f"g_max={self.g_max!r}: give a conductance > 0 µS or None")
+        bad = [m for f in dataclasses.fields(self) if (m := _out_of_range(f, getattr(self, f.name)))]
         if self.noise_model == "hermes" and self.g_max is not None and self.g_max > 20.7:
             bad.append("g_max for the Hermes model (2 devices) is at most 20.7 µS")
-        if not isinstance(self.tile_size, int) or self.tile_size < 1:
-            bad.append(f"tile_size={self.tile_size!r}: give the tile's rows/columns as an integer >= 1")
         if self.adc_bits is not None and not self.out_bound > 0:
             bad.append("an ADC needs out_bound > 0 (its range in normalised output units)")
         if self.noise_model == "reram-wan2022" and self.t_inference not in RERAM_TIMES:
@@ -145,6 +137,12 @@ class NoiseConfig:
         if self.noise_model == "none":
             return False
         return self.noise_model in ("reram-wan2022", "gaussian") or self.prog_noise_scale > 0 or self.drifts
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the config has no random part (no weight noise, no output noise): every seed gives the same
+        numbers, so one seed's result stands for all."""
+        return not self.weight_noise and not self.out_noise > 0
 
     @property
     def drifts(self) -> bool:
@@ -215,6 +213,71 @@ class NoiseConfig:
             c.noise_model = nm
         c.drift_compensation = GlobalDriftCompensation() if (self.drift_compensation and self.drifts) else None
         return c
+
+
+def _out_of_range(f: dataclasses.Field, v) -> str | None:
+    """Why value ``v`` is not allowed for field ``f`` (from its metadata), or None."""
+    md = f.metadata
+    allowed, unit = md.get("allowed"), md.get("unit")
+    if allowed is None or (v is None and md.get("optional")):
+        return None
+    if isinstance(allowed[0], str):
+        return None if v in allowed else f"{f.name} {v!r} unknown; choose one of {', '.join(allowed)}"
+    lo, hi = allowed
+    kind = bool if isinstance(lo, bool) else int if isinstance(lo, int) else float
+    unit = f" {unit}" if unit and unit not in ("unitless", "on/off") else ""
+    none = f", or None for {md['optional']}" if md.get("optional") else ""
+    ok = isinstance(v, bool) if kind is bool else (
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int))
+        and v == v and lo <= v <= hi)
+    if ok:
+        return None
+    what = "True or False" if kind is bool else f"{'an integer' if kind is int else 'a number'} in [{lo:g}, {hi:g}]{unit}"
+    return f"{f.name}={v!r}: allowed {what}{none}"
+
+
+def field_docs() -> dict[str, dict]:
+    """Every NoiseConfig parameter's documentation: {name: {help, unit, source, allowed, optional, default}}."""
+    return {f.name: {**f.metadata, "default": f.default} for f in dataclasses.fields(NoiseConfig)}
+
+
+def parse_value(name: str, text: str):
+    """A NoiseConfig field's value from command-line text (``None``/``none`` for optional fields, true/false for
+    switches, int or float by the field's type), checked against the field's allowed range.
+    Raises ValueError naming the field and what it accepts."""
+    value = _parse(name, text)
+    why = _out_of_range({f.name: f for f in dataclasses.fields(NoiseConfig)}[name], value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+def _parse(name: str, text: str):
+    fields = {f.name: f for f in dataclasses.fields(NoiseConfig)}
+    if name not in fields:
+        raise ValueError(f"unknown noise parameter {name!r}; choose from {', '.join(n for n in fields if n != 'name')}")
+    f, t = fields[name], text.strip()
+    md, default = f.metadata, f.default
+    if t.lower() in ("none", "null") and md.get("optional"):
+        return None
+    allowed = md.get("allowed")
+    if isinstance(default, bool):
+        if t.lower() in ("true", "1", "on", "yes"):
+            return True
+        if t.lower() in ("false", "0", "off", "no"):
+            return False
+        raise ValueError(f"{name}: {text!r} is not true or false")
+    if allowed and isinstance(allowed[0], str) or isinstance(default, str):
+        return t
+    try:
+        x = float(t)
+    except ValueError:
+        raise ValueError(f"{name}: {text!r} is not a number") from None
+    if allowed and isinstance(allowed[0], int):   # an integer field: 8 and 8.0 are fine, 8.5 is not
+        if not x.is_integer():
+            raise ValueError(f"{name}: {text!r} is not an integer")
+        return int(x)
+    return x
 
 
 # ---------------------------------------------------------------------------- presets

@@ -12,9 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from .store import Store
+from .store import Store, atomic_write, output_path
 
 HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
+VARIANT_COLUMNS = ("backend", "dtype", "batch_size", "num_fewshot", "analog_dense", "limit")   # besides the preset
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
@@ -34,7 +35,7 @@ def report_data(source: str | os.PathLike | Store):
             return st.summary_frame(), st.placements_frame()
     if not path.is_file():
         raise ValueError(f"no snapshot or store at {path}")
-    st = Store(path)
+    st = Store(path, create=False, read_only=True)
     return st.summary_frame(), st.placements_frame()
 
 
@@ -45,6 +46,10 @@ def _fmt(mean, std) -> str:
     return s if std is None or std != std else f"{s} ± {std:.2g}"
 
 
+def _score(mean, std, deterministic) -> str:
+    return f"{mean:.4g} (deterministic)" if deterministic and mean is not None else _fmt(mean, std)
+
+
 def _figures(summary) -> list:
     import plotly.graph_objects as go
     figs = []
@@ -53,10 +58,13 @@ def _figures(summary) -> list:
             continue
         fig = go.Figure()
         ideal = g[g.strategy == "ideal"]
-        for (strategy, preset), line in g[g.strategy != "ideal"].groupby(["strategy", "preset"], sort=True):
+        noisy = g[g.strategy != "ideal"]
+        varied = [c for c in VARIANT_COLUMNS if noisy[c].nunique(dropna=False) > 1]   # never one line for two configs
+        for k, line in noisy.groupby(["strategy", "preset"] + varied, sort=True, dropna=False):
             line = line.sort_values("budget")
+            name = " · ".join([k[0], k[1]] + [f"{c}={v}" for c, v in zip(varied, k[2:])])
             fig.add_trace(go.Scatter(
-                x=line.budget, y=line["mean"], mode="lines+markers", name=f"{strategy} · {preset}",
+                x=line.budget, y=line["mean"], mode="lines+markers", name=name,
                 error_y=dict(type="data", array=line["std"].fillna(0).tolist(), visible=True),
                 customdata=line[["n_seeds"]].to_numpy(),
                 hovertemplate="budget %{x}<br>%{y:.4g} (n=%{customdata[0]} seeds)<extra></extra>"))
@@ -79,22 +87,26 @@ def _table(df, cols) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, title: str = "hetmoe results") -> dict:
+def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, title: str = "hetmoe results",
+                 overwrite: bool = False) -> dict:
     """Write the HTML report of ``source`` (snapshot .zip, store path or Store) to ``out``.
 
-    Returns {"path", "results" (summary rows), "figures", "placements"}. Raises ValueError when there is no result.
+    Returns {"path", "results" (summary rows), "figures", "placements"}. Raises ValueError when there is no result,
+    or when ``out`` is a folder, exists and ``overwrite`` is False, or is the source itself (store.output_path).
     """
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
+    out = output_path(out, overwrite, protect=[getattr(source, "path", source)])
     summary, placements = report_data(source)
     if summary.empty:
         raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
     summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
     figs = _figures(summary)
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
-    table = summary.assign(score=[_fmt(m, s) for m, s in zip(summary["mean"], summary["std"])],
+    table = summary.assign(score=[_score(m, s, d) for m, s, d in zip(summary["mean"], summary["std"],
+                                                                      summary["deterministic"])],
                            digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"))
-    cols = ["task", "metric", "strategy", "budget", "preset", "backend", "score", "n_seeds", "digital_share",
-            "limit", "model_source"]
+    cols = ["task", "metric", "strategy", "budget", "preset", "backend", "dtype", "batch_size", "num_fewshot",
+            "analog_dense", "score", "n_seeds", "digital_share", "limit", "model_source", "origins"]
     ptable = ""
     if len(placements):
         p = placements.assign(per_layer_digital=[json.dumps([len(d) for d in json.loads(x)["digital"]])
@@ -110,7 +122,6 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3
 <h2>Scores</h2>{_table(table, cols)}
 <h2>Placements</h2>{ptable or '<p>none stored</p>'}
 </body></html>"""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(doc, encoding="utf-8")
+    with atomic_write(out) as tmp:
+        tmp.write_text(doc, encoding="utf-8")
     return {"path": str(out), "results": len(summary), "figures": len(figs), "placements": len(placements)}

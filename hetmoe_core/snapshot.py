@@ -5,11 +5,12 @@ Layout: ``manifest.json`` ({"format": "hetmoe-snapshot", "schema_version", "crea
 expert_stats. Import never writes archive members to disk: every member is checked (name, declared size,
 compression ratio, sha256, columns) and read into memory with a bounded read, then merged into the store in one
 transaction (idempotent: rows whose primary key exists are kept as they are). Any failure leaves the store untouched.
+Imported metric values are checked against their range (store.metric_problem) and every imported run records its
+origin ("imported from <file> (exported <time>)"); snapshots of schema 1 get the schema-2 columns filled on import.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -18,7 +19,7 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .store import SCHEMA_VERSION, TABLES, Store, _where
+from .store import SCHEMA_VERSION, TABLES, V2_COLUMNS, Store, _where, atomic_write, metric_problem, output_path
 
 FORMAT = "hetmoe-snapshot"
 MAX_FILE_BYTES = 512 << 20          # snapshot file on disk
@@ -32,20 +33,34 @@ class SnapshotError(ValueError):
     """A file that is not a valid snapshot of this schema version (the message says why)."""
 
 
+# Parquet goes through Arrow's own in-memory buffers, single-threaded, never through a Python file object: Arrow's
+# thread pools reading a Python file object call back into Python from native threads, and a read that fails
+# (a damaged member) could leave such a worker alive into interpreter shutdown, which then aborts with
+# "terminate called without an active exception" (apache/arrow#34314, #50482). Snapshot tables are small.
 def _parquet(table) -> bytes:
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
-def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: dict | None = None) -> dict:
+def _read_parquet(blob: bytes):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    return pq.read_table(pa.BufferReader(blob), use_threads=False, pre_buffer=False)
+
+
+def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: dict | None = None,
+                    overwrite: bool = False) -> dict:
     """Write the chosen successful runs (by cache ``keys`` and/or runs_frame ``filters``; all when neither) with
     their metrics, placements and their models' expert statistics to the zip ``path`` (written atomically).
 
-    Returns the manifest. Raises ValueError when nothing matches or for an unknown filter.
+    Returns the manifest. Raises ValueError when nothing matches, for an unknown filter, when ``path`` is a
+    folder, exists and ``overwrite`` is False, or is the store itself (see store.output_path).
     """
     from . import __version__
+    path = output_path(path, overwrite, protect=[store.path])
     where, params = _where(filters, "ok")
     if keys is not None:
         keys = list(keys)
@@ -71,14 +86,10 @@ def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: d
         blobs[f"{t}.parquet"] = blob
         manifest["tables"][t] = {"file": f"{t}.parquet", "sha256": hashlib.sha256(blob).hexdigest(),
                                  "rows": tab.num_rows, "bytes": len(blob)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:   # Parquet is already compressed
-        z.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    with atomic_write(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("manifest.json", json.dumps(manifest, indent=1, sort_keys=True))   # Parquet is compressed
         for name, blob in blobs.items():
             z.writestr(name, blob)
-    os.replace(tmp, path)
     return manifest
 
 
@@ -100,7 +111,6 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
     archive (absolute, '..', backslash, drive) or is unexpected; declared sizes over the limits or a compression
     ratio typical of zip bombs; a wrong format or schema version; a checksum mismatch; unreadable Parquet.
     """
-    import pyarrow.parquet as pq
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f"no snapshot file at {path}")
@@ -139,9 +149,9 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
             raise SnapshotError(f"manifest.json is not valid JSON: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise SnapshotError("manifest.json does not describe a hetmoe snapshot")
-        if manifest.get("schema_version") != SCHEMA_VERSION:
+        if manifest.get("schema_version") not in range(1, SCHEMA_VERSION + 1):
             raise SnapshotError(f"snapshot schema version {manifest.get('schema_version')!r}; this hetmoe reads "
-                                f"version {SCHEMA_VERSION}: export it again with a matching hetmoe")
+                                f"versions 1..{SCHEMA_VERSION}: export it again with a matching hetmoe")
         described = manifest.get("tables")
         if not isinstance(described, dict) or set(described) != set(TABLES):
             raise SnapshotError(f"manifest must describe exactly the tables {', '.join(TABLES)}")
@@ -155,7 +165,7 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
             if hashlib.sha256(blob).hexdigest() != d.get("sha256"):
                 raise SnapshotError(f"table {t}: sha256 checksum mismatch (the file was altered or damaged)")
             try:
-                tables[t] = pq.read_table(io.BytesIO(blob))
+                tables[t] = _read_parquet(blob)
             except Exception as e:   # pyarrow raises several types for a damaged file
                 raise SnapshotError(f"table {t}: unreadable Parquet ({e})") from None
             if tables[t].num_rows != d.get("rows"):
@@ -166,7 +176,40 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
     runs = set(tables["runs"].column("key").to_pylist()) if "key" in tables["runs"].column_names else set()
     if "key" in tables["metrics"].column_names and not set(tables["metrics"].column("key").to_pylist()) <= runs:
         raise SnapshotError("metrics refer to runs the snapshot does not hold")
+    _check_metrics(tables["metrics"])
     return manifest, tables
+
+
+def _check_metrics(metrics) -> None:
+    """Refuse a snapshot holding an impossible metric value (e.g. acc = 1234): it would be served as cached."""
+    cols = metrics.column_names
+    if not {"metric", "value"} <= set(cols):
+        return   # the column check of import_snapshot reports it
+    n = metrics.num_rows
+    keys = metrics.column("key").to_pylist() if "key" in cols else [None] * n
+    errs = metrics.column("stderr").to_pylist() if "stderr" in cols else [None] * n
+    for key, metric, value, se in zip(keys, metrics.column("metric").to_pylist(), metrics.column("value").to_pylist(),
+                                      errs):
+        if why := metric_problem(metric, value, se):
+            raise SnapshotError(f"run {str(key)[:12]}: {why}; refusing the snapshot (nothing was imported)")
+
+
+def _with_provenance(t: str, table, origin: str):
+    """The snapshot's runs with their origin set to this import; schema-1 tables get the schema-2 columns."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if t != "runs":
+        return table
+    for col in V2_COLUMNS:
+        if col not in table.column_names:
+            if col == "dtype" and "config" in table.column_names:
+                vals = [json.loads(c).get("model", {}).get("dtype") if c else None
+                        for c in table.column("config").to_pylist()]
+            else:
+                vals = [None] * table.num_rows
+            table = table.append_column(col, pa.array(vals, pa.string()))
+    i = table.column_names.index("origin")
+    return table.set_column(i, "origin", pc.cast(pa.array([origin] * table.num_rows), pa.string()))
 
 
 def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
@@ -177,14 +220,16 @@ def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
     """
     import duckdb
     manifest, tables = read_snapshot(path)
-    added = {}
+    origin = f"imported from {Path(path).name} (exported {manifest.get('created_at', 'at an unknown time')})"
+    tables = {t: _with_provenance(t, tab, origin) for t, tab in tables.items()}
+    added, unfit = {}, None
     try:
         with store.write_transaction() as con:
             for t in TABLES:
                 cols = [r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()]
                 if sorted(tables[t].column_names) != sorted(cols):
                     raise SnapshotError(f"table {t} has columns {tables[t].column_names}, the store has {cols}")
-                con.register("incoming", tables[t])
+                con.register("incoming", tables[t])   # released by unregister, or on error by closing
                 before = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
                 if t == "runs":
                     con.execute("DELETE FROM runs WHERE status <> 'ok' AND key IN "
@@ -194,6 +239,8 @@ def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
                 con.execute(f"INSERT OR IGNORE INTO {t} BY NAME SELECT * FROM incoming")
                 con.unregister("incoming")
                 added[t] = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] - before
-    except duckdb.Error as e:
-        raise SnapshotError(f"snapshot rows do not fit the store: {e}") from None
+    except duckdb.Error as e:   # raised outside the handler: the DuckDB error and its frames are not kept alive
+        unfit = f"snapshot rows do not fit the store: {e}"
+    if unfit:
+        raise SnapshotError(unfit)
     return {"added": added, "snapshot_rows": {t: manifest["tables"][t]["rows"] for t in TABLES}}

@@ -10,6 +10,11 @@ Concurrency design (DuckDB lets one read-write process lock out every other proc
   * results are append-only: one transaction writes a run and all its metrics, so ``kill -9`` leaves whole
     results only (DuckDB's WAL drops the uncommitted transaction on the next open).
 Connections are never shared between threads; every public method is safe to call from any thread.
+
+Safety: a store is recognised by its schema marker (``meta.schema_version``); an existing file without it (another
+program's DuckDB database) is refused before anything is written, so its bytes stay identical. Stores opened with
+``read_only=True`` (listing, export, report) only ever open DuckDB with ``read_only=True`` and work on files and
+folders the user cannot write; a write to a store that is not writable raises one clear ValueError.
 """
 from __future__ import annotations
 
@@ -25,7 +30,13 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns added by schema 2, with the SQL that fills them in a version 1 store or snapshot: dtype of the model,
+# where the result came from (origin: "computed" here, or "imported from <snapshot> ..."), the hash of the
+# computation that produced the numbers (compute_key) and, for a result reused from an identical computation,
+# the key of the run that computed it (shared_from; NULL when computed for this very key).
+V2_COLUMNS = {"dtype": "json_extract_string(config, '$.model.dtype')", "origin": "'computed'",
+              "compute_key": "NULL", "shared_from": "NULL"}
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "cache" / "results.duckdb"
 TABLES = ("runs", "metrics", "placements", "expert_stats")
 
@@ -36,7 +47,8 @@ CREATE TABLE IF NOT EXISTS runs (
     duration_s DOUBLE, model_source VARCHAR, model_fingerprint VARCHAR, strategy VARCHAR, budget DOUBLE,
     scope VARCHAR, preset VARCHAR, seed INTEGER, backend VARCHAR, task VARCHAR, task_version VARCHAR,
     "limit" DOUBLE, num_fewshot INTEGER, batch_size INTEGER, placement_key VARCHAR, digital_share DOUBLE,
-    config VARCHAR, versions VARCHAR, error VARCHAR);
+    config VARCHAR, versions VARCHAR, error VARCHAR, dtype VARCHAR, origin VARCHAR, compute_key VARCHAR,
+    shared_from VARCHAR);
 CREATE TABLE IF NOT EXISTS metrics (
     key VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, stderr DOUBLE, seed INTEGER,
     PRIMARY KEY (key, task, metric));
@@ -49,7 +61,28 @@ CREATE TABLE IF NOT EXISTS expert_stats (
 """
 # Columns a caller may filter runs by (whitelist: filter names are spliced into SQL, values are parameters).
 RUN_FILTERS = ("key", "status", "model_source", "model_fingerprint", "strategy", "budget", "scope", "preset",
-               "seed", "backend", "task", "limit", "num_fewshot", "batch_size")
+               "seed", "backend", "task", "limit", "num_fewshot", "batch_size", "dtype", "origin")
+
+# Valid range of a metric value by lm-eval metric name (the part before a "[filter]" suffix); anything else only
+# has to be finite. Accuracies are fractions; perplexities are exp(mean NLL) >= 1; bits per byte >= 0.
+METRIC_RANGES = {**{m: (0.0, 1.0) for m in ("acc", "acc_norm", "acc_mutual_info", "exact_match")},
+                 **{m: (1.0, float("inf")) for m in ("perplexity", "word_perplexity", "byte_perplexity")},
+                 "bits_per_byte": (0.0, float("inf"))}
+
+
+def metric_problem(metric: str, value, stderr=None) -> str | None:
+    """Why a stored metric value is impossible (None when it is fine): not a finite number, outside the metric's
+    range (METRIC_RANGES), or a negative / non-finite stderr."""
+    import math
+    name = str(metric).split("[", 1)[0]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return f"{metric} = {value!r} is not a finite number"
+    lo, hi = METRIC_RANGES.get(name, (-float("inf"), float("inf")))
+    if not lo <= value <= hi:
+        return f"{metric} = {value!r} is outside its range [{lo:g}, {hi:g}]"
+    if stderr is not None and not (isinstance(stderr, (int, float)) and math.isfinite(stderr) and stderr >= 0):
+        return f"stderr of {metric} = {stderr!r} is not a finite number >= 0"
+    return None
 
 
 _READY: set = set()   # (device, inode, mtime, size, path) of store files whose schema this process checked
@@ -81,52 +114,117 @@ def _now():
 class Store:
     """Results store at ``path`` (default ``cache/results.duckdb``); creates the file and schema if missing.
 
-    Raises ValueError if the file is not a hetmoe store of this schema version (or is missing and ``create`` is
-    False), StoreBusy if it stays locked for more than ``timeout`` s.
+    read_only: never write (every DuckDB connection is ``read_only=True``; a write raises ValueError); for
+    commands that only read, so a store on a read-only file or folder still lists, exports and reports.
+    Raises ValueError if the path is a folder, if the file is not a DuckDB database or has no hetmoe schema marker
+    (refused before any write), has another schema version, or is missing and ``create`` is False (or read_only);
+    StoreBusy if it stays locked for more than ``timeout`` s.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0, create: bool = True):
+    def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0, create: bool = True,
+                 read_only: bool = False):
         self.path = Path(path or os.environ.get("HETMOE_STORE") or DEFAULT_PATH).expanduser().resolve()
         self.timeout = timeout
+        self.read_only = read_only
         if self.path.is_dir():
             raise ValueError(f"{self.path} is a folder; give a .duckdb file path as the store")
-        if not create and not self.path.is_file():
-            raise ValueError(f"no results store at {self.path}; run `evaluate`/`sweep` or `import` first")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lockfile = str(self.path) + ".lock"
-        if self.path.is_file() and _file_id(self.path) in _READY:
-            return   # schema already checked by this process for this very file
-        with self._connect(write=True) as con:   # write open also replays a WAL left by a killed writer
-            con.execute(_SCHEMA)
-            row = con.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-            if row is None:
-                con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise ValueError(f"store {self.path} has schema version {row[0]}, this hetmoe needs "
-                                 f"{SCHEMA_VERSION}: use another --store path")
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if not exists and (read_only or not create):
+            raise ValueError(f"no results store at {self.path}; run `evaluate`/`sweep` or `import` first")
+        if exists and _file_id(self.path) in _READY:
+            return   # marker and schema already checked by this process for this very file
+        if exists:
+            with self._connect(write=False) as con:
+                version = _schema_version(con, self.path)
+            if version < SCHEMA_VERSION:
+                if read_only or not self.writable:
+                    raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
+                                     f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "
+                                     f"{SCHEMA_VERSION}")
+                self._upgrade()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create()
         _READY.add(_file_id(self.path))
 
+    @property
+    def writable(self) -> bool:
+        """True when this process may write the store file and create files next to it (WAL, lock)."""
+        if self.read_only:
+            return False
+        f = self.path if self.path.exists() else self.path.parent
+        return os.access(f, os.W_OK) and os.access(self.path.parent, os.W_OK | os.X_OK)
+
+    def _create(self) -> None:
+        """Schema and marker of a new store in one transaction (a killed creation leaves no half store)."""
+        with self._connect(write=True) as con:
+            if con.execute("SELECT count(*) FROM information_schema.tables").fetchone()[0]:
+                _schema_version(con, self.path)   # created meanwhile by another process: check it is ours
+                return
+            con.execute("BEGIN TRANSACTION")
+            con.execute(_SCHEMA)
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('format', 'hetmoe-results')",
+                        [str(SCHEMA_VERSION)])
+            con.execute("COMMIT")
+
+    def _upgrade(self) -> None:
+        """Schema 1 -> 2: add V2_COLUMNS to runs, filled from each run's config (one transaction)."""
+        with self._connect(write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            if _schema_version(con, self.path) < SCHEMA_VERSION:
+                for col, fill in V2_COLUMNS.items():
+                    con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {col} VARCHAR")
+                    con.execute(f"UPDATE runs SET {col} = {fill} WHERE {col} IS NULL")
+                con.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", [str(SCHEMA_VERSION)])
+            con.execute("COMMIT")
+
     # -- connection handling -------------------------------------------------------------------------------
+    def _lock_fd(self, suffix: str, write: bool) -> int | None:
+        """File descriptor of a sidecar lock file; None for a reader that cannot create one (read-only folder,
+        where no hetmoe writer can work either). ValueError for a writer that cannot."""
+        try:
+            return os.open(self._lockfile + suffix, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            try:
+                return os.open(self._lockfile + suffix, os.O_RDONLY)   # flock works on read-only descriptors
+            except OSError:
+                if write:
+                    raise ValueError(self._read_only_message()) from None
+                return None
+
+    def _read_only_message(self) -> str:
+        why = "was opened read-only" if self.read_only else "is read-only (the file or its folder is not writable)"
+        return (f"store {self.path} {why}; this command writes results: give a writable --store path "
+                f"(or copy the store somewhere writable)")
+
     @contextlib.contextmanager
     def _connect(self, write: bool):
+        if write and not self.writable:
+            raise ValueError(self._read_only_message())
         deadline = time.monotonic() + self.timeout
-        gate = os.open(self._lockfile + "-gate", os.O_RDWR | os.O_CREAT, 0o666)
-        fd = os.open(self._lockfile, os.O_RDWR | os.O_CREAT, 0o666)
+        gate = self._lock_fd("-gate", write)
+        fd = self._lock_fd("", write)
         try:
             # Writer preference: a writer holds the gate exclusively while it waits for the readers inside to
             # leave, so a stream of short reads (dashboards polling) can never starve the sweep's writes.
-            self._flock(gate, fcntl.LOCK_EX if write else fcntl.LOCK_SH, deadline)
+            if gate is not None:
+                self._flock(gate, fcntl.LOCK_EX if write else fcntl.LOCK_SH, deadline)
             try:
-                self._flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH, deadline)
+                if fd is not None:
+                    self._flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH, deadline)
             finally:
-                if not write:
+                if not write and gate is not None:
                     fcntl.flock(gate, fcntl.LOCK_UN)
             while True:
                 try:
                     con = duckdb.connect(str(self.path), read_only=not write)
                     break
                 except duckdb.IOException as e:   # lock held by a process outside this protocol
-                    if "lock" not in str(e).lower():
+                    msg = str(e).lower()
+                    if "permission denied" in msg or "read-only" in msg:
+                        raise ValueError(self._read_only_message()) from None
+                    if "lock" not in msg:
                         raise ValueError(f"{self.path} is not a readable DuckDB store ({str(e).splitlines()[0]}); "
                                          "use another --store path") from None
                     if time.monotonic() > deadline:
@@ -139,8 +237,9 @@ class Store:
             finally:
                 con.close()
         finally:
-            os.close(fd)   # closing releases the flocks
-            os.close(gate)
+            for f in (fd, gate):   # closing releases the flocks
+                if f is not None:
+                    os.close(f)
 
     def _flock(self, fd: int, mode: int, deadline: float) -> None:
         while True:
@@ -202,7 +301,7 @@ class Store:
         Append-only: returns False (and changes nothing) if an ok result for ``key`` already exists;
         a previous failed row for ``key`` is replaced.
         """
-        run = {**run, "key": key, "status": "ok", "created_at": _now()}
+        run = {"origin": "computed", **run, "key": key, "status": "ok", "created_at": _now()}
         with self._connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -224,7 +323,7 @@ class Store:
 
     def put_failure(self, key: str, run: dict, error: str) -> None:
         """Record a failed run (never a cache hit; a later successful run replaces it)."""
-        run = {**run, "key": key, "status": "error", "error": error[:2000], "created_at": _now()}
+        run = {"origin": "computed", **run, "key": key, "status": "error", "error": error[:2000], "created_at": _now()}
         with self._connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
             if con.execute("SELECT 1 FROM runs WHERE key=?", [key]).fetchone():
@@ -233,10 +332,11 @@ class Store:
             _insert(con, "runs", run)
             con.execute("COMMIT")
 
-    def runs_frame(self, filters: dict | None = None, status: str = "ok"):
+    def runs_frame(self, filters: dict | None = None, status: str | None = "ok"):
         """Runs × metrics as a long pandas DataFrame: one row per (run, metric), newest first.
 
         filters: {column: value or list of values}, columns from RUN_FILTERS; ValueError on an unknown column.
+        status: only runs of this status ("ok" by default, None for all); a "status" filter replaces it.
         """
         where, params = _where(filters, status)
         sql = (f"SELECT r.*, m.metric, m.value, m.stderr FROM runs r LEFT JOIN metrics m ON m.key = r.key "
@@ -244,18 +344,19 @@ class Store:
         return self.query(sql, params)
 
     def summary_frame(self, filters: dict | None = None):
-        """Mean ± std over seeds per (model, strategy, budget, scope, preset, backend, task, limit, metric).
+        """Mean ± std over seeds of successful results whose configuration is identical but for the seed.
 
-        Columns: model_source, model_fingerprint, strategy, budget, scope, preset, backend, task, limit, metric,
-        mean, std (sample std, NaN for one seed), n_seeds, digital_share, seeds (list).
+        Seeds are grouped by the full stored config minus the seed (model, dtype, task and version, limit,
+        few-shot, batch size, placement request with its dense policy, every noise parameter, backend, library
+        versions), so results differing in anything else never average together.
+        Columns: model_source, model_fingerprint, strategy, budget, scope, preset (the label: the preset name plus
+        the fields that differ from it, e.g. ``paper-pcm-c1.5 (adc_bits=4)``), preset_name, overrides, dtype,
+        batch_size, num_fewshot, analog_dense (dense kinds placed on AIMC, "" = the paper's all digital), backend,
+        task, limit, metric, mean, std (sample std, NaN for one seed), n_seeds, deterministic (the noise has no
+        random part: every seed gives the same numbers), digital_share, seeds (list), origins (where the results
+        came from), shared (how many reused an identical computation), config_id (12 hex digits of the group).
         """
-        where, params = _where(filters, "ok")
-        sql = f"""SELECT r.model_source, r.model_fingerprint, r.strategy, r.budget, r.scope, r.preset, r.backend,
-                   r.task, r."limit", m.metric, avg(m.value) AS mean, stddev_samp(m.value) AS std,
-                   count(*) AS n_seeds, avg(r.digital_share) AS digital_share, list(r.seed ORDER BY r.seed) AS seeds
-                 FROM runs r JOIN metrics m ON m.key = r.key {where}
-                 GROUP BY ALL ORDER BY r.task, m.metric, r.strategy, r.budget, r.preset"""
-        return self.query(sql, params)
+        return summarize_runs(self.runs_frame(filters))
 
     def delete_runs(self, keys) -> int:
         """Delete runs (and their metrics) by key; returns the number of runs deleted."""
@@ -312,6 +413,22 @@ class Store:
             yield con
 
 
+def _schema_version(con, path) -> int:
+    """Schema version from the store's marker; ValueError for a DuckDB file that is not a hetmoe store of a
+    version this hetmoe reads."""
+    try:
+        row = con.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+    except duckdb.Error:
+        row = None
+    if row is None:
+        raise ValueError(f"{path} is a DuckDB database but not a hetmoe results store (no hetmoe schema marker); "
+                         "it was left untouched: give another --store path")
+    if not str(row[0]).isdigit() or not 1 <= int(row[0]) <= SCHEMA_VERSION:
+        raise ValueError(f"store {path} has schema version {row[0]}, this hetmoe reads 1..{SCHEMA_VERSION}: "
+                         "use another --store path")
+    return int(row[0])
+
+
 def _insert(con, table: str, row: dict, ignore: bool = False) -> None:
     cols = list(row)
     names = ", ".join(f'"{c}"' for c in cols)
@@ -321,7 +438,7 @@ def _insert(con, table: str, row: dict, ignore: bool = False) -> None:
 
 def _where(filters: dict | None, status: str | None):
     clauses, params = [], []
-    if status is not None:
+    if status is not None and "status" not in (filters or {}):
         clauses.append("r.status = ?")
         params.append(status)
     for col, val in (filters or {}).items():
@@ -333,3 +450,116 @@ def _where(filters: dict | None, status: str | None):
         clauses.append(f'r."{col}" IN ({", ".join("?" * len(vals))})')
         params.extend(vals)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+SUMMARY_KEYS = ("model_fingerprint", "task", "metric", "config_id")
+
+
+def _without_seed(config: dict) -> dict:
+    cfg = {k: v for k, v in config.items() if k != "seed"}
+    if isinstance(cfg.get("placement"), dict):
+        cfg["placement"] = {k: v for k, v in cfg["placement"].items() if k != "seed"}
+    return cfg
+
+
+def _preset_label(name, noise: dict | None) -> tuple[str, str]:
+    """(label, overrides) of a stored noise config: the preset name plus the fields differing from the preset."""
+    from .noise import PRESETS
+    if not noise or name not in PRESETS:
+        return str(name), ""
+    ref = PRESETS[name].to_dict()
+    diff = ", ".join(f"{k}={noise[k]!r}" if isinstance(noise[k], str) else f"{k}={noise[k]:g}"
+                     if isinstance(noise[k], float) else f"{k}={noise[k]}"
+                     for k in sorted(noise) if k != "name" and k in ref and noise[k] != ref[k])
+    return (f"{name} ({diff})" if diff else str(name)), diff
+
+
+def _deterministic(config: dict) -> bool:
+    if config.get("kind") == "ideal":
+        return True
+    noise = config.get("noise")
+    if not isinstance(noise, dict):
+        return False
+    from .noise import NoiseConfig
+    try:
+        return NoiseConfig(**noise).deterministic
+    except (TypeError, ValueError):
+        return False
+
+
+def summarize_runs(runs):
+    """Summary rows (see Store.summary_frame) of a runs_frame: seeds grouped by the config minus the seed."""
+    import pandas as pd
+    cols = ["model_source", "model_fingerprint", "strategy", "budget", "scope", "preset", "preset_name",
+            "overrides", "dtype", "batch_size", "num_fewshot", "analog_dense", "backend", "task", "limit", "metric",
+            "mean", "std", "n_seeds", "deterministic", "digital_share", "seeds", "origins", "shared", "config_id"]
+    runs = runs[runs["metric"].notna() & (runs["status"] == "ok")] if len(runs) else runs
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    info = {}
+    for key, cfg_text, row in zip(runs.key, runs.config, runs.to_dict("records")):
+        if key in info:
+            continue
+        try:
+            cfg = json.loads(cfg_text) if isinstance(cfg_text, str) else None
+        except json.JSONDecodeError:
+            cfg = None
+        if not isinstance(cfg, dict):   # a row without its config (hand-made): its columns are its config
+            cfg = {c: row.get(c) for c in ("model_fingerprint", "strategy", "budget", "scope", "preset", "backend",
+                                           "task", "task_version", "limit", "num_fewshot", "batch_size", "dtype")}
+            cfg = {k: (None if v != v else v) if isinstance(v, float) else v for k, v in cfg.items()}
+        label, overrides = _preset_label(row.get("preset"), cfg.get("noise"))
+        dense = (cfg.get("placement") or {}).get("dense") or {}
+        info[key] = {"config_id": config_key(_without_seed(cfg))[:12], "preset": label, "overrides": overrides,
+                     "preset_name": row.get("preset"), "deterministic": _deterministic(cfg),
+                     "analog_dense": ",".join(k for k, v in sorted(dense.items()) if v is False),
+                     "dtype": row.get("dtype") or (cfg.get("model") or {}).get("dtype")}
+    extra = pd.DataFrame.from_dict(info, orient="index")
+    df = runs.drop(columns=[c for c in ("preset", "dtype") if c in runs]).join(extra, on="key")
+    out = []
+    for _, g in df.groupby(list(SUMMARY_KEYS), sort=False, dropna=False):
+        first = g.iloc[0]
+        vals = g["value"].astype(float)
+        origins = g["origin"].fillna("computed") if "origin" in g else pd.Series(["computed"] * len(g))
+        out.append({**{c: first[c] for c in cols if c in first.index},
+                    "model_source": ", ".join(sorted({str(x) for x in g.model_source.dropna()})) or None,
+                    "mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(g) > 1 else float("nan"),
+                    "n_seeds": len(g), "digital_share": float(g.digital_share.astype(float).mean()),
+                    "seeds": sorted(int(x) for x in g.seed.dropna()),
+                    "origins": "; ".join(sorted(set(origins))),
+                    "shared": int(g["shared_from"].notna().sum()) if "shared_from" in g else 0})
+    res = pd.DataFrame(out, columns=cols)
+    return res.sort_values(["task", "metric", "strategy", "budget", "preset"], kind="stable").reset_index(drop=True)
+
+
+def output_path(out: str | os.PathLike, overwrite: bool = False, protect=()) -> Path:
+    """Check that a result file (snapshot, report) may be written at ``out``; returns its resolved path.
+
+    Raises ValueError when ``out`` is a folder, exists and ``overwrite`` is False, or is (after resolving links,
+    or as the same inode) one of the ``protect`` paths or their DuckDB sidecars (the store being read), which is
+    never overwritten, not even with ``overwrite``.
+    """
+    out = Path(out).expanduser()
+    target = out.resolve()
+    if target.is_dir():
+        raise ValueError(f"{out} is a folder; give a file path to write (e.g. {out / 'snapshot.zip'})")
+    for p in protect:
+        p = Path(p).expanduser().resolve()
+        sidecars = [p] + [p.with_name(p.name + s) for s in (".wal", ".lock", ".lock-gate")]
+        if target in sidecars or (target.exists() and p.exists() and os.path.samefile(target, p)):
+            raise ValueError(f"refusing to write {out}: it is the store being read ({p}); choose another file")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it, or choose another file")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` at once, on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

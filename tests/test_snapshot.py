@@ -58,7 +58,9 @@ def test_round_trip_same_numbers_and_idempotent(snap, tmp_path):
     assert out["added"] == {"runs": 9, "metrics": 18, "placements": 5, "expert_stats": 1}
     assert import_snapshot(path, dst)["added"] == {"runs": 0, "metrics": 0, "placements": 0, "expert_stats": 0}
     a, b = src.summary_frame(), dst.summary_frame()
-    assert a.drop(columns="seeds").equals(b.drop(columns="seeds"))
+    assert a.drop(columns=["seeds", "origins"]).equals(b.drop(columns=["seeds", "origins"]))
+    assert set(a.origins) == {"computed"} and set(b.origins) == {f"imported from snap.zip (exported "
+                                                                 f"{json.loads(zipfile.ZipFile(path).read('manifest.json'))['created_at']})"}
     maxnn = b[(b.strategy == "maxnn") & (b.budget == 0.25) & (b.metric == "acc")].iloc[0]
     assert maxnn["mean"] == pytest.approx(0.605) and maxnn["n_seeds"] == 2
     assert maxnn["std"] == pytest.approx(0.01 / 2 ** 0.5)
@@ -68,7 +70,7 @@ def test_round_trip_same_numbers_and_idempotent(snap, tmp_path):
     assert rep["results"] == len(a) and rep["figures"] == 2 and rep["placements"] == 5
     assert "0.605 ± 0.0071" in html and "<script src=" not in html and "plotly.js v" in html
     summary, _ = report_data(path)
-    assert summary.drop(columns="seeds").equals(a.drop(columns="seeds"))
+    assert summary.drop(columns=["seeds", "origins"]).equals(a.drop(columns=["seeds", "origins"]))
 
 
 def test_export_selected_keys(snap, tmp_path):
