@@ -87,9 +87,9 @@ def _source(p):
     p.add_argument("--trust-remote-code", action="store_true")
 
 
-def _load(args):
+def _load(args, tokenizer: bool = True):
     from .models import load_model
-    return load_model(args.source, device=args.device, dtype=args.dtype,
+    return load_model(args.source, device=args.device, dtype=args.dtype, tokenizer=tokenizer,
                       trust_remote_code=args.trust_remote_code, revision=args.revision)
 
 
@@ -99,7 +99,7 @@ def add_info(p):
 
 
 def cmd_info(args) -> dict:
-    lm = _load(args)
+    lm = _load(args, tokenizer=False)   # anatomy only: no text is tokenized
     return {"source": args.source, "fingerprint": lm.fingerprint, **lm.anatomy.summary()}
 
 
@@ -161,7 +161,7 @@ def _scores(args) -> dict:
         if kind not in ("folder", "default"):
             raise ValueError("--stream reads a local checkpoint folder; give its path (or drop --stream)")
         return {**stream_scores(where).to_dict(args.neuron_norms), "source": args.source, "streamed": True}
-    lm = _load(args)
+    lm = _load(args, tokenizer=not args.no_activation)   # text is tokenized only for frequency / weight
     out = {**expert_scores(lm.anatomy).to_dict(args.neuron_norms), "source": args.source,
            "fingerprint": lm.fingerprint}
     if not args.no_activation:
@@ -189,8 +189,9 @@ def cmd_place(args) -> dict:
     analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
         raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
-    lm = _load(args)
-    stats, calib = _activation(args, lm) if args.strategy in ("frequency", "weight") else (None, None)
+    needs_text = args.strategy in ("frequency", "weight")
+    lm = _load(args, tokenizer=needs_text)
+    stats, calib = _activation(args, lm) if needs_text else (None, None)
     p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats,
               dense=DensePolicy(**{k: False for k in analog}))
     out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),

@@ -365,7 +365,7 @@ def resolve_source(source: str) -> tuple[str, str | None]:
 
 
 def load_model(source: str = "default", device: str = "cpu", dtype: str = "float32",
-               trust_remote_code: bool = False, revision: str | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, revision: str | None = None, tokenizer: bool = True) -> LoadedModel:
     """Load an MoE causal LM with its tokenizer and anatomy.
 
     Args:
@@ -375,8 +375,11 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
         dtype: "float32", "bfloat16" or "float16".
         trust_remote_code: passed to transformers; off unless the caller turns it on.
         revision: hub revision (branch, tag or commit) for hub ids.
+        tokenizer: load the tokenizer too; False where no text is tokenized (anatomy, weight scores), so a
+            checkpoint folder without tokenizer files still works (``LoadedModel.tokenizer`` is then None).
     Raises:
-        ValueError: bad source, dtype, missing safetensors, or a model without routed experts.
+        ValueError: bad source, dtype, missing safetensors, a model without routed experts, or (with
+            ``tokenizer``) a folder without tokenizer files.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
     if dtype not in _DTYPES:
@@ -418,6 +421,8 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
             raise
         raise ValueError(f"could not load {source!r}: a safetensors file is damaged ({e})") from None
     model.to(device).eval()
+    if not tokenizer:
+        return LoadedModel(model, None, anatomy_of(model), source, fingerprint)
     try:  # a hosted checkpoint's config.json names a model type AutoTokenizer cannot parse: pass the host's
         tokenizer = AutoTokenizer.from_pretrained(where, **kw, **({"config": model.config} if host else {}))
     except (OSError, ValueError, TypeError) as e:

@@ -364,3 +364,36 @@ def test_scores_prints_a_readable_table(capsys):
     lines = out.splitlines()
     header = next(i for i, l in enumerate(lines) if l.split()[:4] == ["layer", "expert", "maxnn", "router_norm"])
     assert rc == 0 and len(lines) - header - 1 == 16 and max(map(len, lines)) < 120
+
+
+# ---------------------------------------------------------------- 8. damaged shards when streaming; no needless tokenizer
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny Mixtral checkpoint folder without tokenizer files (its family cannot build an empty tokenizer)."""
+    from hetmoe_core.models import tiny_model
+    d = tmp_path_factory.mktemp("ckpt") / "mixtral"
+    tiny_model("mixtral").save_pretrained(d)
+    assert not list(d.glob("tokenizer*"))
+    return d
+
+
+def test_stream_scores_on_damaged_safetensors_is_a_clear_error(ckpt, tmp_path, capsys):
+    blob = (ckpt / "model.safetensors").read_bytes()
+    cases = {"truncated": blob[:len(blob) // 2],
+             "header": (1 << 63).to_bytes(8, "little") + blob[8:],             # was a raw OverflowError
+             "garbage": blob[:8] + b"\xff" * (len(blob) - 8)}
+    for name, data in cases.items():
+        d = tmp_path / name
+        shutil.copytree(ckpt, d)
+        (d / "model.safetensors").write_bytes(data)
+        rc, out, err = _cli(capsys, "scores", d, "--stream", "--json")
+        assert rc == 2 and "is a damaged safetensors file" in err and err.count("\n") == 1, (name, err)
+
+
+def test_info_and_weight_scores_need_no_tokenizer(ckpt, capsys):
+    rc, out, err = _cli(capsys, "info", ckpt, "--json")
+    assert rc == 0 and json.loads(out)["family"] == "mixtral", err
+    rc, out, err = _cli(capsys, "scores", ckpt, "--no-activation", "--json")
+    assert rc == 0 and len(json.loads(out)["layers"][0]["maxnn"]) == 4, err   # tiny Mixtral: 4 experts
+    rc, _, err = _cli(capsys, "scores", ckpt)                                    # frequency/weight tokenize text
+    assert rc == 2 and "needs tokenizer.json" in err.splitlines()[-1]
