@@ -84,7 +84,12 @@ def add_place(p):
     _source(p)
     _calib_args(p)
     p.add_argument("--budget", required=True, help="share of routed experts run digitally, in [0, 1]")
-    p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random")
+    p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random | "
+                   "oracle (measured damage) | local_error (both need --preset)")
+    p.add_argument("--preset", default=None, help="noise preset the oracle / local_error strategies measure under")
+    p.add_argument("--seeds", type=int, default=5, help="oracle: noise seeds of its measurement")
+    p.add_argument("--tokens", type=int, default=16384, help="oracle: calibration tokens of its measurement")
+    _store_arg(p)
     p.add_argument("--scope", default="layer", help="layer (budget per MoE layer, the paper) | global")
     p.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     p.add_argument("--analog-dense", default="", help="comma-separated dense kinds put on AIMC "
@@ -101,10 +106,28 @@ def cmd_place(args) -> dict:
     analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
         raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
+    from .placement import MEASURED_STRATEGIES
+    noise = None
+    if args.strategy in MEASURED_STRATEGIES:
+        from .noise import get_preset
+        if not args.preset:
+            raise ValueError(f"strategy {args.strategy} measures damage under a noise preset: add --preset, "
+                             "e.g. --preset paper-pcm-c2.5")
+        noise = get_preset(args.preset)
+        if args.seeds < 1 or args.tokens < 1:
+            raise ValueError("--seeds and --tokens must be >= 1")
+        if args.calib:
+            from .routing import read_calibration
+            read_calibration(args.calib)
     lm = _load(args)
     stats, calib = _activation(args, lm) if args.strategy in ("frequency", "weight") else (None, None)
+    measured = None
+    if noise is not None:
+        from .sensitivity import measured_scores
+        measured = measured_scores(lm, args.strategy, noise, store=args.store, texts=args.calib, seeds=args.seeds,
+                                   tokens=args.tokens)
     p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats,
-              dense=DensePolicy(**{k: False for k in analog}))
+              dense=DensePolicy(**{k: False for k in analog}), measured=measured)
     out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),
            **digital_share(p, lm.anatomy)}
     if calib:

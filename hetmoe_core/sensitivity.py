@@ -65,6 +65,7 @@ from .analog import (IMPL_NAME, _FastExperts, _channel_absmax, _derive_seed, _re
                      program_weights, split_sizes)
 from .noise import NoiseConfig, get_preset
 
+ORACLE_SEEDS, ORACLE_TOKENS = 5, 16384   # the oracle's measurement = validate()'s defaults (shares its cache)
 SEQ_LEN = 256          # tokens per calibration sequence (capped by the model's context)
 ROWS_PER_FORWARD = 8192  # tokens in one batched forward (R experts x sequences x positions), bounds memory
 _VERSION = 1           # bump when a measurement changes meaning (enters the store key)
@@ -754,3 +755,21 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
     if st is not None:
         st.put_sensitivity(key, fp, noise.name, cfg, {k: x for k, x in v.to_dict().items() if k != "cached"})
     return v
+
+
+def measured_scores(lm, strategy: str, noise, *, store=None, texts=None, seeds=ORACLE_SEEDS,
+                    tokens: int = ORACLE_TOKENS, progress=None, cancel=None) -> list[np.ndarray]:
+    """Per-layer float64 ``[E]`` scores of the measured strategies (higher -> digital) under ``noise``.
+
+    "oracle": mean only-this damage from ``validate`` (same request as ``validate``'s defaults, so a stored
+    validation is reused and a new one is stored); "local_error": ``criteria.local_error_scores`` on the
+    calibration text. Raises ValueError for another strategy or bad input.
+    """
+    if strategy == "oracle":
+        return validate(lm, noise, seeds=seeds, texts=texts, tokens=tokens, store=store, progress=progress,
+                        cancel=cancel).only_this()
+    if strategy == "local_error":
+        from .criteria import LOCAL_ERROR_TOKENS, local_error_scores
+        ids = calibration_tokens(lm.tokenizer, _texts(texts)[0], LOCAL_ERROR_TOKENS)
+        return local_error_scores(lm, noise, ids)
+    raise ValueError(f"strategy {strategy!r} is not measured; measured strategies are oracle, local_error")
