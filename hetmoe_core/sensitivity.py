@@ -49,9 +49,7 @@ load_max_over_mean_noisy}], cached. Damages are in nats per token; ``*_se`` are 
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -61,9 +59,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .analog import (IMPL_NAME, _FastExperts, _channel_absmax, _derive_seed, _register_impl, _w_in, analog,
-                     program_weights, split_sizes)
+from . import moe_dispatch
+from .analog import analog
+from .fast_backend import _FastExperts
 from .noise import NoiseConfig, get_preset
+from .tiles import _channel_absmax, _derive_seed, _w_in, program_weights, split_sizes
 
 ORACLE_SEEDS, ORACLE_TOKENS = 5, 16384   # the oracle's measurement = validate()'s defaults (shares its cache)
 SEQ_LEN = 256          # tokens per calibration sequence (capped by the model's context)
@@ -210,27 +210,11 @@ class _LayerForward:
 
 @contextmanager
 def _dispatch(anatomy):
-    """Route every experts forward through hetmoe's dispatcher (as ``analog()`` does); a layer runs its
-    ``__dict__["_hetmoe_state"]`` when set, else the implementation it had before."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    _register_impl()
-    cfgs = {id(m.experts.config): m.experts.config for m in anatomy.moe_layers}
-    prev = {k: c._experts_implementation for k, c in cfgs.items()}
-    if IMPL_NAME in prev.values():
-        raise RuntimeError("the model is inside an analog() context; measure it outside")
-    try:
-        for m in anatomy.moe_layers:
-            m.experts.__dict__["_hetmoe_prev"] = ALL_EXPERTS_FUNCTIONS.get_interface(
-                m.experts.config._experts_implementation, type(m.experts).forward.__wrapped__)
-        for c in cfgs.values():
-            c._experts_implementation = IMPL_NAME
+    """Route every experts forward through hetmoe's dispatcher (``moe_dispatch.install``, as ``analog()`` does);
+    a layer runs the state ``_Engine`` gives it, else the implementation it had before."""
+    with ExitStack() as stack:
+        moe_dispatch.install(stack, anatomy)
         yield
-    finally:
-        for k, c in cfgs.items():
-            c._experts_implementation = prev[k]
-        for m in anatomy.moe_layers:
-            m.experts.__dict__.pop("_hetmoe_prev", None)
-            m.experts.__dict__.pop("_hetmoe_state", None)
 
 
 class _Replay(nn.Module):
@@ -316,9 +300,9 @@ class _Engine:
     def _set_states(self, states):
         for m in self.anatomy.moe_layers:
             if states and m.index in states:
-                m.experts.__dict__["_hetmoe_state"] = states[m.index]
+                moe_dispatch.set_state(m.experts, states[m.index])
             else:
-                m.experts.__dict__.pop("_hetmoe_state", None)
+                m.experts.__dict__.pop("_hetmoe_state", None)   # back to the layer's own implementation
 
     def replay_pass(self, chunk, base: dict, m, layer_state, states: dict | None, R: int) -> torch.Tensor:
         """Forward of R row blocks of ``chunk`` from MoE layer ``m`` up: lower decoder layers and m's attention
