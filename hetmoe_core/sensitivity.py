@@ -402,7 +402,7 @@ def _lock(lm):
 
 @torch.no_grad()
 def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True, dense: bool = True,
-            group: int | None = None, progress: Callable[[int, int], None] | None = None,
+            layers: bool = True, group: int | None = None, progress: Callable[[int, int], None] | None = None,
             cancel: Callable[[], bool] | None = None) -> Measurement:
     """Measure per-expert, per-layer and dense-module damage (see module docstring).
 
@@ -411,7 +411,8 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
         noise: preset name or NoiseConfig.
         ids: int64 ``[S, T]`` calibration sequences (``calibration_tokens``).
         seeds: count N (seeds 0..N-1) or a list of seeds.
-        all_but_this / dense: also measure those (off: only-this, layers and all-experts only).
+        all_but_this / dense: also measure those. layers: also whole-layer and all-experts damage and routing
+            drift (needs the all-analog pass; all_but_this implies it). Quantities not measured stay 0.
         group: experts per batched forward (default: as many as fit ``ROWS_PER_FORWARD`` tokens).
         progress: progress(done, total) after each unit; cancel: returns True to stop.
     Returns: Measurement. Raises ValueError for bad seeds/noise/ids; evaluate.Cancelled when cancelled.
@@ -439,7 +440,8 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
     eng = _Engine(lm, ids, B, check)
     n_chunks = len(eng.chunks)
     groups = [(m, list(range(m.num_experts))[g:g + R]) for m in a.moe_layers for g in range(0, m.num_experts, R)]
-    per_seed = n_chunks * (2 + len(groups) * (2 if all_but_this else 1) + L + len(kinds))
+    layers = layers or all_but_this
+    per_seed = n_chunks * (1 + (1 + L if layers else 0) + len(groups) * (2 if all_but_this else 1) + len(kinds))
     total = per_seed * len(seeds)
 
     def tick():
@@ -465,12 +467,13 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
                     clean = eng.base_pass(chunk, None, routes=True)
                     clean_nll.append(clean["nll"])
                     tick()
-                    noisy = eng.base_pass(chunk, noisy_states, routes=True)
-                    tick()
                     if si == 0:
                         clean_sum += float(clean["nll"].double().sum())
-                    allx[si] += float(_sum(noisy["nll"].unsqueeze(0), clean["nll"])[0])
-                    for m in a.moe_layers:
+                    noisy = eng.base_pass(chunk, noisy_states, routes=True) if layers else None
+                    for m in a.moe_layers if layers else ():
+                        if m.index == 0:
+                            tick()
+                            allx[si] += float(_sum(noisy["nll"].unsqueeze(0), clean["nll"])[0])
                         i, k = m.index, m.top_k
                         t0, t1 = clean["topk"][i].reshape(-1, k), noisy["topk"][i].reshape(-1, k)
                         changed[si, i] += float((t0.sort(-1).values != t1.sort(-1).values).any(-1).sum())

@@ -143,3 +143,18 @@ def test_cli_place_oracle_and_local_error(tmp_path, capsys):
         assert out["placement"]["strategy"] == strat and out["per_layer_digital"] == [2, 2]
     assert cli.main(["place", "tiny:olmoe", "--strategy", "oracle", "--budget", "0.25"]) == 2
     assert "--preset" in capsys.readouterr().err
+
+
+def test_routing_drift_and_local_error(lm, ids):
+    """Ideal noise moves no token's top-k set and gives zero local error; strong noise on every expert of the
+    first MoE layer re-routes tokens in the second (the router of the first sees clean inputs)."""
+    from hetmoe_core.criteria import local_error_scores
+    full = Placement.all_analog(lm.anatomy)
+    ideal = S.routing_drift(lm, full, "ideal", ids, seeds=1)
+    assert [r["changed_share"] for r in ideal] == [0.0, 0.0]
+    assert all(r["load_max_over_mean_ideal"] == r["load_max_over_mean_noisy"] >= 1 for r in ideal)
+    noisy = S.routing_drift(lm, full, NOISE, ids, seeds=2)
+    assert noisy[0]["changed_share"] == 0.0 and 0.0 < noisy[1]["changed_share"] < 1.0
+    assert all(not x.any() for x in local_error_scores(lm, "ideal", ids, seeds=[0]))
+    le = local_error_scores(lm, NOISE, ids, seeds=[0, 1])
+    assert all((x > 0).all() and len(x) == 8 for x in le)
