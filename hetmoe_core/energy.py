@@ -31,17 +31,22 @@ Reference check — OLMoE-1B-7B shapes (``olmoe_1b_7b``: vocab 50304, hidden 204
 (the full text was not reachable; /work/shared/paper-notes.md): its digital shares and c = 1.5 accuracies; the
 digest's throughput and tokens/(W·s) columns are scrambled (all-analog slower than all-digital) and not quoted.
 
-=====================================  ==============  ==============  ============  ==========  ==========
-configuration                          paper digital   hetmoe digital  paper acc.    tokens/J    tokens/s
-=====================================  ==============  ==============  ============  ==========  ==========
-all-analog (everything on tiles)       0 %             0.00 %          58.45 ± 0.15  4.02e+03    1.46e+05
-dense-only digital (experts analog)    5.37 %          5.40 %          60.73 ± 0.10  6.71e+02    1.33e+05
-dense + 25 % experts digital           28.65 %         28.68 %         61.82 ± 0.06  1.93e+02    3.28e+04
-all-digital                            100 %           100 %           63.17         6.53e+01    7.88e+03
-=====================================  ==============  ==============  ============  ==========  ==========
+==============================  =======  ========  ============  ========  ========  ========  ======  =====
+configuration                   paper    hetmoe    paper acc.    J/token   tokens/J  tokens/s  tiles   chips
+                                digital  digital   (c = 1.5)     B = 32    B = 32    B = 32
+==============================  =======  ========  ============  ========  ========  ========  ======  =====
+all-analog (all on tiles)       0 %      0 %       58.45 ± 0.15  2.44e-4   4.10e3    2.09e5    26060   1629
+dense-only digital              5.37 %   5.40 %    60.73 ± 0.10  1.47e-3   681       1.37e5    24576   1536
+dense + 25 % experts digital    28.65 %  28.68 %   61.82 ± 0.06  4.88e-3   205       2.73e4    18432   1152
+all-digital                     100 %    98.51 %*  63.17         1.51e-2   66.1      7.97e3    0       0
+==============================  =======  ========  ============  ========  ========  ========  ======  =====
+
+At batch 1 (``table2(batch=1)``) tokens/J are 4.10e3 / 40.9 / 26.7 / 13.0 and tokens/s 9.29e4 / 4.40e3 / 2.91e3 /
+1.42e3: the digital part is memory-bound, every weight fetched serves one token. * ``placement.digital_share``
+counts embeddings and norms as memory, not digital compute.
 
 Tokens per joule follow the physics: all-analog ≥ dense-only ≥ + 25 % experts ≥ all-digital (62x from all-digital
-to all-analog; at batch 1 the gap is wider, ``table2(batch=1)``). hetmoe's digital shares keep the router
+to all-analog at batch 32, 315x at batch 1). hetmoe's digital shares keep the router
 digital (2.1e6 parameters, +0.03 points); the paper's 5.37 % and 28.65 % are exactly (attention + LM head [+ 25 %
 of experts]) / all parameters, i.e. it counts the router elsewhere. (The issue quotes hetmoe at 5.60 % / 28.82 %;
 with the config above ``placement.digital_share`` gives 5.40 % / 28.68 %.)
