@@ -333,6 +333,12 @@ def tiles_of_expert(layer: ExpertLayer, tile: int) -> int:
     return sum(tiles_of(r, c, tile) for r, c in layer.matrices)
 
 
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Batch sizes the dashboard offers (tokens decoded together per step)."""
+REFERENCE_LABELS = {"all_digital": "all digital", "dense_only_digital": "dense digital, experts analog",
+                    "all_analog": "all analog"}
+
+
 def reference_placements(shapes: ModelShapes) -> dict:
     """The limits a placement sits between: {"all_digital", "dense_only_digital" (every routed expert analog,
     dense modules digital: budget 0), "all_analog" (every matrix on tiles)} as ``Placement`` objects."""
@@ -398,6 +404,23 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
     cols = np.array([rows.get(k, (np.nan, np.nan, 0)) for k in runs.placement_key], dtype=float).reshape(-1, 3)
     out = runs.assign(energy_per_token_j=cols[:, 0], tokens_per_s=cols[:, 1], tiles=cols[:, 2])
     return out, f"{'measured' if freq is not None else 'uniform'} routing, batch {batch}"
+
+
+CONFIG_COLUMNS = ("task", "metric", "limit", "strategy", "budget", "scope", "preset", "backend")
+
+
+def config_points(runs):
+    """One point per configuration from ``run_costs`` rows: mean, sample std and number of seeds of the metric,
+    the placement's energy_per_token_j and tokens_per_s (equal across seeds unless the random strategy draws a
+    new placement per seed: then their mean). Rows without a value or an energy are dropped."""
+    import pandas as pd
+    r = runs.dropna(subset=["value", "energy_per_token_j"])
+    if r.empty:
+        return pd.DataFrame(columns=[*CONFIG_COLUMNS, "mean", "std", "n_seeds", "energy_per_token_j", "tokens_per_s"])
+    g = r.groupby(list(CONFIG_COLUMNS), dropna=False, sort=True)
+    return g.agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("value", "size"),
+                 energy_per_token_j=("energy_per_token_j", "mean"),
+                 tokens_per_s=("tokens_per_s", "mean")).reset_index()
 
 
 # ---------------------------------------------------------------------------------------- Table 2 reference

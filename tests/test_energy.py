@@ -170,3 +170,27 @@ def test_cli_energy(capsys):
         assert main(["energy", "tiny:olmoe", "--budget", "0.25", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_placement_page_energy_live(tmp_path, monkeypatch):
+    """Placement page (AppTest, default model): energy per token follows the budget slider, the batch slider and
+    an edited hardware constant."""
+    from pathlib import Path
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setenv("HETMOE_STORE", str(tmp_path / "results.duckdb"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/placement.py").run()
+
+    def uj():
+        assert not at.exception, [e.value for e in at.exception]
+        return float(next(m.value for m in at.metric if m.label == "Energy per token").split()[0])
+    e0 = uj()
+    at.slider(key="budget_pct").set_value(100.0).run()
+    e100 = uj()
+    assert e100 > e0 and next(m.value for m in at.metric if m.label == "AIMC tiles") == "0"
+    at.number_input(key="hw_h100+pcm_digital_hbm_energy").set_value(2 * 31.76).run()
+    assert uj() > 1.5 * e100                       # HBM traffic dominates an all-digital decode step
+    tps = lambda: float(next(m.value for m in at.metric if m.label == "Throughput").split()[0].replace(",", ""))
+    t32 = tps()
+    at.select_slider(key="energy_batch").set_value(1).run()
+    assert tps() < t32 / 4                         # batch 1: memory-bound, each weight fetch serves one token
