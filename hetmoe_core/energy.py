@@ -397,13 +397,18 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
                         "ORDER BY created_at DESC LIMIT 1", [model_fingerprint])
     freq = json.loads(stats.stats.iloc[0])["frequency"] if len(stats) else None
     pl = store.placements_frame(runs.placement_key.dropna().unique().tolist())
-    rows = {}
+    rows, bad = {}, 0
     for k, js in zip(pl.key, pl.placement):
-        c = cost(shapes, Placement.from_json(js), hardware, batch, freq)
+        try:   # a placement stored for another shape of the model (or damaged) gets no energy, not an error
+            c = cost(shapes, Placement.from_json(js), hardware, batch, freq)
+        except ValueError:
+            bad += 1
+            continue
         rows[k] = (c.energy_per_token_j, c.tokens_per_s, c.tiles)
     cols = np.array([rows.get(k, (np.nan, np.nan, 0)) for k in runs.placement_key], dtype=float).reshape(-1, 3)
     out = runs.assign(energy_per_token_j=cols[:, 0], tokens_per_s=cols[:, 1], tiles=cols[:, 2])
-    return out, f"{'measured' if freq is not None else 'uniform'} routing, batch {batch}"
+    note = f"{'measured' if freq is not None else 'uniform'} routing, batch {batch}"
+    return out, note + (f"; {bad} placement(s) do not fit the model's config: left out" if bad else "")
 
 
 CONFIG_COLUMNS = ("task", "metric", "limit", "strategy", "budget", "scope", "preset", "backend")

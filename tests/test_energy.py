@@ -194,3 +194,34 @@ def test_placement_page_energy_live(tmp_path, monkeypatch):
     t32 = tps()
     at.select_slider(key="energy_batch").set_value(1).run()
     assert tps() < t32 / 4                         # batch 1: memory-bound, each weight fetch serves one token
+
+
+def test_stored_runs_energy_and_report(tiny, tmp_path):
+    """Results store -> energy per configuration (run_costs, config_points) -> the HTML report's figure."""
+    from hetmoe_core.energy import config_points, run_costs
+    from hetmoe_core.report import write_report
+    from hetmoe_core.store import Store
+    _, a, s = tiny
+    st = Store(tmp_path / "r.duckdb")
+    i = 0
+    for b, acc in ((0.0, 0.40), (0.25, 0.46), (0.5, 0.45), (1.0, 0.50)):
+        p = place(a, "maxnn", b)
+        for seed in (0, 1):
+            st.put_result(f"k{i}", {"model_source": "tiny:olmoe", "model_fingerprint": "tiny:olmoe:seed0",
+                                    "strategy": "maxnn", "budget": b, "scope": "layer", "preset": "paper-pcm-c1.5",
+                                    "seed": seed, "backend": "fast", "task": "hetmoe_cloze", "placement_key": p.key},
+                          [{"task": "hetmoe_cloze", "metric": "acc", "value": acc + seed / 100, "seed": seed}],
+                          {"key": p.key, "model_fingerprint": "tiny:olmoe:seed0", "strategy": "maxnn", "budget": b,
+                           "scope": "layer", "seed": 0, "placement": p.to_json()})
+            i += 1
+    runs, note = run_costs(st, "tiny:olmoe:seed0", "h100+pcm", 32)
+    assert note == "uniform routing, batch 32"
+    pts = config_points(runs).sort_values("budget")
+    assert pts.n_seeds.tolist() == [2] * 4 and pts["mean"].tolist() == pytest.approx([0.405, 0.465, 0.455, 0.505])
+    assert pts.energy_per_token_j.tolist() == pytest.approx(
+        [cost(s, place(a, "maxnn", b), "h100+pcm", 32).energy_per_token_j for b in (0.0, 0.25, 0.5, 1.0)])
+    # budget 0.5 costs more than 0.25 and scores lower: off the Pareto front
+    assert pareto_front(pts.energy_per_token_j, pts["mean"]).tolist() == [0, 1, 3]
+    rep = write_report(st, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert rep["energy_figures"] == 1 and "vs energy per token" in html and "Pareto front" in html
