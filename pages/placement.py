@@ -76,20 +76,12 @@ with cost_box:
     e[0].metric("Energy per token", f"{c.energy_per_token_j * 1e6:.4g} µJ",
                 help=f"{c.tokens_per_j:,.0f} tokens per joule; {c.energy_per_token_j / ref.energy_per_token_j:.1%} "
                      f"of all-digital ({ref.energy_per_token_j * 1e6:.4g} µJ). {c.routing.capitalize()} routing.")
-    e[1].metric("Throughput", f"{c.tokens_per_s:,.0f} tokens/s",
+    e[1].metric("Throughput (tokens/s)", f"{c.tokens_per_s:,.0f}",
                 help=f"At batch {batch}; digital part {c.digital_bound}-bound; {c.latency_s * 1e6:.3g} µs per step.")
     e[2].metric("AIMC tiles", f"{c.tiles:,}", help=f"{hw.analog.tile_size}² tiles on {c.chips} chip(s) of "
                 f"{hw.analog.tiles_per_chip}; {c.tile_utilization:.0%} of their cells hold weights.")
     e[3].metric("Digital weight memory", f"{c.digital_bytes / 1e6:,.1f} MB",
                 help=f"bf16 weights held by the digital accelerator(s): {c.accelerators} × {hw.digital.name}.")
-with st.expander("Compared with the limits, and against batch size"):
-    st.dataframe({"placement": list(costs), "µJ/token": [x.energy_per_token_j * 1e6 for x in costs.values()],
-                  "tokens/J": [x.tokens_per_j for x in costs.values()],
-                  "tokens/s": [x.tokens_per_s for x in costs.values()], "tiles": [x.tiles for x in costs.values()],
-                  "chips": [x.chips for x in costs.values()]}, hide_index=True)
-    st.plotly_chart(figures.cost_vs_batch({n: [(b, energy.cost(shapes, q, hw, b, e_stats)) for b in energy.BATCHES]
-                                           for n, q in refs.items()}), key="cost_vs_batch")
-    st.caption("Sources of every constant: the tooltips above; model and assumptions: `hetmoe_core/energy.py`.")
 
 values = ({"frequency": stats.frequency, "weight": stats.weight}[ss["strategy"]] if needs_stats(ss["strategy"])
           else sc.get(ss["strategy"]) if ss["strategy"] != "random" else sc.get("maxnn"))
@@ -123,3 +115,14 @@ with right:
         st.dataframe({"MoE layer": [f"L{l}" for l in layers],
                       label(ss["strategy"]): [", ".join(map(str, d)) for d in p.digital],
                       label(sb): [", ".join(map(str, d)) for d in q.digital]}, hide_index=True)
+
+# ---------------------------------------------------------------- the cost beside its limits, against batch size
+with st.expander("Compared with the limits, and against batch size"):
+    st.dataframe({"placement": list(costs), "µJ/token": [x.energy_per_token_j * 1e6 for x in costs.values()],
+                  "tokens/J": [x.tokens_per_j for x in costs.values()],
+                  "tokens/s": [x.tokens_per_s for x in costs.values()], "tiles": [x.tiles for x in costs.values()],
+                  "chips": [x.chips for x in costs.values()]}, hide_index=True)
+    st.plotly_chart(figures.cost_vs_batch({n: [(b, energy.cost(shapes, q, hw, b, e_stats)) for b in energy.BATCHES]
+                                           for n, q in refs.items()}), key="cost_vs_batch")
+    st.caption("Sources of every constant: the hardware constants' tooltips; model and assumptions: "
+               "`hetmoe_core/energy.py`.")
