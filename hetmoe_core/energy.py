@@ -15,7 +15,7 @@ Model (one decode step of B tokens; p_e = share of tokens routed to expert e, ro
   more distinct experts (at B = 32, 64 experts, top-8: 98.6% of them), so routed experts stay memory-bound far
   longer than the dense modules.
 * analog matrices are split into tiles as aihwkit's ``TileModuleArray`` does (``tile_split``), with hetmoe's analog
-  layout (``analog.py``): each expert's fused gate/up ``[(2)I, H]`` and down ``[H, I]``, each Linear of an analog
+  layout (``coverage.py``): each expert's fused gate/up ``[(2)I, H]`` and down ``[H, I]``, each Linear of an analog
   dense module separately. A token's MVM through an r x c block costs r·c x (tile MVM energy / tile²) — DAC, array
   and ADC included — plus the digital periphery for each of its r outputs; all tiles of a layer run in parallel,
   one MVM takes ``mvm_latency``; a token's two expert stages (gate/up, then down) pipeline, so n tokens on the
@@ -70,7 +70,7 @@ def tile_split(size: int, tile: int) -> list[int]:
     (700 under 512 -> [350, 350]; 1030 -> [344, 343, 343]).
 
     The rule of aihwkit's ``TileModuleArray.get_split_sizes`` (aihwkit 1.1.0, simulator/tiles/array.py), which
-    ``analog.split_sizes`` calls; restated here so that costing a placement does not import aihwkit (seconds).
+    ``tiles.split_sizes`` calls; restated here so that costing a placement does not import aihwkit (seconds).
     tests/test_energy.py checks it against aihwkit's own TileModuleArray."""
     if tile <= 0:
         return [size]

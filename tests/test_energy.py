@@ -75,6 +75,7 @@ def test_all_analog_limit_by_hand(tiny):
 def test_tile_split_is_aihwkits():
     from aihwkit.simulator.configs import TorchInferenceRPUConfig
     from aihwkit.simulator.tiles.array import TileModuleArray
+    from hetmoe_core.tiles import split_sizes
     rpu = TorchInferenceRPUConfig()
     rpu.mapping.max_input_size = rpu.mapping.max_output_size = 512
     arr = TileModuleArray(700, 1030, rpu, False)                   # out 700, in 1030
@@ -83,7 +84,8 @@ def test_tile_split_is_aihwkits():
     assert tiles_of(700, 1030, 512) == len(arr.array) * len(arr.array[0]) == 6
     for size in (1, 255, 256, 257, 511, 512, 513, 1024, 1030, 2048, 3000, 50304):
         for tile in (64, 256, 512):
-            assert tile_split(size, tile) == TileModuleArray.get_split_sizes(None, size, tile)
+            assert tile_split(size, tile) == TileModuleArray.get_split_sizes(None, size, tile) \
+                == split_sizes(size, tile)                 # what hetmoe's analog backends tile with
 
 
 def test_roofline_and_batch(tiny):
@@ -225,3 +227,17 @@ def test_stored_runs_energy_and_report(tiny, tmp_path):
     rep = write_report(st, tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
     assert rep["energy_figures"] == 1 and "vs energy per token" in html and "Pareto front" in html
+
+
+def test_tiles_match_the_analog_backends_coverage(tiny):
+    """Tiles counted by the cost model == tiles the analog context reports for the same placement (ideal noise)."""
+    from hetmoe_core.analog import analog
+    from hetmoe_core.noise import get_preset
+    from hetmoe_core.placement import DensePolicy
+    model, a, s = tiny
+    p = place(a, "maxnn", 0.25, dense=DensePolicy(attention=False, lm_head=False))
+    noise = get_preset("ideal", tile_size=16)
+    with analog(model, a, p, noise, seed=0) as rep:
+        covered = rep.tiles
+    c = cost(s, p, get_hardware("h100+pcm", analog={"tile_size": 16}))
+    assert c.tiles == covered > 0
