@@ -389,6 +389,14 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
     runs = store.runs_frame({"model_fingerprint": model_fingerprint})
     if runs.empty:
         return None, "no stored runs"
+    placements, bad = {}, 0
+    for k, js in store.placements_frame(runs.placement_key.dropna().unique().tolist())[["key", "placement"]].values:
+        try:
+            placements[k] = Placement.from_json(js)
+        except ValueError:
+            bad += 1
+    if not placements:   # nothing to price: do not build the model's shapes (that imports transformers)
+        return None, "no stored placement is readable"
     try:
         shapes, _ = shapes_from_source(str(runs.model_source.iloc[0]))
     except ValueError as e:
@@ -396,11 +404,10 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
     stats = store.query("SELECT stats FROM expert_stats WHERE model_fingerprint = ? AND name LIKE 'activation:%' "
                         "ORDER BY created_at DESC LIMIT 1", [model_fingerprint])
     freq = json.loads(stats.stats.iloc[0])["frequency"] if len(stats) else None
-    pl = store.placements_frame(runs.placement_key.dropna().unique().tolist())
-    rows, bad = {}, 0
-    for k, js in zip(pl.key, pl.placement):
-        try:   # a placement stored for another shape of the model (or damaged) gets no energy, not an error
-            c = cost(shapes, Placement.from_json(js), hardware, batch, freq)
+    rows = {}
+    for k, p in placements.items():
+        try:   # a placement stored for another shape of the model gets no energy, not an error
+            c = cost(shapes, p, hardware, batch, freq)
         except ValueError:
             bad += 1
             continue
