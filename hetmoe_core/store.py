@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,7 +59,11 @@ CREATE TABLE IF NOT EXISTS placements (
 CREATE TABLE IF NOT EXISTS expert_stats (
     model_fingerprint VARCHAR, name VARCHAR, stats VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (model_fingerprint, name));
+CREATE TABLE IF NOT EXISTS sensitivity (
+    key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR, preset VARCHAR, config VARCHAR, versions VARCHAR,
+    result VARCHAR, created_at TIMESTAMP);
 """
+_TABLES_OF_SCHEMA = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 # Columns a caller may filter runs by (whitelist: filter names are spliced into SQL, values are parameters).
 RUN_FILTERS = ("key", "status", "model_source", "model_fingerprint", "strategy", "budget", "scope", "preset",
                "seed", "backend", "task", "limit", "num_fewshot", "batch_size", "dtype", "origin")
@@ -137,12 +142,13 @@ class Store:
         if exists:
             with self._connect(write=False) as con:
                 version = _schema_version(con, self.path)
-            if version < SCHEMA_VERSION:
-                if read_only or not self.writable:
-                    raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
-                                     f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "
-                                     f"{SCHEMA_VERSION}")
-                self._upgrade()
+                have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if version < SCHEMA_VERSION and (read_only or not self.writable):
+                raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
+                                 f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "
+                                 f"{SCHEMA_VERSION}")
+            if (version < SCHEMA_VERSION or not set(_TABLES_OF_SCHEMA) <= have) and self.writable:
+                self._upgrade()   # tables added since the store was made (new features) are created too
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._create()
@@ -169,9 +175,11 @@ class Store:
             con.execute("COMMIT")
 
     def _upgrade(self) -> None:
-        """Schema 1 -> 2: add V2_COLUMNS to runs, filled from each run's config (one transaction)."""
+        """Create missing tables; schema 1 -> 2: add V2_COLUMNS to runs, filled from each run's config (one
+        transaction, on a store whose marker was checked)."""
         with self._connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
+            con.execute(_SCHEMA)
             if _schema_version(con, self.path) < SCHEMA_VERSION:
                 for col, fill in V2_COLUMNS.items():
                     con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {col} VARCHAR")
@@ -382,6 +390,37 @@ class Store:
             row = con.execute("SELECT stats FROM expert_stats WHERE model_fingerprint=? AND name=?",
                               [model_fingerprint, name]).fetchone()
         return None if row is None else json.loads(row[0])
+
+    # -- measured sensitivity (hetmoe_core.sensitivity) --------------------------------------------------------
+    def put_sensitivity(self, key: str, model_fingerprint: str, preset: str, config: dict, result: dict) -> bool:
+        """Store one sensitivity measurement (its full config and JSON result) in one transaction.
+        Append-only: returns False and changes nothing if ``key`` is already stored."""
+        with self._connect(write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                if con.execute("SELECT 1 FROM sensitivity WHERE key=?", [key]).fetchone():
+                    con.execute("ROLLBACK")
+                    return False
+                _insert(con, "sensitivity", {"key": key, "model_fingerprint": model_fingerprint, "preset": preset,
+                                             "config": canonical_json(config),
+                                             "versions": canonical_json(config.get("versions", {})),
+                                             "result": canonical_json(result), "created_at": _now()})
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return True
+
+    def get_sensitivity(self, key: str) -> dict | None:
+        """The stored sensitivity result (JSON dict) for ``key``, or None."""
+        with self._connect(write=False) as con:
+            row = con.execute("SELECT result FROM sensitivity WHERE key=?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def sensitivity_frame(self):
+        """Stored sensitivity measurements (key, model_fingerprint, preset, config, created_at), newest first."""
+        return self.query("SELECT key, model_fingerprint, preset, config, created_at FROM sensitivity "
+                          "ORDER BY created_at DESC")
 
     def placements_frame(self, keys=None):
         """Stored placements (one row each, ``placement`` is the Placement JSON) as a pandas DataFrame."""
