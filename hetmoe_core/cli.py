@@ -72,6 +72,12 @@ def _setting(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _set_arg(p):
+    p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                   help="override one noise parameter of the preset(s), e.g. --set adc_bits=6 --set t_inference=3600 "
+                        "(repeatable; `presets` lists them with units and ranges)")
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags give one line (``error: argument --budget: 'abc' is not a number``) and exit code 2."""
 
@@ -291,9 +297,7 @@ def _eval_args(p, sweep: bool):
     p.add_argument(f"--budget{s}", dest="budgets", type=_shares, default=[0.125], help="digital budget(s) in [0, 1]"
                    + (" (comma-separated)" if sweep else ""))
     p.add_argument(f"--preset{s}", dest="presets", default="paper-pcm-c1.5", help="noise preset(s) (noise.PRESETS)")
-    p.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="NAME=VALUE",
-                   help="override one noise parameter of every preset, e.g. --set adc_bits=6 --set t_inference=3600 "
-                        "(repeatable; `presets` lists them with units and ranges)")
+    _set_arg(p)
     p.add_argument("--seeds", type=_int_at_least(1), default=1,
                    help="number of noise seeds (0..N-1): mean ± std over them")
     p.add_argument("--tasks", default="local", help="comma-separated tasks: the default model's (alias 'local'; "
@@ -561,11 +565,13 @@ def add_validate(p):
     _source(p)
     _store_arg(p)
     p.add_argument("--preset", required=True, help="noise preset (noise.PRESETS; not 'ideal')")
-    p.add_argument("--seeds", type=int, default=5, help="noise seeds 0..N-1 (standard errors over them)")
+    _set_arg(p)
+    p.add_argument("--seeds", type=_int_at_least(1), default=5, help="noise seeds 0..N-1 (standard errors over them)")
     p.add_argument("--calib", default=None, help="calibration text (.txt, .json, .jsonl); default: the default "
                    "model's validation text")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens measured (same for every expert)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the correlation CIs")
+    p.add_argument("--tokens", type=_int_at_least(1), default=16384,
+                   help="calibration tokens measured (same for every expert)")
+    p.add_argument("--bootstrap", type=_int_at_least(1), default=1000, help="bootstrap replicates of the correlation CIs")
 
 
 def cmd_validate(args) -> dict:
@@ -575,7 +581,7 @@ def cmd_validate(args) -> dict:
         raise ValueError(f"--seeds must be >= 1 (number of noise seeds), got {args.seeds}")
     if args.tokens < 1:
         raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
-    noise = get_preset(args.preset)
+    noise = get_preset(args.preset, **dict(args.settings))
     if not (noise.weight_noise or noise.io_active):
         raise ValueError(f"preset {args.preset!r} has no nonideality, so every damage is 0; choose a noisy preset, "
                          "e.g. paper-pcm-c2.5")

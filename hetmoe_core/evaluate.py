@@ -24,7 +24,7 @@ import weakref
 from datetime import datetime, timezone
 from typing import Callable
 
-from .store import Store
+from .store import Store, config_key
 from .sweep import BACKENDS, IDEAL, RunSpec, _check, default_calibration, plan, units  # re-export
 from .tasks import (BOOTSTRAP_ITERS, LOCAL_TASKS, TaskRef, _local_tasks, _run_task, _task_manager,  # re-export
                     resolve_tasks, task_aliases)
@@ -96,7 +96,8 @@ def _result(spec: RunSpec, cached: bool, metrics: list[dict], run: dict | None =
             "budget": spec.budget, "preset": spec.preset, "seed": spec.seed, "backend": spec.backend,
             "metrics": {m["metric"]: m["value"] for m in metrics},
             "stderr": {m["metric"]: m["stderr"] for m in metrics},
-            "digital_share": (run or {}).get("digital_share"), "duration_s": (run or {}).get("duration_s")}
+            "digital_share": (run or {}).get("digital_share"), "duration_s": (run or {}).get("duration_s"),
+            "shared_from": (run or {}).get("shared_from")}
 
 
 def evaluate_many(source: str = "default", *, store: Store | str | None = None, lm=None,
@@ -111,7 +112,8 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
     (its fingerprint keys the results; ``source`` is then only a label).
     ``cancel``: a threading.Event; when set, the running forward raises and the call returns the results so far.
     Returns one dict per result: key, cached, ideal, task, strategy, budget, preset, seed, backend,
-    metrics {name: value}, stderr {name: value}, digital_share, duration_s.
+    metrics {name: value}, stderr {name: value}, digital_share, duration_s, shared_from (the key of the identical
+    computation whose numbers this result reuses, None when computed for itself; see _run_unit).
     Raises ValueError for bad input (nothing is stored then).
     """
     calib_hash = None
@@ -180,12 +182,15 @@ def _measured(lm, specs, store, calibration, cancel) -> dict:
 def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, memo: dict, measured=None):
     """Build the placement and noisy model of one unit and run its tasks; yields (spec, metrics, run row).
 
-    ``memo`` maps a computation (digital set, dense policy, noise, seed, backend, task, limit, few-shot, batch) to
-    metrics already computed in this call: e.g. budget 0 gives every strategy the same all-analog placement, and the
-    analog noise depends only on the seed and which modules are analog, so those results are identical by
-    construction and are stored without running the model again (duration_s 0).
+    Identical work is done once. A computation is (weights, dtype, device, digital set, dense policy, noise,
+    seed, backend, task, limit, few-shot, batch size, library versions), where the seed is dropped for a
+    deterministic noise config (``NoiseConfig.deterministic``: no weight or output noise, so every seed gives the
+    same numbers); e.g. budget 0 gives every strategy the same all-analog placement. Its hash is stored with each
+    result (``compute_key``); a result whose computation was already done, in this call (``memo``) or in the
+    store, is stored under its own key without running the model, marked ``shared_from`` = the key of the result
+    that was computed, with duration_s 0.
     """
-    from lm_eval.models.huggingface import HFLM
+    from .tasks import quiet_hflm
     from .placement import DensePolicy, Placement, digital_share, place
     head = group[0]
     if head.ideal:
@@ -197,34 +202,41 @@ def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, m
     share = digital_share(placement, lm.anatomy)["digital_share"]
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}
-    ident = (head.ideal, placement.digital, placement.dense, head.noise, head.seed, head.backend)
+    from .noise import NoiseConfig
+    same_any_seed = head.ideal or NoiseConfig(**dict(head.noise)).deterministic
+    cfg = head.config()
+    ident = {"model": cfg["model"], "device": cfg["device"], "versions": cfg["versions"], "ideal": head.ideal,
+             "digital": placement.digital, "dense": placement.dense, "noise": dict(head.noise),
+             "seed": None if same_any_seed else head.seed, "backend": head.backend}
 
     def comp(spec):
-        return ident + (spec.task, spec.limit, spec.num_fewshot, spec.batch_size)
+        return config_key({**ident, "task": [spec.task.name, spec.task.version], "limit": spec.limit,
+                           "num_fewshot": spec.num_fewshot, "batch_size": spec.batch_size})
 
-    def save(spec, metrics, started, duration):
+    def save(spec, metrics, started, duration, shared_from=None):
         run = {**spec.row(), "started_at": started, "duration_s": duration, "placement_key": placement.key,
-               "digital_share": share}
+               "digital_share": share, "compute_key": comp(spec), "shared_from": shared_from}
         metrics = [{**m, "seed": spec.seed} for m in metrics]
         store.put_result(spec.key, run, metrics, prow)
         return spec, metrics, run
     pending = []
     for spec in group:
-        if comp(spec) in memo:
-            yield save(spec, memo[comp(spec)], datetime.now(timezone.utc).replace(tzinfo=None), 0.0)
+        done = memo.get(comp(spec)) or store.get_computed(comp(spec))
+        if done is not None:
+            memo[comp(spec)] = done
+            yield save(spec, done[1], datetime.now(timezone.utc).replace(tzinfo=None), 0.0, shared_from=done[0])
         else:
             pending.append(spec)
     if not pending:
         return
     bs = head.batch_size
     if bs not in st["hflm"]:
-        st["hflm"][bs] = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=bs)
+        st["hflm"][bs] = quiet_hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=bs)
     hflm = st["hflm"][bs]
     if head.ideal:
         ctx = contextlib.nullcontext()
     else:
         from .analog import analog
-        from .noise import NoiseConfig
         ctx = analog(lm.model, lm.anatomy, placement, NoiseConfig(**dict(head.noise)), seed=head.seed,
                      backend=head.backend)
 
@@ -243,7 +255,7 @@ def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, m
                 except Exception as e:
                     store.put_failure(spec.key, spec.row(), f"{type(e).__name__}: {e}")
                     raise
-                memo[comp(spec)] = metrics
+                memo[comp(spec)] = (spec.key, metrics)
                 yield save(spec, metrics, started, time.perf_counter() - t0)
     finally:
         hook.remove()

@@ -329,6 +329,19 @@ class Store:
                 raise
         return True
 
+    def get_computed(self, compute_key: str) -> tuple[str, list[dict]] | None:
+        """(key, metrics) of a successful result computed (not itself shared) for the computation ``compute_key``,
+        or None: identical work (same weights, analog set, noise, task, ...) is then reused, not redone."""
+        with self._connect(write=False) as con:
+            row = con.execute("SELECT key FROM runs WHERE compute_key=? AND status='ok' AND shared_from IS NULL "
+                              "ORDER BY created_at LIMIT 1", [compute_key]).fetchone()
+            if row is None:
+                return None
+            cur = con.execute("SELECT task, metric, value, stderr FROM metrics WHERE key=? ORDER BY task, metric",
+                              [row[0]])
+            metrics = [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+        return row[0], metrics
+
     def put_failure(self, key: str, run: dict, error: str) -> None:
         """Record a failed run (never a cache hit; a later successful run replaces it)."""
         run = {"origin": "computed", **run, "key": key, "status": "error", "error": error[:2000], "created_at": _now()}

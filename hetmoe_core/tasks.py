@@ -139,3 +139,24 @@ def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:
     if not out:
         raise RuntimeError(f"lm-eval returned no metrics for {ref.name}")
     return out
+
+
+_QUIET: list = []
+
+
+def quiet_hflm(**kw):
+    """lm-eval's ``HFLM(**kw)`` without its per-request progress bars ("Tokenizing inputs", "Running loglikelihood
+    requests", ...): hetmoe shows one overall bar per sweep instead. lm-eval passes ``disable_tqdm`` explicitly
+    (and ``False`` from ``loglikelihood_rolling`` to ``_loglikelihood_tokens``), so tqdm's environment switch cannot
+    reach those bars; this subclass forces the argument on its request methods."""
+    if not _QUIET:
+        from lm_eval.models.huggingface import HFLM
+
+        def quiet(name):
+            def method(self, *a, **k):
+                return getattr(HFLM, name)(self, *a, **{**k, "disable_tqdm": True})
+            method.__name__ = name
+            return method
+        names = ("loglikelihood", "loglikelihood_rolling", "generate_until", "_loglikelihood_tokens")
+        _QUIET.append(type("QuietHFLM", (HFLM,), {n: quiet(n) for n in names}))
+    return _QUIET[0](**kw)

@@ -397,3 +397,25 @@ def test_info_and_weight_scores_need_no_tokenizer(ckpt, capsys):
     assert rc == 0 and len(json.loads(out)["layers"][0]["maxnn"]) == 4, err   # tiny Mixtral: 4 experts
     rc, _, err = _cli(capsys, "scores", ckpt)                                    # frequency/weight tokenize text
     assert rc == 2 and "needs tokenizer.json" in err.splitlines()[-1]
+
+
+# ---------------------------------------------------------------- 9. identical work is done once
+def test_identical_work_is_computed_once_and_marked_shared(tmp_path, capsys):
+    db = tmp_path / "r.duckdb"
+    args = ["sweep", "default", "--budgets", "0", "--presets", "paper-dac-adc-8bit", "--seeds", 2, "--tasks",
+            "hetmoe_cloze", "--limit", 2, "--no-ideal", "--store", db]
+    rc, out, err = _cli(capsys, *args, "--strategies", "maxnn,random")
+    assert rc == 0, err
+    # one overall bar; lm-eval's per-request bars are silenced (item 11)
+    assert "sweep:" in err and "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err
+    line = next(l for l in out.splitlines() if l.startswith("hetmoe_cloze"))
+    assert "deterministic" in line and "±" not in line                      # 8-bit DAC/ADC only: no random part
+    long = Store(db, read_only=True).runs_frame()
+    runs = long.drop_duplicates("key")
+    assert len(runs) == 4 and runs.compute_key.nunique() == 1               # budget 0: every placement all analog
+    computed = runs[runs.shared_from.isna()]
+    assert len(computed) == 1 and (runs[runs.shared_from.notna()].shared_from == computed.key.iloc[0]).all()
+    assert (long.groupby("metric").value.nunique() == 1).all() and (runs[runs.shared_from.notna()].duration_s == 0).all()
+    rc, out, err = _cli(capsys, *args, "--strategies", "router_norm", "--json")   # a later call reuses the store's
+    res = json.loads(out)["results"]
+    assert rc == 0 and [r["shared_from"] for r in res] == [computed.key.iloc[0]] * 2, err
