@@ -158,6 +158,23 @@ def test_read_only_store_lists_exports_reports_and_writers_say_read_only(filled,
         shutil.rmtree(out)
 
 
+def test_schema_1_store_is_upgraded_by_a_writer_and_refused_read_only_with_a_clear_line(filled, capsys):
+    from hetmoe_core.store import SCHEMA_VERSION, V2_COLUMNS
+    con = duckdb.connect(str(filled.path))                 # turn it into a store as hetmoe 1 wrote it
+    for col in V2_COLUMNS:
+        con.execute(f"ALTER TABLE runs DROP COLUMN {col}")
+    con.execute("DROP TABLE sensitivity")
+    con.execute("UPDATE meta SET value='1' WHERE name='schema_version'")
+    con.close()
+    rc, _, err = _cli(capsys, "runs", "--store", filled.path)
+    assert rc == 2 and "schema version 1; open it once where it is writable" in err
+    st = Store(filled.path)                                # a writer upgrades it in place, nothing lost
+    runs = st.runs_frame()
+    assert len(runs) == 2 and set(runs.dtype) == {"float32"} and set(runs.origin) == {"computed"}
+    assert st.query("SELECT value FROM meta WHERE name='schema_version'").value[0] == str(SCHEMA_VERSION)
+    assert st.sensitivity_frame().empty
+
+
 # ---------------------------------------------------------------- 4. foreign DuckDB files are refused, bytes identical
 def test_foreign_duckdb_file_is_refused_and_left_identical(filled, tmp_path, capsys):
     other = tmp_path / "other.duckdb"
@@ -331,6 +348,8 @@ def test_presets_command_prints_every_parameter_with_unit_range_and_source(capsy
     (["evaluate", "default", "--batch-size", "0"], "argument --batch-size: got 0"),
     (["evaluate", "default", "--limit", "2.5"], "argument --limit: got 2.5"),
     (["place", "default", "--budget", "abc"], "argument --budget: 'abc' is not a number"),
+    (["validate", "default", "--preset", "paper-pcm-c1.5", "--set", "prog_noise_scale=-1"],
+     "--set: prog_noise_scale=-1.0: allowed a number in [0, 100]"),
 ])
 def test_bad_flags_name_their_flag_in_one_line(capsys, argv, msg, tmp_path):
     rc, out, err = _cli(capsys, *argv, "--store", tmp_path / "r.duckdb") if argv[0] != "place" else \

@@ -154,8 +154,8 @@ def test_cli_place(capsys, tmp_path):
     out = json.loads(capsys.readouterr().out)
     assert sum(out["per_layer_digital"]) == 8 and out["placement"]["dense"]["attention"] is False
     (tmp_path / "empty.txt").write_text("\n  \n")
-    for argv, msg in [(["--budget", "1.4"], "budget must be a number in [0, 1]"),
-                      (["--budget", "x"], "budget must be a number"),
+    for argv, msg in [(["--budget", "1.4"], "argument --budget: got 1.4; give a share of routed experts in [0, 1]"),
+                      (["--budget", "x"], "argument --budget: 'x' is not a number"),
                       (["--budget", "0.25", "--strategy", "maxnorm"], "unknown strategy 'maxnorm'"),
                       (["--budget", "0.25", "--scope", "model"], "scope must be one of"),
                       (["--budget", "0.25", "--analog-dense", "mlp"], "unknown dense kind"),
