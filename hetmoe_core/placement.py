@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .scores import STRATEGIES, expert_scores, strategy_scores
+from .scores import expert_scores
+from .strategies import STRATEGIES, get_strategy, strategy_scores
 
 SCOPES = ("layer", "global")
-DENSE_KINDS = ("attention", "lm_head", "shared_experts", "router", "dense_mlp")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class DensePolicy:
         if kind not in DENSE_KINDS:
             raise ValueError(f"unknown dense module kind {kind!r}; one of {', '.join(DENSE_KINDS)}")
         return bool(getattr(self, kind))
+
+
+DENSE_KINDS = tuple(f.name for f in fields(DensePolicy))   # the densely activated module kinds, in policy order
 
 
 @dataclass(frozen=True)
@@ -146,25 +149,25 @@ def _n(budget: float, total: int) -> int:
 def check_request(strategy: str, budget: float, scope: str = "layer") -> None:
     """Validate a placement request before any model work. Raises ValueError naming the valid values."""
     _check_budget(budget)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    get_strategy(strategy)   # ValueError "unknown strategy ..." with the closest name and the list
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
 
 
 def place(anatomy, strategy: str, budget: float, scope: str = "layer", dense: DensePolicy = DensePolicy(),
-          seed: int = 0, stats=None, scores=None) -> Placement:
+          seed: int = 0, stats=None, scores=None, measurement=None) -> Placement:
     """Choose the digital routed experts: the highest-scoring ones under ``budget`` (see module docstring).
 
-    strategy: "maxnn" | "frequency" | "weight" | "router_norm" | "random" (seeded). stats: routing.ActivationStats
-    (needed by frequency / weight); scores: scores.ExpertScores (computed from the model if not given).
+    strategy: a name in strategies.STRATEGIES ("random" is seeded). stats: routing.ActivationStats (for strategies
+    that need "stats"); scores: scores.ExpertScores (computed from the model if not given); measurement: per-layer
+    measured damage (for strategies that need "measurement").
     Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats.
     """
     check_request(strategy, budget, scope)
     ne = [m.num_experts for m in anatomy.moe_layers]
-    if strategy in ("maxnn", "router_norm") and scores is None:
+    if STRATEGIES[strategy].needs == "scores" and scores is None:
         scores = expert_scores(anatomy)
-    s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, seed=seed)
+    s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, measurement=measurement, seed=seed)
     # one fixed ranking per scope: score descending, ties -> lower MoE layer, then lower expert id
     if scope == "layer":
         digital = [np.lexsort((np.arange(e), -x))[:_n(budget, e)] for x, e in zip(s, ne)]
