@@ -174,24 +174,38 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
         store.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
     memo: dict = {}
     try:
+        measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
         for group in units(todo):
             if cancel is not None and cancel.is_set():
                 break
             with state["lock"]:
-                for spec, metrics, run in _run_unit(lm, state, group, store, cancel, calib_text, memo):
+                for spec, metrics, run in _run_unit(lm, state, group, store, cancel, calib_text, memo, measured):
                     report(spec, _result(spec, False, metrics, run))
     except Cancelled:
         pass
 
 
-def _unit_placement(lm, store: Store, head: RunSpec, calib_text):
+def _measured(lm, specs, store, calib_text, cancel) -> dict:
+    """Scores of the strategies that need a measurement (oracle, local_error) per (strategy, noise) the specs need."""
+    out = {}
+    for s in specs:
+        if not s.ideal and STRATEGIES[s.strategy].needs == "measurement" and (s.strategy, s.noise) not in out:
+            from .noise import NoiseConfig
+            from .sensitivity import measured_scores
+            out[(s.strategy, s.noise)] = measured_scores(
+                lm, s.strategy, NoiseConfig(**dict(s.noise)), store=store, texts=calib_text,
+                cancel=(lambda: cancel.is_set()) if cancel is not None else None)
+    return out
+
+
+def _unit_placement(lm, store: Store, head: RunSpec, calib_text, measured: dict):
     """The placement of a unit: all digital for the ideal reference, else ``place`` with what the strategy needs."""
     from .placement import DensePolicy, Placement, place
     if head.ideal:
         return Placement.all_digital(lm.anatomy)
     stats = _activation_stats(lm, store, calib_text) if STRATEGIES[head.strategy].needs == "stats" else None
     return place(lm.anatomy, head.strategy, head.budget, scope=head.scope, dense=DensePolicy(**dict(head.dense)),
-                 seed=head.seed, stats=stats)
+                 seed=head.seed, stats=stats, measured=measured.get((head.strategy, head.noise)))
 
 
 def _unit_model(lm, state: dict, head: RunSpec, placement):
@@ -208,7 +222,7 @@ def _unit_model(lm, state: dict, head: RunSpec, placement):
                                      seed=head.seed, backend=head.backend)
 
 
-def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text, memo: dict):
+def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text, memo: dict, measured: dict):
     """Build the placement and noisy model of one unit and run its tasks; yields (spec, metrics, run row).
 
     ``memo`` maps a computation (digital set, dense policy, noise, seed, backend, task, limit, few-shot, batch) to
@@ -218,7 +232,7 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
     """
     from .placement import digital_share
     head = group[0]
-    placement = _unit_placement(lm, store, head, calib_text)
+    placement = _unit_placement(lm, store, head, calib_text, measured)
     share = digital_share(placement, lm.anatomy)["digital_share"]
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}

@@ -29,6 +29,8 @@ import numpy as np
 from .scores import expert_scores
 from .strategies import STRATEGIES, get_strategy, strategy_scores
 
+MEASURED_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs == "measurement")
+"""Strategies scored by measurement under a noise preset (``sensitivity.measured_scores``), from the registry."""
 SCOPES = ("layer", "global")
 
 
@@ -155,19 +157,20 @@ def check_request(strategy: str, budget: float, scope: str = "layer") -> None:
 
 
 def place(anatomy, strategy: str, budget: float, scope: str = "layer", dense: DensePolicy = DensePolicy(),
-          seed: int = 0, stats=None, scores=None, measurement=None) -> Placement:
+          seed: int = 0, stats=None, scores=None, measured=None) -> Placement:
     """Choose the digital routed experts: the highest-scoring ones under ``budget`` (see module docstring).
 
     strategy: a name in strategies.STRATEGIES ("random" is seeded). stats: routing.ActivationStats (for strategies
-    that need "stats"); scores: scores.ExpertScores (computed from the model if not given); measurement: per-layer
-    measured damage (for strategies that need "measurement").
-    Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats.
+    that need "stats"); scores: scores.ExpertScores (computed from the model if not given); measured: per-layer
+    float64 [E] scores of a strategy that needs a "measurement" (oracle / local_error) for the chosen noise preset
+    (``sensitivity.measured_scores``).
+    Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats / measured scores.
     """
     check_request(strategy, budget, scope)
     ne = [m.num_experts for m in anatomy.moe_layers]
     if STRATEGIES[strategy].needs == "scores" and scores is None:
         scores = expert_scores(anatomy)
-    s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, measurement=measurement, seed=seed)
+    s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, measured=measured, seed=seed)
     # one fixed ranking per scope: score descending, ties -> lower MoE layer, then lower expert id
     if scope == "layer":
         digital = [np.lexsort((np.arange(e), -x))[:_n(budget, e)] for x, e in zip(s, ne)]

@@ -29,7 +29,8 @@ from .shards import _plan, _shards, stream_scores  # re-export
 from .strategies import STRATEGIES as _REGISTRY, random_scores, strategy_scores  # re-export
 
 PROJECTIONS = ("gate", "up", "down")
-STRATEGIES = tuple(_REGISTRY)   # strategy names (the registry is strategies.STRATEGIES)
+# names of the strategies scored without a measurement (the registry is strategies.STRATEGIES)
+STRATEGIES = tuple(n for n, s in _REGISTRY.items() if s.needs != "measurement")
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,7 +24,7 @@ NEEDS = ("scores", "stats", "measurement", None)
 
 @dataclass(frozen=True)
 class Strategy:
-    """One placement strategy: ``score(num_experts=, scores=, stats=, measurement=, seed=)`` -> per-layer [E]."""
+    """One placement strategy: ``score(num_experts=, scores=, stats=, measured=, seed=)`` -> per-layer [E]."""
     name: str
     label: str
     needs: str | None
@@ -35,7 +35,8 @@ class Strategy:
 STRATEGIES: dict[str, Strategy] = {}
 _NEED_HELP = {"scores": "expert scores (scores.expert_scores(anatomy))",
               "stats": "activation statistics from calibration text (routing.activation_stats)",
-              "measurement": "a sensitivity measurement (sensitivity module)"}
+              "measurement": "measured scores under a noise preset (measured=sensitivity.measured_scores(lm, "
+                             "strategy, preset))"}
 
 
 def register_strategy(name: str, *, label: str, needs: str | None = None):
@@ -73,20 +74,20 @@ def label(name: str) -> str:
     return s.label if s else name
 
 
-def strategy_scores(strategy: str, *, num_experts: list[int], scores=None, stats=None, measurement=None,
+def strategy_scores(strategy: str, *, num_experts: list[int], scores=None, stats=None, measured=None,
                     seed: int = 0) -> list:
     """Per-layer float64 [E] scores for a placement strategy (higher -> digital); NaN counts as 0.
 
-    scores: ``scores.ExpertScores``; stats: ``routing.ActivationStats``; measurement: per-layer damage from
-    ``sensitivity``; seed: for "random". Raises ValueError for an unknown strategy, a missing input, or scores
+    scores: ``scores.ExpertScores``; stats: ``routing.ActivationStats``; measured: per-layer [E] scores measured
+    under a noise preset (``sensitivity.measured_scores``); seed: for "random". Raises ValueError for an unknown strategy, a missing input, or scores
     whose experts per layer differ from ``num_experts``.
     """
     import numpy as np
     s = get_strategy(strategy)
-    given = {"scores": scores, "stats": stats, "measurement": measurement}
+    given = {"scores": scores, "stats": stats, "measurement": measured}
     if s.needs is not None and given[s.needs] is None:
         raise ValueError(f"strategy {strategy!r} needs {_NEED_HELP[s.needs]}")
-    out = s.score(num_experts=list(num_experts), scores=scores, stats=stats, measurement=measurement, seed=seed)
+    out = s.score(num_experts=list(num_experts), scores=scores, stats=stats, measured=measured, seed=seed)
     out = [np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0) for x in out]
     if [len(x) for x in out] != list(num_experts):
         raise ValueError(f"scores have {[len(x) for x in out]} experts per layer but the model has {list(num_experts)}")
@@ -130,3 +131,15 @@ def _router_norm(*, scores, **_):
 def _random(*, num_experts, seed, **_):
     """i.i.d. uniform scores from ``seed``."""
     return random_scores(num_experts, seed)
+
+
+@register_strategy("oracle", label="Oracle (measured damage)", needs="measurement")
+def _oracle(*, measured, **_):
+    """Measured only-this damage of each expert on analog tiles under the preset (sensitivity.measure)."""
+    return measured
+
+
+@register_strategy("local_error", label="Local output error", needs="measurement")
+def _local_error(*, measured, **_):
+    """The Local Output Error criterion of each expert under the preset (criteria module)."""
+    return measured

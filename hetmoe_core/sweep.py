@@ -37,7 +37,7 @@ class RunSpec:
     preset: str = IDEAL
     seed: int = 0
     backend: str = IDEAL
-    calibration: str | None = None   # hash of the calibration text (strategies that need routing statistics)
+    calibration: str | None = None   # hash of the calibration text (strategies placed from it)
 
     def config(self) -> dict:
         """The canonical config whose hash is the cache key (see module docstring of store)."""
@@ -128,7 +128,7 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
         noise = tuple(sorted(noises[p].to_dict().items()))
         for s in strategies:
             calib = None
-            if STRATEGIES[s].needs == "stats":   # the calibration text enters the key
+            if STRATEGIES[s].needs in ("stats", "measurement"):   # placed from calibration text: it enters the key
                 calib = calibration_hash or calibration_text()[1]
             specs += [RunSpec(task=t, strategy=s, budget=b, scope=scope, dense=dense_items, noise=noise, preset=p,
                               seed=seed, backend=backend, calibration=calib, **common)
