@@ -29,7 +29,7 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code, revision=args.revision)
 
 
-# ---- info (issue A)
+# ---- info
 def add_info(p):
     _source(p)
 
@@ -39,7 +39,7 @@ def cmd_info(args) -> dict:
     return {"source": args.source, "fingerprint": lm.fingerprint, **lm.anatomy.summary()}
 
 
-# ---- scores, place (issue B)
+# ---- scores, place
 def _calib_args(p):
     p.add_argument("--calib", default=None, help="calibration text (.txt one per line, .json, .jsonl with "
                    "text/domain); default: the default model's validation text")
@@ -190,7 +190,7 @@ def cmd_energy(args) -> dict:
     return None
 
 
-# ---- evaluate, sweep, runs, export, import, report (issue E)
+# ---- evaluate, sweep, runs, export, import, report
 def _store_arg(p):
     p.add_argument("--store", default=None, help="results store (DuckDB file; default cache/results.duckdb)")
 
@@ -297,8 +297,8 @@ def _filters(where: list[str]) -> dict:
 
 def cmd_runs(args) -> dict:
     from .store import Store
-    st = Store(args.store, create=False)
-    df = st.summary_frame(_filters(args.where)) if args.summary else st.runs_frame(_filters(args.where)).drop(
+    store = Store(args.store, create=False)
+    df = store.summary_frame(_filters(args.where)) if args.summary else store.runs_frame(_filters(args.where)).drop(
         columns=["config", "versions", "error"])
     rows = json.loads(df.head(args.max_rows).to_json(orient="records", date_format="iso"))
     if not args.json:
@@ -309,7 +309,7 @@ def cmd_runs(args) -> dict:
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(view.to_string(index=False) if len(df) else "no stored results match")
         return None
-    return {"store": str(st.path), "count": len(df), "rows": rows}
+    return {"store": str(store.path), "count": len(df), "rows": rows}
 
 
 def add_export(p):

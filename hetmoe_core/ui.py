@@ -228,12 +228,13 @@ def expert_scores(fingerprint: str, dtype: str, _handle: ModelHandle):
 
 @st.cache_data(max_entries=4, show_spinner=False)
 def calibration() -> tuple[dict | None, str | None, str]:
-    """(texts by domain, hash, message): the default calibration text of evaluate, or (None, None, why not)."""
+    """(texts by domain, hash, message): the default calibration text (sweep.calibration_text), or (None, None,
+    why not) when its file is unreadable."""
     try:
-        from .evaluate import default_calibration
-        texts, h = default_calibration()
+        from .sweep import calibration_text
+        texts, h = calibration_text()
         return texts, h, ""
-    except (ValueError, ImportError, OSError) as e:
+    except (ValueError, OSError) as e:
         return None, None, str(e)
 
 
