@@ -208,6 +208,46 @@ class _LayerForward:
         return self.st.forward(view, hidden_states, idx, top_k_weights)
 
 
+class _CachedFlip:
+    """Experts forward of MoE layer d for R row blocks that recomputes only the flipped expert's rows.
+
+    ``rows`` ``[N*K, H]`` float32: every (token, choice) row of the base state, weighted by its routing weight, as
+    the fast backend computes it for a placement that differs from the base in one expert (the mixed-placement
+    arithmetic). Block r copies them, recomputes the rows of expert e_r in its other state through the same
+    forward (one row per choice), and sums each token's K rows in the same order as ``_FastExperts.forward``.
+    Row-wise identical to ``_LayerForward`` with the same flips (float32 models; test_sensitivity)."""
+
+    def __init__(self, bank: _Bank, base: str, flip, rows: torch.Tensor, gen_seed: int = 0):
+        self.lf = _LayerForward(bank, base, flip, gen_seed)
+        self.rows, self.flip, self.E = rows, list(flip), bank.m.num_experts
+
+    @staticmethod
+    def base_rows(bank: _Bank, base: str, inputs, gen_seed: int = 0) -> torch.Tensor:
+        """The base state's weighted rows ``[N*K, H]`` for the captured experts inputs (hidden, top-k ids,
+        top-k weights); a base of all-noisy experts runs the mixed arithmetic (one clean copy appended)."""
+        x, idx, w = inputs
+        K = idx.shape[-1]
+        lf = _LayerForward(bank, base, [0] if base == "noisy" else [], gen_seed)
+        view = _ExpertsView(bank.m.experts, bank.m, lf.w["in"], lf.w["down"], lf.biases)
+        return lf.st.forward(view, x.repeat_interleave(K, 0), idx.reshape(-1, 1), w.reshape(-1, 1))
+
+    def forward(self, mod, hidden_states, top_k_index, top_k_weights):
+        R, K = len(self.flip), top_k_index.shape[-1]
+        N, H = hidden_states.shape[0] // R, hidden_states.shape[1]
+        view = _ExpertsView(mod, self.lf.m, self.lf.w["in"], self.lf.w["down"], self.lf.biases)
+        out = []
+        for r, e in enumerate(self.flip):
+            sel = (top_k_index[r * N:(r + 1) * N].reshape(-1) == e).nonzero().squeeze(1)
+            y = self.rows.clone()
+            if sel.numel():
+                x = hidden_states[r * N + sel // K]
+                ids = torch.full((sel.numel(), 1), self.E + r, dtype=top_k_index.dtype, device=x.device)
+                wr = top_k_weights[r * N:(r + 1) * N].reshape(-1)[sel].unsqueeze(1)
+                y[sel] = self.lf.st.forward(view, x, ids, wr).to(y.dtype)
+            out.append(y.view(N, K, H).sum(1))
+        return torch.cat(out).to(hidden_states.dtype)
+
+
 @contextmanager
 def _dispatch(anatomy):
     """Route every experts forward through hetmoe's dispatcher (``moe_dispatch.install``, as ``analog()`` does);
@@ -268,13 +308,28 @@ class _Engine:
         self.chunks = [ids[i:i + batch].to(self.dev) for i in range(0, ids.shape[0], batch)]
         self.positions = ids.shape[0] * (ids.shape[1] - 1)
         self.check = check
+        # cached base rows need float32 experts (a per-row cast would round before the K-sum)
+        self.cached_rows = all(m.experts.down_proj.dtype == torch.float32 for m in lm.anatomy.moe_layers)
+
+    def flip_state(self, bank: _Bank, base: str, flip, keep: dict, seed: int):
+        """The layer state measuring ``flip`` against ``base`` ("clean"/"noisy"): cached rows when possible."""
+        if not self.cached_rows:
+            return _LayerForward(bank, base, flip, gen_seed=seed)
+        rows = keep.setdefault("rows", {})
+        if bank.m.index not in rows:
+            rows[bank.m.index] = _CachedFlip.base_rows(bank, base, keep["experts"][bank.m.index], seed)
+        return _CachedFlip(bank, base, flip, rows[bank.m.index], gen_seed=seed)
 
     def base_pass(self, chunk, states: dict | None, routes: bool = False) -> dict:
         """One forward of ``chunk`` with the given experts states (None: clean); keeps every decoder layer's
         input, every attention output, the final hidden states, the NLL and (optionally) the routers' top-k."""
         self.check()
-        keep = {"inp": {}, "attn": {}, "topk": {}}
-        hooks = []
+        keep = {"inp": {}, "attn": {}, "topk": {}, "experts": {}}
+        hooks = [m.experts.register_forward_pre_hook(
+            lambda mod, a, kw, i=m.index: keep["experts"].__setitem__(i, tuple(
+                (a[j] if len(a) > j else kw[n]) for j, n in enumerate(("hidden_states", "top_k_index",
+                                                                         "top_k_weights")))), with_kwargs=True)
+            for m in self.anatomy.moe_layers] if self.cached_rows else []
         for j, layer in enumerate(self.dec.layers):
             hooks.append(layer.register_forward_pre_hook(
                 lambda mod, a, kw, j=j: keep["inp"].__setitem__(j, a[0] if a else kw["hidden_states"]),
@@ -402,7 +457,7 @@ def _lock(lm):
 
 @torch.no_grad()
 def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True, dense: bool = True,
-            layers: bool = True, group: int | None = None, progress: Callable[[int, int], None] | None = None,
+            layers: bool = True, group: int | None = None, reuse_rows: bool = True, progress: Callable[[int, int], None] | None = None,
             cancel: Callable[[], bool] | None = None) -> Measurement:
     """Measure per-expert, per-layer and dense-module damage (see module docstring).
 
@@ -414,6 +469,8 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
         all_but_this / dense: also measure those. layers: also whole-layer and all-experts damage and routing
             drift (needs the all-analog pass; all_but_this implies it). Quantities not measured stay 0.
         group: experts per batched forward (default: as many as fit ``ROWS_PER_FORWARD`` tokens).
+        reuse_rows: recompute only the flipped expert's rows of its layer (``_CachedFlip``); False runs the whole
+            experts forward of that layer per block (same numbers, slower; kept for the equality test).
         progress: progress(done, total) after each unit; cancel: returns True to stop.
     Returns: Measurement. Raises ValueError for bad seeds/noise/ids; evaluate.Cancelled when cancelled.
     Cost: per seed about (L-l) decoder layers + LM head per expert of MoE layer l, in batched forwards.
@@ -438,6 +495,7 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
     B = min(B, ids.shape[0])
     R = group or max(1, ROWS_PER_FORWARD // (B * ids.shape[1]))
     eng = _Engine(lm, ids, B, check)
+    eng.cached_rows = eng.cached_rows and reuse_rows
     n_chunks = len(eng.chunks)
     groups = [(m, list(range(m.num_experts))[g:g + R]) for m in a.moe_layers for g in range(0, m.num_experts, R)]
     layers = layers or all_but_this
@@ -484,12 +542,12 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
                         lay[si, i] += float(_sum(nll, clean["nll"])[0])
                         tick()
                     for m, g in groups:
-                        fl = _LayerForward(banks[m.index], "clean", g, gen_seed=seed)
+                        fl = eng.flip_state(banks[m.index], "clean", g, clean, seed)
                         nll = eng.replay_pass(chunk, clean, m, fl, None, len(g))
                         only[si, m.index, g] += _sum(nll, clean["nll"]).cpu().numpy()
                         tick()
                         if all_but_this:
-                            fl = _LayerForward(banks[m.index], "noisy", g, gen_seed=seed)
+                            fl = eng.flip_state(banks[m.index], "noisy", g, noisy, seed)
                             nll = eng.replay_pass(chunk, noisy, m, fl, noisy_states, len(g))
                             abt[si, m.index, g] += -_sum(nll, noisy["nll"]).cpu().numpy()
                             tick()
