@@ -21,16 +21,16 @@ only-this, all-but-this, whole-layer and all-experts damages are paired over exp
 tokens. Dense modules are programmed by ``analog()`` itself (one stream per module).
 
 Speed, without approximation (``bench/bench_sensitivity.py`` times it against the naive loop of one full noisy
-forward per expert and seed): noise is programmed once per seed for all experts; the clean (or all-analog)
-hidden states entering each decoder layer and its attention output are kept from one pass, so a measurement of an
-expert of decoder layer d replays them and recomputes only the MoE block of d and the layers above; R experts of
-one layer are measured in one forward of R row blocks, block r routing its tokens of expert e_r to a noisy (or,
-for all-but-this, clean) copy of that expert appended to the fused expert tensors; the LM head runs only on the
-positions whose final hidden state changed (for the last MoE layer: only the tokens routed to the expert).
-The arithmetic of each position is the one ``analog()``'s fast backend does (its ``_FastExperts`` forward is
-reused), so the batched result equals the one-expert-at-a-time loop (``naive_only_this``; test_sensitivity).
-Tile output noise (``out_noise`` > 0) is drawn per forward and cannot be equal between the two orders; the
-paper presets have none.
+forward per expert and seed): noise is programmed once per seed for all experts; one base pass (digital, or all
+experts analog for all-but-this) keeps the hidden states entering each decoder layer, each attention output and
+each MoE layer's weighted expert rows, so measuring an expert of decoder layer d replays everything below d and
+d's attention, recomputes only that expert's rows in d (``_CachedFlip``) and runs the layers above; R experts of
+one layer share one forward of R row blocks, block r holding expert e_r in its other state (a copy appended to
+the fused expert tensors); the LM head runs only on positions whose final hidden state changed (for the last MoE
+layer: only the tokens routed to the expert). Each position sees the arithmetic of ``analog()``'s fast backend
+(its ``_FastExperts`` forward is reused), so the result equals the one-expert-at-a-time loop bit for bit
+(``naive_only_this``; test_sensitivity). Tile output noise (``out_noise`` > 0) is drawn per forward and cannot
+be equal between the two orders; the paper presets have none.
 
 API contract (the Validate page and the example-results script build on it)::
 
