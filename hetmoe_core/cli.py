@@ -94,6 +94,32 @@ def add_place(p):
     p.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     p.add_argument("--analog-dense", default="", help="comma-separated dense kinds put on AIMC "
                    "(attention,lm_head,shared_experts,router,dense_mlp); default none (paper)")
+    _hardware_args(p)
+
+
+def _hardware_args(p):
+    from .hardware import DEFAULT_HARDWARE, HARDWARE
+    p.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"hardware preset: {' | '.join(HARDWARE)}")
+    p.add_argument("--batch", type=int, default=32, help="tokens decoded together per step (paper: 32)")
+    p.add_argument("--routing", default="auto", choices=["auto", "uniform", "measured"],
+                   help="expert routing frequencies for the cost: measured on the calibration text, uniform "
+                   "top-k/E, or auto (measured when the strategy already needs them)")
+
+
+def _energy(args, lm, placement, stats) -> dict:
+    """The energy block of a placement (energy.energy_block) on --hardware at --batch."""
+    from .energy import energy_block, shapes_of
+    if args.routing == "measured" and stats is None:
+        stats, _ = _activation(args, lm)
+    return energy_block(shapes_of(lm.model, lm.anatomy, args.source), placement, args.hardware, args.batch,
+                        None if args.routing == "uniform" else stats)
+
+
+def _check_hardware(args) -> None:
+    from .energy import check_batch
+    from .hardware import get_hardware
+    get_hardware(args.hardware)
+    check_batch(args.batch)
 
 
 def cmd_place(args) -> dict:
@@ -103,6 +129,7 @@ def cmd_place(args) -> dict:
     except ValueError:
         raise ValueError(f"budget must be a number in [0, 1], got {args.budget!r}") from None
     check_request(args.strategy, budget, args.scope)
+    _check_hardware(args)
     analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
         raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
@@ -129,10 +156,36 @@ def cmd_place(args) -> dict:
     p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats,
               dense=DensePolicy(**{k: False for k in analog}), measured=measured)
     out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),
-           **digital_share(p, lm.anatomy)}
+           **digital_share(p, lm.anatomy), "energy": _energy(args, lm, p, stats)}
     if calib:
         out["calibration"] = calib
     return out
+
+
+# ---- energy: what a placement costs on hardware
+def add_energy(p):
+    add_place(p)
+
+
+def cmd_energy(args) -> dict:
+    out = cmd_place(args)
+    e = out.pop("energy")
+    keys = ("energy_per_token_j", "tokens_per_j", "tokens_per_s", "latency_s", "tiles", "chips", "digital_bytes")
+    head = {"source": out["source"], "strategy": args.strategy, "budget": out["placement"]["budget"],
+            "digital_share": out["digital_share"], **{k: e.pop(k) for k in keys}}
+    if args.json:
+        return {**head, **e}
+    for k, v in head.items():
+        print(f"{k:<20} {v:.4g}" if isinstance(v, float) else f"{k:<20} {v}")
+    print(f"{'hardware':<20} {e['hardware']} at batch {e['batch']} ({e['routing']} routing; digital part "
+          f"{e['digital_bound']}-bound)")
+    for n, r in e["references"].items():
+        print(f"  {n:<18} {r['energy_per_token_j']:.4g} J/token  {r['tokens_per_s']:.4g} tokens/s  "
+              f"{r['tiles']} tiles  {r['chips']} chips")
+    print("sources:")
+    for k, v in e["citations"].items():
+        print(f"  {k}: {v}")
+    return None
 
 
 # ---- evaluate, sweep, runs, export, import, report (issue E)
@@ -367,6 +420,7 @@ COMMANDS = {
     "info": (add_info, cmd_info, "anatomy summary of an MoE model"),
     "scores": (add_scores, cmd_scores, "MaxNNScore, per-projection maxima, router norm, frequency, weight"),
     "place": (add_place, cmd_place, "digital/analog placement of routed experts and its digital share"),
+    "energy": (add_energy, cmd_energy, "energy per token, throughput, AIMC tiles and chips of a placement"),
     "evaluate": (add_evaluate, cmd_evaluate, "scores under a placement and noise preset, n seeds, cached"),
     "sweep": (add_sweep, cmd_sweep, "evaluate the product budgets x strategies x presets x seeds x tasks (resumable)"),
     "runs": (add_runs, cmd_runs, "list or filter stored results"),
