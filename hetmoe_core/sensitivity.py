@@ -42,9 +42,12 @@ API contract (the Validate page and the example-results script build on it)::
 noise (full NoiseConfig), seeds, tokens, calibration {source, hash, tokens}, clean_nll,
 experts [{layer, expert, only_this, only_this_se, all_but_this, all_but_this_se}], layers [{layer, damage, se}],
 dense [{kind, damage, se}], all_experts {damage, se}, correlations [{criterion, scope ("pooled" or MoE layer int),
-spearman, spearman_lo, spearman_hi, kendall, kendall_lo, kendall_hi}], best {criterion, margin, margin_lo,
-margin_hi, significant}, routing_drift [{layer, changed_share, load_max_over_mean_ideal,
-load_max_over_mean_noisy}], cached. Damages are in nats per token; ``*_se`` are standard errors over seeds
+spearman, spearman_lo, spearman_hi, kendall, kendall_lo, kendall_hi}], best {criterion, margin, significant},
+routing_drift [{layer, changed_share, load_max_over_mean_ideal, load_max_over_mean_noisy}], cached.
+Additional keys: experts[] also carry decoder_layer, only_this_seeds (per seed, in ``seeds`` order) and
+score_<criterion> (each criterion's score); correlations[] carry n (experts); best carries runner_up and the
+margin's 95% interval margin_lo / margin_hi (``significant``: the interval excludes 0 — else "no difference");
+layers[] carry decoder_layer; routing_drift[] carries changed_share_se. Criteria: ``criteria.criterion_scores``. Damages are in nats per token; ``*_se`` are standard errors over seeds
 (sample std / sqrt(n); None for one seed). ``layer`` is the MoE-layer index (anatomy.moe_layers order).
 """
 from __future__ import annotations
