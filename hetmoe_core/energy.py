@@ -61,8 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .hardware import DEFAULT_HARDWARE, HARDWARE, Hardware, get_hardware
-
-DENSE_KINDS = ("attention", "lm_head", "shared_experts", "router", "dense_mlp")
+from .placement import DENSE_KINDS
 
 
 def tile_split(size: int, tile: int) -> list[int]:
