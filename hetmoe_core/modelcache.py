@@ -80,13 +80,13 @@ class ModelCache:
 
     loader(key) -> (lm, nbytes) builds one model (called outside the cache's lock; concurrent requests for the same
     key wait for one load). max_bytes: a fixed size for the cache instead of ``share`` × available memory (tests).
-    on_release(handle): called after an entry leaves the cache (default: drop the model and collect).
+    on_release(handle): called after an entry has left the cache and its model was dropped (``handle.lm`` None).
     """
 
     def __init__(self, loader: Callable, share: float | None = None, max_bytes: int | None = None,
                  on_release: Callable | None = None):
         self.loader, self.share, self.max_bytes = loader, share, max_bytes
-        self.on_release = on_release or _drop
+        self._on_release = on_release
         self._lock = threading.RLock()
         self._entries: dict = {}
         self._loading: dict = {}
@@ -118,8 +118,7 @@ class ModelCache:
         finally:
             with self._lock:
                 self._loading.pop(key).set()
-        for e in evicted:
-            self.on_release(e)
+        self._free(evicted)
         return h
 
     def acquire(self, handle: ModelHandle, owner: Hashable) -> None:
@@ -136,8 +135,7 @@ class ModelCache:
             for h in self._entries.values():
                 h.holders.pop(owner, None)
             evicted = self._evict()
-        for e in evicted:
-            self.on_release(e)
+        self._free(evicted)
 
     def _take(self, h: ModelHandle, owner) -> None:
         h.holders[owner] = h.holders.get(owner, 0) + 1
@@ -182,12 +180,17 @@ class ModelCache:
         """Release every entry nobody holds (held ones stay)."""
         with self._lock:
             out = [self._entries.pop(k) for k, h in list(self._entries.items()) if not h.holders]
-        for e in out:
-            self.on_release(e)
+        self._free(out)
+
+    def _free(self, handles: list) -> None:
+        for h in handles:
+            _drop(h)
+            if self._on_release is not None:
+                self._on_release(h)
 
 
 def _drop(handle: ModelHandle) -> None:
-    """Default release: drop the model and give its memory back (CUDA's cache included)."""
+    """Release: drop the model and give its memory back (CUDA's cache included)."""
     handle.lm = None
     gc.collect()
     try:
