@@ -379,7 +379,7 @@ def test_classroom_three_sessions_three_models(tmp_path, browser):
             pages.append(pg)
         for pg in pages:
             idle(pg)
-        for _ in range(6):
+        for _ in range(3):
             for key in ("End", "Home"):
                 for pg in pages:              # all three before waiting: the runs overlap on the server
                     pg.locator("[data-testid='stSlider'] input[type='range']").first.focus()
