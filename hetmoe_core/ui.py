@@ -7,6 +7,7 @@ store). Importing this module imports streamlit.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -246,9 +247,10 @@ def _freeze_imports() -> None:
     """Move every object that exists once torch / transformers are imported into the garbage collector's permanent
     generation (gc.freeze), once per process: Streamlit's runner.postScriptGC collects after every script run, and
     walking the millions of objects of those imports made that collection most of a slider rerun. Objects made
-    later (models, figures, session data) are still collected as usual."""
+    later (models, figures, session data) are still collected as usual. HETMOE_GC_FREEZE=0 turns it off (for
+    bench/bench_soak.py's comparison)."""
     global _FROZEN
-    if not _FROZEN:
+    if not _FROZEN and os.environ.get("HETMOE_GC_FREEZE", "1") != "0":
         from . import models  # noqa: F401  (imports torch and transformers)
         gc.collect()
         gc.freeze()
