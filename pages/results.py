@@ -1,10 +1,10 @@
 """Results page: stored results from the DuckDB store — metric vs budget, a filterable table, downloads."""
 import io
 
-import pandas as pd
 import streamlit as st
 
-from hetmoe_core import figures, results, ui
+from hetmoe_core import energy, figures, results, ui
+from hetmoe_core.hardware import HARDWARE
 from hetmoe_core.placement import SHARE_HELP
 from hetmoe_core.report import LOWER_IS_BETTER
 from hetmoe_core.store import Store
@@ -82,6 +82,25 @@ elif shown.empty:
             if empty else "No stored result matches these filters together; widen one of them.")
 elif not analog:
     st.caption("Run a budget of 0 % with these presets to draw the all-analog reference line.")
+
+# ---------------------------------------------------------------- score vs energy per token (hetmoe_core.energy)
+st.subheader(f"{metric} vs energy per token")
+e1, e2 = st.columns(2)
+hw_name = e1.selectbox("Hardware", list(HARDWARE), key="res_hw", help="Presets of hetmoe_core/hardware.py (sources "
+                       "there); edit single constants on the Placement page.")
+batch = e2.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="res_batch")
+runs_e, note = energy.run_costs(store, model, hw_name, batch)
+if runs_e is None:
+    st.info(f"No energy figures: {note}.")
+else:
+    keep = (runs_e.task == task) & (runs_e.metric == metric) & (runs_e["limit"].isna() if lim == results.ALL
+                                                                 else runs_e["limit"] == lim)
+    keep &= (runs_e.strategy == "ideal") | (runs_e.preset.isin(presets) & runs_e.strategy.isin(strategies)
+                                            & runs_e.backend.isin(backends))
+    st.plotly_chart(figures.accuracy_vs_energy(energy.config_points(runs_e[keep]), metric,
+                                               higher_is_better=metric not in LOWER_IS_BETTER), key="res_energy")
+    st.caption(f"One point per configuration (mean ± std over seeds), energy of its placement on {hw_name} "
+               f"({note}); dashed: the Pareto front — no other configuration is cheaper and at least as good.")
 
 st.subheader("Table")
 st.dataframe(results.summary_table(s, shown), hide_index=True,
