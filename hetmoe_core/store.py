@@ -334,6 +334,13 @@ class Store:
         with self._connect(write=False) as con:
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
+    def signature(self) -> str:
+        """Changes whenever results are added or removed: the run count and the newest run's time (a cache key for
+        anything built from the whole store, e.g. a downloadable snapshot)."""
+        with self._connect(write=False) as con:
+            n, newest = con.execute("SELECT count(*), max(created_at) FROM runs").fetchone()
+        return f"{n}|{newest}"
+
     @contextlib.contextmanager
     def write_transaction(self):
         """A connection inside one exclusive transaction (used by snapshot import); rolls back on error."""

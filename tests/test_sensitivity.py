@@ -50,6 +50,9 @@ def test_batched_equals_one_expert_at_a_time(lm, ids):
     ref = S.naive_only_this(lm, NOISE, ids, seeds=[3], experts=picks)
     for i, e in picks:
         assert m.only_this[0, i, e] == ref[0, i, e]
+    whole = S.measure(lm, NOISE, ids, seeds=[3], group=2, dense=False, reuse_rows=False)
+    assert np.array_equal(whole.only_this, m.only_this) and np.array_equal(whole.all_but_this, m.all_but_this)
+    assert np.array_equal(whole.layers, m.layers) and (m.all_but_this != 0).all()
     got = np.array([m.only_this[0, i, e] for i, e in picks])
     assert np.abs(got).max() > 1e-5 and len(set(got.round(9))) == len(picks)   # real, distinct damages
 
