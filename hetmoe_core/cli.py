@@ -11,6 +11,9 @@ import json
 import os
 import sys
 
+from .backend import BACKENDS
+from .strategies import STRATEGIES, needs
+
 
 def _source(p):
     p.add_argument("source", help="'default', 'tiny:<family>', a local folder or a Hugging Face hub id")
@@ -84,8 +87,8 @@ def add_place(p):
     _source(p)
     _calib_args(p)
     p.add_argument("--budget", required=True, help="share of routed experts run digitally, in [0, 1]")
-    p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random | "
-                   "oracle (measured damage) | local_error (both need --preset)")
+    p.add_argument("--strategy", default="maxnn", help=" | ".join(STRATEGIES) + " (" + ", ".join(
+                   n for n, s in STRATEGIES.items() if s.needs == "measurement") + " need --preset)")
     p.add_argument("--preset", default=None, help="noise preset the oracle / local_error strategies measure under")
     p.add_argument("--seeds", type=int, default=5, help="oracle: noise seeds of its measurement")
     p.add_argument("--tokens", type=int, default=16384, help="oracle: calibration tokens of its measurement")
@@ -133,9 +136,8 @@ def cmd_place(args) -> dict:
     analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
         raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
-    from .placement import MEASURED_STRATEGIES
     noise = None
-    if args.strategy in MEASURED_STRATEGIES:
+    if needs(args.strategy) == "measurement":
         from .noise import get_preset
         if not args.preset:
             raise ValueError(f"strategy {args.strategy} measures damage under a noise preset: add --preset, "
@@ -147,7 +149,7 @@ def cmd_place(args) -> dict:
             from .routing import read_calibration
             read_calibration(args.calib)
     lm = _load(args)
-    stats, calib = _activation(args, lm) if args.strategy in ("frequency", "weight") else (None, None)
+    stats, calib = _activation(args, lm) if needs(args.strategy) == "stats" else (None, None)
     measured = None
     if noise is not None:
         from .sensitivity import measured_scores
@@ -198,14 +200,14 @@ def _eval_args(p, sweep: bool):
     _store_arg(p)
     s = "s" if sweep else ""
     p.add_argument(f"--strateg{'ies' if sweep else 'y'}", dest="strategies", default="maxnn",
-                   help="maxnn | frequency | weight | router_norm | random" + (" (comma-separated)" if sweep else ""))
+                   help=" | ".join(STRATEGIES) + (" (comma-separated)" if sweep else ""))
     p.add_argument(f"--budget{s}", dest="budgets", default="0.125", help="digital budget(s) in [0, 1]")
     p.add_argument(f"--preset{s}", dest="presets", default="paper-pcm-c1.5", help="noise preset(s) (noise.PRESETS)")
     p.add_argument("--seeds", type=int, default=1, help="number of noise seeds (0..N-1): mean ± std over them")
     p.add_argument("--tasks", default="local", help="comma-separated tasks: the default model's (alias 'local'; "
                    "'ppl' = per-domain perplexity), paper_* (alias 'paper'), or any lm-eval task name")
     p.add_argument("--limit", type=float, default=None, help="documents per task (lm-eval --limit)")
-    p.add_argument("--backend", default="fast", help="fast | aihwkit")
+    p.add_argument("--backend", default="fast", help=" | ".join(BACKENDS))
     p.add_argument("--scope", default="layer", help="layer | global")
     p.add_argument("--batch-size", type=int, default=8, help="fixed for the whole run (enters the cache key)")
     p.add_argument("--num-fewshot", type=int, default=0)

@@ -17,6 +17,8 @@ from pathlib import Path
 from .store import Store
 
 HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
+# Deprecated: metric direction is stored with each metric (store.summary_frame "higher_is_better", from lm-eval's
+# results); this list remains only for pages/results.py until it reads that column.
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
@@ -75,6 +77,15 @@ def _fmt(mean, std) -> str:
     return s if std is None or std != std else f"{s} ± {std:.2g}"
 
 
+def _direction(metric: str, rows) -> bool | None:
+    """Higher is better? As lm-eval declared it, stored with the metric; older results ask lm-eval's registry."""
+    stored = rows["higher_is_better"].dropna() if "higher_is_better" in rows else []
+    if len(stored):
+        return bool(stored.iloc[0])
+    from .tasks import higher_is_better
+    return higher_is_better(metric)
+
+
 def _figures(summary) -> list:
     import plotly.graph_objects as go
     figs = []
@@ -93,7 +104,7 @@ def _figures(summary) -> list:
         if len(ideal):
             fig.add_hline(y=float(ideal["mean"].iloc[0]), line_dash="dash", line_color="black",
                           annotation_text="ideal (all digital)", annotation_position="top left")
-        arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        arrow = {True: "higher is better", False: "lower is better"}.get(_direction(metric, g), "direction unknown")
         fig.update_layout(title=f"{task} — {metric} ({arrow}) vs digital budget", template="plotly_white",
                           xaxis_title="digital budget (share of routed experts digital)", yaxis_title=metric,
                           height=420, legend_title="strategy · preset", showlegend=True)
