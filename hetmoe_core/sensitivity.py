@@ -185,8 +185,9 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
     a = lm.anatomy
     L, E = len(a.moe_layers), max(m.num_experts for m in a.moe_layers)
     B = max(1, ROWS_PER_FORWARD // ids.shape[1])
+    # a tied LM head owns no parameters of its own (the embedding table counts them) but is a matrix on tiles
     kinds = [k for k in ("attention", "lm_head", "router", "shared_experts", "dense_mlp")
-             if a.modules.get(k) and a.param_counts.get(k, 0)] if dense else []
+             if a.modules.get(k) and (a.param_counts.get(k, 0) or k == "lm_head")] if dense else []
     counter = {"done": 0, "forwards": 0}
 
     def check():
