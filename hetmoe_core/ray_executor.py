@@ -84,12 +84,14 @@ def connect(address: str | None = None) -> bool:
     ray = _import_ray()
     if ray.is_initialized():
         return False
-    kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         if address is None:   # a private instance: never attach to someone else's cluster by accident
-            ray.init(address="local", object_store_memory=200 * 2**20, **kw)
+            ray.init(address="local", include_dashboard=False, object_store_memory=200 * 2**20,
+                     log_to_driver=False, logging_level=logging.WARNING)
+        elif address.startswith("ray://"):   # Ray Client: the cluster's own settings apply
+            ray.init(address=address)
         else:
-            ray.init(address=address, **kw)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except ConnectionError as e:
         raise ValueError(f"no Ray cluster at {address!r} ({str(e).splitlines()[0]}); start one with "
                          "`ray start --head` or drop --address to run on a local Ray") from None
@@ -97,13 +99,15 @@ def connect(address: str | None = None) -> bool:
 
 
 class _Worker:
-    """The actor: sets the torch thread count once, then runs the units it is sent (model cached in ``cache``)."""
+    """The actor: runs the units it is sent, keeping ``cache`` (e.g. the loaded model) between them.
 
-    def __init__(self, threads: int):
+    The torch thread count comes from OMP_NUM_THREADS in its environment (read when a unit first imports torch;
+    Ray would otherwise set it to the actor's CPU count), so units that never touch torch start fast.
+    """
+
+    def __init__(self):
         for name in ("lm_eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        import torch
-        torch.set_num_threads(threads)
         self.cache: dict = {}
 
     def run(self, unit):
@@ -152,13 +156,13 @@ def run_units(units: list, on_result: Callable[[Any, Any], None], on_error: Call
     try:
         n = min(_worker_count(ray, options, threads), len(units))
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        env.update(TQDM_DISABLE="1", DISABLE_MULTIPROC="1",
+        env.update(TQDM_DISABLE="1", DISABLE_MULTIPROC="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
         cls = ray.remote(num_cpus=1, num_gpus=options.gpus_per_worker, max_restarts=0,
                          runtime_env={"env_vars": env})(_Worker)
 
         def new_actor():
-            a = cls.remote(threads)
+            a = cls.remote()
             actors.append(a)
             return a
 
