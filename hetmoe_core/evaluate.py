@@ -98,6 +98,37 @@ def _result(spec: RunSpec, cached: bool, metrics: list[dict], run: dict | None =
             "digital_share": (run or {}).get("digital_share"), "duration_s": (run or {}).get("duration_s")}
 
 
+def cached_first(source: str, store, progress, cancel, calibration: dict | None, **plan_kw):
+    """The part of a sweep every executor shares: plan it (all input checks, nothing stored on bad input), answer
+    stored keys from ``store`` at once (``progress`` per cached result), check lm-eval registry task names.
+
+    Returns (specs, store, results {key: result dict of the cached ones}, todo: the RunSpecs left to compute; empty
+    when everything is stored or ``cancel`` is set). Raises ValueError for bad input or unknown task names.
+    """
+    calib_hash = None
+    if calibration is not None:
+        from .routing import calibration_hash
+        calib_hash = calibration_hash(calibration, 256)
+    specs = plan(source, calibration_hash=calib_hash, **plan_kw)   # all checks before the store
+    store = store if isinstance(store, Store) else Store(store)
+    total, results = len(specs), {}
+    have = store.get_results(s.key for s in specs)
+    for s in specs:
+        if s.key in have:
+            results[s.key] = _result(s, True, have[s.key]["metrics"], have[s.key]["run"])
+            if progress:
+                progress(len(results), total, results[s.key])
+    todo = [s for s in specs if s.key not in results]
+    if not todo or (cancel is not None and cancel.is_set()):
+        return specs, store, results, []
+    registry = sorted({s.task.name for s in todo if s.task.include_path is None})
+    if registry:   # check lm-eval registry names before loading anything
+        unknown = [t for t in registry if t not in _task_manager((), True).all_tasks]
+        _check(not unknown, f"unknown task(s) {', '.join(unknown)}: not a hetmoe, paper ({', '.join(task_aliases())} "
+                            f"aliases) or lm-eval task")
+    return specs, store, results, todo
+
+
 def evaluate_many(source: str = "default", *, store: Store | str | None = None, lm=None,
                   progress: Callable[[int, int, dict], None] | None = None, cancel: threading.Event | None = None,
                   trust_remote_code: bool = False, calibration: dict | None = None, **plan_kw) -> list[dict]:
@@ -113,28 +144,12 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
     metrics {name: value}, stderr {name: value}, digital_share, duration_s.
     Raises ValueError for bad input (nothing is stored then).
     """
-    calib_hash = None
-    if calibration is not None:
-        from .routing import calibration_hash
-        calib_hash = calibration_hash(calibration, 256)
     fp = lm.fingerprint if lm is not None else None
-    specs = plan(source, calibration_hash=calib_hash, fingerprint=fp, **plan_kw)   # all checks before the store
-    store = store if isinstance(store, Store) else Store(store)
-    total, results = len(specs), {}
-    have = store.get_results(s.key for s in specs)
-    for s in specs:
-        if s.key in have:
-            results[s.key] = _result(s, True, have[s.key]["metrics"], have[s.key]["run"])
-            if progress:
-                progress(len(results), total, results[s.key])
-    todo = [s for s in specs if s.key not in results]
-    if not todo or (cancel is not None and cancel.is_set()):
+    specs, store, results, todo = cached_first(source, store, progress, cancel, calibration, fingerprint=fp,
+                                               **plan_kw)
+    if not todo:
         return [results[s.key] for s in specs if s.key in results]
-    registry = sorted({s.task.name for s in todo if s.task.include_path is None})
-    if registry:   # check lm-eval registry names before loading anything
-        unknown = [t for t in registry if t not in _task_manager((), True).all_tasks]
-        _check(not unknown, f"unknown task(s) {', '.join(unknown)}: not a hetmoe, paper ({', '.join(task_aliases())} "
-                            f"aliases) or lm-eval task")
+    total = len(specs)
     if lm is None:
         lm = _get_model(source, plan_kw.get("device", "cpu"), plan_kw.get("dtype", "float32"),
                         plan_kw.get("revision"), trust_remote_code)

@@ -286,34 +286,14 @@ def evaluate_many_ray(source: str = "default", *, store=None, progress=None, can
     more than ``options.max_retries`` times gets an ``error`` row per result. Raises ValueError for bad input
     (nothing stored), RuntimeError after the run when some results failed (their error rows are stored).
     """
-    from .evaluate import _check, _result, _task_manager, plan, task_aliases
-    from .store import Store
+    from .evaluate import _result, cached_first
+    from .sweep import units as group_units
     options.check()
-    calib_hash = None
-    if calibration is not None:
-        from .routing import calibration_hash
-        calib_hash = calibration_hash(calibration, 256)
-    specs = plan(source, calibration_hash=calib_hash, **plan_kw)
-    store = store if isinstance(store, Store) else Store(store)
-    total, results = len(specs), {}
-    have = store.get_results(s.key for s in specs)
-    for s in specs:
-        if s.key in have:
-            results[s.key] = _result(s, True, have[s.key]["metrics"], have[s.key]["run"])
-            if progress:
-                progress(len(results), total, results[s.key])
-    todo = [s for s in specs if s.key not in results]
-    if not todo or (cancel is not None and cancel.is_set()):
+    specs, store, results, todo = cached_first(source, store, progress, cancel, calibration, **plan_kw)
+    if not todo:
         return [results[s.key] for s in specs if s.key in results]
-    registry = sorted({s.task.name for s in todo if s.task.include_path is None})
-    if registry:
-        unknown = [t for t in registry if t not in _task_manager((), True).all_tasks]
-        _check(not unknown, f"unknown task(s) {', '.join(unknown)}: not a hetmoe, paper ({', '.join(task_aliases())} "
-                            f"aliases) or lm-eval task")
-    groups: dict = {}
-    for s in todo:
-        groups.setdefault(s.unit, []).append(s)
-    units = [SweepUnit(g, source, plan_kw.get("revision"), trust_remote_code, calibration) for g in groups.values()]
+    total = len(specs)
+    units = [SweepUnit(g, source, plan_kw.get("revision"), trust_remote_code, calibration) for g in group_units(todo)]
     by_key = {s.key: s for s in todo}
     stats_done: set = set()
     errors: list[str] = []

@@ -55,10 +55,13 @@ def test_ray_sweep_bit_identical_to_local(tmp_path, ray_local):
         if not r["cached"]:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        evaluate_many_ray("default", store=tmp_path / "ray.duckdb", options=RayOptions(workers=2), progress=ctrl_c,
+        evaluate_many_ray("default", store=tmp_path / "ray.duckdb", options=RayOptions(workers=1), progress=ctrl_c,
                           **{**SWEEP, "seeds": 4})
     assert b.counts()["runs"] == 4                           # 3 before + the one whole result written
-    assert not [a for a in ray_local.util.list_named_actors(all_namespaces=True)] and ray_local.is_initialized()
+    deadline = time.monotonic() + 30                         # the actors are gone: their CPUs come back
+    while ray_local.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources().get("CPU") == 2 and ray_local.is_initialized()
 
 
 class _Ok:
