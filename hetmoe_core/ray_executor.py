@@ -186,6 +186,7 @@ def run_units(units: list, on_result: Callable[[Any, Any], None], on_error: Call
                 except RayActorError as e:      # the worker process died: replace it, retry the unit elsewhere
                     deaths[i] += 1
                     actors.remove(a)
+                    ray.kill(a)                 # "unavailable" may mean cut off, not dead: never use it again
                     if deaths[i] <= options.max_retries:
                         stats["retries"] += 1
                         pending.appendleft(i)
@@ -220,8 +221,9 @@ class _Outbox:
     """Stands in for the results store on a worker: records the writes ``evaluate._run_unit`` makes so that the
     driver replays them, each result in its own transaction, in the order they were made."""
 
-    def __init__(self):
+    def __init__(self, sensitivities: dict | None = None):
         self.writes: list[tuple] = []
+        self.sensitivities = {} if sensitivities is None else sensitivities   # key -> stored measurement (JSON)
 
     def put_result(self, key, run, metrics, placement=None) -> bool:
         self.writes.append(("result", key, run, metrics, placement))
@@ -236,6 +238,14 @@ class _Outbox:
     def put_expert_stats(self, model_fingerprint, name, stats) -> None:
         self.writes.append(("stats", model_fingerprint, name, stats))
 
+    def get_sensitivity(self, key):
+        return self.sensitivities.get(key)
+
+    def put_sensitivity(self, key, model_fingerprint, preset, config, result) -> bool:
+        self.sensitivities[key] = result
+        self.writes.append(("sensitivity", key, model_fingerprint, preset, config, result))
+        return True
+
 
 @dataclass
 class SweepUnit:
@@ -247,6 +257,7 @@ class SweepUnit:
     revision: str | None
     trust_remote_code: bool
     calibration: dict | None
+    sensitivities: dict      # stored sensitivity measurements of this model (oracle strategy), key -> JSON
 
     def __call__(self, cache: dict) -> dict:
         from . import evaluate as ev
@@ -256,17 +267,20 @@ class SweepUnit:
             import socket
             raise ValueError(f"the model {self.source!r} on worker host {socket.gethostname()} has fingerprint "
                              f"{lm.fingerprint}, the driver's is {head.fingerprint}: put the same weights on every node")
-        box = _Outbox()
+        box = _Outbox(cache.setdefault("sensitivities", dict(self.sensitivities)))
         if not cache.get("scores_sent"):          # MaxNNScore / router norm for the dashboard, once per worker
             from .scores import expert_scores
             box.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
             cache["scores_sent"] = True
         memo = cache.setdefault("memo", {})       # budget 0 gives all strategies one placement: computed once
+        measured = cache.setdefault("measured", {})   # oracle / local_error scores, once per worker and noise
         st = ev._state(lm)
         error = None
         try:
+            need = [s for s in self.specs if not s.ideal and (s.strategy, s.noise) not in measured]
+            measured.update(ev._measured(lm, need, box, self.calibration, None))
             with st["lock"]:
-                for _ in ev._run_unit(lm, st, self.specs, box, None, self.calibration, memo):
+                for _ in ev._run_unit(lm, st, self.specs, box, None, self.calibration, memo, measured):
                     pass
         except ValueError:
             raise
@@ -286,14 +300,20 @@ def evaluate_many_ray(source: str = "default", *, store=None, progress=None, can
     more than ``options.max_retries`` times gets an ``error`` row per result. Raises ValueError for bad input
     (nothing stored), RuntimeError after the run when some results failed (their error rows are stored).
     """
+    import json
     from .evaluate import _result, cached_first
+    from .strategies import STRATEGIES
     from .sweep import units as group_units
     options.check()
-    specs, store, results, todo = cached_first(source, store, progress, cancel, calibration, **plan_kw)
+    specs, store, results, todo, report = cached_first(source, store, progress, cancel, calibration, **plan_kw)
     if not todo:
         return [results[s.key] for s in specs if s.key in results]
-    total = len(specs)
-    units = [SweepUnit(g, source, plan_kw.get("revision"), trust_remote_code, calibration) for g in group_units(todo)]
+    sens = {}
+    if any(not s.ideal and STRATEGIES[s.strategy].needs == "measurement" for s in todo):
+        rows = store.query("SELECT key, result FROM sensitivity WHERE model_fingerprint=?", [todo[0].fingerprint])
+        sens = {k: json.loads(r) for k, r in zip(rows["key"], rows["result"])}
+    units = [SweepUnit(g, source, plan_kw.get("revision"), trust_remote_code, calibration, sens)
+             for g in group_units(todo)]
     by_key = {s.key: s for s in todo}
     stats_done: set = set()
     errors: list[str] = []
@@ -303,11 +323,11 @@ def evaluate_many_ray(source: str = "default", *, store=None, progress=None, can
             if w[0] == "result":
                 _, key, run, metrics, placement = w
                 store.put_result(key, run, metrics, placement)
-                results[key] = _result(by_key[key], False, metrics, run)
-                if progress:
-                    progress(len(results), total, results[key])
+                report(by_key[key], _result(by_key[key], False, metrics, run))
             elif w[0] == "failure":
                 store.put_failure(w[1], w[2], w[3])
+            elif w[0] == "sensitivity":
+                store.put_sensitivity(*w[1:])
             elif (w[1], w[2]) not in stats_done:
                 if store.get_expert_stats(w[1], w[2]) is None:
                     store.put_expert_stats(w[1], w[2], w[3])
