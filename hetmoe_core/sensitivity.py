@@ -460,7 +460,7 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
         raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
     texts, where = _texts(texts)
     if isinstance(source_or_lm, str):
-        from .evaluate import source_fingerprint
+        from .models import source_fingerprint
         fp = source_fingerprint(source_or_lm)
     else:
         fp = source_or_lm.fingerprint

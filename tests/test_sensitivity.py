@@ -165,3 +165,14 @@ def test_routing_drift_and_local_error(lm, ids):
     assert all(not x.any() for x in local_error_scores(lm, "ideal", ids, seeds=[0]))
     le = local_error_scores(lm, NOISE, ids, seeds=[0, 1])
     assert all((x > 0).all() and len(x) == 8 for x in le)
+
+
+def test_validate_reports_progress_and_cancels_without_storing(lm, tmp_path):
+    from hetmoe_core.evaluate import Cancelled
+    from hetmoe_core.store import Store
+    seen = []
+    with pytest.raises(Cancelled):
+        S.validate(lm, NOISE, seeds=2, texts=BUILTIN_CALIBRATION, tokens=128, store=tmp_path / "c.duckdb",
+                   progress=lambda done, total: seen.append((done, total)), cancel=lambda: len(seen) >= 3)
+    assert [d for d, _ in seen] == [1, 2, 3] and seen[0][1] > 3
+    assert Store(tmp_path / "c.duckdb").sensitivity_frame().empty
