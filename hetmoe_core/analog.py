@@ -26,7 +26,7 @@ Converters, calibrated as a chip would be (arXiv 2603.02633 tunes the DAC range 
 the DAC input range is each token's absolute maximum per tile (aihwkit
 ``NoiseManagementType.ABS_MAX``); the ADC bound is in units of each output channel's weight
 abs-max × input range (aihwkit's ``weight_scaling_omega=1``, columnwise convention): either
-``noise.out_bound`` or, with ``calibration=calibrate(model, anatomy, ids, noise)``, a bound per
+``noise.out_bound`` or, with ``calibration=adc.calibrate_adc(model, anatomy, ids, noise)``, a bound per
 MoE layer and projection at a quantile of the normalised tile outputs on calibration tokens.
 
 Randomness: every programming draw runs under ``torch.random.fork_rng`` seeded per
@@ -47,15 +47,13 @@ import torch
 from torch import nn
 
 from . import moe_dispatch
-from .adc import Calibration, calibrate  # re-export
-from .aihwkit_backend import AihwkitBackend
+from .adc import AdcBounds, calibrate_adc
+from .adc import AdcBounds as Calibration, calibrate_adc as calibrate  # the names callers used before adc.py
+from .backend import BACKENDS, backend_class  # re-export
 from .coverage import CoverageReport, ModuleCoverage, _coverage, _dense_analog_units  # re-export
-from .fast_backend import FastBackend
 from .moe_dispatch import IMPL_NAME  # re-export
 from .noise import NoiseConfig
 from .tiles import _CHUNK_ELEMS, _w_in, program_weights, split_sizes  # re-export
-
-BACKENDS = {"fast": FastBackend, "aihwkit": AihwkitBackend}
 
 
 def estimate_bytes(model: nn.Module, anatomy, placement, noise: NoiseConfig, backend: str = "fast") -> dict:
@@ -90,8 +88,7 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def _check_inputs(model, anatomy, placement, noise, seed, backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown analog backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend_class(backend)   # ValueError naming the choices for an unknown backend
     if not isinstance(noise, NoiseConfig):
         raise ValueError(f"noise must be a NoiseConfig (hetmoe_core.noise.get_preset(name)), got {type(noise).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -117,8 +114,9 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
         noise: ``NoiseConfig`` (``get_preset(name)``).
         seed: noise seed (>= 0); same seed -> identical outputs.
         backend: "fast" (default) or "aihwkit" (reference, slow).
-        calibration: a ``Calibration`` (``calibrate(...)``): per-layer ADC bounds of the routed
-            experts instead of ``noise.out_bound``; None: ``noise.out_bound`` everywhere.
+        calibration: ADC bounds, an ``adc.AdcBounds`` (``adc.calibrate_adc(...)``): per-layer ADC bounds of
+            the routed experts instead of ``noise.out_bound``; None: ``noise.out_bound`` everywhere. (Not the
+            calibration *text* of the routing statistics.)
         memory_limit: bytes the simulation may add (default: 90% of the available memory,
             psutil on CPU, ``torch.cuda.mem_get_info`` on GPU).
     Yields:
@@ -130,8 +128,8 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
     After the with-block every parameter is bit-identical to before (also after an exception).
     """
     _check_inputs(model, anatomy, placement, noise, seed, backend)
-    if calibration is not None and not isinstance(calibration, Calibration):
-        raise ValueError("calibration must be a Calibration from hetmoe_core.analog.calibrate(...) or None")
+    if calibration is not None and not isinstance(calibration, AdcBounds):
+        raise ValueError("calibration must be ADC bounds from hetmoe_core.adc.calibrate_adc(...) or None")
     if calibration is not None and not calibration.recording:
         missing = [(m.index, k) for m in anatomy.moe_layers for k in ("in", "down")
                    if (m.index, k) not in calibration.bounds]
@@ -150,6 +148,6 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
     rep.calibration_key = calibration.key if calibration is not None and not calibration.recording else ""
     with ExitStack() as stack:
         moe_dispatch.install(stack, anatomy)
-        rep.clean_copy_bytes = BACKENDS[backend](model, anatomy, noise, seed, device, calibration).program(
+        rep.clean_copy_bytes = backend_class(backend)(model, anatomy, noise, seed, device, calibration).program(
             stack, placement, dense_units)
         yield rep

@@ -12,6 +12,9 @@ import math
 import os
 import sys
 
+from .backend import BACKENDS
+from .strategies import STRATEGIES, needs
+
 
 # ---- flag value types: a bad value gets one line that names its flag (argparse adds "argument --flag: ")
 def _number(text: str, kind=float) -> float:
@@ -99,7 +102,7 @@ def _load(args, tokenizer: bool = True):
                       trust_remote_code=args.trust_remote_code, revision=args.revision)
 
 
-# ---- info (issue A)
+# ---- info
 def add_info(p):
     _source(p)
 
@@ -109,7 +112,7 @@ def cmd_info(args) -> dict:
     return {"source": args.source, "fingerprint": lm.fingerprint, **lm.anatomy.summary()}
 
 
-# ---- scores, place (issue B)
+# ---- scores, place
 def _calib_args(p):
     p.add_argument("--calib", default=None, help="calibration text (.txt one per line, .json, .jsonl with "
                    "text/domain); default: the default model's validation text")
@@ -181,8 +184,8 @@ def add_place(p):
     _source(p)
     _calib_args(p)
     p.add_argument("--budget", required=True, type=_share, help="share of routed experts run digitally, in [0, 1]")
-    p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random | "
-                   "oracle (measured damage) | local_error (both need --preset)")
+    p.add_argument("--strategy", default="maxnn", help=" | ".join(STRATEGIES) + " (" + ", ".join(
+                   n for n, s in STRATEGIES.items() if s.needs == "measurement") + " need --preset)")
     p.add_argument("--preset", default=None, help="noise preset the oracle / local_error strategies measure under")
     p.add_argument("--seeds", type=_int_at_least(1), default=5, help="oracle: noise seeds of its measurement")
     p.add_argument("--tokens", type=_int_at_least(1), default=16384, help="oracle: calibration tokens of its measurement")
@@ -227,9 +230,8 @@ def cmd_place(args) -> dict:
     analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
         raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
-    from .placement import MEASURED_STRATEGIES
     noise = None
-    if args.strategy in MEASURED_STRATEGIES:
+    if needs(args.strategy) == "measurement":
         from .noise import get_preset
         if not args.preset:
             raise ValueError(f"strategy {args.strategy} measures damage under a noise preset: add --preset, "
@@ -240,9 +242,9 @@ def cmd_place(args) -> dict:
         if args.calib:
             from .routing import read_calibration
             read_calibration(args.calib)
-    needs_text = args.strategy in ("frequency", "weight") or noise is not None or args.routing == "measured"
+    needs_text = needs(args.strategy) in ("stats", "measurement") or args.routing == "measured"
     lm = _load(args, tokenizer=needs_text)   # text is tokenized only for routing statistics or measurements
-    stats, calib = _activation(args, lm) if args.strategy in ("frequency", "weight") else (None, None)
+    stats, calib = _activation(args, lm) if needs(args.strategy) == "stats" else (None, None)
     measured = None
     if noise is not None:
         from .sensitivity import measured_scores
@@ -283,7 +285,7 @@ def cmd_energy(args) -> dict:
     return None
 
 
-# ---- evaluate, sweep, runs, export, import, report (issue E)
+# ---- evaluate, sweep, runs, export, import, report
 def _store_arg(p):
     p.add_argument("--store", default=None, help="results store (DuckDB file; default cache/results.duckdb)")
 
@@ -293,7 +295,7 @@ def _eval_args(p, sweep: bool):
     _store_arg(p)
     s = "s" if sweep else ""
     p.add_argument(f"--strateg{'ies' if sweep else 'y'}", dest="strategies", default="maxnn",
-                   help="maxnn | frequency | weight | router_norm | random" + (" (comma-separated)" if sweep else ""))
+                   help=" | ".join(STRATEGIES) + (" (comma-separated)" if sweep else ""))
     p.add_argument(f"--budget{s}", dest="budgets", type=_shares, default=[0.125], help="digital budget(s) in [0, 1]"
                    + (" (comma-separated)" if sweep else ""))
     p.add_argument(f"--preset{s}", dest="presets", default="paper-pcm-c1.5", help="noise preset(s) (noise.PRESETS)")
@@ -303,7 +305,7 @@ def _eval_args(p, sweep: bool):
     p.add_argument("--tasks", default="local", help="comma-separated tasks: the default model's (alias 'local'; "
                    "'ppl' = per-domain perplexity), paper_* (alias 'paper'), or any lm-eval task name")
     p.add_argument("--limit", type=_limit, default=None, help="documents per task (lm-eval --limit)")
-    p.add_argument("--backend", default="fast", help="fast | aihwkit")
+    p.add_argument("--backend", default="fast", help=" | ".join(BACKENDS))
     p.add_argument("--scope", default="layer", help="layer | global")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="fixed for the whole run (enters the cache key)")
     p.add_argument("--num-fewshot", type=_int_at_least(0), default=0)
@@ -326,6 +328,8 @@ def _run_eval(args, bar: bool) -> dict:
         if pbar is not None:
             pbar.total = total
             pbar.n = done
+            if r["cached"]:   # cache hits arrive at once: the ETA's rate counts computed results only
+                pbar.initial = done
             pbar.set_postfix_str(f"{r['task']} {r['strategy']} b={r['budget']} seed={r['seed']}"
                                  f"{' (cached)' if r['cached'] else ''}")
             pbar.refresh()
@@ -335,8 +339,13 @@ def _run_eval(args, bar: bool) -> dict:
               revision=args.revision, preset_overrides=dict(args.settings) or None)
     _announce(args, kw)
     try:
-        res = evaluate_many(args.source, store=args.store, trust_remote_code=args.trust_remote_code,
-                            progress=progress, **kw)
+        run, extra = evaluate_many, {}
+        if getattr(args, "executor", "local") == "ray":
+            from .ray_executor import RayOptions, evaluate_many_ray
+            run, extra = evaluate_many_ray, {"options": RayOptions(address=args.address, workers=args.workers,
+                                                                   gpus_per_worker=args.gpus_per_worker)}
+        res = run(args.source, store=args.store, trust_remote_code=args.trust_remote_code, progress=progress,
+                  **kw, **extra)
     finally:
         if pbar is not None:
             pbar.close()
@@ -405,6 +414,13 @@ def cmd_evaluate(args) -> dict:
 
 def add_sweep(p):
     _eval_args(p, sweep=True)
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: one Ray actor per worker, results stored here")
+    p.add_argument("--address", default=None, help="Ray cluster to join ('auto' = the one `ray start` made here, "
+                   "or host:6379); default: a private local Ray for this sweep")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors, each loads the model once "
+                   "(default: one per GPU, or one per driver-thread-count CPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (with --device cuda)")
 
 
 def cmd_sweep(args) -> dict:

@@ -43,7 +43,8 @@ def local_error_scores(lm, noise, ids: torch.Tensor, seeds=LOCAL_ERROR_SEEDS) ->
     ids: int64 ``[S, T]`` calibration sequences (``sensitivity.calibration_tokens``); seeds: noise seeds averaged.
     Raises ValueError for bad noise or seeds.
     """
-    from .sensitivity import _Bank, _LayerForward, _check_noise, _decoder, _dispatch, _lock, _seeds
+    from .replay import _Bank, _LayerForward, _decoder, _dispatch
+    from .sensitivity import _check_noise, _lock, _seeds
     noise, seeds = _check_noise(noise), _seeds(seeds)
     a = lm.anatomy
     dev = next(lm.model.parameters()).device

@@ -61,8 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .hardware import DEFAULT_HARDWARE, HARDWARE, Hardware, get_hardware
-
-DENSE_KINDS = ("attention", "lm_head", "shared_experts", "router", "dense_mlp")
+from .placement import DENSE_KINDS
 
 
 def tile_split(size: int, tile: int) -> list[int]:
@@ -248,6 +247,41 @@ def routing_frequency(shapes: ModelShapes, stats=None) -> tuple[list[np.ndarray]
     return [np.clip(r[:m.num_experts], 0.0, 1.0) for r, m in zip(rows, shapes.moe)], "measured"
 
 
+class _Ledger:
+    """Running totals of one placement on one hardware at batch B: energy (J per token) by part, digital roofline
+    times (s per step) and tile MVMs per token."""
+
+    def __init__(self, hw: Hardware, batch: int):
+        d, a = hw.digital, hw.analog
+        self.B, self.T, self.wb = batch, a.tile_size, d.weight_bytes
+        self.e_byte, self.e_mac = d.hbm_energy * 1e-12, d.mac_energy * 1e-12
+        self.e_amac, self.e_out = a.mac_energy_pj * 1e-12, a.periphery_energy * 1e-12
+        self.bw, self.peak = d.hbm_bandwidth * 1e12, d.peak_macs
+        self.energy = dict(hbm=0.0, digital_mac=0.0, analog_tile=0.0, periphery=0.0)
+        self.memory_s = self.compute_s = self.mvms = 0.0
+
+    def digital(self, params_step: float, macs_token: float) -> float:
+        """Weights fetched once per step, MACs per token; returns the part's roofline time (s per step)."""
+        self.energy["hbm"] += params_step * self.wb * self.e_byte / self.B
+        self.energy["digital_mac"] += macs_token * self.e_mac
+        mem, comp = params_step * self.wb / self.bw, self.B * macs_token / self.peak
+        self.memory_s, self.compute_s = self.memory_s + mem, self.compute_s + comp
+        return max(mem, comp)
+
+    def analog(self, matrices, tokens: float) -> None:
+        """``tokens`` tokens per generated token (a routing share) through these matrices on tiles."""
+        for r, c in matrices:
+            self.energy["analog_tile"] += tokens * r * c * self.e_amac
+            self.energy["periphery"] += tokens * len(tile_split(c, self.T)) * r * self.e_out
+            self.mvms += tokens * tiles_of(r, c, self.T)
+
+    @property
+    def bound(self) -> str:
+        if not (self.memory_s or self.compute_s):
+            return "none"
+        return "memory" if self.memory_s >= self.compute_s else "compute"
+
+
 def cost(shapes: ModelShapes, placement, hardware: Hardware | str | None = None, batch: int = 1,
          stats=None) -> Cost:
     """Energy per token, throughput, latency, tiles, chips and digital memory of ``placement`` (module docstring).
@@ -262,70 +296,41 @@ def cost(shapes: ModelShapes, placement, hardware: Hardware | str | None = None,
         raise ValueError(f"placement is for experts per layer {placement.num_experts}, the model has "
                          f"{shapes.num_experts}")
     freq, routing = routing_frequency(shapes, stats)
-    d, a = hw.digital, hw.analog
-    T, wb = a.tile_size, d.weight_bytes
-    e_byte, e_mac = d.hbm_energy * 1e-12, d.mac_energy * 1e-12
-    e_amac, e_out, t_mvm = a.mac_energy_pj * 1e-12, a.periphery_energy * 1e-12, a.mvm_latency * 1e-9
-    bw, peak = d.hbm_bandwidth * 1e12, d.peak_macs
-    E = dict(hbm=0.0, digital_mac=0.0, analog_tile=0.0, periphery=0.0)
-    t = dict(digital_dense=0.0, analog_dense=0.0, experts=0.0)
-    roof = [0.0, 0.0]                       # digital memory time, digital compute time (s per step)
-    tiles = cells = 0
-    mvms = 0.0
-
-    def digital(params_step: float, macs_token: float) -> float:
-        """Energy and roofline time of digital weights: bytes fetched once per step, MACs per token."""
-        E["hbm"] += params_step * wb * e_byte / B
-        E["digital_mac"] += macs_token * e_mac
-        mem, comp = params_step * wb / bw, B * macs_token / peak
-        roof[0] += mem
-        roof[1] += comp
-        return max(mem, comp)
-
-    def on_tiles(matrices, weight: float) -> tuple[int, int]:
-        """Energy of ``weight`` tokens through these matrices on tiles; returns (tiles, cells)."""
-        nonlocal mvms
-        n_t = n_c = 0
-        for r, c in matrices:
-            n_in, n_tiles = len(tile_split(c, T)), tiles_of(r, c, T)
-            E["analog_tile"] += weight * r * c * e_amac
-            E["periphery"] += weight * n_in * r * e_out
-            mvms += weight * n_tiles
-            n_t, n_c = n_t + n_tiles, n_c + r * c
-        return n_t, n_c
-
-    dig_dense = 0
+    T, t_mvm = hw.analog.tile_size, hw.analog.mvm_latency * 1e-9
+    led = _Ledger(hw, B)
+    t = dict(digital_dense=0.0, analog_dense=0.0, experts=0.0)     # s per step
+    tiles = cells = dig_dense = 0
     for m in shapes.dense:
         if placement.dense.is_digital(m.kind):
             dig_dense += sum(r * c for r, c in m.matrices)
-        else:
-            n_t, n_c = on_tiles(m.matrices, 1.0)
-            tiles, cells = tiles + n_t, cells + n_c
+        else:                               # B tokens pass the module's tiles one after another, d stages piped
+            led.analog(m.matrices, 1.0)
+            tiles += sum(tiles_of(r, c, T) for r, c in m.matrices)
+            cells += sum(r * c for r, c in m.matrices)
             t["analog_dense"] += (B + m.depth - 1) * t_mvm
     if dig_dense:
-        t["digital_dense"] = digital(dig_dense, dig_dense)
+        t["digital_dense"] = led.digital(dig_dense, dig_dense)
     for layer, p, dig in zip(shapes.moe, freq, placement.digital):
         per = layer.expert_params
-        dset = np.zeros(layer.num_experts, dtype=bool)
-        dset[list(dig)] = True
+        on = np.zeros(layer.num_experts, dtype=bool)
+        on[list(dig)] = True
         t_dig = t_ana = 0.0
-        if dset.any():
-            fetched = float((1.0 - (1.0 - p[dset]) ** B).sum())
-            t_dig = digital(fetched * per, float(p[dset].sum()) * per)
-        if (~dset).any():
-            n_analog = int((~dset).sum())
-            on_tiles(layer.matrices, float(p[~dset].sum()))   # energy: routing-weighted tokens
-            tiles, cells = tiles + n_analog * tiles_of_expert(layer, T), cells + n_analog * per
-            t_ana = (max(1.0, B * float(p[~dset].max())) + 1) * t_mvm
-        t["experts"] += max(t_dig, t_ana)
+        if on.any():                        # an expert's weights are fetched when any of the B tokens picks it
+            t_dig = led.digital(float((1.0 - (1.0 - p[on]) ** B).sum()) * per, float(p[on].sum()) * per)
+        if (~on).any():                     # busiest analog expert: n tokens through 2 piped stages, n + 1 MVMs
+            led.analog(layer.matrices, float(p[~on].sum()))
+            tiles += int((~on).sum()) * tiles_of_expert(layer, T)
+            cells += int((~on).sum()) * per
+            t_ana = (max(1.0, B * float(p[~on].max())) + 1) * t_mvm
+        t["experts"] += max(t_dig, t_ana)   # digital and analog experts of a layer work at the same time
     step = sum(t.values())
-    digital_bytes = int(round((shapes.total_params - cells) * wb))
-    return Cost(hardware=hw.name, batch=B, routing=routing, energy_per_token_j=sum(E.values()),
-                tokens_per_s=B / step if step > 0 else math.inf, latency_s=step, energy_j=E, time_s=t,
-                digital_bound="none" if not any(roof) else ("memory" if roof[0] >= roof[1] else "compute"),
-                tiles=tiles, chips=math.ceil(tiles / a.tiles_per_chip), tile_utilization=cells / (tiles * T * T)
-                if tiles else 0.0, tile_mvms_per_token=mvms, digital_bytes=digital_bytes,
-                accelerators=math.ceil(digital_bytes / (d.memory_gb * 1e9)), analog_params=cells)
+    digital_bytes = int(round((shapes.total_params - cells) * hw.digital.weight_bytes))
+    return Cost(hardware=hw.name, batch=B, routing=routing, energy_per_token_j=sum(led.energy.values()),
+                tokens_per_s=B / step if step > 0 else math.inf, latency_s=step, energy_j=led.energy, time_s=t,
+                digital_bound=led.bound, tiles=tiles, chips=math.ceil(tiles / hw.analog.tiles_per_chip),
+                tile_utilization=cells / (tiles * T * T) if tiles else 0.0, tile_mvms_per_token=led.mvms,
+                digital_bytes=digital_bytes, accelerators=math.ceil(digital_bytes / (hw.digital.memory_gb * 1e9)),
+                analog_params=cells)
 
 
 def tiles_of_expert(layer: ExpertLayer, tile: int) -> int:

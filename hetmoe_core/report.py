@@ -18,6 +18,8 @@ from .store import Store, atomic_write, output_path
 
 HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
 VARIANT_COLUMNS = ("backend", "dtype", "batch_size", "num_fewshot", "analog_dense", "limit")   # besides the preset
+# Deprecated: metric direction is stored with each metric (store.summary_frame "higher_is_better", from lm-eval's
+# results); this list remains only for pages/results.py until it reads that column.
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
@@ -26,8 +28,8 @@ def report_data(source: str | os.PathLike | Store):
 
     A snapshot is validated and imported into a temporary store first (snapshot.import_snapshot's checks apply).
     """
-    with _opened(source) as st:
-        return st.summary_frame(), st.placements_frame()
+    with _opened(source) as store:
+        return store.summary_frame(), store.placements_frame()
 
 
 @contextlib.contextmanager
@@ -40,9 +42,9 @@ def _opened(source: str | os.PathLike | Store):
     if path.suffix == ".zip" or (path.is_file() and path.read_bytes()[:2] == b"PK"):
         from .snapshot import import_snapshot
         with tempfile.TemporaryDirectory() as d:
-            st = Store(Path(d) / "report.duckdb")
-            import_snapshot(path, st)
-            yield st
+            store = Store(Path(d) / "report.duckdb")
+            import_snapshot(path, store)
+            yield store
         return
     if not path.is_file():
         raise ValueError(f"no snapshot or store at {path}")
@@ -62,9 +64,10 @@ def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
         for (task, metric), g in runs.groupby(["task", "metric"], sort=True):
             if metric not in HEADLINE:
                 continue
-            arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+            higher = _direction(metric, summary[summary.metric == metric]) is not False
+            arrow = "higher is better" if higher else "lower is better"
             figs.append(figures.accuracy_vs_energy(
-                energy.config_points(g), metric, metric not in LOWER_IS_BETTER,
+                energy.config_points(g), metric, higher,
                 title=f"{task} — {metric} ({arrow}) vs energy per token ({energy.DEFAULT_HARDWARE}, {note})"))
     return figs, notes
 
@@ -78,6 +81,15 @@ def _fmt(mean, std) -> str:
 
 def _score(mean, std, deterministic) -> str:
     return f"{mean:.4g} (deterministic)" if deterministic and mean is not None else _fmt(mean, std)
+
+
+def _direction(metric: str, rows) -> bool | None:
+    """Higher is better? As lm-eval declared it, stored with the metric; older results ask lm-eval's registry."""
+    stored = rows["higher_is_better"].dropna() if "higher_is_better" in rows else []
+    if len(stored):
+        return bool(stored.iloc[0])
+    from .tasks import higher_is_better
+    return higher_is_better(metric)
 
 
 def _figures(summary) -> list:
@@ -101,7 +113,7 @@ def _figures(summary) -> list:
         if len(ideal):
             fig.add_hline(y=float(ideal["mean"].iloc[0]), line_dash="dash", line_color="black",
                           annotation_text="ideal (all digital)", annotation_position="top left")
-        arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        arrow = {True: "higher is better", False: "lower is better"}.get(_direction(metric, g), "direction unknown")
         fig.update_layout(title=f"{task} — {metric} ({arrow}) vs digital budget", template="plotly_white",
                           xaxis_title="digital budget (share of routed experts digital)", yaxis_title=metric,
                           height=420, legend_title="strategy · preset", showlegend=True)
@@ -126,11 +138,11 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     """
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
     out = output_path(out, overwrite, protect=[getattr(source, "path", source)])
-    with _opened(source) as st:
-        summary, placements = st.summary_frame(), st.placements_frame()
+    with _opened(source) as store:
+        summary, placements = store.summary_frame(), store.placements_frame()
         if summary.empty:
             raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
-        efigs, enotes = _energy_figures(st, summary)
+        efigs, enotes = _energy_figures(store, summary)
     summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
     figs = _figures(summary)
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]

@@ -21,16 +21,18 @@ only-this, all-but-this, whole-layer and all-experts damages are paired over exp
 tokens. Dense modules are programmed by ``analog()`` itself (one stream per module).
 
 Speed, without approximation (``bench/bench_sensitivity.py`` times it against the naive loop of one full noisy
-forward per expert and seed): noise is programmed once per seed for all experts; the clean (or all-analog)
-hidden states entering each decoder layer and its attention output are kept from one pass, so a measurement of an
-expert of decoder layer d replays them and recomputes only the MoE block of d and the layers above; R experts of
-one layer are measured in one forward of R row blocks, block r routing its tokens of expert e_r to a noisy (or,
-for all-but-this, clean) copy of that expert appended to the fused expert tensors; the LM head runs only on the
-positions whose final hidden state changed (for the last MoE layer: only the tokens routed to the expert).
-The arithmetic of each position is the one ``analog()``'s fast backend does (its ``_FastExperts`` forward is
-reused), so the batched result equals the one-expert-at-a-time loop (``naive_only_this``; test_sensitivity).
-Tile output noise (``out_noise`` > 0) is drawn per forward and cannot be equal between the two orders; the
-paper presets have none.
+forward per expert and seed): noise is programmed once per seed for all experts; one base pass (digital, or all
+experts analog for all-but-this) keeps the hidden states entering each decoder layer, each attention output and
+each MoE layer's weighted expert rows, so measuring an expert of decoder layer d replays everything below d and
+d's attention, recomputes only that expert's rows in d (``_CachedFlip``) and runs the layers above; the flipped
+expert is a copy appended to the fused expert tensors, so R experts of a layer can share one forward of R row
+blocks (``group``); the LM head runs only on positions whose final hidden state changed (for the last MoE
+layer: only the tokens routed to the expert). Each position sees the arithmetic of ``analog()``'s fast backend
+(its ``_FastExperts`` forward is reused), so with the default of one expert per forward (up to
+``ROWS_PER_FORWARD`` tokens) the result equals the one-expert-at-a-time loop bit for bit (``naive_only_this``;
+test_sensitivity); with R > 1 the layers above multiply taller matrices, for which BLAS may choose other kernels,
+and results agree to float32 rounding. Tile output noise (``out_noise`` > 0) is drawn per forward and cannot
+be equal between the two orders; the paper presets have none.
 
 API contract (the Validate page and the example-results script build on it)::
 
@@ -42,33 +44,31 @@ API contract (the Validate page and the example-results script build on it)::
 noise (full NoiseConfig), seeds, tokens, calibration {source, hash, tokens}, clean_nll,
 experts [{layer, expert, only_this, only_this_se, all_but_this, all_but_this_se}], layers [{layer, damage, se}],
 dense [{kind, damage, se}], all_experts {damage, se}, correlations [{criterion, scope ("pooled" or MoE layer int),
-spearman, spearman_lo, spearman_hi, kendall, kendall_lo, kendall_hi}], best {criterion, margin, margin_lo,
-margin_hi, significant}, routing_drift [{layer, changed_share, load_max_over_mean_ideal,
-load_max_over_mean_noisy}], cached. Damages are in nats per token; ``*_se`` are standard errors over seeds
+spearman, spearman_lo, spearman_hi, kendall, kendall_lo, kendall_hi}], best {criterion, margin, significant},
+routing_drift [{layer, changed_share, load_max_over_mean_ideal, load_max_over_mean_noisy}], cached.
+Additional keys: experts[] also carry decoder_layer, only_this_seeds (per seed, in ``seeds`` order) and
+score_<criterion> (each criterion's score); correlations[] carry n (experts); best carries runner_up and the
+margin's 95% interval margin_lo / margin_hi (``significant``: the interval excludes 0 — else "no difference");
+layers[] carry decoder_layer; routing_drift[] carries changed_share_se. Criteria: ``criteria.criterion_scores``. Damages are in nats per token; ``*_se`` are standard errors over seeds
 (sample std / sqrt(n); None for one seed). ``layer`` is the MoE-layer index (anatomy.moe_layers order).
 """
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from . import moe_dispatch
 from .analog import analog
-from .fast_backend import _FastExperts
 from .noise import NoiseConfig, get_preset
-from .tiles import _channel_absmax, _derive_seed, _w_in, program_weights, split_sizes
+from .replay import _Bank, _Engine, _LayerForward, _decoder, _dispatch, _sum, token_nll
 
 ORACLE_SEEDS, ORACLE_TOKENS = 5, 16384   # the oracle's measurement = validate()'s defaults (shares its cache)
-SEQ_LEN = 256          # tokens per calibration sequence (capped by the model's context)
+SEQ_LEN = 256            # tokens per calibration sequence (capped by the model's context)
 ROWS_PER_FORWARD = 8192  # tokens in one batched forward (R experts x sequences x positions), bounds memory
-_VERSION = 1           # bump when a measurement changes meaning (enters the store key)
+_VERSION = 1             # bump when a measurement changes meaning (enters the store key)
 
 
 # ------------------------------------------------------------------------------------------ calibration tokens
@@ -98,253 +98,6 @@ def calibration_tokens(tokenizer, texts: dict[str, list[str]], tokens: int, seq_
         raise ValueError(f"calibration text holds {len(stream)} tokens, fewer than one sequence of {seq_len}; "
                          "give more text or fewer --tokens")
     return torch.tensor(stream[:n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-# ------------------------------------------------------------------------------------------ expert banks
-
-class _Bank:
-    """The routed experts of one MoE layer under one noise seed: clean and programmed (noisy) fused tensors.
-
-    ``clean[key]`` / ``noisy[key]``: ``[E, ...]`` in the parameter's storage layout and dtype (key "in" =
-    gate_up/up, "down"); noisy weights are stored as the fast backend stores them (pre-divided by the tile scale x
-    ADC step when converters act), ``g_out[key]`` ``[T, E, O]`` maps ADC codes back. Expert e is programmed
-    with the seed ``analog()`` uses when e is the only analog expert of the layer.
-    """
-
-    def __init__(self, m, noise: NoiseConfig, seed: int, nm):
-        self.m, self.noise, self.seed = m, noise, seed
-        dev = m.experts.down_proj.device
-        probe = _FastExperts(m, noise, [], torch.Generator(device=dev), None)  # converter grids, fold factors
-        self.io_out = probe.io_out
-        self.in_sizes, self.g_out, self.clean, self.noisy = {}, {}, {}, {}
-        ts = noise.tile_size
-        for key, p in (("in", _w_in(m)), ("down", m.experts.down_proj)):
-            logical = p.data.transpose(1, 2) if m.transposed else p.data   # [E, O, I]
-            O, I = logical.shape[1:]
-            sizes = self.in_sizes[key] = split_sizes(I, ts)
-            self.clean[key] = p.data
-            if nm is None and not probe.io_out:
-                self.noisy[key] = p.data
-                continue
-            g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=dev)
-            noisy = torch.empty_like(p.data)
-            fold = probe.fold(key)
-            for e in range(m.num_experts):   # one noise stream per expert (see module docstring)
-                if nm is not None:
-                    w, sc = program_weights(logical[[e]], noise, nm, sizes, split_sizes(O, ts),
-                                            _derive_seed(seed, f"{m.experts_name}.{key}:{e}-{e}"), dev)
-                else:
-                    w, sc = logical[[e]].float(), _channel_absmax(logical[[e]], sizes)
-                if probe.io_out:
-                    w = w * torch.repeat_interleave(fold / sc, torch.tensor(sizes, device=dev), dim=-1)
-                    g_out[:, [e]] = (sc * probe.s_out(key)).permute(2, 0, 1)
-                noisy[e] = (w.transpose(1, 2) if m.transposed else w)[0].to(p.dtype)
-            self.noisy[key] = noisy
-            if probe.io_out:
-                self.g_out[key] = g_out
-
-    def bias(self, name: str, ids) -> torch.Tensor | None:
-        b = getattr(self.m.experts, name, None)
-        return None if b is None else b.data[ids]
-
-
-class _ExpertsView:
-    """The real experts module with other fused weight tensors (its activation, gate and flags are kept)."""
-
-    def __init__(self, mod, m, w_in, w_down, biases: dict):
-        self.__dict__["_mod"] = mod
-        self.__dict__.update({("gate_up_proj" if m.gated else "up_proj"): w_in, "down_proj": w_down, **biases})
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_mod"], name)
-
-
-class _LayerForward:
-    """Experts forward of one MoE layer over ``experts`` = base experts [E] plus ``flip`` extra copies.
-
-    ``base`` "clean" or "noisy" gives the state of experts 0..E-1; with ``flip = [e_1..e_R]`` the hidden states
-    are R row blocks and block r sends its tokens of expert e_r to appended expert E + r, which holds e_r in the
-    other state. Computes exactly as ``analog()``'s fast backend (``_FastExperts``) for the same analog set.
-    """
-
-    def __init__(self, bank: _Bank, base: str, flip=(), gen_seed: int = 0):
-        m, E = bank.m, bank.m.num_experts
-        other = "noisy" if base == "clean" else "clean"
-        self.flip, self.E = list(flip), E
-        ids = list(range(E)) + self.flip
-        src = [base] * E + [other] * len(self.flip)
-        w = {}
-        for key in ("in", "down"):
-            if self.flip:
-                w[key] = torch.cat([getattr(bank, base)[key], getattr(bank, other)[key][self.flip]])
-            else:
-                w[key] = getattr(bank, base)[key]
-        self.w = w
-        self.biases = {}
-        if m.has_bias:
-            for name in (("gate_up_proj_bias" if m.gated else "up_proj_bias"), "down_proj_bias"):
-                self.biases[name] = bank.bias(name, ids)
-        analog_ids = [i for i, s in enumerate(src) if s == "noisy"]
-        dev = bank.clean["down"].device
-        proxy = SimpleNamespace(num_experts=len(ids), experts=SimpleNamespace(down_proj=w["down"]), index=m.index,
-                                transposed=m.transposed)
-        gen = torch.Generator(device=dev).manual_seed(_derive_seed(gen_seed, m.experts_name + ":out"))
-        self.st = _FastExperts(proxy, bank.noise, analog_ids, gen, None)
-        self.st.in_sizes = dict(bank.in_sizes)
-        if bank.io_out:
-            self.st.g_out = {k: g[:, ids] for k, g in bank.g_out.items()}
-        self.m = m
-
-    def forward(self, mod, hidden_states, top_k_index, top_k_weights):
-        idx = top_k_index
-        if self.flip:
-            R = len(self.flip)
-            idx = top_k_index.clone()
-            n = idx.shape[0] // R
-            for r, e in enumerate(self.flip):
-                blk = idx[r * n:(r + 1) * n]
-                blk[blk == e] = self.E + r
-        view = _ExpertsView(mod, self.m, self.w["in"], self.w["down"], self.biases)
-        return self.st.forward(view, hidden_states, idx, top_k_weights)
-
-
-@contextmanager
-def _dispatch(anatomy):
-    """Route every experts forward through hetmoe's dispatcher (``moe_dispatch.install``, as ``analog()`` does);
-    a layer runs the state ``_Engine`` gives it, else the implementation it had before."""
-    with ExitStack() as stack:
-        moe_dispatch.install(stack, anatomy)
-        yield
-
-
-class _Replay(nn.Module):
-    """Stands in for a decoder layer (or its attention) and returns a stored output."""
-
-    def __init__(self, out, attention: bool = False):
-        super().__init__()
-        self.out, self.attention = out, attention
-
-    def forward(self, *args, **kwargs):
-        return (self.out, None) if self.attention else self.out
-
-
-# ------------------------------------------------------------------------------------------ the engine
-
-def _decoder(model):
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    if not hasattr(base, "layers"):
-        raise ValueError(f"{type(model).__name__} keeps no decoder `layers` list; sensitivity cannot replay it")
-    return base
-
-
-def _logits(model, h: torch.Tensor) -> torch.Tensor:
-    """LM-head logits of final hidden states ``[M, H]`` -> float32 ``[M, V]`` (Granite's logits scaling and
-    Gemma-style final soft-capping applied as the model's own forward does)."""
-    z = model.get_output_embeddings()(h).float()
-    cfg = model.config
-    if getattr(cfg, "logits_scaling", None):
-        z = z / cfg.logits_scaling
-    cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        z = torch.tanh(z / cap) * cap
-    return z
-
-
-def token_nll(model, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token NLL (nats) of every position: final hidden states ``[B, T, H]``, token ids ``[B, T]`` ->
-    float32 ``[B, T-1]`` (position t predicts token t+1)."""
-    B, T, H = h.shape
-    z = _logits(model, h[:, :-1].reshape(-1, H))
-    return nn.functional.cross_entropy(z, ids[:, 1:].reshape(-1), reduction="none").view(B, T - 1)
-
-
-class _Engine:
-    """Measurement state of one model: base passes, batched flips, NLL bookkeeping (see module docstring)."""
-
-    def __init__(self, lm, ids: torch.Tensor, batch: int, check: Callable[[], None]):
-        self.lm, self.model, self.anatomy = lm, lm.model, lm.anatomy
-        self.dec = _decoder(lm.model)
-        self.dev = next(lm.model.parameters()).device
-        self.chunks = [ids[i:i + batch].to(self.dev) for i in range(0, ids.shape[0], batch)]
-        self.positions = ids.shape[0] * (ids.shape[1] - 1)
-        self.check = check
-
-    def base_pass(self, chunk, states: dict | None, routes: bool = False) -> dict:
-        """One forward of ``chunk`` with the given experts states (None: clean); keeps every decoder layer's
-        input, every attention output, the final hidden states, the NLL and (optionally) the routers' top-k."""
-        self.check()
-        keep = {"inp": {}, "attn": {}, "topk": {}}
-        hooks = []
-        for j, layer in enumerate(self.dec.layers):
-            hooks.append(layer.register_forward_pre_hook(
-                lambda mod, a, kw, j=j: keep["inp"].__setitem__(j, a[0] if a else kw["hidden_states"]),
-                with_kwargs=True))
-            if hasattr(layer, "self_attn"):
-                hooks.append(layer.self_attn.register_forward_hook(
-                    lambda mod, a, out, j=j: keep["attn"].__setitem__(j, out[0])))
-        if routes:
-            for m in self.anatomy.moe_layers:
-                hooks.append(m.router.register_forward_hook(
-                    lambda mod, a, out, i=m.index: keep["topk"].__setitem__(i, out[2].detach())))
-        self._set_states(states)
-        try:
-            h = self.dec(input_ids=chunk, use_cache=False).last_hidden_state
-        finally:
-            for hk in hooks:
-                hk.remove()
-            self._set_states(None)
-        keep["final"] = h
-        keep["nll"] = token_nll(self.model, h, chunk)
-        return keep
-
-    def _set_states(self, states):
-        for m in self.anatomy.moe_layers:
-            if states and m.index in states:
-                moe_dispatch.set_state(m.experts, states[m.index])
-            else:
-                m.experts.__dict__.pop("_hetmoe_state", None)   # back to the layer's own implementation
-
-    def replay_pass(self, chunk, base: dict, m, layer_state, states: dict | None, R: int) -> torch.Tensor:
-        """Forward of R row blocks of ``chunk`` from MoE layer ``m`` up: lower decoder layers and m's attention
-        replayed from ``base``, m's experts through ``layer_state``, higher layers with ``states``.
-        Returns the NLL of every position ``[R, B, T-1]`` (positions whose final hidden state equals the base
-        pass's keep its NLL; the LM head runs only on the others)."""
-        self.check()
-        d = m.layer
-        layers = self.dec.layers
-        saved = [layers[j] for j in range(d)]
-        layer = layers[d]
-        attn = getattr(layer, "self_attn", None)
-        rep = lambda t: t.repeat(R, *([1] * (t.dim() - 1)))  # noqa: E731
-        with ExitStack() as stack:
-            for j in range(d):
-                layers[j] = _Replay(rep(base["inp"][d]) if j == d - 1 else None)
-            stack.callback(lambda: [layers.__setitem__(j, saved[j]) for j in range(d)])
-            if attn is not None and d in base["attn"]:
-                layer.self_attn = _Replay(rep(base["attn"][d]), attention=True)
-                stack.callback(lambda: setattr(layer, "self_attn", attn))
-            st = dict(states or {})
-            st[m.index] = layer_state
-            self._set_states(st)
-            stack.callback(self._set_states, None)
-            ids = rep(chunk)
-            if d == 0:   # no replayed layer below: feed the stored input as embeddings
-                h = self.dec(inputs_embeds=rep(base["inp"][0]), use_cache=False).last_hidden_state
-            else:
-                h = self.dec(input_ids=ids, use_cache=False).last_hidden_state
-        B, T = chunk.shape
-        h = h.view(R, B, T, -1)
-        nll = base["nll"].unsqueeze(0).repeat(R, 1, 1)
-        changed = (h[:, :, :-1] != base["final"][:, :-1].unsqueeze(0)).any(-1)
-        if changed.any():
-            z = _logits(self.model, h[:, :, :-1][changed])
-            nll[changed] = nn.functional.cross_entropy(z, ids.view(R, B, T)[:, :, 1:][changed], reduction="none")
-        return nll
-
-
-def _sum(nll: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-block sum of NLL differences, float64: ``[R, B, T-1]`` vs ``[B, T-1]`` -> ``[R]``."""
-    return (nll.double() - ref.double().unsqueeze(0)).flatten(1).sum(1)
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -402,7 +155,8 @@ def _lock(lm):
 
 @torch.no_grad()
 def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True, dense: bool = True,
-            layers: bool = True, group: int | None = None, progress: Callable[[int, int], None] | None = None,
+            layers: bool = True, group: int | None = None, reuse_rows: bool = True,
+            progress: Callable[[int, int], None] | None = None,
             cancel: Callable[[], bool] | None = None) -> Measurement:
     """Measure per-expert, per-layer and dense-module damage (see module docstring).
 
@@ -413,7 +167,12 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
         seeds: count N (seeds 0..N-1) or a list of seeds.
         all_but_this / dense: also measure those. layers: also whole-layer and all-experts damage and routing
             drift (needs the all-analog pass; all_but_this implies it). Quantities not measured stay 0.
-        group: experts per batched forward (default: as many as fit ``ROWS_PER_FORWARD`` tokens).
+        group: experts per forward, as R row blocks (default 1: each forward holds one expert and up to
+            ``ROWS_PER_FORWARD`` tokens, so its matrices have the naive loop's shapes and the result is bit-identical
+            to it; with R > 1 BLAS may pick other kernels for the taller matrices of the layers above, and results
+            agree to float32 rounding, ~1e-5 relative, measured on the default).
+        reuse_rows: recompute only the flipped expert's rows of its layer (``_CachedFlip``); False runs the whole
+            experts forward of that layer per block (same numbers, slower; kept for the equality test).
         progress: progress(done, total) after each unit; cancel: returns True to stop.
     Returns: Measurement. Raises ValueError for bad seeds/noise/ids; evaluate.Cancelled when cancelled.
     Cost: per seed about (L-l) decoder layers + LM head per expert of MoE layer l, in batched forwards.
@@ -426,8 +185,9 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
     a = lm.anatomy
     L, E = len(a.moe_layers), max(m.num_experts for m in a.moe_layers)
     B = max(1, ROWS_PER_FORWARD // ids.shape[1])
+    # a tied LM head owns no parameters of its own (the embedding table counts them) but is a matrix on tiles
     kinds = [k for k in ("attention", "lm_head", "router", "shared_experts", "dense_mlp")
-             if a.modules.get(k) and a.param_counts.get(k, 0)] if dense else []
+             if a.modules.get(k) and (a.param_counts.get(k, 0) or k == "lm_head")] if dense else []
     counter = {"done": 0, "forwards": 0}
 
     def check():
@@ -436,8 +196,9 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
         counter["forwards"] += 1
 
     B = min(B, ids.shape[0])
-    R = group or max(1, ROWS_PER_FORWARD // (B * ids.shape[1]))
+    R = group or 1
     eng = _Engine(lm, ids, B, check)
+    eng.cached_rows = eng.cached_rows and reuse_rows
     n_chunks = len(eng.chunks)
     groups = [(m, list(range(m.num_experts))[g:g + R]) for m in a.moe_layers for g in range(0, m.num_experts, R)]
     layers = layers or all_but_this
@@ -484,12 +245,12 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
                         lay[si, i] += float(_sum(nll, clean["nll"])[0])
                         tick()
                     for m, g in groups:
-                        fl = _LayerForward(banks[m.index], "clean", g, gen_seed=seed)
+                        fl = eng.flip_state(banks[m.index], "clean", g, clean, seed)
                         nll = eng.replay_pass(chunk, clean, m, fl, None, len(g))
                         only[si, m.index, g] += _sum(nll, clean["nll"]).cpu().numpy()
                         tick()
                         if all_but_this:
-                            fl = _LayerForward(banks[m.index], "noisy", g, gen_seed=seed)
+                            fl = eng.flip_state(banks[m.index], "noisy", g, noisy, seed)
                             nll = eng.replay_pass(chunk, noisy, m, fl, noisy_states, len(g))
                             abt[si, m.index, g] += -_sum(nll, noisy["nll"]).cpu().numpy()
                             tick()
@@ -699,7 +460,7 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
         raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
     texts, where = _texts(texts)
     if isinstance(source_or_lm, str):
-        from .evaluate import source_fingerprint
+        from .models import source_fingerprint
         fp = source_fingerprint(source_or_lm)
     else:
         fp = source_or_lm.fingerprint

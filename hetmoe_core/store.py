@@ -62,8 +62,11 @@ CREATE TABLE IF NOT EXISTS expert_stats (
 CREATE TABLE IF NOT EXISTS sensitivity (
     key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR, preset VARCHAR, config VARCHAR, versions VARCHAR,
     result VARCHAR, created_at TIMESTAMP);
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS higher_is_better BOOLEAN;
 """
 _TABLES_OF_SCHEMA = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
+# Columns added after schema version 1 (nullable, so older stores and snapshots stay readable: NULL = not stored).
+ADDED_COLUMNS = {"metrics": ("higher_is_better",)}
 # Columns a caller may filter runs by (whitelist: filter names are spliced into SQL, values are parameters).
 RUN_FILTERS = ("key", "status", "model_source", "model_fingerprint", "strategy", "budget", "scope", "preset",
                "seed", "backend", "task", "limit", "num_fewshot", "batch_size", "dtype", "origin")
@@ -94,8 +97,8 @@ _READY: set = set()   # (device, inode, mtime, size, path) of store files whose 
 
 
 def _file_id(path: Path) -> tuple:
-    st = path.stat()
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, str(path))
+    info = path.stat()
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size, str(path))
 
 
 class StoreBusy(RuntimeError):
@@ -143,11 +146,14 @@ class Store:
             with self._connect(write=False) as con:
                 version = _schema_version(con, self.path)
                 have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                have |= {f"{t}.{c}" for t, c in con.execute(
+                    "SELECT table_name, column_name FROM information_schema.columns").fetchall()}
             if version < SCHEMA_VERSION and (read_only or not self.writable):
                 raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
                                  f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "
                                  f"{SCHEMA_VERSION}")
-            if (version < SCHEMA_VERSION or not set(_TABLES_OF_SCHEMA) <= have) and self.writable:
+            wanted = {*_TABLES_OF_SCHEMA, *(f"{t}.{c}" for t, cs in ADDED_COLUMNS.items() for c in cs)}
+            if (version < SCHEMA_VERSION or not wanted <= have) and self.writable:
                 self._upgrade()   # tables added since the store was made (new features) are created too
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +279,8 @@ class Store:
             if row is None:
                 return None
             run = dict(zip([d[0] for d in cur.description], row))
-            cur = con.execute("SELECT task, metric, value, stderr, seed FROM metrics WHERE key=? ORDER BY task, metric", [key])
+            cur = con.execute("SELECT task, metric, value, stderr, seed, higher_is_better FROM metrics WHERE key=? "
+                              "ORDER BY task, metric", [key])
             metrics = [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
         return {"run": run, "metrics": metrics}
 
@@ -286,11 +293,12 @@ class Store:
             cur = con.execute("SELECT * FROM runs WHERE status='ok' AND list_contains(?, key)", [keys])
             cols = [d[0] for d in cur.description]
             out = {r[0]: {"run": dict(zip(cols, r)), "metrics": []} for r in cur.fetchall()}
-            rows = con.execute("SELECT key, task, metric, value, stderr, seed FROM metrics "
+            rows = con.execute("SELECT key, task, metric, value, stderr, seed, higher_is_better FROM metrics "
                                "WHERE list_contains(?, key) ORDER BY key, task, metric", [keys]).fetchall()
-        for k, task, metric, value, stderr, seed in rows:
+        for k, task, metric, value, stderr, seed, hib in rows:
             if k in out:
-                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr, "seed": seed})
+                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr, "seed": seed,
+                                          "higher_is_better": hib})
         return out
 
     def existing_keys(self, keys) -> set[str]:
@@ -360,7 +368,8 @@ class Store:
         status: only runs of this status ("ok" by default, None for all); a "status" filter replaces it.
         """
         where, params = _where(filters, status)
-        sql = (f"SELECT r.*, m.metric, m.value, m.stderr FROM runs r LEFT JOIN metrics m ON m.key = r.key "
+        sql = (f"SELECT r.*, m.metric, m.value, m.stderr, m.higher_is_better FROM runs r "
+               f"LEFT JOIN metrics m ON m.key = r.key "
                f"{where} ORDER BY r.created_at DESC, r.key, m.metric")
         return self.query(sql, params)
 
@@ -375,7 +384,8 @@ class Store:
         batch_size, num_fewshot, analog_dense (dense kinds placed on AIMC, "" = the paper's all digital), backend,
         task, limit, metric, mean, std (sample std, NaN for one seed), n_seeds, deterministic (the noise has no
         random part: every seed gives the same numbers), digital_share, seeds (list), origins (where the results
-        came from), shared (how many reused an identical computation), config_id (12 hex digits of the group).
+        came from), shared (how many reused an identical computation), config_id (12 hex digits of the group),
+        higher_is_better (lm-eval's direction as stored with the metric; None for results stored before it was).
         """
         from .summary import summarize_runs
         return summarize_runs(self.runs_frame(filters))
@@ -446,6 +456,13 @@ class Store:
         """Row count per table."""
         with self._connect(write=False) as con:
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+    def signature(self) -> str:
+        """Changes whenever results are added or removed: the run count and the newest run's time (a cache key for
+        anything built from the whole store, e.g. a downloadable snapshot)."""
+        with self._connect(write=False) as con:
+            n, newest = con.execute("SELECT count(*), max(created_at) FROM runs").fetchone()
+        return f"{n}|{newest}"
 
     @contextlib.contextmanager
     def write_transaction(self):

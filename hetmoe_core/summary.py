@@ -45,12 +45,18 @@ def _deterministic(config: dict) -> bool:
         return False
 
 
+def _direction(g):
+    """lm-eval's higher_is_better of a group's metric: None when not stored (results from before it was)."""
+    known = g["higher_is_better"].dropna() if "higher_is_better" in g else []
+    return None if len(known) == 0 else bool(known.astype(bool).all())
+
+
 def summarize_runs(runs):
     """Summary rows (see Store.summary_frame) of a runs_frame: seeds grouped by the config minus the seed."""
     import pandas as pd
     cols = ["model_source", "model_fingerprint", "strategy", "budget", "scope", "preset", "preset_name",
             "overrides", "dtype", "batch_size", "num_fewshot", "analog_dense", "backend", "task", "limit", "metric",
-            "mean", "std", "n_seeds", "deterministic", "digital_share", "seeds", "origins", "shared", "config_id"]
+            "mean", "std", "n_seeds", "deterministic", "digital_share", "seeds", "origins", "shared", "config_id", "higher_is_better"]
     runs = runs[runs["metric"].notna() & (runs["status"] == "ok")] if len(runs) else runs
     if runs.empty:
         return pd.DataFrame(columns=cols)
@@ -85,6 +91,7 @@ def summarize_runs(runs):
                     "n_seeds": len(g), "digital_share": float(g.digital_share.astype(float).mean()),
                     "seeds": sorted(int(x) for x in g.seed.dropna()),
                     "origins": "; ".join(sorted(set(origins))),
-                    "shared": int(g["shared_from"].notna().sum()) if "shared_from" in g else 0})
+                    "shared": int(g["shared_from"].notna().sum()) if "shared_from" in g else 0,
+                    "higher_is_better": _direction(g)})
     res = pd.DataFrame(out, columns=cols)
     return res.sort_values(["task", "metric", "strategy", "budget", "preset"], kind="stable").reset_index(drop=True)

@@ -2,8 +2,9 @@
 import streamlit as st
 
 from hetmoe_core import energy, figures, ui
-from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, place
-from hetmoe_core.scores import STRATEGIES
+from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, overlap, place
+from hetmoe_core.scores import STRATEGIES, strategy_scores
+from hetmoe_core.strategies import get_strategy
 
 ui.frame()
 st.title("Digital placement")
@@ -15,6 +16,10 @@ a = h.lm.anatomy
 sc = ui.scores(h)
 layers = [m.layer for m in a.moe_layers]
 label = figures.STRATEGY_LABELS.get
+
+
+def needs_stats(strategy):
+    return get_strategy(strategy).needs == "stats"      # the registry says what each strategy needs
 
 c1, c2, c3 = st.columns([3, 2, 2])
 c1.slider("Digital budget (% of routed experts)", 0.0, 100.0, step=0.5, key="budget_pct", persist_state="session",
@@ -33,10 +38,6 @@ with st.expander("Dense modules (digital when ticked — the paper keeps all of 
 dense = DensePolicy(**{k: bool(ss[f"dense_{k}"]) for k in DENSE_KINDS})
 
 
-def needs_stats(strategy):
-    return strategy in ("frequency", "weight")
-
-
 def placement_of(strategy, stats):
     return place(a, strategy, ui.budget(), scope=ss["scope"], dense=dense, stats=stats, scores=sc)
 
@@ -49,9 +50,9 @@ p = placement_of(ss["strategy"], stats)
 share = digital_share(p, a)
 
 m = st.columns(4)
-m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}",
-            help="Digital matrix-vector parameters / all parameters (embeddings and norms count as memory).")
-m[1].metric("Digital routed experts", f"{sum(share['per_layer_digital'])} / {sum(share['per_layer_experts'])}")
+m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}", help=share["help"]["digital_share"])
+m[1].metric("Digital routed experts", f"{sum(share['per_layer_digital'])} / {sum(share['per_layer_experts'])}",
+            help=f"routed_digital_share {share['routed_digital_share']:.1%}: " + share["help"]["routed_digital_share"])
 m[2].metric("Analog parameters", f"{share['analog_params'] / 1e6:.2f} M",
             help=f"{share['analog_params'] / share['total_params']:.1%} of all parameters run on AIMC tiles")
 m[3].metric("Per layer", " ".join(str(x) for x in share["per_layer_digital"]), help="digital experts per MoE layer")
@@ -83,8 +84,8 @@ with cost_box:
     e[3].metric("Digital weight memory", f"{c.digital_bytes / 1e6:,.1f} MB",
                 help=f"bf16 weights held by the digital accelerator(s): {c.accelerators} × {hw.digital.name}.")
 
-values = ({"frequency": stats.frequency, "weight": stats.weight}[ss["strategy"]] if needs_stats(ss["strategy"])
-          else sc.get(ss["strategy"]) if ss["strategy"] != "random" else sc.get("maxnn"))
+shown_strategy = ss["strategy"] if ss["strategy"] != "random" else "maxnn"     # random scores mean nothing
+values = strategy_scores(shown_strategy, num_experts=list(p.num_experts), scores=sc, stats=stats)
 vname = label(ss["strategy"]) if ss["strategy"] != "random" else "MaxNNScore"
 extra = {"MaxNNScore": sc.get("maxnn")} if vname != "MaxNNScore" else None
 st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname} — red squares: digital experts", vname,
@@ -93,7 +94,7 @@ st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname} — red s
 
 left, right = st.columns([3, 2])
 with left:
-    st.plotly_chart(figures.share_bars(share["by_kind"]), key="share_bars")
+    st.plotly_chart(figures.share_bars(share["by_kind"], a.tied_lm_head), key="share_bars")
 with right:
     st.markdown("**Compare with another strategy**")
     others = [s for s in STRATEGIES if s != ss["strategy"]]
@@ -105,13 +106,11 @@ with right:
         st.info(f"{label(sb)} needs activation statistics.")
     else:
         q = placement_of(sb, sb_stats)
-        both = sum(len(set(x) & set(y)) for x, y in zip(p.digital, q.digital))
-        union = sum(len(set(x) | set(y)) for x, y in zip(p.digital, q.digital))
-        n = sum(len(x) for x in p.digital)
-        st.metric("Shared digital experts", f"{both} / {n}",
+        o = overlap(p, q)
+        st.metric("Shared digital experts", f"{o['shared']} / {o['n_p']}",
                   help="Experts both strategies keep digital at this budget")
-        st.caption(f"Jaccard overlap {both / union:.0%} (intersection / union of the two digital sets)."
-                   if union else "No digital experts at this budget.")
+        st.caption(f"Jaccard overlap {o['jaccard']:.0%} (intersection / union of the two digital sets)."
+                   if o["jaccard"] is not None else "No digital experts at this budget.")
         st.dataframe({"MoE layer": [f"L{l}" for l in layers],
                       label(ss["strategy"]): [", ".join(map(str, d)) for d in p.digital],
                       label(sb): [", ".join(map(str, d)) for d in q.digital]}, hide_index=True)
