@@ -174,8 +174,10 @@ def budgets_from_percent(text: str) -> list[float]:
 
 
 def needs_stats(strategy: str) -> bool:
-    """True for strategies ranked by activation statistics from calibration text (routing.ActivationStats)."""
-    return strategy in ("frequency", "weight")
+    """True for strategies ranked by activation statistics from calibration text (routing.ActivationStats); the
+    strategy registry says which (``needs == "stats"``)."""
+    s = STRATEGIES.get(strategy)
+    return s is not None and s.needs == "stats"
 
 
 def overlap(p: Placement, q: Placement) -> dict:
