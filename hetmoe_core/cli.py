@@ -230,16 +230,23 @@ def _run_eval(args, bar: bool) -> dict:
         if pbar is not None:
             pbar.total = total
             pbar.n = done
+            if r["cached"]:   # cache hits arrive at once: the ETA's rate counts computed results only
+                pbar.initial = done
             pbar.set_postfix_str(f"{r['task']} {r['strategy']} b={r['budget']} seed={r['seed']}"
                                  f"{' (cached)' if r['cached'] else ''}")
             pbar.refresh()
     try:
-        res = evaluate_many(args.source, store=args.store, strategies=args.strategies, budgets=args.budgets,
-                            presets=args.presets, seeds=args.seeds, tasks=args.tasks, limit=args.limit,
-                            backend=args.backend, scope=args.scope, batch_size=args.batch_size,
-                            num_fewshot=args.num_fewshot, include_ideal=not args.no_ideal, device=args.device,
-                            dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                            progress=progress)
+        run, extra = evaluate_many, {}
+        if getattr(args, "executor", "local") == "ray":
+            from .ray_executor import RayOptions, evaluate_many_ray
+            run, extra = evaluate_many_ray, {"options": RayOptions(address=args.address, workers=args.workers,
+                                                                   gpus_per_worker=args.gpus_per_worker)}
+        res = run(args.source, store=args.store, strategies=args.strategies, budgets=args.budgets,
+                  presets=args.presets, seeds=args.seeds, tasks=args.tasks, limit=args.limit,
+                  backend=args.backend, scope=args.scope, batch_size=args.batch_size,
+                  num_fewshot=args.num_fewshot, include_ideal=not args.no_ideal, device=args.device,
+                  dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                  progress=progress, **extra)
     finally:
         if pbar is not None:
             pbar.close()
@@ -265,6 +272,13 @@ def cmd_evaluate(args) -> dict:
 
 def add_sweep(p):
     _eval_args(p, sweep=True)
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: one Ray actor per worker, results stored here")
+    p.add_argument("--address", default=None, help="Ray cluster to join ('auto' = the one `ray start` made here, "
+                   "or host:6379); default: a private local Ray for this sweep")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors, each loads the model once "
+                   "(default: one per GPU, or one per driver-thread-count CPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (with --device cuda)")
 
 
 def cmd_sweep(args) -> dict:

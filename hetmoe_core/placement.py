@@ -173,13 +173,6 @@ def budgets_from_percent(text: str) -> list[float]:
     return out
 
 
-def needs_stats(strategy: str) -> bool:
-    """True for strategies ranked by activation statistics from calibration text (routing.ActivationStats); the
-    strategy registry says which (``needs == "stats"``)."""
-    s = STRATEGIES.get(strategy)
-    return s is not None and s.needs == "stats"
-
-
 def overlap(p: Placement, q: Placement) -> dict:
     """How far two placements agree: {"shared": experts digital in both, "union": digital in either,
     "n_p": digital in ``p``, "jaccard": shared / union (None when neither has a digital expert)}.
