@@ -103,8 +103,8 @@ def cold_start(model: str):
             cpu = psutil.Process(proc.pid).cpu_times()      # load-independent: the server's own CPU seconds
             cpu_s = cpu.user + cpu.system
         finally:
-            proc.terminate()
-            proc.wait(10)
+            from bench_soak import stop_server
+            stop_server(proc)
             browser.close()
     return t_up, t_heat, cpu_s
 
@@ -153,8 +153,24 @@ def main():
     ap.add_argument("--no-browser", action="store_true", help="skip the cold-start measurement (needs Chromium)")
     ap.add_argument("--model", default="default", help="model source of the cold start (default, a folder, ...)")
     ap.add_argument("--moves", type=int, default=20, help="clicks per page in the Chromium redraw measurement")
+    ap.add_argument("--redraw-only", action="store_true", help="only measurement 4 (Chromium click -> redraw)")
     args = ap.parse_args()
-    d, model = slider_direct()
+    browser = args.redraw_only or not args.no_browser
+    if args.redraw_only:
+        args.no_browser = True
+    d, model = ([], "") if args.redraw_only else slider_direct()
+    if not args.redraw_only:
+        report_server_side(d, model, args)
+    if browser and Path(CHROMIUM).exists():
+        pl, se, pc, sc = redraw(args.moves)
+        for name, t, cpu in (("Placement (budget slider)", pl, pc), ("Sensitivity (expert choice)", se, sc)):
+            print(f"click -> redraw, {name}: median {statistics.median(t):.0f} ms, p90 {pct(t, 0.9):.0f} ms over "
+                  f"{len(t)} moves; server CPU {cpu:.0f} ms per move; target 300 ms -> ratio "
+                  f"{statistics.median(t) / 300:.2f}")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
+def report_server_side(d, model, args):
     print(f"model: default ({model})")
     print(f"slider, direct (place + share + heatmap JSON): median {statistics.median(d) * 1e3:.1f} ms, "
           f"p95 {pct(d, 0.95) * 1e3:.1f} ms over {len(d)} budgets")
@@ -168,13 +184,6 @@ def main():
               f"{heat:.1f} s from spawn ({cpu:.1f} CPU s in the server); target 5 s -> ratio {heat / 5:.2f}")
     elif not args.no_browser:
         print(f"cold start: skipped ({CHROMIUM} not installed)")
-    if not args.no_browser and Path(CHROMIUM).exists():
-        pl, se, pc, sc = redraw(args.moves)
-        for name, t, cpu in (("Placement (budget slider)", pl, pc), ("Sensitivity (expert choice)", se, sc)):
-            print(f"click -> redraw, {name}: median {statistics.median(t):.0f} ms, p90 {pct(t, 0.9):.0f} ms over "
-                  f"{len(t)} moves; server CPU {cpu:.0f} ms per move; target 300 ms -> ratio "
-                  f"{statistics.median(t) / 300:.2f}")
-    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
