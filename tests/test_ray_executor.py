@@ -149,3 +149,13 @@ def test_cli_ray_sweep_kill9_then_resume(tmp_path, ray_local):
     assert {r["key"] for r in res["results"]} == {s.key for s in plan("default", budgets=[0.25], seeds=2,
                                                                       tasks=["hetmoe_cloze"], limit=3, batch_size=4)}
     assert Store(db).counts()["runs"] == 3
+
+
+def test_measured_strategy_on_ray_same_numbers(tmp_path, ray_local):
+    """local_error needs a measurement on the model: the workers make it and the numbers match the local run."""
+    kw = dict(strategies=["local_error"], budgets=[0.25], presets=["paper-pcm-c2.5"], seeds=1, tasks=["hetmoe_cloze"],
+              limit=2, batch_size=4, include_ideal=False)
+    local = evaluate_many("tiny:olmoe", store=tmp_path / "a.duckdb", **kw)
+    remote = evaluate_many_ray("tiny:olmoe", store=tmp_path / "b.duckdb", options=RayOptions(workers=1), **kw)
+    assert [r["key"] for r in remote] == [r["key"] for r in local] and len(local) == 1
+    assert remote[0]["metrics"] == local[0]["metrics"] and remote[0]["digital_share"] == local[0]["digital_share"]
