@@ -220,18 +220,28 @@ def _filters(where: list[str]) -> dict:
 def cmd_runs(args) -> dict:
     from .store import Store
     st = Store(args.store, create=False)
+    if args.json:   # straight from DuckDB: no pandas import, the answer is ready in a fraction of the time
+        rows = st.summary_rows(_filters(args.where)) if args.summary else st.runs_rows(_filters(args.where))
+        rows = [{k: _json_value(v) for k, v in r.items() if k not in ("config", "versions", "error")} for r in rows]
+        return {"store": str(st.path), "count": len(rows), "rows": rows[:args.max_rows]}
     df = st.summary_frame(_filters(args.where)) if args.summary else st.runs_frame(_filters(args.where)).drop(
         columns=["config", "versions", "error"])
-    rows = json.loads(df.head(args.max_rows).to_json(orient="records", date_format="iso"))
-    if not args.json:
-        import pandas as pd
-        cols = ["task", "metric", "strategy", "budget", "preset", "backend"] + (
-            ["mean", "std", "n_seeds"] if args.summary else ["seed", "value", "stderr", "limit", "key"])
-        view = df.head(args.max_rows)[cols].assign(**({} if args.summary else {"key": df.key.str[:12]}))
-        with pd.option_context("display.width", 200, "display.max_columns", 20):
-            print(view.to_string(index=False) if len(df) else "no stored results match")
+    import pandas as pd
+    cols = ["task", "metric", "strategy", "budget", "preset", "backend"] + (
+        ["mean", "std", "n_seeds"] if args.summary else ["seed", "value", "stderr", "limit", "key"])
+    view = df.head(args.max_rows)[cols].assign(**({} if args.summary else {"key": df.key.str[:12]}))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(view.to_string(index=False) if len(df) else "no stored results match")
+    return None
+
+
+def _json_value(v):
+    """A DuckDB value as pandas' ``to_json(date_format="iso")`` wrote it: ISO time in ms, NaN as null."""
+    if hasattr(v, "isoformat"):
+        return v.isoformat(timespec="milliseconds")
+    if isinstance(v, float) and v != v:
         return None
-    return {"store": str(st.path), "count": len(df), "rows": rows}
+    return v
 
 
 def add_export(p):

@@ -157,6 +157,16 @@ class Store:
         with self._connect(write=False) as con:
             return con.execute(sql, list(params)).df()
 
+    def query_rows(self, sql: str, params=()) -> list[dict]:
+        """Run one read-only query; returns [{column: value}] (DuckDB's Python values, NULL -> None).
+
+        Pandas is not imported: commands that print stored results start in a fraction of the time.
+        """
+        with self._connect(write=False) as con:
+            cur = con.execute(sql, list(params))
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
     # -- runs ----------------------------------------------------------------------------------------------
     def get_result(self, key: str) -> dict | None:
         """The stored successful result for cache key ``key`` as {"run": {...}, "metrics": [...]}, or None."""
@@ -238,10 +248,11 @@ class Store:
 
         filters: {column: value or list of values}, columns from RUN_FILTERS; ValueError on an unknown column.
         """
-        where, params = _where(filters, status)
-        sql = (f"SELECT r.*, m.metric, m.value, m.stderr FROM runs r LEFT JOIN metrics m ON m.key = r.key "
-               f"{where} ORDER BY r.created_at DESC, r.key, m.metric")
-        return self.query(sql, params)
+        return self.query(*_runs_sql(filters, status))
+
+    def runs_rows(self, filters: dict | None = None, status: str = "ok") -> list[dict]:
+        """The rows of :meth:`runs_frame` as a list of dicts, without importing pandas."""
+        return self.query_rows(*_runs_sql(filters, status))
 
     def summary_frame(self, filters: dict | None = None):
         """Mean ± std over seeds per (model, strategy, budget, scope, preset, backend, task, limit, metric).
@@ -249,13 +260,11 @@ class Store:
         Columns: model_source, model_fingerprint, strategy, budget, scope, preset, backend, task, limit, metric,
         mean, std (sample std, NaN for one seed), n_seeds, digital_share, seeds (list).
         """
-        where, params = _where(filters, "ok")
-        sql = f"""SELECT r.model_source, r.model_fingerprint, r.strategy, r.budget, r.scope, r.preset, r.backend,
-                   r.task, r."limit", m.metric, avg(m.value) AS mean, stddev_samp(m.value) AS std,
-                   count(*) AS n_seeds, avg(r.digital_share) AS digital_share, list(r.seed ORDER BY r.seed) AS seeds
-                 FROM runs r JOIN metrics m ON m.key = r.key {where}
-                 GROUP BY ALL ORDER BY r.task, m.metric, r.strategy, r.budget, r.preset"""
-        return self.query(sql, params)
+        return self.query(*_summary_sql(filters))
+
+    def summary_rows(self, filters: dict | None = None) -> list[dict]:
+        """The rows of :meth:`summary_frame` as a list of dicts (std None for one seed), without pandas."""
+        return self.query_rows(*_summary_sql(filters))
 
     def delete_runs(self, keys) -> int:
         """Delete runs (and their metrics) by key; returns the number of runs deleted."""
@@ -317,6 +326,22 @@ def _insert(con, table: str, row: dict, ignore: bool = False) -> None:
     names = ", ".join(f'"{c}"' for c in cols)
     verb = "INSERT OR IGNORE" if ignore else "INSERT"
     con.execute(f"{verb} INTO {table} ({names}) VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
+
+
+def _runs_sql(filters: dict | None, status: str | None) -> tuple[str, list]:
+    where, params = _where(filters, status)
+    return (f"SELECT r.*, m.metric, m.value, m.stderr FROM runs r LEFT JOIN metrics m ON m.key = r.key "
+            f"{where} ORDER BY r.created_at DESC, r.key, m.metric"), params
+
+
+def _summary_sql(filters: dict | None) -> tuple[str, list]:
+    where, params = _where(filters, "ok")
+    sql = f"""SELECT r.model_source, r.model_fingerprint, r.strategy, r.budget, r.scope, r.preset, r.backend,
+                   r.task, r."limit", m.metric, avg(m.value) AS mean, stddev_samp(m.value) AS std,
+                   count(*) AS n_seeds, avg(r.digital_share) AS digital_share, list(r.seed ORDER BY r.seed) AS seeds
+                 FROM runs r JOIN metrics m ON m.key = r.key {where}
+                 GROUP BY ALL ORDER BY r.task, m.metric, r.strategy, r.budget, r.preset"""
+    return sql, params
 
 
 def _where(filters: dict | None, status: str | None):
