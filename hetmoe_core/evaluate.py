@@ -271,8 +271,7 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
     Raises ValueError with what to change for any bad value.
     """
     from .noise import get_preset
-    from .placement import DensePolicy, SCOPES
-    from .scores import STRATEGIES
+    from .placement import DensePolicy, SCOPES, STRATEGIES
     strategies = _as_list(strategies)
     budgets = _as_list(budgets, float)
     presets = _as_list(presets)

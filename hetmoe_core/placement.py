@@ -26,8 +26,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .scores import STRATEGIES, expert_scores, strategy_scores
-
+# The request's vocabulary lives here, free of torch: a cache-hit evaluation validates and keys a request without
+# importing the deep-learning stack (scores.py computes the strategies' scores and re-exports STRATEGIES).
+STRATEGIES = ("maxnn", "frequency", "weight", "router_norm", "random")
 SCOPES = ("layer", "global")
 DENSE_KINDS = ("attention", "lm_head", "shared_experts", "router", "dense_mlp")
 
@@ -160,6 +161,7 @@ def place(anatomy, strategy: str, budget: float, scope: str = "layer", dense: De
     (needed by frequency / weight); scores: scores.ExpertScores (computed from the model if not given).
     Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats.
     """
+    from .scores import expert_scores, strategy_scores
     check_request(strategy, budget, scope)
     ne = [m.num_experts for m in anatomy.moe_layers]
     if strategy in ("maxnn", "router_norm") and scores is None:

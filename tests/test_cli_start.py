@@ -59,3 +59,13 @@ def test_export_and_report_without_deep_learning_stack(store, tmp_path):
     assert rc == 0 and heavy == [] and json.loads(out)["tables"]["runs"]["rows"] == 3
     rc, out, heavy = run_cli("report", str(tmp_path / "s.zip"), "--out", str(tmp_path / "r.html"), "--json")
     assert rc == 0 and heavy == [] and (tmp_path / "r.html").stat().st_size > 10_000
+
+
+def test_cache_hit_evaluate_without_deep_learning_stack(store):
+    """The key of every result is computed from the request and the weights' file hash, not from the model."""
+    rc, out, heavy = run_cli("evaluate", "default", "--store", str(store), "--tasks", "hetmoe_cloze", "--limit", "2",
+                             "--seeds", "2", "--json")
+    res = json.loads(out)
+    assert rc == 0 and heavy == [] and (res["computed"], res["cached"]) == (0, 3)
+    (maxnn,) = [r for r in res["summary"] if r["strategy"] == "maxnn"]
+    assert maxnn["mean"] == pytest.approx(0.6875) and maxnn["n_seeds"] == 2
