@@ -8,9 +8,7 @@ views, so scores and analog noise act on the real weights.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,19 +304,9 @@ class LoadedModel:
     fingerprint: str
 
 
+from .fingerprints import forget_fingerprints, source_fingerprint, weights_fingerprint  # noqa: E402,F401 (re-export)
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def weights_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 (first 16 hex) of a folder's config and safetensors files, by content."""
-    h = hashlib.sha256()
-    folder = Path(folder)
-    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()[:16]
 
 
 def _tiny_tokenizer():
