@@ -6,7 +6,7 @@
 The model is loaded once (as a sweep or the dashboard does); each round evaluates one new result per preset
 (a new seed, so nothing comes from the cache) into a fresh store. Forward time is summed by hooks around the
 model's forward calls; "programming" is the time to enter ``analog(...)`` for the same placement and seed,
-measured on its own. Goal: overhead (result - forward) <= 20% of forward. Prints medians over rounds (round 0,
+measured on its own; the programming-noise step alone is also timed against aihwkit's route. Goal: overhead (result - forward) <= 20% of forward. Prints medians over rounds (round 0,
 which pays one-off imports and task indexing, is shown apart).
 """
 import argparse
@@ -58,6 +58,27 @@ def program_time(lm, preset: str, seed: int, strategy: str, budget: float) -> fl
     return dt
 
 
+def programming_shortcut(preset: str, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds of aihwkit's apply_programming_noise vs tiles._programming_noise (drift coefficients drawn,
+    not built) on 16 x 256 x 256 normalised weights (the default model's gate_up of one layer), interleaved."""
+    import torch
+    from hetmoe_core.noise import get_preset
+    from hetmoe_core.tiles import _programming_noise
+    noise = get_preset(preset)
+    nm = noise.build_noise_model()
+    w = torch.randn(16, 256, 256, generator=torch.Generator().manual_seed(0))
+    w = w / w.abs().amax(-1, keepdim=True)
+    off, short = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        nm.apply_programming_noise(w)
+        off.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _programming_noise(nm, w, noise.drifts)
+        short.append(time.perf_counter() - t0)
+    return statistics.median(off), statistics.median(short)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="default")
@@ -88,6 +109,10 @@ def main():
                 assert not res["cached"]
                 rows[p].append((wall, fwd, clock.calls - c0, program_time(lm, p, r, a.strategy, a.budget)))
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    for p in rows:
+        off, short = programming_shortcut(p)
+        print(f"{p:<22} programming noise of 1M weights: aihwkit route {off * 1e3:7.1f} ms, hetmoe {short * 1e3:7.1f} ms "
+              f"(ratio {short / off:.2f}; drifting presets take aihwkit's route)")
     for p, xs in rows.items():
         w0, f0, n0, g0 = xs[0]
         med = [statistics.median(x[i] for x in xs[1:]) for i in range(4)]
