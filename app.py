@@ -2,7 +2,8 @@
 
 The sidebar (hetmoe_core.ui.frame) chooses the model (default, hub id, local folder, tiny random), device and dtype;
 the pages in ``pages/`` lay out widgets and call ``hetmoe_core``. Shared view state lives in st.session_state and in
-the URL's query parameters (model, strategy, budget, preset).
+the URL's query parameters (model, strategy, budget, preset). Navigation icons come from the Material Symbols font
+bundled with Streamlit: no request leaves the machine.
 """
 import streamlit as st
 
@@ -18,9 +19,6 @@ page = st.navigation([
     st.Page("pages/results.py", title="Results", icon=":material/monitoring:"),
     st.Page("pages/share.py", title="Share", icon=":material/share:"),
 ])
-st.session_state["_in_frame"] = True     # the page's own ui.frame() call is a no-op inside this run
 st.session_state["_redirected"] = False
-try:
+with ui.page_run():          # the page's own ui.frame() call is a no-op; model holds end with the page
     page.run()
-finally:
-    st.session_state["_in_frame"] = False

@@ -48,14 +48,11 @@ from torch import nn
 
 from . import moe_dispatch
 from .adc import Calibration, calibrate  # re-export
-from .aihwkit_backend import AihwkitBackend
+from .backend import BACKENDS, backend_class  # re-export
 from .coverage import CoverageReport, ModuleCoverage, _coverage, _dense_analog_units  # re-export
-from .fast_backend import FastBackend
 from .moe_dispatch import IMPL_NAME  # re-export
 from .noise import NoiseConfig
 from .tiles import _CHUNK_ELEMS, _w_in, program_weights, split_sizes  # re-export
-
-BACKENDS = {"fast": FastBackend, "aihwkit": AihwkitBackend}
 
 
 def estimate_bytes(model: nn.Module, anatomy, placement, noise: NoiseConfig, backend: str = "fast") -> dict:
@@ -90,8 +87,7 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def _check_inputs(model, anatomy, placement, noise, seed, backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown analog backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    backend_class(backend)   # ValueError naming the choices for an unknown backend
     if not isinstance(noise, NoiseConfig):
         raise ValueError(f"noise must be a NoiseConfig (hetmoe_core.noise.get_preset(name)), got {type(noise).__name__}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -150,6 +146,6 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
     rep.calibration_key = calibration.key if calibration is not None and not calibration.recording else ""
     with ExitStack() as stack:
         moe_dispatch.install(stack, anatomy)
-        rep.clean_copy_bytes = BACKENDS[backend](model, anatomy, noise, seed, device, calibration).program(
+        rep.clean_copy_bytes = backend_class(backend)(model, anatomy, noise, seed, device, calibration).program(
             stack, placement, dense_units)
         yield rep

@@ -1,11 +1,26 @@
-"""The analog backend base class: it owns the order of programming a placement, siblings fill the hooks.
+"""Analog backends: the registry of their names, and the base class that owns the order of programming a placement.
 
 As aihwkit's ``BaseDriftCompensation`` owns the read-out and ``GlobalDriftCompensation`` fills ten lines, the base
 walks the MoE layers with analog experts and the analog dense units, and a backend says how one of each is put on
 tiles (``fast_backend.FastBackend``, ``aihwkit_backend.AihwkitBackend``). Every change a hook makes registers its
 exact undo on the ExitStack it is given, so leaving ``analog()`` restores the model bit for bit.
+
+``BACKENDS`` maps each name to the class that implements it, as "module:Class", imported on first use: sweep
+planning, the CLI and the pages check a backend name without importing torch.
 """
 from __future__ import annotations
+
+import importlib
+
+BACKENDS = {"fast": "fast_backend:FastBackend", "aihwkit": "aihwkit_backend:AihwkitBackend"}
+
+
+def backend_class(name: str) -> type:
+    """The AnalogBackend subclass registered as ``name``. Raises ValueError naming the choices."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown analog backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)
 
 
 class AnalogBackend:

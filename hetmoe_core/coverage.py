@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .models import is_norm, param_owner
+from .placement import DENSE_KINDS
 from .tiles import _tiles
-
-_POLICY_KINDS = {"attention": "attention", "lm_head": "lm_head", "shared_experts": "shared_experts",
-                 "router": "router", "dense_mlp": "dense_mlp"}  # DensePolicy field -> anatomy kind
 
 
 @dataclass
@@ -64,10 +63,6 @@ class CoverageReport:
                 "analog_modules": sum(m.state == "analog" for m in self.modules),
                 "digital_modules": sum(m.state == "digital" for m in self.modules)}
 
-def _is_norm(m: nn.Module) -> bool:
-    return "norm" in type(m).__name__.lower()
-
-
 def _mvm_units(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     """Matrix-vector-multiply units of a dense module: its nn.Linear submodules, or the module
     itself when it holds a 2-D ``weight`` (routers computing ``F.linear(x, self.weight)``)."""
@@ -83,30 +78,19 @@ def _dense_analog_units(model, anatomy, placement):
     """(name, kind, module) of every MVM unit in a dense module the placement puts on analog."""
     dense = placement.dense
     out = []
-    for field_name, kind in _POLICY_KINDS.items():
-        if getattr(dense, field_name, True):
+    for kind in DENSE_KINDS:
+        if dense.is_digital(kind):
             continue  # True = digital
         for mname in anatomy.modules.get(kind, ()):
             for uname, unit in _mvm_units(model.get_submodule(mname), mname):
                 out.append((uname, kind, unit))
     return out
 
-def _param_owner(model, anatomy) -> dict[int, str]:
-    """id(param) -> anatomy kind, with the anatomy's precedence (norms inside modules = norms)."""
-    norm = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
-    owner: dict[int, str] = {}
-    for kind in ("embeddings", "lm_head", "router", "routed_experts", "shared_experts", "dense_mlp", "attention"):
-        for name in anatomy.modules.get(kind, ()):
-            for p in model.get_submodule(name).parameters():
-                owner.setdefault(id(p), "norms" if id(p) in norm else kind)
-    return owner
-
-
 def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> CoverageReport:
     """Build the report and check it: analog params == the placement's analog share."""
     rep = CoverageReport(backend=backend, seed=seed, noise=noise.to_dict(),
                          placement_key=str(getattr(placement, "key", "")))
-    owner = _param_owner(model, anatomy)
+    owner = param_owner(model, anatomy.modules)
     counted: set[int] = set()
     ts = noise.tile_size
     # routed experts: one row per expert
@@ -132,8 +116,8 @@ def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> C
         O, I = unit.weight.shape
         rep.modules.append(ModuleCoverage(uname, kind, "analog", sum(p.numel() for p in own), _tiles(O, I, ts), note))
         counted |= {id(p) for p in own}
-    for field_name, kind in _POLICY_KINDS.items():  # non-matrix parameters of analog modules
-        if getattr(placement.dense, field_name, True):
+    for kind in DENSE_KINDS:  # non-matrix parameters of analog modules
+        if placement.dense.is_digital(kind):
             continue
         for mname in anatomy.modules.get(kind, ()):
             rest = [p for p in model.get_submodule(mname).parameters()
@@ -150,7 +134,7 @@ def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> C
         if not params:
             continue
         counted |= {id(p) for p in params}
-        kinds = sorted({owner.get(id(p), "norms" if _is_norm(mod) else "other") for p in params})
+        kinds = sorted({owner.get(id(p), "norms" if is_norm(mod) else "other") for p in params})
         note = {"embeddings": "table lookup: no matrix-vector product", "norms": "element-wise: no matrix-vector product",
                 "other": "not mapped to tiles"}.get(kinds[0], "digital by placement") if len(kinds) == 1 else ""
         rep.modules.append(ModuleCoverage(name, "/".join(kinds), "digital", sum(p.numel() for p in params), 0, note))
@@ -167,8 +151,8 @@ def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> C
         problems.append(f"{rep.total_params} parameters listed but the anatomy counts {anatomy.total_params}")
     if rep.analog_params != exp:
         problems.append(f"{rep.analog_params} analog parameters but the placement's analog share is {exp}")
-    for field_name, kind in _POLICY_KINDS.items():
-        if not getattr(placement.dense, field_name, True) and anatomy.param_counts.get(kind, 0):
+    for kind in DENSE_KINDS:
+        if not placement.dense.is_digital(kind) and anatomy.param_counts.get(kind, 0):
             if not any(k == kind for _, k, _ in dense_units):
                 problems.append(f"{kind} placed analog but none of its modules has a matrix to put on tiles")
     if problems:

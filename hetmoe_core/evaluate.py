@@ -24,16 +24,19 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from .store import Store
-from .sweep import BACKENDS, IDEAL, RunSpec, _check, default_calibration, plan, units  # re-export
+from .strategies import STRATEGIES
+from .sweep import BACKENDS, IDEAL, RunSpec, _check, calibration_text, plan, units  # re-export
 from .tasks import (BOOTSTRAP_ITERS, LOCAL_TASKS, TaskRef, _local_tasks, _run_task, _task_manager,  # re-export
                     resolve_tasks, task_aliases)
 
 
 def __getattr__(name: str):
-    """``source_fingerprint`` moved to fingerprints; importing it from here still works."""
+    """Old import paths: ``source_fingerprint`` (now in fingerprints, torch-free) and ``default_calibration`` (now ``sweep.calibration_text``)."""
     if name == "source_fingerprint":
         from .fingerprints import source_fingerprint
         return source_fingerprint
+    if name == "default_calibration":
+        return calibration_text
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -95,6 +98,7 @@ def _result(spec: RunSpec, cached: bool, metrics: list[dict], run: dict | None =
             "budget": spec.budget, "preset": spec.preset, "seed": spec.seed, "backend": spec.backend,
             "metrics": {m["metric"]: m["value"] for m in metrics},
             "stderr": {m["metric"]: m["stderr"] for m in metrics},
+            "higher_is_better": {m["metric"]: m.get("higher_is_better") for m in metrics},
             "digital_share": (run or {}).get("digital_share"), "duration_s": (run or {}).get("duration_s")}
 
 
@@ -107,34 +111,50 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
     not loaded when everything is cached. Missing results are computed unit by unit (one placement + noise + seed
     = one noisy model, all its tasks), each stored in its own transaction as soon as it is done, so a killed sweep
     resumes where it stopped. ``lm``: an already loaded models.LoadedModel to use instead of loading ``source``
-    (its fingerprint keys the results; ``source`` is then only a label).
+    (its fingerprint keys the results; ``source`` is then only a label). ``calibration``: calibration *text*
+    {domain: [texts]} for the routing-statistics strategies (default: ``sweep.calibration_text()``).
     ``cancel``: a threading.Event; when set, the running forward raises and the call returns the results so far.
     Returns one dict per result: key, cached, ideal, task, strategy, budget, preset, seed, backend,
-    metrics {name: value}, stderr {name: value}, digital_share, duration_s.
+    metrics {name: value}, stderr {name: value}, higher_is_better {name: bool | None}, digital_share, duration_s.
     Raises ValueError for bad input (nothing is stored then).
     """
+    calib_text = calibration
     calib_hash = None
-    if calibration is not None:
+    if calib_text is not None:
         from .routing import calibration_hash
-        calib_hash = calibration_hash(calibration, 256)
+        calib_hash = calibration_hash(calib_text, 256)
     fp = lm.fingerprint if lm is not None else None
     specs = plan(source, calibration_hash=calib_hash, fingerprint=fp, **plan_kw)   # all checks before the store
     store = store if isinstance(store, Store) else Store(store)
-    total, results = len(specs), {}
+    results: dict = {}
+
+    def report(spec, res):
+        results[spec.key] = res
+        if progress:
+            progress(len(results), len(specs), res)
     have = store.get_results(s.key for s in specs)
     for s in specs:
         if s.key in have:
-            results[s.key] = _result(s, True, have[s.key]["metrics"], have[s.key]["run"])
-            if progress:
-                progress(len(results), total, results[s.key])
+            report(s, _result(s, True, have[s.key]["metrics"], have[s.key]["run"]))
     todo = [s for s in specs if s.key not in results]
-    if not todo or (cancel is not None and cancel.is_set()):
-        return [results[s.key] for s in specs if s.key in results]
+    if todo and not (cancel is not None and cancel.is_set()):
+        _check_registry_tasks(todo)
+        lm = _model_for(todo, lm, source, plan_kw, trust_remote_code)
+        _run_units(lm, todo, store, cancel, calib_text, report)
+    return [results[s.key] for s in specs if s.key in results]
+
+
+def _check_registry_tasks(todo: list[RunSpec]) -> None:
+    """ValueError for task names that are neither hetmoe's nor lm-eval's, before any model is loaded."""
     registry = sorted({s.task.name for s in todo if s.task.include_path is None})
-    if registry:   # check lm-eval registry names before loading anything
+    if registry:
         unknown = [t for t in registry if t not in _task_manager((), True).all_tasks]
         _check(not unknown, f"unknown task(s) {', '.join(unknown)}: not a hetmoe, paper ({', '.join(task_aliases())} "
                             f"aliases) or lm-eval task")
+
+
+def _model_for(todo: list[RunSpec], lm, source: str, plan_kw: dict, trust_remote_code: bool):
+    """The loaded model the results are keyed by; RuntimeError when its fingerprint is not the planned one."""
     if lm is None:
         lm = _get_model(source, plan_kw.get("device", "cpu"), plan_kw.get("dtype", "float32"),
                         plan_kw.get("revision"), trust_remote_code)
@@ -142,26 +162,66 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
         from .fingerprints import forget_fingerprints
         forget_fingerprints()
         raise RuntimeError(f"model fingerprint changed ({todo[0].fingerprint} -> {lm.fingerprint}); run again")
-    st = _state(lm)
+    return lm
+
+
+def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report) -> None:
+    """Compute the missing results unit by unit, each under the model's lock; stops quietly when cancelled."""
+    state = _state(lm)
     if store.get_expert_stats(lm.fingerprint, "scores") is None:   # MaxNNScore / router norm, for the dashboard
         from .scores import expert_scores
         store.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
-    memo = {}
+    memo: dict = {}
     try:
+        measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
         for group in units(todo):
             if cancel is not None and cancel.is_set():
                 break
-            with st["lock"]:
-                for spec, metrics, run in _run_unit(lm, st, group, store, cancel, calibration, memo):
-                    results[spec.key] = _result(spec, False, metrics, run)
-                    if progress:
-                        progress(len(results), total, results[spec.key])
+            with state["lock"]:
+                for spec, metrics, run in _run_unit(lm, state, group, store, cancel, calib_text, memo, measured):
+                    report(spec, _result(spec, False, metrics, run))
     except Cancelled:
         pass
-    return [results[s.key] for s in specs if s.key in results]
 
 
-def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, memo: dict):
+def _measured(lm, specs, store, calib_text, cancel) -> dict:
+    """Scores of the strategies that need a measurement (oracle, local_error) per (strategy, noise) the specs need."""
+    out = {}
+    for s in specs:
+        if not s.ideal and STRATEGIES[s.strategy].needs == "measurement" and (s.strategy, s.noise) not in out:
+            from .noise import NoiseConfig
+            from .sensitivity import measured_scores
+            out[(s.strategy, s.noise)] = measured_scores(
+                lm, s.strategy, NoiseConfig(**dict(s.noise)), store=store, texts=calib_text,
+                cancel=(lambda: cancel.is_set()) if cancel is not None else None)
+    return out
+
+
+def _unit_placement(lm, store: Store, head: RunSpec, calib_text, measured: dict):
+    """The placement of a unit: all digital for the ideal reference, else ``place`` with what the strategy needs."""
+    from .placement import DensePolicy, Placement, place
+    if head.ideal:
+        return Placement.all_digital(lm.anatomy)
+    stats = _activation_stats(lm, store, calib_text) if STRATEGIES[head.strategy].needs == "stats" else None
+    return place(lm.anatomy, head.strategy, head.budget, scope=head.scope, dense=DensePolicy(**dict(head.dense)),
+                 seed=head.seed, stats=stats, measured=measured.get((head.strategy, head.noise)))
+
+
+def _unit_model(lm, state: dict, head: RunSpec, placement):
+    """(lm-eval HFLM of the batch size, context that makes the model noisy for this unit)."""
+    from lm_eval.models.huggingface import HFLM
+    bs = head.batch_size
+    if bs not in state["hflm"]:
+        state["hflm"][bs] = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=bs)
+    if head.ideal:
+        return state["hflm"][bs], contextlib.nullcontext()
+    from .analog import analog
+    from .noise import NoiseConfig
+    return state["hflm"][bs], analog(lm.model, lm.anatomy, placement, NoiseConfig(**dict(head.noise)),
+                                     seed=head.seed, backend=head.backend)
+
+
+def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text, memo: dict, measured: dict):
     """Build the placement and noisy model of one unit and run its tasks; yields (spec, metrics, run row).
 
     ``memo`` maps a computation (digital set, dense policy, noise, seed, backend, task, limit, few-shot, batch) to
@@ -169,15 +229,9 @@ def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, m
     analog noise depends only on the seed and which modules are analog, so those results are identical by
     construction and are stored without running the model again (duration_s 0).
     """
-    from lm_eval.models.huggingface import HFLM
-    from .placement import DensePolicy, Placement, digital_share, place
+    from .placement import digital_share
     head = group[0]
-    if head.ideal:
-        placement = Placement.all_digital(lm.anatomy)
-    else:
-        stats = _activation_stats(lm, store, calibration) if head.strategy in ("frequency", "weight") else None
-        placement = place(lm.anatomy, head.strategy, head.budget, scope=head.scope, dense=DensePolicy(**dict(head.dense)),
-                          seed=head.seed, stats=stats)
+    placement = _unit_placement(lm, store, head, calib_text, measured)
     share = digital_share(placement, lm.anatomy)["digital_share"]
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}
@@ -200,17 +254,7 @@ def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, m
             pending.append(spec)
     if not pending:
         return
-    bs = head.batch_size
-    if bs not in st["hflm"]:
-        st["hflm"][bs] = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=bs)
-    hflm = st["hflm"][bs]
-    if head.ideal:
-        ctx = contextlib.nullcontext()
-    else:
-        from .analog import analog
-        from .noise import NoiseConfig
-        ctx = analog(lm.model, lm.anatomy, placement, NoiseConfig(**dict(head.noise)), seed=head.seed,
-                     backend=head.backend)
+    hflm, ctx = _unit_model(lm, state, head, placement)
 
     def guard(_m, _a):
         if cancel is not None and cancel.is_set():
@@ -233,10 +277,10 @@ def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, m
         hook.remove()
 
 
-def _activation_stats(lm, store: Store, calibration: dict | None):
+def _activation_stats(lm, store: Store, calib_text: dict | None):
     """Routing statistics on the calibration text (routing caches them as .npz; the store keeps a JSON copy)."""
     from .routing import activation_stats, calibration_hash
-    texts = calibration if calibration is not None else default_calibration()[0]
+    texts = calib_text if calib_text is not None else calibration_text()[0]
     stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, max_length=256, fingerprint=lm.fingerprint)
     name = f"activation:{calibration_hash(texts, 256)[:16]}"
     if store.get_expert_stats(lm.fingerprint, name) is None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from .strategies import STRATEGIES
+
 KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared experts", "router": "routers",
                "attention": "attention", "dense_mlp": "dense MLP", "lm_head": "LM head", "embeddings": "embeddings",
                "norms": "norms", "other": "other"}
-STRATEGY_LABELS = {"maxnn": "MaxNNScore", "frequency": "Activation frequency", "weight": "Activation weight",
-                   "router_norm": "Router norm", "random": "Random"}
+STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}   # from the strategy registry
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit themes charts (and templates cost ~15 ms)
 
 
@@ -25,11 +26,18 @@ def _grid(values) -> np.ndarray:
     return out
 
 
-def param_breakdown(param_counts: dict) -> go.Figure:
+def kind_label(kind: str, tied_lm_head: bool = False) -> str:
+    """Display name of a module kind; with a tied LM head the embedding table is also the LM head's matrix."""
+    if kind == "embeddings" and tied_lm_head:
+        return "embeddings = tied LM head"
+    return KIND_LABELS.get(kind, kind)
+
+
+def param_breakdown(param_counts: dict, tied_lm_head: bool = False) -> go.Figure:
     """Horizontal bar chart of parameters per module kind (count and share of the total)."""
     items = sorted(((k, int(v)) for k, v in param_counts.items() if v), key=lambda kv: kv[1])
     total = sum(v for _, v in items) or 1
-    labels = [KIND_LABELS.get(k, k) for k, _ in items]
+    labels = [kind_label(k, tied_lm_head) for k, _ in items]
     vals = [v for _, v in items]
     fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", text=[f"{v / total:.1%}" for v in vals],
                            textposition="auto", hovertemplate="%{y}: %{x:,} parameters<extra></extra>",
@@ -73,20 +81,50 @@ def expert_heatmap(values, layers, title: str, value_name: str, digital=None, ex
     return go.Figure(dict(data=data, layout=layout))
 
 
+def layer_colors(n: int) -> list[str]:
+    """n distinct colours, one per MoE layer: Plotly's 24-colour qualitative palette, or evenly spaced samples of
+    the Turbo scale beyond 24 layers (the default 10-colour cycle repeats from the 11th layer on)."""
+    from plotly.colors import qualitative, sample_colorscale
+    if n <= len(qualitative.Dark24):
+        return list(qualitative.Dark24[:n])
+    return sample_colorscale("Turbo", [i / (n - 1) for i in range(n)])
+
+
+LOG_AXIS = dict(type="log", tickformat="~g", exponentformat="none")
+"""A log axis whose every tick label is a full number ("0.4 0.5 … 1 2"), not Plotly's bare minor digits."""
+
+
 def score_scatter(x_values, y_values, layers, x_name: str, y_name: str, log_x: bool = True) -> go.Figure:
-    """Scatter of one per-expert quantity against another, coloured by MoE layer; hover names layer and expert."""
+    """Scatter of one per-expert quantity against another, one trace (and colour) per MoE layer, one point per
+    expert in expert order (``scatter_pick`` reads a clicked point back); hover names layer and expert."""
     fig = go.Figure()
+    colors = layer_colors(len(x_values))
     for i, (xv, yv) in enumerate(zip(x_values, y_values)):
         e = np.arange(len(xv))
         fig.add_trace(go.Scatter(
             x=np.asarray(xv, float), y=np.asarray(yv, float), mode="markers", name=f"L{layers[i]}",
-            customdata=np.stack([np.full(len(e), layers[i]), e], axis=-1),
+            customdata=np.stack([np.full(len(e), layers[i]), e], axis=-1).tolist(),
             hovertemplate=(f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{x_name}: %{{x:.4g}}"
-                           f"<br>{y_name}: %{{y:.4g}}<extra></extra>"), marker=dict(size=8, opacity=0.8)))
+                           f"<br>{y_name}: %{{y:.4g}}<extra></extra>"),
+            marker=dict(size=8, opacity=0.8, color=colors[i])))
     fig.update_layout(title=f"{y_name} vs {x_name}", xaxis_title=x_name, yaxis_title=y_name, height=380, **_LAYOUT)
     if log_x:
-        fig.update_xaxes(type="log")
+        fig.update_xaxes(**LOG_AXIS)
     return fig
+
+
+def scatter_pick(event) -> tuple[int, int] | None:
+    """(MoE layer index, expert id) of the first point selected on a ``score_scatter`` chart, or None.
+
+    event: st.plotly_chart's selection state. Read from the point's trace (``curve_number``: one trace per MoE
+    layer) and position (``point_index``: experts in order) rather than its customdata, which the browser may send
+    as a typed-array object instead of a list."""
+    points = ((event or {}).get("selection") or {}).get("points") or []
+    for pt in points:
+        c, i = pt.get("curve_number"), pt.get("point_index", pt.get("point_number"))
+        if isinstance(c, int) and isinstance(i, int):
+            return c, i
+    return None
 
 
 def neuron_histogram(neuron_norms: dict, layer: int, expert: int) -> go.Figure:
@@ -102,10 +140,10 @@ def neuron_histogram(neuron_norms: dict, layer: int, expert: int) -> go.Figure:
     return fig
 
 
-def share_bars(by_kind: dict) -> go.Figure:
+def share_bars(by_kind: dict, tied_lm_head: bool = False) -> go.Figure:
     """Stacked bars of digital / analog / memory parameters per module kind (placement.digital_share's by_kind)."""
     kinds = [k for k, v in by_kind.items() if v["params"]]
-    labels = [KIND_LABELS.get(k, k) for k in kinds]
+    labels = [kind_label(k, tied_lm_head) for k in kinds]
     data = [dict(type="bar", y=labels, x=[by_kind[k][part] for k in kinds], name=part, orientation="h",
                  marker=dict(color=color), hovertemplate="%{y}: %{x:,} " + part + " parameters<extra></extra>")
             for part, color in (("digital", "#e45756"), ("analog", "#4c78a8"), ("memory", "#bab0ac"))]
@@ -120,7 +158,7 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
 
     frame: store.Store.summary_frame rows of one task and metric (columns strategy, preset, budget, mean, std,
     n_seeds); ideal: the all-digital noise-free result (dashed line); all_analog: {preset: value} of the results
-    with every routed expert analog (budget 0; dotted lines).
+    with every routed expert analog (budget 0; dotted lines). Reference lines are named in the legend.
     """
     fig = go.Figure()
     for (s, p), g in frame.groupby(["strategy", "preset"], sort=True):
@@ -134,10 +172,11 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
                            "<br>%{customdata[1]} seed(s)<extra></extra>")))
     refs = [("ideal (all digital, no noise)", ideal, "dash")]
     refs += [(f"all routed experts analog · {p}", y, "dot") for p, y in (all_analog or {}).items()]
-    for name, y, dash in refs:
+    for name, y, dash in refs:      # legend entries, not annotations: labels of close lines would overlap
         if y is not None and np.isfinite(y):
-            fig.add_hline(y=y, line_dash=dash, line_color="#555", annotation_text=f"{name}: {y:.4g}",
-                          annotation_position="top left")
+            fig.add_trace(go.Scatter(x=[-3, 103], y=[y, y], mode="lines", name=f"{name}: {y:.4g}",
+                                     line=dict(dash=dash, color="#555", width=1.5),
+                                     hovertemplate=f"{name}: {y:.4g}<extra></extra>"))
     fig.update_layout(title=f"{metric} vs digital budget" + ("" if higher_is_better else " (lower is better)"),
                       xaxis_title="digital budget (% of routed experts)", yaxis_title=metric, height=440,
                       legend=dict(orientation="h", y=-0.2), **_LAYOUT)
@@ -207,9 +246,28 @@ def toy_figure(maxnn, error, layer: int, noise_label: str, highlight: int | None
     fig.update_layout(title=f"Layer {layer}: output error under {noise_label} vs MaxNNScore",
                       xaxis_title="MaxNNScore (product of max neuron norms)", yaxis_title="mean L2 output error",
                       height=400, **_LAYOUT)
-    fig.update_xaxes(type="log")
-    fig.update_yaxes(type="log")
+    fig.update_xaxes(**LOG_AXIS)
+    if (error > 0).all():
+        fig.update_yaxes(**LOG_AXIS)
+    else:        # exact programming: every error is 0, which a log axis cannot show
+        fig.update_yaxes(range=[-1, 1], zeroline=True)
+        fig.add_annotation(text="no programming noise: every expert's output error is 0", showarrow=False,
+                           xref="paper", yref="paper", x=0.5, y=0.9)
     return fig
+
+
+def toy_lesson(maxnn, error) -> dict:
+    """What the toy shows for one layer: {"r": Pearson r of log MaxNNScore with log error (nan if undefined),
+    "top": expert with the largest MaxNNScore, "ratio": its error / the layer's median error, "rank": its place
+    (1 = largest) among the experts' errors, "n": number of experts}."""
+    maxnn, error = np.asarray(maxnn, float), np.asarray(error, float)
+    top = int(np.argmax(maxnn))
+    ok = (maxnn > 0) & (error > 0)
+    r = float(np.corrcoef(np.log(maxnn[ok]), np.log(error[ok]))[0, 1]) if ok.sum() >= 2 \
+        and np.ptp(np.log(error[ok])) > 0 else float("nan")
+    med = float(np.median(error))
+    return {"r": r, "top": top, "ratio": float(error[top] / med) if med > 0 else float("nan"),
+            "rank": int((error > error[top]).sum()) + 1, "n": len(maxnn)}
 
 
 def matrix_pair(clean, noisy, title: str) -> go.Figure:
@@ -229,4 +287,58 @@ def matrix_pair(clean, noisy, title: str) -> go.Figure:
     fig.update_yaxes(autorange="reversed", title_text="neuron (row of up_proj)", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=title, height=330, **_LAYOUT)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- energy (energy.py)
+def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title: str | None = None) -> go.Figure:
+    """Metric against energy per token, one point per configuration (``energy.config_points`` rows: strategy,
+    budget, preset, mean, std, n_seeds, energy_per_token_j), one colour per preset, error bars = std over seeds;
+    the Pareto front (``energy.pareto_front``: no other configuration is cheaper and at least as good) drawn as a
+    line. Hover names strategy, budget, preset and both values. x is logarithmic (J per token)."""
+    from .energy import pareto_front
+    fig = go.Figure()
+    for preset, g in points.groupby("preset", sort=True):
+        std = g["std"].astype(float).fillna(0).to_numpy()
+        labels = [STRATEGY_LABELS.get(s, s) for s in g.strategy]
+        fig.add_trace(go.Scatter(
+            x=g.energy_per_token_j, y=g["mean"], mode="markers", name=str(preset), marker=dict(size=10),
+            error_y=dict(type="data", array=std, visible=True),
+            customdata=np.stack([labels, (g.budget * 100).round(2), [str(preset)] * len(g), std,
+                                 g.n_seeds.astype(int)], axis=-1),
+            hovertemplate=("%{customdata[0]} · budget %{customdata[1]}% · %{customdata[2]}<br>"
+                           "%{x:.3g} J/token<br>" + metric + " %{y:.4g} ± %{customdata[3]:.2g} "
+                           "(%{customdata[4]} seeds)<extra></extra>")))
+    if len(points):
+        front = points.iloc[pareto_front(points.energy_per_token_j, points["mean"], higher_is_better)]
+        fig.add_trace(go.Scatter(x=front.energy_per_token_j, y=front["mean"], mode="lines", name="Pareto front",
+                                 line=dict(dash="dash", color="#555"), hoverinfo="skip"))
+    fig.update_layout(title=title or f"{metric} vs energy per token" + ("" if higher_is_better else
+                                                                       " (lower is better)"),
+                      xaxis_title="energy per token (J, log scale)", yaxis_title=metric, height=420,
+                      legend=dict(orientation="h", y=-0.2), **_LAYOUT)
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def cost_vs_batch(rows: dict) -> go.Figure:
+    """Tokens per joule and tokens per second against batch size, one line per placement.
+
+    rows: {name: [(batch, energy.Cost), ...]}. Two panels sharing the x axis (log2 batch)."""
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("tokens per joule", "tokens per second"))
+    colors = ("#e45756", "#4c78a8", "#72b7b2", "#f58518")
+    for i, (name, pts) in enumerate(rows.items()):
+        b = [x for x, _ in pts]
+        for col, key in ((1, "tokens_per_j"), (2, "tokens_per_s")):
+            fig.add_trace(go.Scatter(x=b, y=[getattr(c, key) for _, c in pts], mode="lines+markers", name=name,
+                                     legendgroup=name, showlegend=col == 1,
+                                     line=dict(color=colors[i % len(colors)]),
+                                     customdata=[c.digital_bound for _, c in pts],
+                                     hovertemplate=f"{name}<br>batch %{{x}}<br>%{{y:.3g}} {key.replace('_', ' ')}"
+                                                   "<br>digital part %{customdata}-bound<extra></extra>"),
+                          row=1, col=col)
+    fig.update_xaxes(type="log", title_text="batch size (tokens per decode step)", dtick=0.30103)
+    fig.update_yaxes(type="log")
+    fig.update_layout(height=360, legend=dict(orientation="h", y=-0.3), **_LAYOUT)
     return fig

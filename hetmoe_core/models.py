@@ -216,19 +216,30 @@ def anatomy_of(model: nn.Module) -> Anatomy:
                    host=getattr(model.config, "hetmoe_host", None) or "")
 
 
-def _count_params(model: nn.Module, kinds: dict[str, list[str]]) -> dict[str, int]:
-    """Each unique parameter counted once, under the most specific kind whose module holds it.
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer (element-wise, no matrix-vector product), by its class name."""
+    return "norm" in type(module).__name__.lower()
 
-    Norm weights count as ``norms`` even inside attention (they are element-wise, not
-    matrix-vector products)."""
-    norm_params = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower()
-                   for p in m.parameters(recurse=False)}
+
+def param_owner(model: nn.Module, kinds: dict) -> dict[int, str]:
+    """id(parameter) -> the most specific anatomy kind whose module holds it (``kinds``: Anatomy.modules).
+
+    Precedence: embeddings, lm_head, router, routed_experts, shared_experts, dense_mlp, attention; norm weights are
+    ``norms`` even inside attention (element-wise, not matrix-vector products). Parameters of no listed module are
+    absent (callers count them as norms or other)."""
+    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
     owner: dict[int, str] = {}
-    for kind in ("embeddings", "lm_head", "router", "routed_experts", "shared_experts",
-                 "dense_mlp", "attention"):
-        for name in kinds[kind]:
+    for kind in ("embeddings", "lm_head", "router", "routed_experts", "shared_experts", "dense_mlp", "attention"):
+        for name in kinds.get(kind, ()):
             for p in model.get_submodule(name).parameters():
                 owner.setdefault(id(p), "norms" if id(p) in norm_params else kind)
+    return owner
+
+
+def _count_params(model: nn.Module, kinds: dict[str, list[str]]) -> dict[str, int]:
+    """Each unique parameter counted once, under the kind :func:`param_owner` gives it."""
+    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    owner = param_owner(model, kinds)
     counts = dict.fromkeys(KINDS, 0)
     for p in model.parameters():  # unique parameters (tied weights once)
         kind = owner.get(id(p), "norms" if id(p) in norm_params else "other")

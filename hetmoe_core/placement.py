@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-# The request's vocabulary lives here, free of torch: a cache-hit evaluation validates and keys a request without
-# importing the deep-learning stack (scores.py computes the strategies' scores and re-exports STRATEGIES).
-STRATEGIES = ("maxnn", "frequency", "weight", "router_norm", "random")
+from .strategies import STRATEGIES, get_strategy, strategy_scores
+
+MEASURED_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs == "measurement")
+"""Strategies scored by measurement under a noise preset (``sensitivity.measured_scores``), from the registry."""
 SCOPES = ("layer", "global")
-DENSE_KINDS = ("attention", "lm_head", "shared_experts", "router", "dense_mlp")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,9 @@ class DensePolicy:
         if kind not in DENSE_KINDS:
             raise ValueError(f"unknown dense module kind {kind!r}; one of {', '.join(DENSE_KINDS)}")
         return bool(getattr(self, kind))
+
+
+DENSE_KINDS = tuple(f.name for f in fields(DensePolicy))   # the densely activated module kinds, in policy order
 
 
 @dataclass(frozen=True)
@@ -140,33 +143,76 @@ def _check_budget(budget) -> None:
         raise ValueError(f"budget must be a number in [0, 1] (share of routed experts run digitally), got {budget!r}")
 
 
-def _n(budget: float, total: int) -> int:
-    return min(total, math.floor(budget * total + 0.5))   # round half up
+def digital_count(budget: float, total: int) -> int:
+    """Digital slots of a budget in [0, 1] over ``total`` experts: floor(budget × total + 0.5), round half up
+    (0.125 × 4 = 0.5 -> 1; Python's round() would give 0). The one rounding rule of every page and command."""
+    return min(total, math.floor(budget * total + 0.5))
+
+
+_n = digital_count
+
+
+def budgets_from_percent(text: str) -> list[float]:
+    """Budgets typed in percent ("0, 12.5; 25") as fractions in [0, 1], in the order given.
+
+    Raises ValueError in percent terms (the field's unit): "'abc' is not a number", "150 % is outside 0-100 %"."""
+    out = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip().rstrip("%").strip()
+        if not part:
+            continue
+        try:
+            v = float(part)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a number: give percentages between 0 and 100, e.g. 0, 12.5, 25") \
+                from None
+        if not (math.isfinite(v) and 0.0 <= v <= 100.0):
+            raise ValueError(f"{part} % is outside 0-100 %: a digital budget is a percentage of the routed experts")
+        out.append(v / 100.0)
+    return out
+
+
+def needs_stats(strategy: str) -> bool:
+    """True for strategies ranked by activation statistics from calibration text (routing.ActivationStats)."""
+    return strategy in ("frequency", "weight")
+
+
+def overlap(p: Placement, q: Placement) -> dict:
+    """How far two placements agree: {"shared": experts digital in both, "union": digital in either,
+    "n_p": digital in ``p``, "jaccard": shared / union (None when neither has a digital expert)}.
+    Raises ValueError when they are for different expert counts per layer."""
+    if p.num_experts != q.num_experts:
+        raise ValueError(f"placements for different models: {p.num_experts} vs {q.num_experts} experts per layer")
+    shared = sum(len(set(x) & set(y)) for x, y in zip(p.digital, q.digital))
+    union = sum(len(set(x) | set(y)) for x, y in zip(p.digital, q.digital))
+    return {"shared": shared, "union": union, "n_p": sum(len(x) for x in p.digital),
+            "jaccard": shared / union if union else None}
 
 
 def check_request(strategy: str, budget: float, scope: str = "layer") -> None:
     """Validate a placement request before any model work. Raises ValueError naming the valid values."""
     _check_budget(budget)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    get_strategy(strategy)   # ValueError "unknown strategy ..." with the closest name and the list
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
 
 
 def place(anatomy, strategy: str, budget: float, scope: str = "layer", dense: DensePolicy = DensePolicy(),
-          seed: int = 0, stats=None, scores=None) -> Placement:
+          seed: int = 0, stats=None, scores=None, measured=None) -> Placement:
     """Choose the digital routed experts: the highest-scoring ones under ``budget`` (see module docstring).
 
-    strategy: "maxnn" | "frequency" | "weight" | "router_norm" | "random" (seeded). stats: routing.ActivationStats
-    (needed by frequency / weight); scores: scores.ExpertScores (computed from the model if not given).
-    Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats.
+    strategy: a name in strategies.STRATEGIES ("random" is seeded). stats: routing.ActivationStats (for strategies
+    that need "stats"); scores: scores.ExpertScores (computed from the model if not given); measured: per-layer
+    float64 [E] scores of a strategy that needs a "measurement" (oracle / local_error) for the chosen noise preset
+    (``sensitivity.measured_scores``).
+    Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats / measured scores.
     """
-    from .scores import expert_scores, strategy_scores
+    from .scores import expert_scores   # here, not at the top: validating a request needs no torch
     check_request(strategy, budget, scope)
     ne = [m.num_experts for m in anatomy.moe_layers]
-    if strategy in ("maxnn", "router_norm") and scores is None:
+    if STRATEGIES[strategy].needs == "scores" and scores is None:
         scores = expert_scores(anatomy)
-    s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, seed=seed)
+    s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, measured=measured, seed=seed)
     # one fixed ranking per scope: score descending, ties -> lower MoE layer, then lower expert id
     if scope == "layer":
         digital = [np.lexsort((np.arange(e), -x))[:_n(budget, e)] for x, e in zip(s, ne)]
@@ -180,6 +226,18 @@ def place(anatomy, strategy: str, budget: float, scope: str = "layer", dense: De
                      tuple(tuple(d.tolist()) for d in digital), dense)
 
 
+SHARE_HELP = {
+    "digital_share": "Parameters that run digitally / all parameters of the model. Digital: the routed experts the "
+                     "placement keeps digital, the dense modules (attention, LM head, routers, shared experts, "
+                     "dense MLPs) the policy keeps digital, and - with a tied LM head - the embedding table, which "
+                     "is also the LM head's matrix. Untied embeddings and norms are memory, not matrix-vector work; "
+                     "they count in the total only.",
+    "routed_digital_share": "Digital routed experts / all routed experts, counted in experts (not parameters): the "
+                            "digital budget as placed, after each layer's round-half-up.",
+}
+"""What the two shares mean: the one wording of every page, tooltip and JSON output (``digital_share()["help"]``)."""
+
+
 def digital_share(placement: Placement, anatomy) -> dict:
     """Parameter share of digital matrix-vector modules.
 
@@ -191,7 +249,7 @@ def digital_share(placement: Placement, anatomy) -> dict:
     digital_params / total_params, total_params being all of the model's parameters (embeddings included).
     Returns {"digital_share", "digital_params", "analog_params", "memory_params", "total_params",
     "per_layer_digital", "per_layer_experts", "routed_digital_share",
-    "by_kind": {kind: {"params", "digital", "analog", "memory"}}}.
+    "by_kind": {kind: {"params", "digital", "analog", "memory"}}, "help": SHARE_HELP}.
     Raises ValueError when the placement does not match the anatomy's MoE layers.
     """
     ne = tuple(m.num_experts for m in anatomy.moe_layers)
@@ -219,4 +277,4 @@ def digital_share(placement: Placement, anatomy) -> dict:
             "digital_params": tot["digital"], "analog_params": tot["analog"], "memory_params": tot["memory"],
             "total_params": tot["params"], "per_layer_digital": list(placement.per_layer_digital),
             "per_layer_experts": list(ne), "routed_digital_share": sum(placement.per_layer_digital) / max(1, sum(ne)),
-            "by_kind": by_kind}
+            "by_kind": by_kind, "help": dict(SHARE_HELP)}

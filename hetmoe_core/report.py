@@ -2,10 +2,12 @@
 
 Sections: score table (mean ± std over seeds per strategy, budget and preset, with the ideal all-digital result),
 one figure per task and headline metric (score vs digital budget, one line per strategy × preset, error bars =
-std over seeds, dashed line = ideal), and the placements used.
+std over seeds, dashed line = ideal), score vs energy per token (one point per configuration, Pareto front;
+``energy.run_costs``), and the placements used.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -15,6 +17,8 @@ from pathlib import Path
 from .store import Store
 
 HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
+# Deprecated: metric direction is stored with each metric (store.summary_frame "higher_is_better", from lm-eval's
+# results); this list remains only for pages/results.py until it reads that column.
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
@@ -23,19 +27,47 @@ def report_data(source: str | os.PathLike | Store):
 
     A snapshot is validated and imported into a temporary store first (snapshot.import_snapshot's checks apply).
     """
+    with _opened(source) as st:
+        return st.summary_frame(), st.placements_frame()
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike | Store):
+    """The Store of a snapshot (imported into a temporary store for the block), a store path or a Store."""
     if isinstance(source, Store):
-        return source.summary_frame(), source.placements_frame()
+        yield source
+        return
     path = Path(source)
     if path.suffix == ".zip" or (path.is_file() and path.read_bytes()[:2] == b"PK"):
         from .snapshot import import_snapshot
         with tempfile.TemporaryDirectory() as d:
             st = Store(Path(d) / "report.duckdb")
             import_snapshot(path, st)
-            return st.summary_frame(), st.placements_frame()
+            yield st
+        return
     if not path.is_file():
         raise ValueError(f"no snapshot or store at {path}")
-    st = Store(path)
-    return st.summary_frame(), st.placements_frame()
+    yield Store(path)
+
+
+def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
+    """Score vs energy per token (energy.run_costs on the default hardware at batch 32), one figure per model, task
+    and headline metric, one point per configuration; and notes for models whose config could not be read."""
+    from . import energy, figures
+    figs, notes = [], []
+    for fp in sorted(summary.model_fingerprint.dropna().unique()):
+        runs, note = energy.run_costs(store, fp)
+        if runs is None:
+            notes.append(f"{fp}: {note}")
+            continue
+        for (task, metric), g in runs.groupby(["task", "metric"], sort=True):
+            if metric not in HEADLINE:
+                continue
+            arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+            figs.append(figures.accuracy_vs_energy(
+                energy.config_points(g), metric, metric not in LOWER_IS_BETTER,
+                title=f"{task} — {metric} ({arrow}) vs energy per token ({energy.DEFAULT_HARDWARE}, {note})"))
+    return figs, notes
 
 
 def _fmt(mean, std) -> str:
@@ -43,6 +75,15 @@ def _fmt(mean, std) -> str:
         return ""
     s = f"{mean:.4g}"
     return s if std is None or std != std else f"{s} ± {std:.2g}"
+
+
+def _direction(metric: str, rows) -> bool | None:
+    """Higher is better? As lm-eval declared it, stored with the metric; older results ask lm-eval's registry."""
+    stored = rows["higher_is_better"].dropna() if "higher_is_better" in rows else []
+    if len(stored):
+        return bool(stored.iloc[0])
+    from .tasks import higher_is_better
+    return higher_is_better(metric)
 
 
 def _figures(summary) -> list:
@@ -63,7 +104,7 @@ def _figures(summary) -> list:
         if len(ideal):
             fig.add_hline(y=float(ideal["mean"].iloc[0]), line_dash="dash", line_color="black",
                           annotation_text="ideal (all digital)", annotation_position="top left")
-        arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        arrow = {True: "higher is better", False: "lower is better"}.get(_direction(metric, g), "direction unknown")
         fig.update_layout(title=f"{task} — {metric} ({arrow}) vs digital budget", template="plotly_white",
                           xaxis_title="digital budget (share of routed experts digital)", yaxis_title=metric,
                           height=420, legend_title="strategy · preset", showlegend=True)
@@ -85,12 +126,16 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     Returns {"path", "results" (summary rows), "figures", "placements"}. Raises ValueError when there is no result.
     """
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
-    summary, placements = report_data(source)
-    if summary.empty:
-        raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
+    with _opened(source) as st:
+        summary, placements = st.summary_frame(), st.placements_frame()
+        if summary.empty:
+            raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
+        efigs, enotes = _energy_figures(st, summary)
     summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
     figs = _figures(summary)
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
+    eparts = [fig.to_html(full_html=False, include_plotlyjs=not parts and i == 0) for i, fig in enumerate(efigs)]
+    enote = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in enotes)
     table = summary.assign(score=[_fmt(m, s) for m, s in zip(summary["mean"], summary["std"])],
                            digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"))
     cols = ["task", "metric", "strategy", "budget", "preset", "backend", "score", "n_seeds", "digital_share",
@@ -107,10 +152,14 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3
 </head><body><h1>{html.escape(title)}</h1>
 <p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
 <h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
+<h2>Score vs energy per token</h2><p class='note'>One point per configuration; energy per token of its placement
+from hetmoe_core/energy.py (hardware figures and their sources: hetmoe_core/hardware.py); dashed: Pareto front.</p>
+{''.join(eparts) or '<p>no headline metric to plot</p>'}{enote}
 <h2>Scores</h2>{_table(table, cols)}
 <h2>Placements</h2>{ptable or '<p>none stored</p>'}
 </body></html>"""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
-    return {"path": str(out), "results": len(summary), "figures": len(figs), "placements": len(placements)}
+    return {"path": str(out), "results": len(summary), "figures": len(figs), "energy_figures": len(efigs),
+            "placements": len(placements)}

@@ -19,8 +19,9 @@ from typing import Callable
 
 import numpy as np
 
+from .placement import DENSE_KINDS
+
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "cache" / "activation"
-DENSE_KINDS = ("attention", "lm_head", "shared_experts", "router", "dense_mlp")
 _VERSION = 1   # bump when the statistics change meaning (invalidates the cache)
 
 

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from .shards import _plan, _shards, stream_scores  # re-export
+from .strategies import STRATEGIES as _REGISTRY, random_scores, strategy_scores  # re-export
 
 PROJECTIONS = ("gate", "up", "down")
-from .placement import STRATEGIES  # noqa: E402,F401  (the names live with the placement request, torch-free)
+# names of the strategies scored without a measurement (the registry is strategies.STRATEGIES)
+STRATEGIES = tuple(n for n, s in _REGISTRY.items() if s.needs != "measurement")
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,39 +201,3 @@ def expert_scores(anatomy) -> ExpertScores:
     if not anatomy.moe_layers:
         raise ValueError("the model has no MoE layers; expert scores need routed experts")
     return ExpertScores(tuple(layer_scores(m) for m in anatomy.moe_layers), source=anatomy.family)
-
-
-# ---------------------------------------------------------------- baselines and strategy scores
-
-def random_scores(num_experts: list[int], seed: int = 0) -> list[np.ndarray]:
-    """Random baseline: i.i.d. U[0, 1) per expert from numpy's PCG64 seeded with ``seed`` (deterministic)."""
-    rng = np.random.default_rng(seed)
-    return [rng.random(e) for e in num_experts]
-
-
-def strategy_scores(strategy: str, *, num_experts: list[int], scores: ExpertScores | None = None, stats=None,
-                    seed: int = 0) -> list[np.ndarray]:
-    """Per-layer float64 [E] scores for a placement strategy (higher -> digital).
-
-    maxnn / router_norm need ``scores`` (ExpertScores); frequency (share of tokens routed to the expert) and weight
-    (mean routing weight when routed; 0 for never-routed experts) need ``stats`` (routing.ActivationStats);
-    random uses ``seed``. Raises ValueError for an unknown strategy or a missing input.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if strategy == "random":
-        out = random_scores(num_experts, seed)
-    elif strategy in ("maxnn", "router_norm"):
-        if scores is None:
-            raise ValueError(f"strategy {strategy!r} needs expert scores (scores.expert_scores(anatomy))")
-        out = scores.get(strategy)
-    else:
-        if stats is None:
-            raise ValueError(f"strategy {strategy!r} needs activation statistics from calibration text "
-                             "(routing.activation_stats)")
-        mat = stats.frequency if strategy == "frequency" else stats.weight
-        out = [np.asarray(row) for row in mat]
-    out = [np.nan_to_num(np.asarray(s, dtype=np.float64), nan=0.0) for s in out]
-    if [len(s) for s in out] != list(num_experts):
-        raise ValueError(f"scores have {[len(s) for s in out]} experts per layer but the model has {list(num_experts)}")
-    return out

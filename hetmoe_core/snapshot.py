@@ -18,7 +18,7 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .store import SCHEMA_VERSION, TABLES, Store, _where
+from .store import ADDED_COLUMNS, SCHEMA_VERSION, TABLES, Store, _where
 
 FORMAT = "hetmoe-snapshot"
 MAX_FILE_BYTES = 512 << 20          # snapshot file on disk
@@ -182,7 +182,9 @@ def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
         with store.write_transaction() as con:
             for t in TABLES:
                 cols = [r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()]
-                if sorted(tables[t].column_names) != sorted(cols):
+                later = set(ADDED_COLUMNS.get(t, ()))   # a snapshot from before they existed lacks them: NULL
+                if sorted(tables[t].column_names) != sorted(cols) and \
+                        sorted(set(tables[t].column_names) | later) != sorted(cols):
                     raise SnapshotError(f"table {t} has columns {tables[t].column_names}, the store has {cols}")
                 con.register("incoming", tables[t])
                 before = con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]

@@ -46,7 +46,13 @@ CREATE TABLE IF NOT EXISTS placements (
 CREATE TABLE IF NOT EXISTS expert_stats (
     model_fingerprint VARCHAR, name VARCHAR, stats VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (model_fingerprint, name));
+CREATE TABLE IF NOT EXISTS sensitivity (
+    key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR, preset VARCHAR, config VARCHAR, versions VARCHAR,
+    result VARCHAR, created_at TIMESTAMP);
+ALTER TABLE metrics ADD COLUMN IF NOT EXISTS higher_is_better BOOLEAN;
 """
+# Columns added after schema version 1 (nullable, so older stores and snapshots stay readable: NULL = not stored).
+ADDED_COLUMNS = {"metrics": ("higher_is_better",)}
 # Columns a caller may filter runs by (whitelist: filter names are spliced into SQL, values are parameters).
 RUN_FILTERS = ("key", "status", "model_source", "model_fingerprint", "strategy", "budget", "scope", "preset",
                "seed", "backend", "task", "limit", "num_fewshot", "batch_size")
@@ -176,7 +182,8 @@ class Store:
             if row is None:
                 return None
             run = dict(zip([d[0] for d in cur.description], row))
-            cur = con.execute("SELECT task, metric, value, stderr, seed FROM metrics WHERE key=? ORDER BY task, metric", [key])
+            cur = con.execute("SELECT task, metric, value, stderr, seed, higher_is_better FROM metrics WHERE key=? "
+                              "ORDER BY task, metric", [key])
             metrics = [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
         return {"run": run, "metrics": metrics}
 
@@ -189,11 +196,12 @@ class Store:
             cur = con.execute("SELECT * FROM runs WHERE status='ok' AND list_contains(?, key)", [keys])
             cols = [d[0] for d in cur.description]
             out = {r[0]: {"run": dict(zip(cols, r)), "metrics": []} for r in cur.fetchall()}
-            rows = con.execute("SELECT key, task, metric, value, stderr, seed FROM metrics "
+            rows = con.execute("SELECT key, task, metric, value, stderr, seed, higher_is_better FROM metrics "
                                "WHERE list_contains(?, key) ORDER BY key, task, metric", [keys]).fetchall()
-        for k, task, metric, value, stderr, seed in rows:
+        for k, task, metric, value, stderr, seed, hib in rows:
             if k in out:
-                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr, "seed": seed})
+                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr, "seed": seed,
+                                          "higher_is_better": hib})
         return out
 
     def existing_keys(self, keys) -> set[str]:
@@ -258,7 +266,8 @@ class Store:
         """Mean ± std over seeds per (model, strategy, budget, scope, preset, backend, task, limit, metric).
 
         Columns: model_source, model_fingerprint, strategy, budget, scope, preset, backend, task, limit, metric,
-        mean, std (sample std, NaN for one seed), n_seeds, digital_share, seeds (list).
+        mean, std (sample std, NaN for one seed), n_seeds, digital_share, seeds (list), higher_is_better (lm-eval's
+        direction as stored with the metric; None for results stored before it was).
         """
         return self.query(*_summary_sql(filters))
 
@@ -291,6 +300,37 @@ class Store:
                               [model_fingerprint, name]).fetchone()
         return None if row is None else json.loads(row[0])
 
+    # -- measured sensitivity (hetmoe_core.sensitivity) --------------------------------------------------------
+    def put_sensitivity(self, key: str, model_fingerprint: str, preset: str, config: dict, result: dict) -> bool:
+        """Store one sensitivity measurement (its full config and JSON result) in one transaction.
+        Append-only: returns False and changes nothing if ``key`` is already stored."""
+        with self._connect(write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                if con.execute("SELECT 1 FROM sensitivity WHERE key=?", [key]).fetchone():
+                    con.execute("ROLLBACK")
+                    return False
+                _insert(con, "sensitivity", {"key": key, "model_fingerprint": model_fingerprint, "preset": preset,
+                                             "config": canonical_json(config),
+                                             "versions": canonical_json(config.get("versions", {})),
+                                             "result": canonical_json(result), "created_at": _now()})
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return True
+
+    def get_sensitivity(self, key: str) -> dict | None:
+        """The stored sensitivity result (JSON dict) for ``key``, or None."""
+        with self._connect(write=False) as con:
+            row = con.execute("SELECT result FROM sensitivity WHERE key=?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def sensitivity_frame(self):
+        """Stored sensitivity measurements (key, model_fingerprint, preset, config, created_at), newest first."""
+        return self.query("SELECT key, model_fingerprint, preset, config, created_at FROM sensitivity "
+                          "ORDER BY created_at DESC")
+
     def placements_frame(self, keys=None):
         """Stored placements (one row each, ``placement`` is the Placement JSON) as a pandas DataFrame."""
         if keys is None:
@@ -301,6 +341,13 @@ class Store:
         """Row count per table."""
         with self._connect(write=False) as con:
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+    def signature(self) -> str:
+        """Changes whenever results are added or removed: the run count and the newest run's time (a cache key for
+        anything built from the whole store, e.g. a downloadable snapshot)."""
+        with self._connect(write=False) as con:
+            n, newest = con.execute("SELECT count(*), max(created_at) FROM runs").fetchone()
+        return f"{n}|{newest}"
 
     @contextlib.contextmanager
     def write_transaction(self):
@@ -338,7 +385,8 @@ def _summary_sql(filters: dict | None) -> tuple[str, list]:
     where, params = _where(filters, "ok")
     sql = f"""SELECT r.model_source, r.model_fingerprint, r.strategy, r.budget, r.scope, r.preset, r.backend,
                    r.task, r."limit", m.metric, avg(m.value) AS mean, stddev_samp(m.value) AS std,
-                   count(*) AS n_seeds, avg(r.digital_share) AS digital_share, list(r.seed ORDER BY r.seed) AS seeds
+                   count(*) AS n_seeds, avg(r.digital_share) AS digital_share, list(r.seed ORDER BY r.seed) AS seeds,
+                   bool_and(m.higher_is_better) AS higher_is_better
                  FROM runs r JOIN metrics m ON m.key = r.key {where}
                  GROUP BY ALL ORDER BY r.task, m.metric, r.strategy, r.budget, r.preset"""
     return sql, params

@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .backend import BACKENDS
 from .store import canonical_json, config_key
+from .strategies import STRATEGIES, get_strategy
 from .tasks import TaskRef, resolve_tasks
 
-BACKENDS = ("fast", "aihwkit")
 IDEAL = "ideal"                    # strategy / preset / backend name of the all-digital reference results
 
 
@@ -36,7 +37,7 @@ class RunSpec:
     preset: str = IDEAL
     seed: int = 0
     backend: str = IDEAL
-    calibration: str | None = None   # hash of the calibration text (frequency / weight strategies)
+    calibration: str | None = None   # hash of the calibration text (strategies placed from it)
 
     def config(self) -> dict:
         """The canonical config whose hash is the cache key (see module docstring of store)."""
@@ -106,13 +107,44 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
     """
     from .fingerprints import source_fingerprint
     from .noise import get_preset
-    from .placement import DensePolicy, SCOPES, STRATEGIES
+    from .placement import DensePolicy
     strategies = _as_list(strategies)
     budgets = _as_list(budgets, float)
     presets = _as_list(presets)
     seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else _as_list(seeds, int)
-    _check(bool(strategies) and all(s in STRATEGIES for s in strategies),
-           f"strategies {strategies} must be from {', '.join(STRATEGIES)}")
+    limit = _check_grid(strategies, budgets, presets, seeds, backend, scope, batch_size, num_fewshot, limit)
+    try:
+        dense_p = DensePolicy(**(dense or {}))
+    except TypeError:
+        raise ValueError(f"dense policy {dense} has unknown fields; use {list(asdict(DensePolicy()))}") from None
+    noises = {p: get_preset(p, **(preset_overrides or {})) for p in presets}   # ValueError for unknown names/values
+    fp = fingerprint or source_fingerprint(source, revision)
+    refs = resolve_tasks(tasks)
+    common = dict(source=source, fingerprint=fp, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                  device=device, dtype=dtype)
+    specs = [RunSpec(task=t, ideal=True, **common) for t in refs] if include_ideal else []
+    dense_items = tuple(sorted(asdict(dense_p).items()))
+    for p in presets:
+        noise = tuple(sorted(noises[p].to_dict().items()))
+        for s in strategies:
+            calib = None
+            if STRATEGIES[s].needs in ("stats", "measurement"):   # placed from calibration text: it enters the key
+                calib = calibration_hash or calibration_text()[1]
+            specs += [RunSpec(task=t, strategy=s, budget=b, scope=scope, dense=dense_items, noise=noise, preset=p,
+                              seed=seed, backend=backend, calibration=calib, **common)
+                      for b in budgets for seed in seeds for t in refs]
+    return specs
+
+
+def _check_grid(strategies, budgets, presets, seeds, backend, scope, batch_size, num_fewshot, limit):
+    """ValueError naming what to change for a bad sweep value; returns ``limit`` as a float (or None)."""
+    from .placement import SCOPES
+    _check(bool(strategies), f"give at least one strategy from {', '.join(STRATEGIES)}")
+    for s in strategies:
+        try:
+            get_strategy(s)
+        except ValueError as e:
+            raise ValueError(f"strategies {strategies}: {e}") from None
     _check(bool(budgets) and all(math.isfinite(b) and 0 <= b <= 1 for b in budgets),
            f"budgets {budgets} must be numbers in [0, 1] (share of routed experts kept digital)")
     _check(bool(presets), "give at least one noise preset")
@@ -125,35 +157,13 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
         limit = float(limit)
         _check(limit > 0 and (limit < 1 or limit.is_integer()),
                f"limit {limit} must be a whole number of documents >= 1 or a fraction in (0, 1)")
-    try:
-        dense_p = DensePolicy(**(dense or {}))
-    except TypeError:
-        raise ValueError(f"dense policy {dense} has unknown fields; use {list(asdict(DensePolicy()))}") from None
-    noises = {p: get_preset(p, **(preset_overrides or {})) for p in presets}   # ValueError for unknown names/values
-    fp = fingerprint or source_fingerprint(source, revision)
-    refs = resolve_tasks(tasks)
-    common = dict(source=source, fingerprint=fp, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                  device=device, dtype=dtype)
-    specs = [RunSpec(task=t, ideal=True, **common) for t in refs] if include_ideal else []
-    for p in presets:
-        noise = tuple(sorted(noises[p].to_dict().items()))
-        for s in strategies:
-            calib = calibration_hash if s in ("frequency", "weight") else None
-            if s in ("frequency", "weight") and calib is None:
-                calib = default_calibration()[1]
-            for b in budgets:
-                for seed in seeds:
-                    for t in refs:
-                        specs.append(RunSpec(task=t, strategy=s, budget=b, scope=scope,
-                                             dense=tuple(sorted(asdict(dense_p).items())), noise=noise, preset=p,
-                                             seed=seed, backend=backend, calibration=calib, **common))
-    return specs
+    return limit
 
 
-# ---------------------------------------------------------------------------------------------- calibration
+# ---------------------------------------------------------------------------------------------- calibration text
 
-def default_calibration() -> tuple[dict, str]:
-    """Calibration text of the Activation Frequency / Weight strategies (routing.default_calibration, the same text
+def calibration_text() -> tuple[dict, str]:
+    """The default calibration text of the routing-statistics strategies (routing.default_calibration, the text
     ``scores`` and ``place`` use) and its hash (routing.calibration_hash, max_length 256)."""
     from .routing import calibration_hash, default_calibration as texts_of
     texts, _ = texts_of()

@@ -113,8 +113,17 @@ def _task_manager(include_paths: tuple, defaults: bool):
         return _task_managers[k]
 
 
+def higher_is_better(metric: str) -> bool | None:
+    """Direction of a metric by name ("acc", "perplexity", "acc_norm[filter]"), from lm-eval's metric registry
+    (``lm_eval.api.registry.is_higher_better``); None when lm-eval does not know the metric. Used where a stored
+    result predates the stored direction."""
+    from lm_eval.api.registry import is_higher_better
+    return is_higher_better(metric.split("[", 1)[0])
+
+
 def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:
-    """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr}]."""
+    """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr, higher_is_better}]
+    (the direction as the task's results declare it, ``results["higher_is_better"][task]``)."""
     import lm_eval
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
@@ -128,14 +137,17 @@ def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:
                          f"({hflm.max_length} tokens); choose another task or a model with a longer context") from None
     out = []
     for task, vals in res["results"].items():
+        direction = res.get("higher_is_better", {}).get(task, {})   # lm-eval's own metric direction
         for k, v in vals.items():
             if "," not in k or "_stderr," in k or not isinstance(v, (int, float)):
                 continue
             metric, filt = k.split(",", 1)
             se = vals.get(f"{metric}_stderr,{filt}")
             name = metric if filt == "none" else f"{metric}[{filt}]"
+            hib = direction.get(metric)
             out.append({"task": task, "metric": name, "value": float(v),
-                        "stderr": float(se) if isinstance(se, (int, float)) else None})
+                        "stderr": float(se) if isinstance(se, (int, float)) else None,
+                        "higher_is_better": bool(hib) if hib is not None else higher_is_better(name)})
     if not out:
         raise RuntimeError(f"lm-eval returned no metrics for {ref.name}")
     return out

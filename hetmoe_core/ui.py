@@ -7,11 +7,14 @@ store). Importing this module imports streamlit.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 
 import streamlit as st
+
+from .modelcache import ModelCache, ModelHandle, model_bytes
 
 
 # ------------------------------------------------------------------------------------------- shared view state
@@ -88,27 +91,87 @@ def budget() -> float:
 
 
 # ------------------------------------------------------------------------------------------- page frame
+PAGE_ICON = "🧮"
+"""Browser-tab icon: an emoji (drawn by the browser). A ``:material/...:`` page icon makes the browser fetch an SVG
+from fonts.gstatic.com on every page load, which fails offline; the navigation icons use the Material Symbols
+font that ships inside Streamlit's own static files."""
+
+_RUN = threading.local()
+"""Per script run, on the script thread: ``framed`` (app.py drew the frame and is running the page), ``owner``
+(the token the run's model holds are taken under) and ``slot`` (the sidebar line the model summary goes to).
+Kept off st.session_state on purpose: Streamlit drops session-state writes made after st.stop() (e.g. in a
+``finally``), so a flag kept there stayed set after a page stopped on an error, and the next run skipped the
+sidebar — the white screen."""
+
+
+def _begin_run() -> None:
+    """A new run on this thread: give back the model holds of the previous run here (a run that ended without
+    reaching page_run's clean-up, e.g. a page run alone under AppTest) and take a new owner token."""
+    old = getattr(_RUN, "owner", None)
+    if old is not None:
+        MODELS.release(old)
+    _RUN.owner = (threading.current_thread(), time.monotonic_ns())
+    _RUN.slot = None
+
+
+@contextmanager
+def page_run():
+    """app.py runs the chosen page inside this: the page's ``frame()`` call is a no-op, and the run's model holds
+    are given back when the page ends, whether it finished, stopped (st.stop) or raised."""
+    _RUN.framed = True
+    try:
+        yield
+    finally:
+        _RUN.framed = False
+        if getattr(_RUN, "owner", None) is not None:
+            MODELS.release(_RUN.owner)
+            _RUN.owner = None
+
+
+_NAV_FLAG_CHECKED = ((1, 36), (1, 67))
+"""Streamlit minor versions whose ``PagesManager.uses_pages_directory`` behaves as ``_use_navigation_mode`` needs."""
+
+
+def _use_navigation_mode() -> bool:
+    """Switch this server process from Streamlit's pages-directory mode to st.navigation mode; True if switched.
+
+    Why a private flag: app.py sits next to ``pages/`` (the folder keeps its name: the design card names it), so
+    Streamlit starts every server process in its pages-directory mode, where a deep link such as /placement runs
+    pages/placement.py alone — without app.py's sidebar and navigation — until some run calls st.navigation. No
+    public option or API turns that mode off (``client.showSidebarNavigation`` only hides the list). st.navigation
+    sets ``PagesManager.uses_pages_directory = False`` on its first call; this sets it the same way, once, so that
+    the page can rerun through app.py. Outside the Streamlit versions checked here the flag is left alone and the
+    page draws its own frame (the navigation list then appears after the first click)."""
+    import streamlit
+    from streamlit.runtime import pages_manager
+    version = tuple(int(x) for x in streamlit.__version__.split(".")[:2])
+    manager = getattr(pages_manager, "PagesManager", None)
+    if not (_NAV_FLAG_CHECKED[0] <= version <= _NAV_FLAG_CHECKED[1]) or manager is None \
+            or not hasattr(manager, "uses_pages_directory"):
+        return False
+    manager.uses_pages_directory = False
+    return True
+
+
 def frame(entry: bool = False) -> None:
     """Page set-up and the sidebar (model source, device, dtype), once per run.
 
-    app.py calls ``frame(entry=True)`` before ``st.navigation``; every page calls ``frame()``, a no-op inside
-    app.py's run. Streamlit runs a file of a ``pages/`` folder directly, without the entry script, while no
-    session of the server process has called ``st.navigation`` yet (its pages-directory mode: a fresh server
-    opened on a deep link, and AppTest on every run). A page that finds itself run that way switches the
-    process to ``st.navigation`` mode and reruns once, through app.py, on the same page (under AppTest it draws
-    the frame itself instead)."""
+    app.py calls ``frame(entry=True)`` before ``st.navigation`` and runs the page inside ``page_run()``; every
+    page calls ``frame()``, a no-op there. A page run alone (Streamlit's pages-directory mode: a fresh server
+    opened on a deep link, and AppTest on every run) switches the process to st.navigation mode and reruns once,
+    through app.py, on the same page; under AppTest, which resets the mode before every run, it draws the frame
+    itself."""
     ss = st.session_state
-    if ss.get("_in_frame"):
+    if not entry and getattr(_RUN, "framed", False):
         return
     if not entry:
         from streamlit import config
-        from streamlit.runtime.pages_manager import PagesManager
-        PagesManager.uses_pages_directory = False      # what st.navigation itself sets on its first call
-        # AppTest resets the mode before every run (a rerun would drop a button click): frame the page here
-        if not ss.get("_redirected") and not config.get_option("global.appTest"):
+        switched = _use_navigation_mode()
+        if switched and not ss.get("_redirected") and not config.get_option("global.appTest"):
             ss["_redirected"] = True
             st.rerun()
-    st.set_page_config(page_title="hetmoe", page_icon=":material/memory:", layout="wide")
+    _begin_run()
+    st.set_page_config(page_title="hetmoe", page_icon=PAGE_ICON, layout="wide")
     init_state()
     with st.sidebar:
         _sidebar()
@@ -138,12 +201,26 @@ def _sidebar() -> None:
     c1.selectbox("Device", devices, key="device", persist_state="session")
     c2.selectbox("dtype", ["float32", "bfloat16", "float16"], key="dtype", persist_state="session",
                  help="Weights' number format. float32 on CPU is fastest and exact.")
-    ss["source"] = source     # empty: pages say what to enter (load_model's ValueError)
+    ss["source"] = source     # empty: pages say what to enter
     # filled by get_model() when a page loads the model, so that the page's first chart need not wait for it
-    ss["_model_slot"] = st.empty()
-    ss["_model_slot"].caption("Enter a model source above." if not source else f"Model: `{ss['source']}`")
+    _RUN.slot = st.empty()
+    _RUN.slot.caption("Enter a model source above." if not source else f"Model: `{source}`")
     if (w := ss.pop("_query_warning", None)):
         st.warning(f"The link held an invalid value: {w}; the default is used instead.")
+    _memory_panel()
+
+
+def _memory_panel() -> None:
+    """Which models this server keeps in memory, their size and whether a run or an evaluation holds them."""
+    rows = MODELS.entries()
+    if not rows:
+        return
+    total = sum(r["bytes"] for r in rows)
+    with st.expander(f"Models in memory: {len(rows)} · {total / 2**20:,.0f} MiB"):
+        st.markdown("\n".join(f"- `{r['key'][0]}` · {r['key'][2]} on {r['key'][1]} · {r['bytes'] / 2**20:,.1f} MiB"
+                              + (" · in use" if r["holds"] else "") for r in rows))
+        st.caption(f"The server keeps models up to {MODELS.limit() / 2**30:.1f} GiB (a share of the available "
+                   "memory, HETMOE_MODEL_CACHE_SHARE), least recently used out first, never one in use.")
 
 
 def _cuda_devices() -> list[str]:
@@ -155,44 +232,47 @@ def _cuda_devices() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- cached model
-@dataclass(eq=False)
-class ModelHandle:
-    """A loaded model plus the lock that every dashboard use of its weights takes (evaluations make the weights
-    noisy inside ``analog()``; scores and routing statistics must read them clean)."""
-    lm: object                   # models.LoadedModel
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    load_s: float = 0.0
-
-
-def _release(handle: ModelHandle) -> None:
-    """Eviction from the resource cache: drop the model and give its memory back."""
-    handle.lm = None
-    gc.collect()
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:   # releasing memory is best effort
-        pass
-
-
-@st.cache_resource(max_entries=2, on_release=_release, show_spinner=False)
-def _load(source: str, device: str, dtype: str) -> ModelHandle:
+def _load(key: tuple) -> tuple:
+    """ModelCache loader: (LoadedModel, bytes) of (source, device, dtype)."""
     from .models import load_model
-    t0 = time.perf_counter()
-    lm = load_model(source, device=device, dtype=dtype)
-    return ModelHandle(lm, load_s=time.perf_counter() - t0)
+    _freeze_imports()
+    lm = load_model(key[0], device=key[1], dtype=key[2])
+    return lm, model_bytes(lm.model)
+
+
+_FROZEN = False
+
+
+def _freeze_imports() -> None:
+    """Move every object that exists once torch / transformers are imported into the garbage collector's permanent
+    generation (gc.freeze), once per process: Streamlit's runner.postScriptGC collects after every script run, and
+    walking the millions of objects of those imports made that collection most of a slider rerun. Objects made
+    later (models, figures, session data) are still collected as usual. HETMOE_GC_FREEZE=0 turns it off (for
+    bench/bench_soak.py's comparison)."""
+    global _FROZEN
+    if not _FROZEN and os.environ.get("HETMOE_GC_FREEZE", "1") != "0":
+        from . import models  # noqa: F401  (imports torch and transformers)
+        gc.collect()
+        gc.freeze()
+        _FROZEN = True
+
+
+MODELS = ModelCache(_load)
+"""The dashboard's models: one per (source, device, dtype), sized by memory, never released while a run or an
+evaluation holds it (see hetmoe_core.modelcache)."""
 
 
 def get_model(show_errors: bool = True) -> ModelHandle | None:
-    """The model chosen in the sidebar (loaded once per source/device/dtype; at most two kept in memory).
+    """The model chosen in the sidebar, held until this script run ends (loaded once per source/device/dtype).
 
     A bad source shows st.error with what to do and returns None (no traceback)."""
     ss = st.session_state
+    if getattr(_RUN, "owner", None) is None:    # a run that did not go through frame() (a fragment)
+        _begin_run()
     try:
         with st.spinner(f"Loading {ss['source']} …"):
-            h = _load(ss["source"], ss["device"], ss["dtype"])
-        a, slot = h.lm.anatomy, ss.get("_model_slot")
+            h = MODELS.hold((ss["source"], ss["device"], ss["dtype"]), _RUN.owner)
+        a, slot = h.lm.anatomy, getattr(_RUN, "slot", None)
         if slot is not None:
             slot.caption(f"**{a.model_class}** · {len(a.moe_layers)} MoE layers · {a.moe_layers[0].num_experts} "
                          f"experts · top-{a.moe_layers[0].top_k} · {a.total_params / 1e6:.1f} M params  \n"
@@ -200,7 +280,8 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
         return h
     except (ValueError, OSError) as e:
         if show_errors:
-            st.error(f"Could not load model **{ss['source']}**: {e}\n\nChoose *Default* in the sidebar, or give a "
+            what = f"**{ss['source']}**" if ss["source"] else "an empty source"
+            st.error(f"Could not load model {what}: {e}\n\nChoose *Default* in the sidebar, or give a "
                      "local folder with config.json and *.safetensors, or a Hugging Face hub id (org/name) when the "
                      "hub is reachable.")
     except ImportError as e:
@@ -271,10 +352,13 @@ class Job:
     """A background evaluation: a thread running ``evaluate.evaluate_many`` with its own progress state.
 
     Lives in st.session_state; the page polls it from an ``st.fragment(run_every=...)``. The thread never calls
-    Streamlit and opens its own store connections (evaluate/store open one per operation)."""
+    Streamlit and opens its own store connections (evaluate/store open one per operation). The job holds its
+    model in the cache until it ends, so no other session's load can release it meanwhile."""
 
     def __init__(self, handle: ModelHandle, **kwargs):
-        self.handle, self.kwargs = handle, kwargs
+        self.kwargs = kwargs
+        self.cancelled_at: float | None = None
+        self.handle = MODELS.hold(handle.key, self)    # the same entry, or reloaded if it left the cache since
         self.cancel = threading.Event()
         self.done, self.total, self.results = 0, 0, []
         self.status, self.error = "running", None
@@ -297,6 +381,8 @@ class Job:
             self.status, self.error = "error", str(e)
         except Exception as e:   # shown in the page as a message, never as a traceback
             self.status, self.error = "error", f"{type(e).__name__}: {e}"
+        finally:
+            MODELS.release(self)
         self.finished = time.time()
 
     @property
@@ -341,3 +427,37 @@ def scores(handle: ModelHandle | None = None):
             pass   # fall through: loading shows the error with what to do
     handle = handle or get_model()
     return None if handle is None else expert_scores(handle.lm.fingerprint, handle.lm.anatomy.dtype, handle)
+
+
+# ------------------------------------------------------------------------------------------- hardware constants
+def hardware_editor(key: str = "hw"):
+    """A hardware preset and its constants, editable in an expander (labels, units, help and sources are read
+    from the field metadata of ``hardware.DigitalConfig`` / ``AnalogConfig``). Returns the ``Hardware``; an
+    invalid edit shows one warning and returns the preset unchanged."""
+    from .hardware import HARDWARE, HARDWARE_DOCS, AnalogConfig, DigitalConfig, field_docs, get_hardware
+    with st.expander("Hardware constants (units and sources in the tooltips)"):
+        name = st.selectbox("Hardware preset", list(HARDWARE), key=f"{key}_preset", format_func=lambda n: n,
+                            help=" · ".join(f"{n}: {d}" for n, d in HARDWARE_DOCS.items()))
+        base, changes = HARDWARE[name], {"digital": {}, "analog": {}}
+        for part, cls, title in (("digital", DigitalConfig, "Digital accelerator"),
+                                 ("analog", AnalogConfig, "AIMC chip")):
+            st.markdown(f"**{title}** · {getattr(base, part).name}")
+            cols = st.columns(3)
+            for i, f in enumerate(field_docs(cls)):
+                v = getattr(getattr(base, part), f["name"])
+                is_int = isinstance(v, int)
+                w = cols[i % 3].number_input(
+                    f"{f['name']} ({f['unit']})", value=v, min_value=1 if is_int else 1e-9,
+                    step=1 if is_int else None, format=None if is_int else "%.4g",
+                    key=f"{key}_{name}_{part}_{f['name']}",
+                    help=f"{f['help']} Unit: {f['unit']}. Source: {f['source']}")
+                if w != v:
+                    changes[part][f["name"]] = int(w) if is_int else float(w)
+        try:
+            hw = get_hardware(name, **changes)
+        except ValueError as e:
+            st.warning(f"{e} — using the preset's values.")
+            return base
+        if changes["digital"] or changes["analog"]:
+            st.caption("Edited: " + ", ".join(f"{p}.{k}" for p in changes for k in changes[p]))
+    return hw

@@ -1,12 +1,14 @@
 """Evaluate page: a noise preset (every parameter editable), strategies, budgets, seeds, tasks; run in background."""
 import dataclasses
+import time
 
-import pandas as pd
 import streamlit as st
 
-from hetmoe_core import figures, ui
+from hetmoe_core import evaluate as ev
+from hetmoe_core import figures, results, ui
 from hetmoe_core.noise import NOISE_MODELS, PRESET_DOCS, PRESETS, NoiseConfig
-from hetmoe_core.placement import DENSE_KINDS
+from hetmoe_core.placement import DENSE_KINDS, budgets_from_percent
+from hetmoe_core.store import Store
 from hetmoe_core.scores import STRATEGIES
 
 ui.frame()
@@ -15,12 +17,6 @@ st.caption("Run the model with its analog part on simulated AIMC tiles and score
            "Every result is stored; a configuration that was run before is answered from the store at once.")
 ss = st.session_state
 h = ui.require_model()
-try:
-    from hetmoe_core import evaluate as ev
-    from hetmoe_core.store import Store
-except ImportError as e:
-    st.info(f"Evaluation is not available yet ({e}).")
-    st.stop()
 
 # ---------------------------------------------------------------- noise preset, every field editable
 HELP = {  # units and meaning of every NoiseConfig field (see hetmoe_core/noise.py)
@@ -101,9 +97,9 @@ st.caption(f"Placement page: budget **{ui.budget() * 100:g}%**, scope **{ss.get(
            + " (scope and dense modules are set on the Placement page).")
 
 try:
-    budgets = [float(b) / 100 for b in budgets_txt.replace(";", ",").split(",") if b.strip()]
-except ValueError:
-    st.error(f"Budgets {budgets_txt!r}: give comma-separated numbers between 0 and 100.")
+    budgets = budgets_from_percent(budgets_txt)
+except ValueError as e:
+    st.error(f"Digital budgets (%): {e}.")
     st.stop()
 kw = dict(strategies=strategies, budgets=budgets, presets=[preset], seeds=int(seeds), tasks=tasks,
           limit=int(limit) or None, backend=backend, batch_size=int(batch), scope=ss.get("scope", "layer"),
@@ -119,31 +115,31 @@ st.markdown(f"**{len(specs)} results** in this sweep (ideal references included)
             f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
 
 job = ss.get("eval_job")
+
+
+def _start(source, kw):
+    """Run's callback: the job starts before the page is drawn, so the page draws Run disabled from this run on."""
+    ss["eval_job"] = ui.Job(h, source=source, store=None, **kw)
+
+
+def _cancel(j):
+    """Cancel's callback: the job stops at its next forward pass; the answer is immediate."""
+    j.cancel.set()
+    j.cancelled_at = time.time()
+    st.toast("Cancelling: the evaluation stops at its next forward pass; finished results stay stored.")
+
+
 running = job is not None and job.running
 b1, b2 = st.columns([1, 5])
-if b1.button("Run", type="primary", disabled=running or not specs, key="ev_run"):
-    ss["eval_job"] = job = ui.Job(h, source=ss["source"], store=None, **kw)
-    running = True
+b1.button("Run", type="primary", disabled=running or not specs, key="ev_run", on_click=_start,
+          args=(ss["source"], kw), help="Disabled while an evaluation runs." if running else None)
+if running:
+    b2.caption("An evaluation is running: Run is disabled until it ends or is cancelled.")
 
 
-def _table(results):
-    """One row per result (evaluate_many's dicts): task, strategy, budget, preset, seed, metrics, cached."""
-    rows = [{"task": r["task"], "strategy": r["strategy"], "budget %": r["budget"] * 100, "preset": r["preset"],
-             "seed": r["seed"], **r["metrics"], "cached": "✓ cached" if r["cached"] else "computed"}
-            for r in results]
-    return pd.DataFrame(rows)
-
-
-def _from_store(spec):
-    got = store.get_result(spec.key)
-    run = got["run"]
-    return {"task": run["task"], "strategy": run["strategy"], "budget": run["budget"], "preset": run["preset"],
-            "seed": run["seed"], "metrics": {m["metric"]: m["value"] for m in got["metrics"]}, "cached": True}
-
-
-@st.fragment(run_every=1.0 if running else None)
+@st.fragment(run_every=0.5 if running else None)
 def progress():
-    """Polls the background job once a second; only this fragment reruns while the job runs."""
+    """Polls the background job twice a second; only this fragment reruns while the job runs."""
     j = ss.get("eval_job")
     if j is None:
         return
@@ -151,10 +147,11 @@ def progress():
         last = j.results[-1] if j.results else None
         what = (f"last: {last['task']} · {last['strategy']} · {last['budget'] * 100:g}%"
                 f"{' (cached)' if last['cached'] else ''}") if last else "loading the model and the tasks"
-        st.progress(j.fraction, text=f"{j.done} / {j.total or '?'} results · {what} · {j.elapsed:.0f} s")
-        if st.button("Cancel", key="ev_cancel"):
-            j.cancel.set()
-            st.toast("Cancelling at the next forward pass …")
+        if j.cancel.is_set():
+            st.progress(j.fraction, text=f"Cancelling … {j.done} / {j.total or '?'} results kept")
+        else:
+            st.progress(j.fraction, text=f"{j.done} / {j.total or '?'} results · {what} · {j.elapsed:.0f} s")
+            st.button("Cancel", key="ev_cancel", on_click=_cancel, args=(j,))
         return
     if j.status == "done":
         st.success(f"Done: {len(j.results)} results in {j.elapsed:.1f} s "
@@ -167,10 +164,12 @@ def progress():
         ss["_job_seen"] = j
         st.rerun(scope="app")
     if j.results:
-        st.dataframe(_table(j.results), hide_index=True)
+        st.dataframe(results.result_rows(j.results), hide_index=True)
+
 
 progress()
 if (job is None or not job.running) and have and (job is None or job.kwargs != {"source": ss["source"],
                                                                                    "store": None, **kw}):
     st.markdown("**Cached results of this configuration** (shown without running):")
-    st.dataframe(_table([_from_store(s) for s in specs if s.key in have]), hide_index=True)
+    st.dataframe(results.result_rows([results.stored_result(store, s.key) for s in specs if s.key in have]),
+                 hide_index=True)

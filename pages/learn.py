@@ -4,6 +4,7 @@ import streamlit as st
 
 from hetmoe_core import figures, ui
 from hetmoe_core.noise import get_preset
+from hetmoe_core.placement import digital_count
 
 ui.frame()
 st.title("Learn: why some experts must stay digital")
@@ -52,13 +53,17 @@ st.header("Try it: noise on one layer's experts")
 h = ui.require_model()
 a = h.lm.anatomy
 c1, c2, c3 = st.columns(3)
+if ss.get("toy_layer") not in range(len(a.moe_layers)):
+    ss["toy_layer"] = 0
 li = c1.selectbox("MoE layer", range(len(a.moe_layers)), format_func=lambda i: f"L{a.moe_layers[i].layer}",
-                  key="toy_layer")
+                  key="toy_layer", persist_state="session")
 m = a.moe_layers[li]
 c = c2.slider("Programming noise scale c", 0.0, 5.0, 1.5, 0.25, key="toy_c",
               help="Multiplies the PCM programming-noise spread (aihwkit PCMLikeNoiseModel prog_noise_scale). "
-                   "The paper uses 1.5 and 2.5.")
-show = c3.selectbox("Expert to look at", range(m.num_experts), key="toy_expert")
+                   "The paper uses 1.5 and 2.5.", persist_state="session")
+if ss.get("toy_expert") not in range(m.num_experts):
+    ss["toy_expert"] = 0
+show = c3.selectbox("Expert to look at", range(m.num_experts), key="toy_expert", persist_state="session")
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -77,16 +82,27 @@ def show_toy():
                         key="toy_scatter")
     with right:
         if c > 0:
-            r = np.corrcoef(np.log(res["maxnn"]), np.log(res["error"]))[0, 1]
-            top = int(np.argmax(res["maxnn"]))
-            st.metric("Correlation (log score, log error)", f"{r:+.2f}")
-            st.markdown(f"Expert **{top}** has the largest MaxNNScore in this layer; its output error is "
-                        f"{res['error'][top] / np.median(res['error']):.1f}× the layer's median. Moving the few "
-                        "high-score experts to digital removes the largest errors at a small cost.")
+            les = figures.toy_lesson(res["maxnn"], res["error"])
+            st.metric("Correlation (log score, log error)", f"{les['r']:+.2f}")
+            st.markdown(_lesson(les))
         else:
             st.info("c = 0: programming is exact; move the slider.")
     st.plotly_chart(figures.matrix_pair(res["up"], res["up_noisy"], f"Expert {show}: up projection [I × H] — "
                                         f"MaxNNScore {res['maxnn'][show]:.3g}"), key="toy_matrix")
+
+
+def _lesson(les: dict) -> str:
+    """The toy's take-away, worded after what this layer actually shows."""
+    head = (f"Expert **{les['top']}** has the largest MaxNNScore in this layer; its output error is "
+            f"{les['ratio']:.1f}× the layer's median (rank {les['rank']} of {les['n']} by error).")
+    if les["rank"] == 1 and les["ratio"] >= 1.5:
+        return head + (" Moving the few high-score experts to digital removes the largest errors at a small "
+                       "cost.")
+    if les["r"] >= 0.5:
+        return head + (" In this layer no single expert stands out, but the trend holds across all of them "
+                       f"(r = {les['r']:+.2f}): higher score, larger error. Try another layer to see an outlier.")
+    return head + (f" Here the link is weak (r = {les['r']:+.2f}): the scores of this layer's experts are close, so "
+                   "the ranking matters little — the budget is better spent on layers with a clear outlier.")
 
 
 if h.lock.locked():
@@ -105,7 +121,7 @@ st.markdown(f"""
 2. **Sensitivity** — the heatmap of MaxNNScore: expert {E} of layer {a.moe_layers[L].layer} scores highest
    ({maxnn[L][E]:.3g}). Compare it with how often tokens use it (activation frequency).
 3. **Placement** — drag the digital budget: at 12.5 % each layer keeps its top
-   {round(0.125 * m.num_experts)} expert(s) digital; see the digital parameter share and how far MaxNNScore
+   {digital_count(0.125, m.num_experts)} expert(s) digital; see the digital parameter share and how far MaxNNScore
    and activation frequency agree.
 4. **Evaluate** — run the preset *paper-pcm-c1.5* on a small task limit: the bar shows progress; results are
    cached, so running it again is instant.

@@ -3,6 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from hetmoe_core import figures, ui
+from hetmoe_core.placement import SHARE_HELP, Placement, digital_share
 
 ui.frame()
 st.title("Model anatomy")
@@ -21,17 +22,22 @@ c[4].metric("Parameters", f"{a.total_params / 1e6:.2f} M", help=f"{a.total_param
 
 left, right = st.columns([3, 2])
 with left:
-    st.plotly_chart(figures.param_breakdown(a.param_counts), key="param_chart")
+    st.plotly_chart(figures.param_breakdown(a.param_counts, a.tied_lm_head), key="param_chart")
 with right:
     st.markdown("**What runs where (paper default)**")
     routed = a.param_counts.get("routed_experts", 0)
-    dense = sum(a.param_counts.get(k, 0) for k in ("attention", "lm_head", "shared_experts", "router", "dense_mlp"))
+    paper = digital_share(Placement.all_analog(a), a)       # budget 0: every routed expert analog
+    tied = ("; the embedding table is also the tied LM head's matrix, so it counts as digital"
+            if a.tied_lm_head else "")
     st.markdown(
         f"- **Routed experts** — {routed / a.total_params:.1%} of parameters; each token uses only "
         f"{m0.top_k} of {m0.num_experts} per layer. Candidates for analog (AIMC) tiles.\n"
-        f"- **Dense modules** (attention, LM head, routers, shared experts, dense MLPs) — "
-        f"{dense / a.total_params:.1%}; used by every token, kept digital.\n"
-        f"- **Embeddings / norms** — table lookups and element-wise ops: memory, not matrix-vector work.")
+        f"- **Dense modules** (attention, LM head, routers, shared experts, dense MLPs) — used by every token, kept "
+        f"digital{tied}: a digital parameter share of **{paper['digital_share']:.1%}** with every routed expert "
+        "analog (budget 0 on the Placement page).\n"
+        "- **Embeddings / norms** — table lookups and element-wise ops: memory, not matrix-vector work"
+        + (" (except a tied embedding table, above)." if a.tied_lm_head else "."),
+        help=SHARE_HELP["digital_share"])
     st.markdown(f"Expert MLP: hidden {m0.hidden_size} → intermediate {m0.intermediate_size} "
                 f"({'SwiGLU: gate, up, down' if m0.gated else 'up, down'}); "
                 f"{'tied' if a.tied_lm_head else 'separate'} LM head.")

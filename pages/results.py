@@ -1,22 +1,20 @@
 """Results page: stored results from the DuckDB store — metric vs budget, a filterable table, downloads."""
 import io
 
-import pandas as pd
 import streamlit as st
 
-from hetmoe_core import figures, ui
+from hetmoe_core import energy, figures, results, ui
+from hetmoe_core.hardware import HARDWARE
+from hetmoe_core.placement import SHARE_HELP
+from hetmoe_core.report import LOWER_IS_BETTER
+from hetmoe_core.store import Store
 
 ui.frame()
 st.title("Results")
 ss = st.session_state
 try:
-    from hetmoe_core.report import LOWER_IS_BETTER
-    from hetmoe_core.store import Store
     store = Store()
     summary = store.summary_frame()
-except ImportError as e:
-    st.info(f"The results store is not available yet ({e}).")
-    st.stop()
 except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")
@@ -42,36 +40,74 @@ metrics = sorted(s.metric.unique())
 prefer = [m for m in ("acc", "acc_norm", "word_perplexity", "perplexity") if m in metrics]
 metric = c3.selectbox("Metric", metrics, index=metrics.index(prefer[0]) if prefer else 0, key="res_metric")
 s = s[s.metric == metric]
-limits = sorted(s["limit"].dropna().unique().tolist()) + (["all"] if s["limit"].isna().any() else [])
+limits = results.limit_choices(s)
 lim = c4.selectbox("Limit (documents)", limits, index=len(limits) - 1, key="res_limit",
                    help="Results with different limits are not comparable.")
-s = s[s["limit"].isna()] if lim == "all" else s[s["limit"] == lim]
+s = results.at_limit(s, lim)
 noisy = s[s.strategy != "ideal"]
-c1, c2, c3 = st.columns(3)
-presets = c1.multiselect("Presets", sorted(noisy.preset.unique()), default=sorted(noisy.preset.unique()),
-                         key="res_presets")
-strategies = c2.multiselect("Strategies", sorted(noisy.strategy.unique()), default=sorted(noisy.strategy.unique()),
-                            key="res_strategies", format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
-backends = c3.multiselect("Backends", sorted(noisy.backend.unique()), default=sorted(noisy.backend.unique()),
-                          key="res_backends")
-shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noisy.backend.isin(backends)]
-ideal = s[s.strategy == "ideal"]["mean"]
-analog = {p: float(g["mean"].mean()) for p, g in shown[shown.budget == 0].groupby("preset")}
 
-st.plotly_chart(figures.metric_vs_budget(shown, metric, float(ideal.iloc[0]) if len(ideal) else None, analog,
-                                         higher_is_better=metric not in LOWER_IS_BETTER), key="res_chart")
-if not analog:
-    st.caption("Run a budget of 0 % to draw the all-analog reference line.")
+
+def _remember(key):
+    ss[f"_{key}_chosen"] = list(ss[key])          # the user's own choice, kept while the options change
+
+
+def kept_filter(col, label, column, key, **kw):
+    """A multiselect whose choice survives a change of its options (another limit, task or metric): values still
+    offered stay selected; when none is left, every option is shown and the page says which ones went."""
+    options = sorted(noisy[column].unique())
+    kept, dropped = results.keep_selection(ss.get(f"_{key}_chosen"), options)
+    ss[key] = kept
+    chosen = col.multiselect(label, options, key=key, on_change=_remember, args=(key,), **kw)
+    if dropped:
+        col.caption(f"{', '.join(map(str, dropped))}: no results here (limit {lim}); showing all {label.lower()}.")
+    return chosen
+
+
+c1, c2, c3 = st.columns(3)
+presets = kept_filter(c1, "Presets", "preset", "res_presets")
+strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies",
+                         format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
+backends = kept_filter(c3, "Backends", "backend", "res_backends")
+shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noisy.backend.isin(backends)]
+ideal, analog = results.references(s, shown)
+
+st.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=metric not in LOWER_IS_BETTER),
+                key="res_chart")
+if noisy.empty:
+    st.info(f"Only the ideal (all-digital) result is stored for {task} at limit {lim}: run a noisy evaluation with "
+            "this limit on the **Evaluate** page.")
+elif shown.empty:
+    empty = [n for n, v in (("preset", presets), ("strategy", strategies), ("backend", backends)) if not v]
+    st.info(f"Nothing to draw: no {' and no '.join(empty)} selected. Pick at least one above."
+            if empty else "No stored result matches these filters together; widen one of them.")
+elif not analog:
+    st.caption("Run a budget of 0 % with these presets to draw the all-analog reference line.")
+
+# ---------------------------------------------------------------- score vs energy per token (hetmoe_core.energy)
+st.subheader(f"{metric} vs energy per token")
+e1, e2 = st.columns(2)
+hw_name = e1.selectbox("Hardware", list(HARDWARE), key="res_hw", help="Presets of hetmoe_core/hardware.py (sources "
+                       "there); edit single constants on the Placement page.")
+batch = e2.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="res_batch")
+runs_e, note = energy.run_costs(store, model, hw_name, batch)
+if runs_e is None:
+    st.info(f"No energy figures: {note}.")
+else:
+    keep = (runs_e.task == task) & (runs_e.metric == metric) & (runs_e["limit"].isna() if lim == results.ALL
+                                                                 else runs_e["limit"] == lim)
+    keep &= (runs_e.strategy == "ideal") | (runs_e.preset.isin(presets) & runs_e.strategy.isin(strategies)
+                                            & runs_e.backend.isin(backends))
+    st.plotly_chart(figures.accuracy_vs_energy(energy.config_points(runs_e[keep]), metric,
+                                               higher_is_better=metric not in LOWER_IS_BETTER), key="res_energy")
+    st.caption(f"One point per configuration (mean ± std over seeds), energy of its placement on {hw_name} "
+               f"({note}); dashed: the Pareto front — no other configuration is cheaper and at least as good.")
 
 st.subheader("Table")
-table = shown.assign(**{"budget %": shown.budget * 100}).drop(columns=["budget"])
-cols = ["strategy", "budget %", "preset", "backend", "scope", "mean", "std", "n_seeds", "digital_share", "seeds",
-        "limit", "model_source"]
-table = pd.concat([s[s.strategy == "ideal"].assign(**{"budget %": 100.0}), table], ignore_index=True)
-st.dataframe(table[[c for c in cols if c in table]], hide_index=True,
+st.dataframe(results.summary_table(s, shown), hide_index=True,
              column_config={"mean": st.column_config.NumberColumn(format="%.4f"),
                             "std": st.column_config.NumberColumn(format="%.4f"),
-                            "digital_share": st.column_config.NumberColumn("digital share", format="%.3f")})
+                            "digital_share": st.column_config.NumberColumn("digital share", format="%.3f",
+                                                                           help=SHARE_HELP["digital_share"])})
 
 st.subheader("Download")
 runs = store.runs_frame({"model_fingerprint": model})

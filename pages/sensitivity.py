@@ -65,10 +65,10 @@ st.subheader("MaxNNScore vs activation frequency")
 if freq is not None:
     ev = st.plotly_chart(figures.score_scatter(maxnn, freq, layers, "MaxNNScore", "activation frequency"),
                          key="sens_scatter", on_select="rerun", selection_mode="points")
-    pts = (ev or {}).get("selection", {}).get("points", []) if ev else []
-    if pts and pts[0].get("customdata") and pts[0]["customdata"] != ss.get("_sens_pick"):
-        ss["_sens_pick"] = pts[0]["customdata"]          # a click on the scatter picks the expert below
-        ss["sens_layer"], ss["sens_expert"] = int(pts[0]["customdata"][0]), int(pts[0]["customdata"][1])
+    pick = figures.scatter_pick(ev)
+    if pick is not None and pick != ss.get("_sens_pick"):
+        ss["_sens_pick"] = pick                              # a click on the scatter picks the expert below
+        ss["sens_layer"], ss["sens_expert"] = layers[pick[0]], pick[1]
     r = np.corrcoef(np.log(np.concatenate(maxnn)), np.concatenate(freq))[0, 1]
     st.caption(f"Pearson correlation of log MaxNNScore with frequency: {r:+.2f}. Click a point to inspect it.")
 else:

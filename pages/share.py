@@ -5,7 +5,10 @@ from urllib.parse import urlencode
 
 import streamlit as st
 
-from hetmoe_core import ui
+from hetmoe_core import results, ui
+from hetmoe_core.report import write_report
+from hetmoe_core.snapshot import SnapshotError, export_snapshot, import_snapshot, read_snapshot
+from hetmoe_core.store import Store
 
 UPLOAD_MB = 50      # also server.maxUploadSize in .streamlit/config.toml
 
@@ -21,14 +24,7 @@ st.code(f"{base}/placement?{urlencode(params)}", language=None)
 st.caption("Opens the Placement page with the same model, strategy, digital budget and noise preset "
            "(every page keeps these in its URL).")
 
-try:
-    from hetmoe_core.report import write_report
-    from hetmoe_core.snapshot import SnapshotError, export_snapshot, import_snapshot, read_snapshot
-    from hetmoe_core.store import Store
-    store = Store()
-except ImportError as e:
-    st.info(f"Snapshots and reports are not available yet ({e}).")
-    st.stop()
+store = Store()
 
 counts = store.counts()
 st.subheader("Export")
@@ -59,7 +55,7 @@ def _report(_source: str, signature: str) -> bytes:
 
 # bytes are made when the page is drawn (cached), not on click: a deferred download callable can be dropped by
 # Streamlit's media-file cleanup when another session of the server ends between the drawing and the click
-sig = str(store.query("SELECT count(*), max(created_at) FROM runs").values.tolist())
+sig = store.signature()
 c1, c2 = st.columns(2)
 if n:
     c1.download_button("Download snapshot (.zip)", _snapshot(str(store.path), sig, filters and h.lm.fingerprint),
@@ -95,13 +91,11 @@ if up is not None:
             st.error(f"{up.name} is not a valid hetmoe snapshot: {e}")
             st.stop()
         st.success(f"Valid snapshot from hetmoe {manifest.get('hetmoe_version', '?')}, created "
-                   f"{manifest.get('created_at', '?')}: " + ", ".join(f"{t} {tables[t].num_rows}" for t in tables))
+                   f"{manifest.get('created_at', '?')}: {results.snapshot_contents(tables)}.")
         c1, c2 = st.columns(2)
         if c1.button("Import into the store", type="primary", key="share_import"):
             try:
-                added = import_snapshot(path, store)
-                st.success("Imported: " + ", ".join(f"{k} +{v}" for k, v in added.items())
-                           + ". See the Results page.")
+                st.success(results.import_message(import_snapshot(path, store)) + " See the Results page.")
             except (SnapshotError, ValueError) as e:
                 st.error(f"Import failed, the store is unchanged: {e}")
         try:

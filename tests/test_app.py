@@ -164,7 +164,8 @@ def test_share_imports_a_valid_snapshot_and_rejects_garbage(store_env, tmp_path,
         ("snap.zip", (tmp_path / "snap.zip").read_bytes(), "application/zip")).run()
     assert not at.error and any("Valid snapshot" in s.value for s in at.success)
     at.button(key="share_import").click().run()
-    assert any("Imported" in s.value for s in at.success)
+    imported = [s.value for s in at.success if "Imported" in s.value]
+    assert imported and imported[0].startswith("Imported 1 result and 1 metric value") and "{" not in imported[0]
     assert Store(store_env).counts()["runs"] == 1
     # a zip with a path-escaping member is refused and the store stays as it is
     buf = io.BytesIO()
@@ -189,3 +190,74 @@ def test_cancel_stops_a_running_sweep(store_env):
     assert job.status == "cancelled" and len(job.results) < 10
     assert any("Cancelled after" in w.value for w in at.warning)
     assert Store(store_env).counts()["runs"] == len(job.results)   # what finished is stored, nothing else
+
+
+def _put(store, key, preset, limit, budget, value, strategy="maxnn", seed=0):
+    store.put_result(key, {"model_source": "default", "model_fingerprint": "fp", "strategy": strategy,
+                           "budget": budget, "preset": preset, "seed": seed, "task": "t", "scope": "layer",
+                           "backend": "fast", "limit": limit},
+                     [{"task": "t", "metric": "acc", "value": value, "stderr": 0.1, "seed": seed}])
+
+
+def test_results_limit_change_keeps_valid_filters(store_env):
+    """H14: changing Limit keeps the presets still offered, names those that went, never a blank unexplained."""
+    from hetmoe_core.store import Store
+    store = Store(store_env)
+    for i, (preset, limit) in enumerate([("pa", 20), ("pb", 20), ("pa", 1), ("pc", 1)]):
+        _put(store, f"k{i}", preset, limit, 0.125, 0.5 + i / 100)
+    _put(store, "ideal20", "ideal", 20, 1.0, 0.7, strategy="ideal")
+    at = page(app(), "results")
+    assert at.selectbox(key="res_limit").value == 20
+    at.multiselect(key="res_presets").set_value(["pa"]).run()
+    at.selectbox(key="res_limit").set_value(1).run()
+    assert not at.exception
+    assert at.multiselect(key="res_presets").value == ["pa"]          # kept: pa exists at limit 1 too
+    at.multiselect(key="res_presets").set_value(["pc"]).run()
+    at.selectbox(key="res_limit").set_value(20).run()                 # pc has no result at limit 20
+    assert at.multiselect(key="res_presets").value == ["pa", "pb"]
+    assert any("pc: no results here (limit 20)" in c.value for c in at.caption)
+    at.multiselect(key="res_presets").set_value([]).run()
+    assert any("no preset selected" in i.value for i in at.info)
+
+
+def test_model_and_placement_agree_on_the_digital_share(store_env):
+    """H16: the Model page and the Placement page at budget 0 quote one digital share (tied LM head digital)."""
+    at = app()
+    text = " ".join(m.value for m in at.markdown)
+    import re
+    quoted = re.search(r"digital parameter share of \*\*([0-9.]+)%\*\*", text).group(1)
+    page(at, "placement")
+    at.slider(key="budget_pct").set_value(0.0).run()
+    assert metric(at, "Digital parameter share") == f"{quoted}%"
+    helps = {m.label: m.help for m in at.metric}
+    assert "tied LM head" in helps["Digital parameter share"] and "routed_digital_share" in \
+        helps["Digital routed experts"]
+
+
+def test_evaluate_budget_error_in_percent(store_env):
+    """H17: a budget outside the % field's range is named in percent, not as a fraction."""
+    at = page(app(), "evaluate")
+    at.text_input(key="ev_budgets").set_value("12.5, 150").run()
+    assert not at.exception
+    msg = at.error[0].value
+    assert "150 % is outside 0-100 %" in msg and "[0, 1]" not in msg
+    assert at.sidebar.radio(key="source_kind").value == "Default"    # the sidebar stays after the error
+
+
+def test_learn_widgets_keep_state_and_lesson_follows_numbers(store_env):
+    """H18: the toy's widgets keep their values across pages; the lesson never claims an outlier the numbers
+    do not show."""
+    import re
+    at = page(app(), "learn")
+    at.slider(key="toy_c").set_value(2.5).run()
+    at.selectbox(key="toy_layer").set_value(1).run()
+    page(at, "model")
+    page(at, "learn")
+    assert at.slider(key="toy_c").value == 2.5 and at.selectbox(key="toy_layer").value == 1
+    for layer in range(len(_anatomy().moe_layers)):
+        at.selectbox(key="toy_layer").set_value(layer).run()
+        text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
+        ratio = float(re.search(r"([0-9.]+)× the layer's median", text).group(1))
+        rank = int(re.search(r"rank (\d+) of", text).group(1))
+        if "removes the largest errors" in text:
+            assert rank == 1 and ratio >= 1.5, text

@@ -3,7 +3,9 @@
 Opens every page, drags the digital budget, runs a small evaluation, downloads a snapshot and the HTML report.
 Screenshots go to test-artifacts/ (git-ignored). The store is a tmp DuckDB file (HETMOE_STORE).
 """
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,26 +32,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def _serve(store: Path, name: str, **env_extra):
+    """`streamlit run app.py` on a free port with ``store`` as HETMOE_STORE; yields the base URL."""
     port = _free_port()
-    store = tmp_path_factory.mktemp("store") / "results.duckdb"
     env = dict(os.environ, HETMOE_STORE=str(store), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+               TRANSFORMERS_OFFLINE="1", **env_extra)
     ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / "server.log", "w")
+    log = open(ARTIFACTS / f"{name}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                              "--server.address", "127.0.0.1", "--server.headless", "true"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
                 break
             except OSError:
-                assert proc.poll() is None, (ARTIFACTS / "server.log").read_text()
+                assert proc.poll() is None, (ARTIFACTS / f"{name}.log").read_text()
                 time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}", store
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(15)
@@ -57,13 +59,36 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store") / "results.duckdb"
+    with _serve(store, "server") as base:
+        yield base, store
+
+
+@pytest.fixture(scope="module")
+def browser():
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        ctx = browser.new_context(viewport={"width": 1400, "height": 2000}, accept_downloads=True)
-        yield ctx.new_page()
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+OUTSIDE = []
+"""Every request the browser sent to another host than the app's (nothing may leave the machine)."""
+
+
+def _new_page(browser):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 2000}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.on("request", lambda r: OUTSIDE.append(r.url)
+          if not r.url.startswith(("http://127.0.0.1", "data:", "blob:", "file:")) else None)
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    return _new_page(browser)
 
 
 def idle(pg, quiet_ms=800, timeout=90):
@@ -110,11 +135,15 @@ def test_dashboard_in_chromium(server, page):
     idle(pg)
     share = pg.locator("[data-testid='stMetric']").filter(has_text="Digital parameter share")
     before = share.locator("[data-testid='stMetricValue']").inner_text()
+    joules = pg.locator("[data-testid='stMetric']").filter(has_text="Energy per token")   # the energy block
+    e_before = joules.locator("[data-testid='stMetricValue']").inner_text()
     pg.locator("[data-testid='stSlider'] input[type='range']").first.focus()
     pg.keyboard.press("End")
     idle(pg)
     after = share.locator("[data-testid='stMetricValue']").inner_text()
     assert float(after.rstrip("%")) > float(before.rstrip("%")), (before, after)
+    e_after = joules.locator("[data-testid='stMetricValue']").inner_text()
+    assert float(e_after.split()[0]) > float(e_before.split()[0]), (e_before, e_after)   # µJ: digital costs more
     assert "budget=1" in pg.url
     no_errors(pg, "placement after slider")
     shot(pg, "placement_100")
@@ -136,7 +165,8 @@ def test_dashboard_in_chromium(server, page):
     shot(pg, "evaluate_done")
     pg.goto(f"{base}/results?model=default")
     idle(pg)
-    assert pg.locator(".js-plotly-plot").count() == 1
+    assert pg.locator(".js-plotly-plot").count() == 2          # score vs budget, score vs energy per token
+    assert pg.get_by_text("Pareto front").count() >= 1
     no_errors(pg, "results")
     shot(pg, "results_after_run")
 
@@ -159,3 +189,210 @@ def test_dashboard_in_chromium(server, page):
     shot(pg, "report")
     times.append(f"end: {time.time() - t0:.1f} s")
     (ARTIFACTS / "timings.txt").write_text("\n".join(times) + "\n")
+
+
+def nav(pg, name):
+    """Click the sidebar navigation link ``name``."""
+    pg.get_by_test_id("stSidebarNavItems").get_by_role("link", name=name, exact=True).click()
+
+
+def sidebar_intact(pg, name):
+    """The sidebar still holds the model source, device and dtype widgets (the white-screen bug wiped them)."""
+    sb = pg.locator("[data-testid='stSidebarUserContent']")
+    for label in ("Source", "Device", "dtype"):
+        assert sb.get_by_text(label, exact=True).count() >= 1, f"sidebar lost {label!r} after {name}"
+
+
+def test_errors_never_white_screen_and_enter_loads(server, browser, tmp_path):
+    """H12: after an offline hub id, a bad budget, an invalid zip after a valid one, the sidebar stays and every
+    page still draws; a hub id or a local folder + Enter loads the model or says clearly why not."""
+    base, _ = server
+    pg = _new_page(browser)
+    pg.goto(f"{base}/placement?model=default")
+    idle(pg)
+    pg.get_by_text("Hub id", exact=True).click()
+    idle(pg)
+    box = pg.locator("input[aria-label='Hub id']")
+    box.fill("someorg/not-a-model")
+    box.press("Enter")
+    idle(pg)
+    err = pg.locator("[data-testid='stAlertContentError']")
+    assert err.count() == 1 and "someorg/not-a-model" in err.inner_text() and "Default" in err.inner_text()
+    sidebar_intact(pg, "an offline hub id")
+    for name, title in (("sensitivity", "Expert sensitivity"), ("evaluate", "Noisy evaluation")):
+        pg.get_by_role("link", name=name.capitalize()).click()
+        pg.get_by_role("heading", level=1).filter(has_text=title).wait_for(timeout=60000)
+        idle(pg)
+        sidebar_intact(pg, f"navigating to {name} after the error")
+    # a local folder (the shipped default's) + Enter loads it
+    from hetmoe_core.models import DEFAULT_DIR
+    pg.get_by_text("Local folder", exact=True).click()
+    idle(pg)
+    folder = pg.locator("input[aria-label='Folder']")
+    folder.fill(str(DEFAULT_DIR))
+    folder.press("Enter")
+    idle(pg)
+    assert "OlmoeForCausalLM" in pg.locator("[data-testid='stSidebarUserContent']").inner_text()
+    no_errors(pg, "evaluate with a local folder")
+    # a bad budget on Evaluate: a clear error in percent, then a good one: the page comes back whole
+    budgets = pg.locator("input[aria-label='Digital budgets (%)']")
+    budgets.fill("150")
+    budgets.press("Enter")
+    idle(pg)
+    text = pg.locator("[data-testid='stAlertContentError']").inner_text()
+    assert "150 %" in text and "0-100 %" in text and "[0, 1]" not in text
+    sidebar_intact(pg, "a bad budget")
+    budgets.fill("12.5")
+    budgets.press("Enter")
+    idle(pg)
+    no_errors(pg, "evaluate after fixing the budget")
+    nav(pg, "Share")
+    pg.get_by_role("heading", level=1).filter(has_text="Share").wait_for(timeout=60000)
+    idle(pg)
+    sidebar_intact(pg, "share")
+    nav(pg, "Placement")
+    pg.get_by_role("heading", level=1).filter(has_text="Digital placement").wait_for(timeout=60000)
+    idle(pg)
+    no_errors(pg, "placement at the end")
+    sidebar_intact(pg, "the whole walk")
+    shot(pg, "no_white_screen")
+    pg.context.close()
+
+
+def test_no_request_leaves_the_machine_and_no_deploy_button(server, browser):
+    """H19 / M4: every page of the app, and not one request to another host (the page icon used to fetch a
+    Material Symbols SVG from fonts.gstatic.com); no Deploy button."""
+    base, _ = server
+    OUTSIDE.clear()
+    pg = _new_page(browser)
+    for name, title in PAGES.items():
+        pg.goto(f"{base}/{name}?model=default")
+        pg.get_by_role("heading", level=1).filter(has_text=title).wait_for(timeout=90000)
+        idle(pg)
+    assert OUTSIDE == [], sorted(set(OUTSIDE))
+    assert pg.get_by_role("button", name="Deploy").count() == 0
+    assert pg.locator("[data-testid='stAppDeployButton']").count() == 0
+    pg.context.close()
+
+
+def _tick_values(pg, chart, axis="xtick"):
+    """Numbers of a Plotly chart's axis tick labels, as drawn (Unicode minus and thin spaces normalised)."""
+    texts = chart.locator(f"g.{axis} text").all_text_contents()
+    return [float(t.replace("\u2212", "-").replace("\u2009", "").replace(",", "")) for t in texts if t and t.strip()]
+
+
+def test_sensitivity_click_picks_the_expert_and_log_ticks_read(server, browser):
+    """H13: clicking a point of the MaxNNScore vs frequency scatter picks that expert (before: KeyError: 0 from
+    Plotly's typed-array customdata); H18: log tick labels are full, increasing numbers ("0.4 0.5 … 1 2")."""
+    base, _ = server
+    pg = _new_page(browser)
+    pg.goto(f"{base}/sensitivity?model=default")
+    scatter = pg.locator("[data-testid='stPlotlyChart']").filter(has_text="activation frequency vs MaxNNScore")
+    scatter.wait_for(timeout=90000)
+    idle(pg)
+    ticks = _tick_values(pg, scatter)
+    assert len(ticks) >= 2 and ticks == sorted(ticks) and len(set(ticks)) == len(ticks), ticks
+    points = scatter.locator("g.trace.scatter path.point")
+    target = points.nth(points.count() - 1)      # the last trace's last expert
+    target.scroll_into_view_if_needed()
+    box = target.bounding_box()
+    pg.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    idle(pg)
+    no_errors(pg, "sensitivity after a click")
+    layer = pg.locator("[data-testid='stSelectbox']").filter(has_text="MoE layer (decoder index)")
+    expert = pg.locator("[data-testid='stSelectbox']").filter(has_text="Expert")
+    from hetmoe_core.models import load_model
+    a = load_model("default").anatomy
+    assert layer.locator("input").input_value() == str(a.moe_layers[-1].layer)
+    assert expert.locator("input").input_value().startswith(f"{a.moe_layers[-1].num_experts - 1} ")
+    pg.context.close()
+
+
+def test_learn_toy_keeps_state_and_reads_well(server, browser):
+    """H18 in the browser: the toy's slider keeps its value after another page; its log axes read as increasing
+    numbers; at c = 0 the chart still shows every expert (at 0)."""
+    base, _ = server
+    pg = _new_page(browser)
+    pg.goto(f"{base}/learn?model=default")
+    pg.locator("[data-testid='stPlotlyChart']").first.wait_for(timeout=90000)
+    idle(pg)
+    toy = pg.locator("[data-testid='stPlotlyChart']").filter(has_text="output error under").first
+    for axis in ("xtick", "ytick"):
+        ticks = _tick_values(pg, toy, axis)
+        assert len(ticks) >= 2 and ticks == sorted(ticks), (axis, ticks)
+    slider = pg.locator("[data-testid='stSlider']").filter(has_text="Programming noise scale c")
+    slider.locator("input[type='range']").focus()
+    pg.keyboard.press("Home")                     # c = 0
+    idle(pg)
+    zero = pg.locator("[data-testid='stPlotlyChart']").filter(has_text="c = 0").first
+    zero.wait_for(timeout=60000)
+    assert zero.locator("path.point").count() >= 16, "the c = 0 chart must still show the experts"
+    assert "every expert's output error is 0" in zero.text_content()
+    nav(pg, "Model")
+    pg.get_by_role("heading", level=1).filter(has_text="Model anatomy").wait_for(timeout=60000)
+    idle(pg)
+    nav(pg, "Learn")
+    pg.get_by_role("heading", level=1).filter(has_text="Learn").wait_for(timeout=60000)
+    idle(pg)
+    assert float(slider.locator("input[type='range']").input_value()) == 0.0
+    pg.context.close()
+
+
+def test_evaluate_run_disabled_and_cancel_answers(server, browser):
+    """H17: while a sweep runs, Run is disabled; Cancel answers at once with a toast, and the sweep stops with
+    what finished stored. The answer time goes to test-artifacts/timings_cancel.txt (speed lives in bench/)."""
+    base, _ = server
+    pg = _new_page(browser)
+    pg.goto(f"{base}/evaluate?model=default")
+    pg.get_by_role("heading", level=1).filter(has_text="Noisy evaluation").wait_for(timeout=60000)
+    idle(pg)
+    for label, value in (("Limit (documents per task, 0 = all)", "4"), ("Seeds", "3"),
+                         ("Digital budgets (%)", "0, 25, 50, 75")):
+        box = pg.locator(f"input[aria-label='{label}']")
+        box.fill(value)
+        box.press("Enter")
+        idle(pg)
+    pg.get_by_role("button", name="Run").click()
+    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)
+    run = pg.get_by_role("button", name="Run")
+    run.wait_for()
+    assert run.is_disabled(), "Run must be disabled while the evaluation runs"
+    cancel = pg.get_by_role("button", name="Cancel")
+    cancel.wait_for(timeout=60000)
+    t0 = time.time()
+    cancel.click()
+    pg.locator("[data-testid='stToast']").filter(has_text="Cancelling").wait_for(timeout=30000)
+    answer = time.time() - t0
+    pg.get_by_text("Cancelled after").wait_for(timeout=120000)
+    stopped = time.time() - t0
+    idle(pg)
+    assert pg.get_by_role("button", name="Run").is_enabled()
+    (ARTIFACTS / "timings_cancel.txt").write_text(f"toast after {answer:.2f} s, stopped after {stopped:.2f} s\n")
+    pg.context.close()
+
+
+def test_classroom_three_sessions_three_models(tmp_path, browser):
+    """M1: three tabs on three models move their budget sliders at once against a server whose model cache has
+    room for none: a model in use by one session's run is never released under it (before: 'NoneType' object
+    has no attribute 'fingerprint')."""
+    with _serve(tmp_path / "results.duckdb", "classroom", HETMOE_MODEL_CACHE_SHARE="1e-12") as base:
+        pages = []
+        for model in ("default", "tiny:olmoe", "tiny:mixtral"):
+            pg = _new_page(browser)
+            pg.goto(f"{base}/placement?model={model}")
+            pg.locator("[data-testid='stMetric']").filter(has_text="Digital parameter share").wait_for(timeout=90000)
+            pages.append(pg)
+        for pg in pages:
+            idle(pg)
+        for _ in range(3):
+            for key in ("End", "Home"):
+                for pg in pages:              # all three before waiting: the runs overlap on the server
+                    pg.locator("[data-testid='stSlider'] input[type='range']").first.focus()
+                    pg.keyboard.press(key)
+                for pg in pages:
+                    idle(pg, quiet_ms=300)
+                    assert pg.locator("[data-testid='stException']").count() == 0, \
+                        pg.locator("[data-testid='stException']").first.inner_text()
+                    no_errors(pg, "placement during the classroom run")
+        for pg in pages:
+            pg.context.close()

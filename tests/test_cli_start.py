@@ -37,7 +37,8 @@ def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "r.duckdb"
     st = Store(path)
     for i, spec in enumerate(plan("default", tasks="hetmoe_cloze", limit=2, seeds=2)):
-        metrics = [{"task": "hetmoe_cloze", "metric": "acc", "value": 0.5 + i / 8, "stderr": 0.25, "seed": spec.seed}]
+        metrics = [{"task": "hetmoe_cloze", "metric": "acc", "value": 0.5 + i / 8, "stderr": 0.25, "seed": spec.seed,
+                    "higher_is_better": True}]
         st.put_result(spec.key, {**spec.row(), "duration_s": 1.0, "digital_share": 0.4}, metrics)
     return path
 

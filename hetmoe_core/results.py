@@ -1,0 +1,119 @@
+"""Results as the dashboard shows them: rows of an evaluation in progress, a stored result in the same shape, the
+Results page's filters (limit, kept selections) and its reference values.
+
+Pure functions over evaluate_many's result dicts and store.Store frames; no Streamlit here.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+ALL = "all"
+"""The Limit filter's value for results computed on every document of a task (stored limit NULL)."""
+
+
+def result_rows(results: list[dict]) -> pd.DataFrame:
+    """One row per result of ``evaluate.evaluate_many`` (or ``stored_result``): task, strategy, budget % (percent of
+    routed experts digital), preset, seed, one column per metric, and whether the store answered it."""
+    rows = [{"task": r["task"], "strategy": r["strategy"], "budget %": r["budget"] * 100, "preset": r["preset"],
+             "seed": r["seed"], **r["metrics"], "cached": "✓ cached" if r["cached"] else "computed"}
+            for r in results]
+    return pd.DataFrame(rows)
+
+
+def stored_result(store, key: str) -> dict:
+    """The stored result ``key`` in evaluate_many's result shape ({"task", "strategy", "budget", "preset", "seed",
+    "metrics": {name: value}, "cached": True}). Raises KeyError when the store has no such result."""
+    got = store.get_result(key)
+    if got is None:
+        raise KeyError(key)
+    run = got["run"]
+    return {"task": run["task"], "strategy": run["strategy"], "budget": run["budget"], "preset": run["preset"],
+            "seed": run["seed"], "metrics": {m["metric"]: m["value"] for m in got["metrics"]}, "cached": True}
+
+
+def limit_choices(summary: pd.DataFrame) -> list:
+    """Limits (documents per task) present in a summary frame, ascending, then ``ALL`` if some results used every
+    document. Results with different limits are not comparable, so the page shows one limit at a time."""
+    lims = summary["limit"]
+    vals = sorted({int(v) for v in lims.dropna().tolist()})
+    return vals + ([ALL] if lims.isna().any() else [])
+
+
+def at_limit(summary: pd.DataFrame, limit) -> pd.DataFrame:
+    """Rows of ``summary`` computed with ``limit`` documents per task (``ALL``: every document)."""
+    if limit == ALL:
+        return summary[summary["limit"].isna()]
+    return summary[summary["limit"] == limit]
+
+
+def keep_selection(chosen, options: list) -> tuple[list, list]:
+    """A filter's selection after its options changed (e.g. another limit): (kept, dropped).
+
+    kept: the chosen values still among ``options``, in option order — or every option when ``chosen`` is None (a
+    filter never set) or when none of the chosen values exists any more (the view would be empty for a reason the
+    user did not pick); dropped: chosen values that are not options now (the page names them)."""
+    if chosen is None:
+        return list(options), []
+    chosen = list(chosen)
+    kept = [o for o in options if o in chosen]
+    dropped = [c for c in chosen if c not in options]
+    if not kept and dropped:
+        return list(options), dropped
+    return kept, dropped
+
+
+def references(rows: pd.DataFrame, shown: pd.DataFrame) -> tuple[float | None, dict]:
+    """(ideal, all_analog) of one task, metric and limit: the all-digital noise-free result (None if not run) and
+    {preset: mean over the shown strategies at budget 0} (every routed expert analog)."""
+    ideal = rows[rows.strategy == "ideal"]["mean"]
+    value = float(ideal.iloc[0]) if len(ideal) else None
+    analog = {p: float(g["mean"].mean()) for p, g in shown[shown.budget == 0].groupby("preset")}
+    return (value if value is None or math.isfinite(value) else None), analog
+
+
+TABLE_COLUMNS = ["strategy", "budget %", "preset", "backend", "scope", "mean", "std", "n_seeds", "digital_share",
+                 "seeds", "limit", "model_source"]
+
+
+def summary_table(rows: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
+    """The Results table: the ideal result (budget 100 %) then the shown noisy rows, budget in percent."""
+    table = shown.assign(**{"budget %": shown.budget * 100}).drop(columns=["budget"])
+    ideal = rows[rows.strategy == "ideal"].assign(**{"budget %": 100.0}).drop(columns=["budget"])
+    table = pd.concat([ideal, table], ignore_index=True)
+    return table[[c for c in TABLE_COLUMNS if c in table]]
+
+
+_TABLE_WORDS = {"runs": ("result", "results"), "metrics": ("metric value", "metric values"),
+                "placements": ("placement", "placements"), "expert_stats": ("expert statistics table",
+                                                                        "expert statistics tables")}
+
+
+def _count(n: int, table: str) -> str:
+    one, many = _TABLE_WORDS.get(table, (table, table))
+    return f"{n} {one if n == 1 else many}"
+
+
+def import_message(outcome: dict) -> str:
+    """snapshot.import_snapshot's outcome ({"added": {table: n}, "snapshot_rows": {table: n}}) in words, e.g.
+    "Imported 2 results, 4 metric values and 2 placements; 1 result was already in the store."."""
+    added, rows = outcome.get("added", {}), outcome.get("snapshot_rows", {})
+    new = [_count(n, t) for t, n in added.items() if n]
+    have = [_count(rows.get(t, 0) - n, t) for t, n in added.items() if rows.get(t, 0) - n > 0]
+    if not new:
+        return "Nothing new: everything in this snapshot was already in the store."
+    text = "Imported " + _join(new)
+    if have:
+        text += f"; {_join(have)} {'was' if len(have) == 1 and have[0].startswith('1 ') else 'were'} already in " \
+                "the store"
+    return text + "."
+
+
+def snapshot_contents(tables: dict) -> str:
+    """A snapshot's tables ({table: pyarrow.Table}) as words: "3 results, 6 metric values, 3 placements"."""
+    return _join([_count(t.num_rows, name) for name, t in tables.items()])
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

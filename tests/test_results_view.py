@@ -1,0 +1,114 @@
+"""What the dashboard pages show, computed in the core: filters that keep their choice, budgets in percent, one
+digital-share definition, the one rounding rule, readable figures, import messages in words."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from hetmoe_core import figures, results
+from hetmoe_core.placement import (SHARE_HELP, Placement, budgets_from_percent, digital_count, digital_share,
+                                   overlap, place)
+
+
+def test_budget_rounding_is_round_half_up_everywhere():
+    # 12.5 % of 4 experts is 0.5 and of 20 experts 2.5: half up gives 1 and 3 (Python's round gives 0 and 2)
+    assert digital_count(0.125, 4) == 1 and round(0.125 * 4) == 0
+    assert digital_count(0.125, 20) == 3 and round(0.125 * 20) == 2
+    from hetmoe_core.models import load_model
+    a = load_model("tiny:olmoe").anatomy
+    p = place(a, "maxnn", 0.125)
+    assert list(p.per_layer_digital) == [digital_count(0.125, m.num_experts) for m in a.moe_layers]
+
+
+def test_learn_page_uses_placement_rounding():
+    from pathlib import Path
+    src = (Path(__file__).resolve().parent.parent / "pages" / "learn.py").read_text()
+    assert "digital_count(0.125, m.num_experts)" in src and "round(0.125" not in src
+
+
+def test_budgets_in_percent_with_errors_in_percent():
+    assert budgets_from_percent("0, 12.5; 25 %") == [0.0, 0.125, 0.25]
+    with pytest.raises(ValueError, match=r"150 % is outside 0-100 %"):
+        budgets_from_percent("12.5, 150")
+    with pytest.raises(ValueError, match="'abc' is not a number"):
+        budgets_from_percent("abc")
+
+
+def test_overlap_is_jaccard_of_digital_sets():
+    p = Placement("maxnn", 0.5, "layer", 0, (4, 4), ((0, 1), (2, 3)))
+    q = Placement("random", 0.5, "layer", 0, (4, 4), ((1, 2), (2, 3)))
+    o = overlap(p, q)
+    assert o == {"shared": 3, "union": 5, "n_p": 4, "jaccard": 3 / 5}
+    none = Placement("maxnn", 0.0, "layer", 0, (4, 4), ((), ()))
+    assert overlap(none, none)["jaccard"] is None
+
+
+def test_digital_share_one_definition_with_tied_head():
+    """The tied LM head's table is digital at budget 0 (the Model page quotes the same number) and the result
+    explains both shares."""
+    from hetmoe_core.models import load_model
+    a = load_model("default").anatomy
+    assert a.tied_lm_head
+    d = digital_share(Placement.all_analog(a), a)
+    pc = a.param_counts
+    assert d["digital_share"] == pytest.approx((pc["attention"] + pc["router"] + pc["embeddings"]) / a.total_params)
+    assert d["routed_digital_share"] == 0.0
+    assert d["help"] == SHARE_HELP and "tied LM head" in d["help"]["digital_share"]
+    assert "experts" in d["help"]["routed_digital_share"]
+    assert figures.kind_label("embeddings", True) == "embeddings = tied LM head"
+
+
+def test_keep_selection_survives_option_changes():
+    assert results.keep_selection(None, ["a", "b"]) == (["a", "b"], [])
+    assert results.keep_selection(["b"], ["a", "b", "c"]) == (["b"], [])
+    assert results.keep_selection(["b", "x"], ["a", "b"]) == (["b"], ["x"])
+    assert results.keep_selection(["x"], ["a", "b"]) == (["a", "b"], ["x"])       # nothing left: show all, say so
+    assert results.keep_selection([], ["a", "b"]) == ([], [])                     # the user's own empty choice
+
+
+def test_limit_choices_and_rows():
+    s = pd.DataFrame({"limit": [20.0, 1.0, np.nan, 1.0], "strategy": ["maxnn"] * 4})
+    assert results.limit_choices(s) == [1, 20, results.ALL]
+    assert len(results.at_limit(s, 1)) == 2 and len(results.at_limit(s, results.ALL)) == 1
+
+
+def test_import_message_in_words():
+    msg = results.import_message({"added": {"runs": 2, "metrics": 4, "placements": 0, "expert_stats": 0},
+                                  "snapshot_rows": {"runs": 3, "metrics": 6, "placements": 0, "expert_stats": 0}})
+    assert msg == ("Imported 2 results and 4 metric values; 1 result and 2 metric values were already in the "
+                   "store.")
+    assert "{" not in msg
+    assert results.import_message({"added": {"runs": 0}, "snapshot_rows": {"runs": 1}}).startswith("Nothing new")
+
+
+def test_scatter_pick_reads_trace_and_point_not_customdata():
+    # what the browser sends for a numpy customdata: a typed-array object, not a list (KeyError: 0 before)
+    event = {"selection": {"points": [{"curve_number": 2, "point_index": 5, "point_number": 5,
+                                       "customdata": {"dtype": "f8", "bdata": "AAAAAAAAAEA="}}]}}
+    assert figures.scatter_pick(event) == (2, 5)
+    assert figures.scatter_pick({"selection": {"points": []}}) is None and figures.scatter_pick(None) is None
+
+
+def test_layer_colours_distinct_and_log_ticks_full_numbers():
+    for n in (4, 16, 24, 40):
+        assert len(set(figures.layer_colors(n))) == n
+    fig = figures.score_scatter([np.ones(3)] * 12, [np.ones(3)] * 12, list(range(12)), "a", "b")
+    assert len({t.marker.color for t in fig.data}) == 12
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.tickformat == "~g"
+
+
+def test_toy_at_zero_noise_draws_points_and_lesson_follows_numbers():
+    fig = figures.toy_figure([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], 0, "c = 0")
+    assert fig.layout.yaxis.type != "log" and list(fig.data[0].y) == [0.0, 0.0, 0.0]
+    flat = figures.toy_lesson([1.0, 2.0, 3.0], [1.0, 1.1, 1.0])
+    assert flat["top"] == 2 and flat["rank"] == 2 and flat["ratio"] == pytest.approx(1.0)
+    outlier = figures.toy_lesson([1.0, 2.0, 9.0], [1.0, 1.2, 5.0])
+    assert outlier["rank"] == 1 and outlier["ratio"] == pytest.approx(5.0 / 1.2) and outlier["r"] > 0.9
+
+
+def test_reference_lines_in_the_legend_not_overlapping_labels():
+    frame = pd.DataFrame({"strategy": ["maxnn", "maxnn"], "preset": ["p", "p"], "budget": [0.0, 0.25],
+                          "mean": [0.5, 0.6], "std": [np.nan, np.nan], "n_seeds": [1, 1]})
+    fig = figures.metric_vs_budget(frame, "acc", 0.61, {"p": 0.6})
+    assert not fig.layout.annotations
+    names = [t.name for t in fig.data]
+    assert "ideal (all digital, no noise): 0.61" in names and "all routed experts analog · p: 0.6" in names
