@@ -67,6 +67,15 @@ def start_server(extra_args, env_extra=None):
             time.sleep(0.1)
 
 
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:      # a loaded machine: do not leave the server behind
+        proc.kill()
+        proc.wait(15)
+
+
 def rss_mib(proc) -> float:
     return psutil.Process(proc.pid).memory_info().rss / 2**20
 
@@ -152,8 +161,7 @@ def main():
             time.sleep(wait)
             print(f"sessions closed, idle {time.time() - t_close:3.0f} s: RSS {rss_mib(proc):.0f} MiB")
     finally:
-        proc.terminate()
-        proc.wait(15)
+        stop_server(proc)
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

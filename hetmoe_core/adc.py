@@ -15,7 +15,7 @@ from .noise import NoiseConfig
 
 
 @dataclass
-class Calibration:
+class AdcBounds:
     """ADC bounds of the routed experts' tiles, per MoE layer and projection, from data.
 
     ``bounds[(moe_index, "in" | "down")]``: the ``quantile`` of |normalised tile output| (per
@@ -38,15 +38,15 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, anatomy, input_ids: torch.Tensor, noise: NoiseConfig, quantile: float = 0.999,
-              batch_size: int = 8) -> Calibration:
+def calibrate_adc(model: nn.Module, anatomy, input_ids: torch.Tensor, noise: NoiseConfig, quantile: float = 0.999,
+                  batch_size: int = 8) -> AdcBounds:
     """Tune the experts' ADC bounds on calibration tokens (the paper tunes the ADC bound).
 
     Args:
         input_ids: ``[B, T]`` token ids (a few thousand tokens suffice).
         noise: its DAC setting is used (the ADC sees DAC-quantized inputs); weights are clean.
         quantile: share of normalised outputs the ADC range covers (largest batch value kept).
-    Returns: ``Calibration`` with one bound per (MoE layer, projection).
+    Returns: ``AdcBounds`` with one bound per (MoE layer, projection).
     Raises: ValueError for a quantile outside (0, 1] or empty input.
     """
     if not 0 < quantile <= 1:
@@ -55,10 +55,10 @@ def calibrate(model: nn.Module, anatomy, input_ids: torch.Tensor, noise: NoiseCo
         raise ValueError("calibration needs at least one token")
     from .analog import analog
     from .placement import Placement
-    cal = Calibration(quantile=quantile, recording=True)
+    bounds = AdcBounds(quantile=quantile, recording=True)
     rec_noise = noise.replace(name="calibration", noise_model="none", adc_bits=None, out_noise=0.0)
-    with analog(model, anatomy, Placement.all_analog(anatomy), rec_noise, seed=0, calibration=cal):
+    with analog(model, anatomy, Placement.all_analog(anatomy), rec_noise, seed=0, calibration=bounds):
         for b in range(0, input_ids.shape[0], batch_size):
             model(input_ids[b:b + batch_size])
-    cal.recording = False
-    return cal
+    bounds.recording = False
+    return bounds

@@ -79,8 +79,8 @@ class AihwkitBackend(AnalogBackend):
     """Converts analog experts / dense Linears with aihwkit, then programs and drifts them."""
     name = "aihwkit"
 
-    def __init__(self, model, anatomy, noise, seed, device, calibration=None):
-        super().__init__(model, anatomy, noise, seed, device, calibration)
+    def __init__(self, model, anatomy, noise, seed, device, adc_bounds=None):
+        super().__init__(model, anatomy, noise, seed, device, adc_bounds)
         self.analog_lins: list[tuple[str, nn.Module]] = []
 
     def program(self, stack, placement, dense_units) -> int:
@@ -90,7 +90,7 @@ class AihwkitBackend(AnalogBackend):
         return clean
 
     def experts(self, stack, m, ids) -> int:
-        noise, calibration = self.noise, self.calibration
+        noise, adc_bounds = self.noise, self.adc_bounds
         ex = m.experts
         lins = {}
         for e in ids:
@@ -101,9 +101,9 @@ class AihwkitBackend(AnalogBackend):
             b_in = (ex.gate_up_proj_bias if m.gated else ex.up_proj_bias)[e] if m.has_bias else None
             b_dn = ex.down_proj_bias[e] if m.has_bias else None
             nz_in, nz_dn = noise, noise
-            if calibration is not None and noise.adc_bits:
-                nz_in = noise.replace(out_bound=calibration.bounds[(m.index, "in")])
-                nz_dn = noise.replace(out_bound=calibration.bounds[(m.index, "down")])
+            if adc_bounds is not None and noise.adc_bits:
+                nz_in = noise.replace(out_bound=adc_bounds.bounds[(m.index, "in")])
+                nz_dn = noise.replace(out_bound=adc_bounds.bounds[(m.index, "down")])
             lins[e] = (_to_analog_linear(w_in.detach(), b_in.detach() if b_in is not None else None, nz_in),
                        _to_analog_linear(w_dn.detach(), b_dn.detach() if b_dn is not None else None, nz_dn))
             self.analog_lins += [(f"{m.experts_name}[{e}].in", lins[e][0]), (f"{m.experts_name}[{e}].down", lins[e][1])]

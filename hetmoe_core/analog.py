@@ -26,7 +26,7 @@ Converters, calibrated as a chip would be (arXiv 2603.02633 tunes the DAC range 
 the DAC input range is each token's absolute maximum per tile (aihwkit
 ``NoiseManagementType.ABS_MAX``); the ADC bound is in units of each output channel's weight
 abs-max × input range (aihwkit's ``weight_scaling_omega=1``, columnwise convention): either
-``noise.out_bound`` or, with ``calibration=calibrate(model, anatomy, ids, noise)``, a bound per
+``noise.out_bound`` or, with ``calibration=adc.calibrate_adc(model, anatomy, ids, noise)``, a bound per
 MoE layer and projection at a quantile of the normalised tile outputs on calibration tokens.
 
 Randomness: every programming draw runs under ``torch.random.fork_rng`` seeded per
@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from . import moe_dispatch
-from .adc import Calibration, calibrate  # re-export
+from .adc import AdcBounds, calibrate_adc
+from .adc import AdcBounds as Calibration, calibrate_adc as calibrate  # the names callers used before adc.py
 from .backend import BACKENDS, backend_class  # re-export
 from .coverage import CoverageReport, ModuleCoverage, _coverage, _dense_analog_units  # re-export
 from .moe_dispatch import IMPL_NAME  # re-export
@@ -113,8 +114,9 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
         noise: ``NoiseConfig`` (``get_preset(name)``).
         seed: noise seed (>= 0); same seed -> identical outputs.
         backend: "fast" (default) or "aihwkit" (reference, slow).
-        calibration: a ``Calibration`` (``calibrate(...)``): per-layer ADC bounds of the routed
-            experts instead of ``noise.out_bound``; None: ``noise.out_bound`` everywhere.
+        calibration: ADC bounds, an ``adc.AdcBounds`` (``adc.calibrate_adc(...)``): per-layer ADC bounds of
+            the routed experts instead of ``noise.out_bound``; None: ``noise.out_bound`` everywhere. (Not the
+            calibration *text* of the routing statistics.)
         memory_limit: bytes the simulation may add (default: 90% of the available memory,
             psutil on CPU, ``torch.cuda.mem_get_info`` on GPU).
     Yields:
@@ -126,8 +128,8 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
     After the with-block every parameter is bit-identical to before (also after an exception).
     """
     _check_inputs(model, anatomy, placement, noise, seed, backend)
-    if calibration is not None and not isinstance(calibration, Calibration):
-        raise ValueError("calibration must be a Calibration from hetmoe_core.analog.calibrate(...) or None")
+    if calibration is not None and not isinstance(calibration, AdcBounds):
+        raise ValueError("calibration must be ADC bounds from hetmoe_core.adc.calibrate_adc(...) or None")
     if calibration is not None and not calibration.recording:
         missing = [(m.index, k) for m in anatomy.moe_layers for k in ("in", "down")
                    if (m.index, k) not in calibration.bounds]

@@ -29,13 +29,13 @@ class AnalogBackend:
     Args:
         model / anatomy: the transformers MoE model and its ``models.Anatomy``.
         noise: ``NoiseConfig``; seed: noise seed (>= 0); device: the model's ``torch.device``.
-        calibration: ``adc.Calibration`` (ADC bounds per MoE layer and projection) or None.
+        adc_bounds: ``adc.AdcBounds`` (ADC bounds per MoE layer and projection) or None.
     """
     name = ""
 
-    def __init__(self, model, anatomy, noise, seed: int, device, calibration=None):
+    def __init__(self, model, anatomy, noise, seed: int, device, adc_bounds=None):
         self.model, self.anatomy, self.noise, self.seed = model, anatomy, noise, seed
-        self.device, self.calibration = device, calibration
+        self.device, self.adc_bounds = device, adc_bounds
 
     def program(self, stack, placement, dense_units) -> int:
         """Program every analog expert and dense unit; returns the bytes kept for exact restore."""

@@ -29,7 +29,7 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code, revision=args.revision)
 
 
-# ---- info (issue A)
+# ---- info
 def add_info(p):
     _source(p)
 
@@ -39,7 +39,7 @@ def cmd_info(args) -> dict:
     return {"source": args.source, "fingerprint": lm.fingerprint, **lm.anatomy.summary()}
 
 
-# ---- scores, place (issue B)
+# ---- scores, place
 def _calib_args(p):
     p.add_argument("--calib", default=None, help="calibration text (.txt one per line, .json, .jsonl with "
                    "text/domain); default: the default model's validation text")
@@ -190,7 +190,7 @@ def cmd_energy(args) -> dict:
     return None
 
 
-# ---- evaluate, sweep, runs, export, import, report (issue E)
+# ---- evaluate, sweep, runs, export, import, report
 def _store_arg(p):
     p.add_argument("--store", default=None, help="results store (DuckDB file; default cache/results.duckdb)")
 
@@ -230,16 +230,23 @@ def _run_eval(args, bar: bool) -> dict:
         if pbar is not None:
             pbar.total = total
             pbar.n = done
+            if r["cached"]:   # cache hits arrive at once: the ETA's rate counts computed results only
+                pbar.initial = done
             pbar.set_postfix_str(f"{r['task']} {r['strategy']} b={r['budget']} seed={r['seed']}"
                                  f"{' (cached)' if r['cached'] else ''}")
             pbar.refresh()
     try:
-        res = evaluate_many(args.source, store=args.store, strategies=args.strategies, budgets=args.budgets,
-                            presets=args.presets, seeds=args.seeds, tasks=args.tasks, limit=args.limit,
-                            backend=args.backend, scope=args.scope, batch_size=args.batch_size,
-                            num_fewshot=args.num_fewshot, include_ideal=not args.no_ideal, device=args.device,
-                            dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code,
-                            progress=progress)
+        run, extra = evaluate_many, {}
+        if getattr(args, "executor", "local") == "ray":
+            from .ray_executor import RayOptions, evaluate_many_ray
+            run, extra = evaluate_many_ray, {"options": RayOptions(address=args.address, workers=args.workers,
+                                                                   gpus_per_worker=args.gpus_per_worker)}
+        res = run(args.source, store=args.store, strategies=args.strategies, budgets=args.budgets,
+                  presets=args.presets, seeds=args.seeds, tasks=args.tasks, limit=args.limit,
+                  backend=args.backend, scope=args.scope, batch_size=args.batch_size,
+                  num_fewshot=args.num_fewshot, include_ideal=not args.no_ideal, device=args.device,
+                  dtype=args.dtype, revision=args.revision, trust_remote_code=args.trust_remote_code,
+                  progress=progress, **extra)
     finally:
         if pbar is not None:
             pbar.close()
@@ -265,6 +272,13 @@ def cmd_evaluate(args) -> dict:
 
 def add_sweep(p):
     _eval_args(p, sweep=True)
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: this process (default); ray: one Ray actor per worker, results stored here")
+    p.add_argument("--address", default=None, help="Ray cluster to join ('auto' = the one `ray start` made here, "
+                   "or host:6379); default: a private local Ray for this sweep")
+    p.add_argument("--workers", type=int, default=None, help="Ray actors, each loads the model once "
+                   "(default: one per GPU, or one per driver-thread-count CPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (with --device cuda)")
 
 
 def cmd_sweep(args) -> dict:
@@ -297,12 +311,12 @@ def _filters(where: list[str]) -> dict:
 
 def cmd_runs(args) -> dict:
     from .store import Store
-    st = Store(args.store, create=False)
+    store = Store(args.store, create=False)
     if args.json:   # straight from DuckDB: no pandas import, the answer is ready in a fraction of the time
-        rows = st.summary_rows(_filters(args.where)) if args.summary else st.runs_rows(_filters(args.where))
+        rows = store.summary_rows(_filters(args.where)) if args.summary else store.runs_rows(_filters(args.where))
         rows = [{k: _json_value(v) for k, v in r.items() if k not in ("config", "versions", "error")} for r in rows]
-        return {"store": str(st.path), "count": len(rows), "rows": rows[:args.max_rows]}
-    df = st.summary_frame(_filters(args.where)) if args.summary else st.runs_frame(_filters(args.where)).drop(
+        return {"store": str(store.path), "count": len(rows), "rows": rows[:args.max_rows]}
+    df = store.summary_frame(_filters(args.where)) if args.summary else store.runs_frame(_filters(args.where)).drop(
         columns=["config", "versions", "error"])
     import pandas as pd
     cols = ["task", "metric", "strategy", "budget", "preset", "backend"] + (

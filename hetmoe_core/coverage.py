@@ -86,14 +86,30 @@ def _dense_analog_units(model, anatomy, placement):
                 out.append((uname, kind, unit))
     return out
 
+
 def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> CoverageReport:
     """Build the report and check it: analog params == the placement's analog share."""
     rep = CoverageReport(backend=backend, seed=seed, noise=noise.to_dict(),
                          placement_key=str(getattr(placement, "key", "")))
     owner = param_owner(model, anatomy.modules)
-    counted: set[int] = set()
-    ts = noise.tile_size
-    # routed experts: one row per expert
+    counted: set[int] = set()   # ids of parameters already listed: each is listed once
+    rep.modules += _expert_rows(anatomy, placement, noise.tile_size, counted)
+    rep.modules += _dense_rows(model, anatomy, placement, noise, dense_units, owner, counted)
+    rep.modules += _digital_rows(model, {id(u) for _, _, u in dense_units}, owner, counted)
+    rep.analog_params = sum(r.params for r in rep.modules if r.state == "analog")
+    rep.digital_params = sum(r.params for r in rep.modules if r.state == "digital")
+    rep.total_params = rep.analog_params + rep.digital_params
+    rep.tiles = sum(r.tiles for r in rep.modules)
+    # the placement's analog share (placement.digital_share: analog experts + analog dense kinds)
+    from .placement import digital_share
+    rep.expected_analog_params = digital_share(placement, anatomy)["analog_params"]
+    _check(rep, anatomy, placement, dense_units)
+    return rep
+
+
+def _expert_rows(anatomy, placement, ts: int, counted: set) -> list[ModuleCoverage]:
+    """Routed experts: one row per expert (its share of the layer's fused tensors)."""
+    rows = []
     for m in anatomy.moe_layers:
         an = set(placement.analog_experts(m.index))
         per = sum(p.numel() for p in m.experts.parameters()) // m.num_experts
@@ -101,11 +117,15 @@ def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> C
         tiles = _tiles(O_in, I_in, ts) + _tiles(m.hidden_size, m.intermediate_size, ts)
         for e in range(m.num_experts):
             a = e in an
-            rep.modules.append(ModuleCoverage(f"{m.experts_name}[{e}]", "routed_experts", "analog" if a else "digital",
-                                              per, tiles if a else 0))
+            rows.append(ModuleCoverage(f"{m.experts_name}[{e}]", "routed_experts", "analog" if a else "digital",
+                                       per, tiles if a else 0))
         counted |= {id(p) for p in m.experts.parameters()}
-    # dense MVM units placed analog
-    unit_ids = {id(u) for _, _, u in dense_units}
+    return rows
+
+
+def _dense_rows(model, anatomy, placement, noise, dense_units, owner: dict, counted: set) -> list[ModuleCoverage]:
+    """Dense MVM units placed analog, then the non-matrix parameters (periphery) of analog dense modules."""
+    rows, ts = [], noise.tile_size
     for uname, kind, unit in dense_units:
         own = [p for p in unit.parameters(recurse=False) if id(p) not in counted]
         note = ""
@@ -114,19 +134,28 @@ def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> C
         if kind == "router" and noise.io_active:
             note = "router: weight noise and DAC simulated; its output is consumed inside, no ADC"
         O, I = unit.weight.shape
-        rep.modules.append(ModuleCoverage(uname, kind, "analog", sum(p.numel() for p in own), _tiles(O, I, ts), note))
+        rows.append(ModuleCoverage(uname, kind, "analog", sum(p.numel() for p in own), _tiles(O, I, ts), note))
         counted |= {id(p) for p in own}
-    for kind in DENSE_KINDS:  # non-matrix parameters of analog modules
+    for kind in DENSE_KINDS:
         if placement.dense.is_digital(kind):
             continue
         for mname in anatomy.modules.get(kind, ()):
             rest = [p for p in model.get_submodule(mname).parameters()
                     if id(p) not in counted and owner.get(id(p)) == kind]
             if rest:
-                rep.modules.append(ModuleCoverage(mname, kind, "analog", sum(p.numel() for p in rest), 0,
-                                                  "periphery of an analog module (not a matrix): computed digitally"))
+                rows.append(ModuleCoverage(mname, kind, "analog", sum(p.numel() for p in rest), 0,
+                                           "periphery of an analog module (not a matrix): computed digitally"))
                 counted |= {id(p) for p in rest}
-    # everything else: digital (by placement, or not an MVM: embeddings, norms, ...)
+    return rows
+
+
+_DIGITAL_NOTES = {"embeddings": "table lookup: no matrix-vector product", "norms": "element-wise: no matrix-vector product",
+                  "other": "not mapped to tiles"}
+
+
+def _digital_rows(model, unit_ids: set, owner: dict, counted: set) -> list[ModuleCoverage]:
+    """Everything else: digital (by placement, or not an MVM: embeddings, norms, ...)."""
+    rows = []
     for name, mod in model.named_modules():
         if id(mod) in unit_ids:
             continue
@@ -135,26 +164,22 @@ def _coverage(model, anatomy, placement, noise, seed, backend, dense_units) -> C
             continue
         counted |= {id(p) for p in params}
         kinds = sorted({owner.get(id(p), "norms" if is_norm(mod) else "other") for p in params})
-        note = {"embeddings": "table lookup: no matrix-vector product", "norms": "element-wise: no matrix-vector product",
-                "other": "not mapped to tiles"}.get(kinds[0], "digital by placement") if len(kinds) == 1 else ""
-        rep.modules.append(ModuleCoverage(name, "/".join(kinds), "digital", sum(p.numel() for p in params), 0, note))
-    rep.analog_params = sum(r.params for r in rep.modules if r.state == "analog")
-    rep.digital_params = sum(r.params for r in rep.modules if r.state == "digital")
-    rep.total_params = rep.analog_params + rep.digital_params
-    rep.tiles = sum(r.tiles for r in rep.modules)
-    # the placement's analog share (placement.digital_share: analog experts + analog dense kinds)
-    from .placement import digital_share
-    exp = digital_share(placement, anatomy)["analog_params"]
-    rep.expected_analog_params = exp
+        note = _DIGITAL_NOTES.get(kinds[0], "digital by placement") if len(kinds) == 1 else ""
+        rows.append(ModuleCoverage(name, "/".join(kinds), "digital", sum(p.numel() for p in params), 0, note))
+    return rows
+
+
+def _check(rep: CoverageReport, anatomy, placement, dense_units) -> None:
+    """RuntimeError naming every mismatch between the listed modules, the anatomy and the placement."""
     problems = []
     if rep.total_params != anatomy.total_params:
         problems.append(f"{rep.total_params} parameters listed but the anatomy counts {anatomy.total_params}")
-    if rep.analog_params != exp:
-        problems.append(f"{rep.analog_params} analog parameters but the placement's analog share is {exp}")
+    if rep.analog_params != rep.expected_analog_params:
+        problems.append(f"{rep.analog_params} analog parameters but the placement's analog share is "
+                        f"{rep.expected_analog_params}")
     for kind in DENSE_KINDS:
         if not placement.dense.is_digital(kind) and anatomy.param_counts.get(kind, 0):
             if not any(k == kind for _, k, _ in dense_units):
                 problems.append(f"{kind} placed analog but none of its modules has a matrix to put on tiles")
     if problems:
         raise RuntimeError("analog coverage does not match the placement: " + "; ".join(problems))
-    return rep

@@ -118,13 +118,28 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
     metrics {name: value}, stderr {name: value}, higher_is_better {name: bool | None}, digital_share, duration_s.
     Raises ValueError for bad input (nothing is stored then).
     """
-    calib_text = calibration
+    fp = lm.fingerprint if lm is not None else None
+    specs, store, results, todo, report = cached_first(source, store, progress, cancel, calibration, fingerprint=fp,
+                                                       **plan_kw)
+    if todo:
+        lm = _model_for(todo, lm, source, plan_kw, trust_remote_code)
+        _run_units(lm, todo, store, cancel, calibration, report)
+    return [results[s.key] for s in specs if s.key in results]
+
+
+def cached_first(source: str, store, progress, cancel, calib_text: dict | None, **plan_kw):
+    """What every executor does first (local here, Ray in ``ray_executor``): plan the sweep (all input checks,
+    nothing stored on bad input), answer the stored keys at once and check lm-eval registry task names.
+
+    Returns (specs, store, results {key: result dict}, todo: RunSpecs left to compute, empty when all are stored or
+    ``cancel`` is set, report(spec, result): records a result and calls ``progress(done, total, result)``).
+    Raises ValueError for bad input or unknown task names.
+    """
     calib_hash = None
     if calib_text is not None:
         from .routing import calibration_hash
         calib_hash = calibration_hash(calib_text, 256)
-    fp = lm.fingerprint if lm is not None else None
-    specs = plan(source, calibration_hash=calib_hash, fingerprint=fp, **plan_kw)   # all checks before the store
+    specs = plan(source, calibration_hash=calib_hash, **plan_kw)   # all checks before the store
     store = store if isinstance(store, Store) else Store(store)
     results: dict = {}
 
@@ -137,11 +152,10 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
         if s.key in have:
             report(s, _result(s, True, have[s.key]["metrics"], have[s.key]["run"]))
     todo = [s for s in specs if s.key not in results]
-    if todo and not (cancel is not None and cancel.is_set()):
-        _check_registry_tasks(todo)
-        lm = _model_for(todo, lm, source, plan_kw, trust_remote_code)
-        _run_units(lm, todo, store, cancel, calib_text, report)
-    return [results[s.key] for s in specs if s.key in results]
+    if not todo or (cancel is not None and cancel.is_set()):
+        return specs, store, results, [], report
+    _check_registry_tasks(todo)
+    return specs, store, results, todo, report
 
 
 def _check_registry_tasks(todo: list[RunSpec]) -> None:

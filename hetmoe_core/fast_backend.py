@@ -28,9 +28,9 @@ class _FastExperts:
     gather of scales in the forward pass (speed); the restore copies the clean slices back.
     """
 
-    def __init__(self, layer, noise: NoiseConfig, analog_ids: list[int], gen: torch.Generator, calibration=None):
+    def __init__(self, layer, noise: NoiseConfig, analog_ids: list[int], gen: torch.Generator, adc_bounds=None):
         self.layer, self.noise, self.gen = layer, noise, gen
-        self.recorder = calibration if calibration is not None and calibration.recording else None
+        self.recorder = adc_bounds if adc_bounds is not None and adc_bounds.recording else None
         E = layer.num_experts
         dev = layer.experts.down_proj.device
         self.analog = torch.zeros(E, dtype=torch.bool, device=dev)
@@ -46,7 +46,7 @@ class _FastExperts:
         if noise.adc_bits:  # one grid per projection: the calibrated bound, else noise.out_bound
             self.step_out, self.levels = {}, 1.0 / (2.0 * io.out_res)
             for key in ("in", "down"):
-                b = calibration.bounds[(layer.index, key)] if calibration is not None and not self.recorder \
+                b = adc_bounds.bounds[(layer.index, key)] if adc_bounds is not None and not self.recorder \
                     else noise.out_bound
                 self.step_out[key] = 2.0 * io.out_res * b
         self.io_out = noise.adc_bits is not None or noise.out_noise > 0 or self.recorder is not None
@@ -87,58 +87,74 @@ class _FastExperts:
         for t, ni in enumerate(sizes):
             xt = x[:, i0:i0 + ni] if len(sizes) > 1 else x
             wt = (w[:, i0:i0 + ni] if tr else w[..., i0:i0 + ni]) if len(sizes) > 1 else w
-            a = None
-            if self.step_in is not None:
-                # abs-max as max(-min, max): two fast reductions, no |x| copy; in x's own dtype
-                # (a max is exact in any float format), only the [S, 1] result in float32
-                a = torch.maximum(xt.amax(-1, keepdim=True), xt.amin(-1, keepdim=True).neg_()).float().clamp_(
-                    min=torch.finfo(torch.float32).tiny)
-                # x is this forward's own gathered copy: float32 rows are coded in place (no
-                # allocation: fresh large CPU tensors cost page faults); other dtypes get one
-                # float32 temporary (the division promotes), rounded in place, then cast back
-                inplace = xt.dtype == torch.float32
-                if self.all_analog:
-                    xin = xt.div_(a * self.step_in).round_() if inplace else \
-                        torch.div(xt, a * self.step_in).round_().to(w.dtype)
-                else:
-                    xin = xt if inplace else xt.to(w.dtype, copy=True)
-                    for _, s0, s1 in segs:
-                        xin[s0:s1] = torch.div(xt[s0:s1], a[s0:s1] * self.step_in).round_()
-            else:
-                xin = xt
+            xin, a = self._dac(xt, segs, w.dtype) if self.step_in is not None else (xt, None)
             y = grouped_matmul(xin, wt, offs, tr).float()
-            if self.recorder is not None:  # calibration: |normalised tile output| quantile
-                v = y.abs().flatten()
-                v = v[torch.randperm(v.numel(), generator=self.gen)[:1 << 22]] if v.numel() > 1 << 22 else v
-                q = torch.quantile(v, self.recorder.quantile).item() if v.numel() else 0.0
-                k = (self.layer.index, key)
-                self.recorder.bounds[k] = max(self.recorder.bounds.get(k, 0.0), q)
-            if self.io_out:
-                if self.all_analog:
-                    if noise_scale:
-                        y += noise_scale * torch.randn(y.shape, generator=self.gen, device=y.device)
-                    if self.levels is not None:
-                        y.round_().clamp_(-self.levels, self.levels)
-                    for e, s0, s1 in segs:
-                        y[s0:s1] *= self.g_out[key][t, e]
-                    if a is not None:
-                        if defer_row_scale and len(sizes) == 1:
-                            return y, a
-                        y *= a
-                else:
-                    for e, s0, s1 in segs:
-                        self._adc(y[s0:s1], None if a is None else a[s0:s1], key, t, e, noise_scale)
-            elif a is not None:  # DAC only: codes back to input units
-                if self.all_analog:
-                    if defer_row_scale and len(sizes) == 1:
-                        return y, a * self.step_in
-                    y *= a * self.step_in
-                else:
-                    for _, s0, s1 in segs:
-                        y[s0:s1] *= a[s0:s1] * self.step_in
+            if self.recorder is not None:
+                self._record(y, key)
+            y, row_scale = self._readout(y, a, segs, key, t, noise_scale, defer_row_scale and len(sizes) == 1)
+            if row_scale is not None:
+                return y, row_scale
             out = y if out is None else out + y
             i0 += ni
         return out, None
+
+    def _dac(self, xt, segs, dtype):
+        """DAC codes of one input tile's rows and their ranges ``a [S, 1]`` (per-token abs-max)."""
+        # abs-max as max(-min, max): two fast reductions, no |x| copy; in x's own dtype (a max is
+        # exact in any float format), only the [S, 1] result in float32
+        a = torch.maximum(xt.amax(-1, keepdim=True), xt.amin(-1, keepdim=True).neg_()).float().clamp_(
+            min=torch.finfo(torch.float32).tiny)
+        # x is this forward's own gathered copy: float32 rows are coded in place (no allocation:
+        # fresh large CPU tensors cost page faults); other dtypes get one float32 temporary (the
+        # division promotes), rounded in place, then cast back
+        inplace = xt.dtype == torch.float32
+        if self.all_analog:
+            xin = xt.div_(a * self.step_in).round_() if inplace else \
+                torch.div(xt, a * self.step_in).round_().to(dtype)
+        else:
+            xin = xt if inplace else xt.to(dtype, copy=True)
+            for _, s0, s1 in segs:
+                xin[s0:s1] = torch.div(xt[s0:s1], a[s0:s1] * self.step_in).round_()
+        return xin, a
+
+    def _record(self, y, key) -> None:
+        """ADC-bound calibration: keep the largest batch quantile of |normalised tile output|."""
+        v = y.abs().flatten()
+        v = v[torch.randperm(v.numel(), generator=self.gen)[:1 << 22]] if v.numel() > 1 << 22 else v
+        q = torch.quantile(v, self.recorder.quantile).item() if v.numel() else 0.0
+        k = (self.layer.index, key)
+        self.recorder.bounds[k] = max(self.recorder.bounds.get(k, 0.0), q)
+
+    def _readout(self, y, a, segs, key, t, noise_scale, defer):
+        """Output noise, ADC and digital rescale of one tile's output ``y`` (in place).
+
+        Returns (y, row_scale): row_scale is the per-row factor left to the caller when ``defer``, else None."""
+        if self.io_out:
+            if not self.all_analog:
+                for e, s0, s1 in segs:
+                    self._adc(y[s0:s1], None if a is None else a[s0:s1], key, t, e, noise_scale)
+                return y, None
+            if noise_scale:
+                y += noise_scale * torch.randn(y.shape, generator=self.gen, device=y.device)
+            if self.levels is not None:
+                y.round_().clamp_(-self.levels, self.levels)
+            for e, s0, s1 in segs:
+                y[s0:s1] *= self.g_out[key][t, e]
+            if a is not None:
+                if defer:
+                    return y, a
+                y *= a
+            return y, None
+        if a is None:
+            return y, None
+        if self.all_analog:  # DAC only: codes back to input units
+            if defer:
+                return y, a * self.step_in
+            y *= a * self.step_in
+        else:
+            for _, s0, s1 in segs:
+                y[s0:s1] *= a[s0:s1] * self.step_in
+        return y, None
 
     def forward(self, mod, hidden_states, top_k_index, top_k_weights):
         """Experts forward (same contract as transformers' ``grouped_mm_experts_forward``)."""
@@ -244,23 +260,23 @@ class FastBackend(AnalogBackend):
     """Programs analog weights in place (clean copies kept for restore) and installs the forward state."""
     name = "fast"
 
-    def __init__(self, model, anatomy, noise, seed, device, calibration=None):
-        super().__init__(model, anatomy, noise, seed, device, calibration)
+    def __init__(self, model, anatomy, noise, seed, device, adc_bounds=None):
+        super().__init__(model, anatomy, noise, seed, device, adc_bounds)
         self.nm = noise.build_noise_model() if noise.weight_noise else None
         self.tied = _tied_ids(model)
 
     def experts(self, stack, m, ids) -> int:
-        noise, seed, device, calibration, nm = self.noise, self.seed, self.device, self.calibration, self.nm
+        noise, seed, device, adc_bounds, nm = self.noise, self.seed, self.device, self.adc_bounds, self.nm
         clean_bytes, ts = 0, noise.tile_size
         gen = torch.Generator(device=device).manual_seed(_derive_seed(seed, m.experts_name + ":out"))
-        st = _FastExperts(m, noise, ids, gen, calibration)
+        state = _FastExperts(m, noise, ids, gen, adc_bounds)
         idx = torch.tensor(ids, dtype=torch.long, device=device)
         for key, p in (("in", _w_in(m)), ("down", m.experts.down_proj)):
-            fold = st.fold(key)
+            fold = state.fold(key)
             logical = p.data.transpose(1, 2) if m.transposed else p.data  # [E, O, I]
             O, I = logical.shape[1:]
-            sizes = st.in_sizes[key] = split_sizes(I, ts)
-            if nm is None and not st.io_out:
+            sizes = state.in_sizes[key] = split_sizes(I, ts)
+            if nm is None and not state.io_out:
                 continue  # DAC alone needs no weight change
             clean = p.data.index_select(0, idx)
             clean_bytes += clean.numel() * clean.element_size()
@@ -270,21 +286,21 @@ class FastBackend(AnalogBackend):
             for c0 in range(0, len(ids), chunk):
                 sub = ids[c0:c0 + chunk]
                 if nm is not None:
-                    nz = noise if not (calibration and noise.adc_bits and not st.recorder) else \
-                        noise.replace(out_bound=calibration.bounds[(m.index, key)])  # drift readout's ADC
+                    nz = noise if not (adc_bounds and noise.adc_bits and not state.recorder) else \
+                        noise.replace(out_bound=adc_bounds.bounds[(m.index, key)])  # drift readout's ADC
                     w, sc = program_weights(logical[sub], nz, nm, sizes, split_sizes(O, ts),
                                             _derive_seed(seed, f"{m.experts_name}.{key}:{sub[0]}-{sub[-1]}"), device)
                 else:
                     w, sc = logical[sub].float(), _channel_absmax(logical[sub], sizes)
-                if st.io_out:  # store in ADC steps per unit DAC code (see _FastExperts)
+                if state.io_out:  # store in ADC steps per unit DAC code (see _FastExperts)
                     w = w * torch.repeat_interleave(fold / sc, torch.tensor(sizes, device=device), dim=-1)
-                    g_out[:, sub] = (sc * st.s_out(key)).permute(2, 0, 1)
+                    g_out[:, sub] = (sc * state.s_out(key)).permute(2, 0, 1)
                 p.data[sub] = (w.transpose(1, 2) if m.transposed else w).to(p.dtype)
-            if st.io_out:
-                st.g_out[key] = g_out
+            if state.io_out:
+                state.g_out[key] = g_out
                 clean_bytes += g_out.numel() * 4
-        if noise.io_active or st.recorder is not None:  # programmed weights alone need no special forward
-            set_state(m.experts, st)
+        if noise.io_active or state.recorder is not None:  # programmed weights alone need no special forward
+            set_state(m.experts, state)
         return clean_bytes
 
     def dense(self, stack, uname, kind, unit) -> int:

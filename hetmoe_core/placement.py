@@ -172,11 +172,6 @@ def budgets_from_percent(text: str) -> list[float]:
     return out
 
 
-def needs_stats(strategy: str) -> bool:
-    """True for strategies ranked by activation statistics from calibration text (routing.ActivationStats)."""
-    return strategy in ("frequency", "weight")
-
-
 def overlap(p: Placement, q: Placement) -> dict:
     """How far two placements agree: {"shared": experts digital in both, "union": digital in either,
     "n_p": digital in ``p``, "jaccard": shared / union (None when neither has a digital expert)}.

@@ -27,8 +27,8 @@ def report_data(source: str | os.PathLike | Store):
 
     A snapshot is validated and imported into a temporary store first (snapshot.import_snapshot's checks apply).
     """
-    with _opened(source) as st:
-        return st.summary_frame(), st.placements_frame()
+    with _opened(source) as store:
+        return store.summary_frame(), store.placements_frame()
 
 
 @contextlib.contextmanager
@@ -41,9 +41,9 @@ def _opened(source: str | os.PathLike | Store):
     if path.suffix == ".zip" or (path.is_file() and path.read_bytes()[:2] == b"PK"):
         from .snapshot import import_snapshot
         with tempfile.TemporaryDirectory() as d:
-            st = Store(Path(d) / "report.duckdb")
-            import_snapshot(path, st)
-            yield st
+            store = Store(Path(d) / "report.duckdb")
+            import_snapshot(path, store)
+            yield store
         return
     if not path.is_file():
         raise ValueError(f"no snapshot or store at {path}")
@@ -63,9 +63,10 @@ def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
         for (task, metric), g in runs.groupby(["task", "metric"], sort=True):
             if metric not in HEADLINE:
                 continue
-            arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+            higher = _direction(metric, summary[summary.metric == metric]) is not False
+            arrow = "higher is better" if higher else "lower is better"
             figs.append(figures.accuracy_vs_energy(
-                energy.config_points(g), metric, metric not in LOWER_IS_BETTER,
+                energy.config_points(g), metric, higher,
                 title=f"{task} — {metric} ({arrow}) vs energy per token ({energy.DEFAULT_HARDWARE}, {note})"))
     return figs, notes
 
@@ -126,11 +127,11 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     Returns {"path", "results" (summary rows), "figures", "placements"}. Raises ValueError when there is no result.
     """
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
-    with _opened(source) as st:
-        summary, placements = st.summary_frame(), st.placements_frame()
+    with _opened(source) as store:
+        summary, placements = store.summary_frame(), store.placements_frame()
         if summary.empty:
             raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
-        efigs, enotes = _energy_figures(st, summary)
+        efigs, enotes = _energy_figures(store, summary)
     summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
     figs = _figures(summary)
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]

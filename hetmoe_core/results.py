@@ -33,6 +33,18 @@ def stored_result(store, key: str) -> dict:
             "seed": run["seed"], "metrics": {m["metric"]: m["value"] for m in got["metrics"]}, "cached": True}
 
 
+def higher_is_better(metric: str, rows: pd.DataFrame) -> bool:
+    """Direction of ``metric`` as lm-eval declared it, stored with each metric (``higher_is_better`` column of
+    store.summary_frame); results stored before that column ask lm-eval's registry (tasks.higher_is_better).
+    Unknown either way: True (accuracy-like), the more common case."""
+    stored = rows["higher_is_better"].dropna() if "higher_is_better" in rows else []
+    if len(stored):
+        return bool(stored.iloc[0])
+    from .tasks import higher_is_better as registry
+    known = registry(metric)
+    return True if known is None else bool(known)
+
+
 def limit_choices(summary: pd.DataFrame) -> list:
     """Limits (documents per task) present in a summary frame, ascending, then ``ALL`` if some results used every
     document. Results with different limits are not comparable, so the page shows one limit at a time."""

@@ -24,12 +24,14 @@ Speed, without approximation (``bench/bench_sensitivity.py`` times it against th
 forward per expert and seed): noise is programmed once per seed for all experts; one base pass (digital, or all
 experts analog for all-but-this) keeps the hidden states entering each decoder layer, each attention output and
 each MoE layer's weighted expert rows, so measuring an expert of decoder layer d replays everything below d and
-d's attention, recomputes only that expert's rows in d (``_CachedFlip``) and runs the layers above; R experts of
-one layer share one forward of R row blocks, block r holding expert e_r in its other state (a copy appended to
-the fused expert tensors); the LM head runs only on positions whose final hidden state changed (for the last MoE
+d's attention, recomputes only that expert's rows in d (``_CachedFlip``) and runs the layers above; the flipped
+expert is a copy appended to the fused expert tensors, so R experts of a layer can share one forward of R row
+blocks (``group``); the LM head runs only on positions whose final hidden state changed (for the last MoE
 layer: only the tokens routed to the expert). Each position sees the arithmetic of ``analog()``'s fast backend
-(its ``_FastExperts`` forward is reused), so the result equals the one-expert-at-a-time loop bit for bit
-(``naive_only_this``; test_sensitivity). Tile output noise (``out_noise`` > 0) is drawn per forward and cannot
+(its ``_FastExperts`` forward is reused), so with the default of one expert per forward (up to
+``ROWS_PER_FORWARD`` tokens) the result equals the one-expert-at-a-time loop bit for bit (``naive_only_this``;
+test_sensitivity); with R > 1 the layers above multiply taller matrices, for which BLAS may choose other kernels,
+and results agree to float32 rounding. Tile output noise (``out_noise`` > 0) is drawn per forward and cannot
 be equal between the two orders; the paper presets have none.
 
 API contract (the Validate page and the example-results script build on it)::
@@ -165,7 +167,10 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
         seeds: count N (seeds 0..N-1) or a list of seeds.
         all_but_this / dense: also measure those. layers: also whole-layer and all-experts damage and routing
             drift (needs the all-analog pass; all_but_this implies it). Quantities not measured stay 0.
-        group: experts per batched forward (default: as many as fit ``ROWS_PER_FORWARD`` tokens).
+        group: experts per forward, as R row blocks (default 1: each forward holds one expert and up to
+            ``ROWS_PER_FORWARD`` tokens, so its matrices have the naive loop's shapes and the result is bit-identical
+            to it; with R > 1 BLAS may pick other kernels for the taller matrices of the layers above, and results
+            agree to float32 rounding, ~1e-5 relative, measured on the default).
         reuse_rows: recompute only the flipped expert's rows of its layer (``_CachedFlip``); False runs the whole
             experts forward of that layer per block (same numbers, slower; kept for the equality test).
         progress: progress(done, total) after each unit; cancel: returns True to stop.
@@ -180,8 +185,9 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
     a = lm.anatomy
     L, E = len(a.moe_layers), max(m.num_experts for m in a.moe_layers)
     B = max(1, ROWS_PER_FORWARD // ids.shape[1])
+    # a tied LM head owns no parameters of its own (the embedding table counts them) but is a matrix on tiles
     kinds = [k for k in ("attention", "lm_head", "router", "shared_experts", "dense_mlp")
-             if a.modules.get(k) and a.param_counts.get(k, 0)] if dense else []
+             if a.modules.get(k) and (a.param_counts.get(k, 0) or k == "lm_head")] if dense else []
     counter = {"done": 0, "forwards": 0}
 
     def check():
@@ -190,7 +196,7 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
         counter["forwards"] += 1
 
     B = min(B, ids.shape[0])
-    R = group or max(1, ROWS_PER_FORWARD // (B * ids.shape[1]))
+    R = group or 1
     eng = _Engine(lm, ids, B, check)
     eng.cached_rows = eng.cached_rows and reuse_rows
     n_chunks = len(eng.chunks)
@@ -454,7 +460,7 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
         raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
     texts, where = _texts(texts)
     if isinstance(source_or_lm, str):
-        from .evaluate import source_fingerprint
+        from .models import source_fingerprint
         fp = source_fingerprint(source_or_lm)
     else:
         fp = source_or_lm.fingerprint

@@ -139,8 +139,7 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
     Raises ValueError when the folder holds no expert tensors, the shapes disagree, or experts are quantized.
     Equal (to float32 rounding) to :func:`expert_scores` on the built model.
     """
-    from safetensors import safe_open
-    from .scores import PROJECTIONS, ExpertScores, LayerScores, _Scratch, _norms, down_norms, gate_up_norms
+    from .scores import ExpertScores
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder; pass a local checkpoint folder")
@@ -154,6 +153,15 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
     if gated is None:       # per-expert: gated iff gate_proj/w1 exists; fused: gate_up holds two halves
         gated = any(p.role == "gate" for p in plan) or any(p.role == "gate_up" and not p.key.endswith(".up_proj")
                                                             for p in plan)
+    per_layer = _reduce(plan, gated, transposed, interleaved, chunk_bytes, progress)
+    return ExpertScores(_assemble(per_layer), source=str(folder))
+
+
+def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: bool, chunk_bytes: int,
+            progress) -> dict[int, dict]:
+    """Read the planned tensors in order and keep only their norms: {layer: {"router": [E], "experts": {...}}}."""
+    from safetensors import safe_open
+    from .scores import _Scratch, _norms, down_norms, gate_up_norms
     per_layer: dict[int, dict] = {}
     total, done = sum(p.nbytes for p in plan), 0
     threads = max(1, threads or min(4, os.cpu_count() or 1))
@@ -218,6 +226,12 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
                     f.result()
     finally:
         ahead.close()
+    return per_layer
+
+
+def _assemble(per_layer: dict[int, dict]) -> tuple:
+    """LayerScores per MoE layer (decoder order) from the reduced norms; ValueError for inconsistent layers."""
+    from .scores import PROJECTIONS, LayerScores
     layers = []
     for moe_index, layer in enumerate(sorted(k for k, v in per_layer.items() if v["experts"])):
         d = per_layer[layer]
@@ -240,4 +254,4 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
             raise ValueError(f"layer {layer}: expert tensor shapes disagree "
                              f"({ {p: n.shape for p, n in norms.items()} }, router {E} experts)")
         layers.append(LayerScores(moe_index, layer, norms, d["router"].numpy()))
-    return ExpertScores(tuple(layers), source=str(folder))
+    return tuple(layers)

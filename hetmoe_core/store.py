@@ -62,8 +62,8 @@ _READY: set = set()   # (device, inode, mtime, size, path) of store files whose 
 
 
 def _file_id(path: Path) -> tuple:
-    st = path.stat()
-    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, str(path))
+    info = path.stat()
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size, str(path))
 
 
 class StoreBusy(RuntimeError):

@@ -235,29 +235,37 @@ def _cuda_devices() -> list[str]:
 def _load(key: tuple) -> tuple:
     """ModelCache loader: (LoadedModel, bytes) of (source, device, dtype)."""
     from .models import load_model
-    _freeze_imports()
     lm = load_model(key[0], device=key[1], dtype=key[2])
+    _freeze_heap()
     return lm, model_bytes(lm.model)
 
 
-_FROZEN = False
+def _freeze_enabled() -> bool:
+    return os.environ.get("HETMOE_GC_FREEZE", "1") != "0"
 
 
-def _freeze_imports() -> None:
-    """Move every object that exists once torch / transformers are imported into the garbage collector's permanent
-    generation (gc.freeze), once per process: Streamlit's runner.postScriptGC collects after every script run, and
-    walking the millions of objects of those imports made that collection most of a slider rerun. Objects made
-    later (models, figures, session data) are still collected as usual. HETMOE_GC_FREEZE=0 turns it off (for
-    bench/bench_soak.py's comparison)."""
-    global _FROZEN
-    if not _FROZEN and os.environ.get("HETMOE_GC_FREEZE", "1") != "0":
-        from . import models  # noqa: F401  (imports torch and transformers)
+def _freeze_heap() -> None:
+    """Collect, then move every live object into the garbage collector's permanent generation (gc.freeze).
+
+    Why: Streamlit's runner.postScriptGC runs gc.collect(2) after every script run, and with torch, transformers
+    and a model in memory that full collection walked ~430 000 objects — most of a slider rerun. Frozen objects
+    are skipped by it; objects made later (figures, session data) are still collected each run. Called after
+    each model load (transformers imports a family's modules inside the load), and undone around each release
+    (``_after_release``) so an evicted model's reference cycles are still freed. HETMOE_GC_FREEZE=0 turns it off
+    (bench/bench_soak.py's comparison)."""
+    if _freeze_enabled():
         gc.collect()
         gc.freeze()
-        _FROZEN = True
 
 
-MODELS = ModelCache(_load)
+def _after_release(handle) -> None:
+    """A model left the cache: unfreeze so its cycles can be collected, collect, freeze what is left again."""
+    if _freeze_enabled():
+        gc.unfreeze()
+        _freeze_heap()
+
+
+MODELS = ModelCache(_load, on_release=_after_release)
 """The dashboard's models: one per (source, device, dtype), sized by memory, never released while a run or an
 evaluation holds it (see hetmoe_core.modelcache)."""
 
@@ -309,12 +317,13 @@ def expert_scores(fingerprint: str, dtype: str, _handle: ModelHandle):
 
 @st.cache_data(max_entries=4, show_spinner=False)
 def calibration() -> tuple[dict | None, str | None, str]:
-    """(texts by domain, hash, message): the default calibration text of evaluate, or (None, None, why not)."""
+    """(texts by domain, hash, message): the default calibration text (sweep.calibration_text), or (None, None,
+    why not) when its file is unreadable."""
     try:
-        from .evaluate import default_calibration
-        texts, h = default_calibration()
+        from .sweep import calibration_text
+        texts, h = calibration_text()
         return texts, h, ""
-    except (ValueError, ImportError, OSError) as e:
+    except (ValueError, OSError) as e:
         return None, None, str(e)
 
 

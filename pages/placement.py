@@ -2,8 +2,9 @@
 import streamlit as st
 
 from hetmoe_core import energy, figures, ui
-from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, needs_stats, overlap, place
+from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, overlap, place
 from hetmoe_core.scores import STRATEGIES, strategy_scores
+from hetmoe_core.strategies import get_strategy
 
 ui.frame()
 st.title("Digital placement")
@@ -15,6 +16,10 @@ a = h.lm.anatomy
 sc = ui.scores(h)
 layers = [m.layer for m in a.moe_layers]
 label = figures.STRATEGY_LABELS.get
+
+
+def needs_stats(strategy):
+    return get_strategy(strategy).needs == "stats"      # the registry says what each strategy needs
 
 c1, c2, c3 = st.columns([3, 2, 2])
 c1.slider("Digital budget (% of routed experts)", 0.0, 100.0, step=0.5, key="budget_pct", persist_state="session",

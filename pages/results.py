@@ -6,7 +6,6 @@ import streamlit as st
 from hetmoe_core import energy, figures, results, ui
 from hetmoe_core.hardware import HARDWARE
 from hetmoe_core.placement import SHARE_HELP
-from hetmoe_core.report import LOWER_IS_BETTER
 from hetmoe_core.store import Store
 
 ui.frame()
@@ -70,8 +69,9 @@ strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies",
 backends = kept_filter(c3, "Backends", "backend", "res_backends")
 shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noisy.backend.isin(backends)]
 ideal, analog = results.references(s, shown)
+higher = results.higher_is_better(metric, s)
 
-st.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=metric not in LOWER_IS_BETTER),
+st.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=higher),
                 key="res_chart")
 if noisy.empty:
     st.info(f"Only the ideal (all-digital) result is stored for {task} at limit {lim}: run a noisy evaluation with "
@@ -98,7 +98,7 @@ else:
     keep &= (runs_e.strategy == "ideal") | (runs_e.preset.isin(presets) & runs_e.strategy.isin(strategies)
                                             & runs_e.backend.isin(backends))
     st.plotly_chart(figures.accuracy_vs_energy(energy.config_points(runs_e[keep]), metric,
-                                               higher_is_better=metric not in LOWER_IS_BETTER), key="res_energy")
+                                               higher_is_better=higher), key="res_energy")
     st.caption(f"One point per configuration (mean ± std over seeds), energy of its placement on {hw_name} "
                f"({note}); dashed: the Pareto front — no other configuration is cheaper and at least as good.")
 

@@ -380,7 +380,7 @@ def test_classroom_three_sessions_three_models(tmp_path, browser):
         for model in ("default", "tiny:olmoe", "tiny:mixtral"):
             pg = _new_page(browser)
             pg.goto(f"{base}/placement?model={model}")
-            pg.locator("[data-testid='stMetric']").filter(has_text="Digital parameter share").wait_for(timeout=90000)
+            pg.locator("[data-testid='stMetric']").filter(has_text="Digital parameter share").wait_for(timeout=300000)
             pages.append(pg)
         for pg in pages:
             idle(pg)
@@ -390,7 +390,7 @@ def test_classroom_three_sessions_three_models(tmp_path, browser):
                     pg.locator("[data-testid='stSlider'] input[type='range']").first.focus()
                     pg.keyboard.press(key)
                 for pg in pages:
-                    idle(pg, quiet_ms=300)
+                    idle(pg, quiet_ms=300, timeout=300)
                     assert pg.locator("[data-testid='stException']").count() == 0, \
                         pg.locator("[data-testid='stException']").first.inner_text()
                     no_errors(pg, "placement during the classroom run")

@@ -41,12 +41,11 @@ def test_a_new_strategy_is_one_decorated_function():
             register_strategy("last_expert", label="again")(_last)
     finally:
         del STRATEGIES["last_expert"]
-    with pytest.raises(ValueError, match="needs a sensitivity measurement"):
-        register_strategy("needs_m", label="M", needs="measurement")(lambda **_: [])
-        try:
-            strategy_scores("needs_m", num_experts=[4])
-        finally:
-            del STRATEGIES["needs_m"]
+    assert STRATEGIES["oracle"].needs == "measurement"
+    with pytest.raises(ValueError, match="strategy 'oracle' needs measured scores under a noise preset"):
+        strategy_scores("oracle", num_experts=[4])
+    got = strategy_scores("oracle", num_experts=[2, 3], measured=[[0.5, float("nan")], [1, 2, 3]])
+    assert [x.tolist() for x in got] == [[0.5, 0.0], [1.0, 2.0, 3.0]]     # NaN counts as no damage
 
 
 def test_backend_registry_and_pinned_transformers(monkeypatch):

@@ -43,14 +43,18 @@ def ids(lm):
 
 
 def test_batched_equals_one_expert_at_a_time(lm, ids):
-    """Replayed lower layers + R experts per forward give exactly the naive loop's numbers (analog() with one
-    expert analog, full forward), for several experts of both MoE layers, same seed."""
-    m = S.measure(lm, NOISE, ids, seeds=[3], group=3, dense=False)
+    """Replayed lower layers and only the expert's own rows recomputed give exactly the naive loop's numbers
+    (analog() with one expert analog, full forward), for several experts of both MoE layers, same seed; the
+    whole-layer path gives the same bits, R experts per forward the same to float32 rounding."""
+    m = S.measure(lm, NOISE, ids, seeds=[3], dense=False)
     picks = [(0, 1), (0, 6), (1, 0), (1, 7)]
     ref = S.naive_only_this(lm, NOISE, ids, seeds=[3], experts=picks)
     for i, e in picks:
         assert m.only_this[0, i, e] == ref[0, i, e]
-    whole = S.measure(lm, NOISE, ids, seeds=[3], group=2, dense=False, reuse_rows=False)
+    whole = S.measure(lm, NOISE, ids, seeds=[3], dense=False, reuse_rows=False)
+    blocks = S.measure(lm, NOISE, ids, seeds=[3], group=3, dense=False)   # R row blocks per forward
+    assert np.allclose(blocks.only_this, m.only_this, rtol=1e-4, atol=1e-9)
+    assert np.allclose(blocks.all_but_this, m.all_but_this, rtol=1e-4, atol=1e-9)
     assert np.array_equal(whole.only_this, m.only_this) and np.array_equal(whole.all_but_this, m.all_but_this)
     assert np.array_equal(whole.layers, m.layers) and (m.all_but_this != 0).all()
     got = np.array([m.only_this[0, i, e] for i, e in picks])
@@ -161,3 +165,14 @@ def test_routing_drift_and_local_error(lm, ids):
     assert all(not x.any() for x in local_error_scores(lm, "ideal", ids, seeds=[0]))
     le = local_error_scores(lm, NOISE, ids, seeds=[0, 1])
     assert all((x > 0).all() and len(x) == 8 for x in le)
+
+
+def test_validate_reports_progress_and_cancels_without_storing(lm, tmp_path):
+    from hetmoe_core.evaluate import Cancelled
+    from hetmoe_core.store import Store
+    seen = []
+    with pytest.raises(Cancelled):
+        S.validate(lm, NOISE, seeds=2, texts=BUILTIN_CALIBRATION, tokens=128, store=tmp_path / "c.duckdb",
+                   progress=lambda done, total: seen.append((done, total)), cancel=lambda: len(seen) >= 3)
+    assert [d for d, _ in seen] == [1, 2, 3] and seen[0][1] > 3
+    assert Store(tmp_path / "c.duckdb").sensitivity_frame().empty
