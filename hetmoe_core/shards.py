@@ -50,18 +50,43 @@ class _Tensor(NamedTuple):
     shape: tuple
 
 
+def _damaged(f: Path, why: str) -> ValueError:
+    return ValueError(f"{f} is a damaged safetensors file ({why}); download or save the checkpoint again")
+
+
+def _header(f: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and its length (format: 8-byte little-endian length + JSON),
+    checked before anything is read or mapped: a damaged file gets one ValueError naming it."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        n = int.from_bytes(raw, "little")
+        if len(raw) < 8 or not 2 <= n <= size - 8:
+            raise _damaged(f, f"header length {n} does not fit a {size}-byte file")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _damaged(f, f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _damaged(f, "header is not a JSON object")
+    return header, n
+
+
 def _plan(files: list[Path]) -> list[_Tensor]:
     """Expert and router tensors of the shards, in file and offset order (sequential reads)."""
     plan, unsupported = [], []
     for f in files:
-        with open(f, "rb") as fh:                      # header only: 8-byte length + JSON (safetensors format)
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+        header, n = _header(f)
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            start, end = info["data_offsets"]
-            at = (end - start, 8 + n + start, tuple(info["shape"]))
+            try:
+                start, end = (int(x) for x in info["data_offsets"])
+                at = (end - start, 8 + n + start, tuple(int(x) for x in info["shape"]))
+            except (KeyError, TypeError, ValueError):
+                raise _damaged(f, f"tensor {key!r} has no valid data_offsets/shape") from None
+            if not 0 <= start <= end or 8 + n + end > f.stat().st_size:
+                raise _damaged(f, f"tensor {key!r} lies outside the file (truncated?)")
             if (mt := _PER_EXPERT.search(key)):
                 plan.append(_Tensor(f, key, "expert", int(mt[1]), int(mt[2]), _ROLE[mt[3]], *at))
             elif (mt := _FUSED.search(key)):
@@ -153,12 +178,12 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
     if gated is None:       # per-expert: gated iff gate_proj/w1 exists; fused: gate_up holds two halves
         gated = any(p.role == "gate" for p in plan) or any(p.role == "gate_up" and not p.key.endswith(".up_proj")
                                                             for p in plan)
-    per_layer = _reduce(plan, gated, transposed, interleaved, chunk_bytes, progress)
+    per_layer = _reduce(plan, gated, transposed, interleaved, chunk_bytes, progress, threads)
     return ExpertScores(_assemble(per_layer), source=str(folder))
 
 
 def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: bool, chunk_bytes: int,
-            progress) -> dict[int, dict]:
+            progress, threads: int | None = None) -> dict[int, dict]:
     """Read the planned tensors in order and keep only their norms: {layer: {"router": [E], "experts": {...}}}."""
     from safetensors import safe_open
     from .scores import _Scratch, _norms, down_norms, gate_up_norms
@@ -173,6 +198,14 @@ def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: boo
     local = threading.local()
 
     def job(t: _Tensor, e0: int | None, step: int):
+        try:
+            return _job(t, e0, step)
+        except Exception as e:   # safetensors' SafetensorError (a header that lies about its data) derives from Exception
+            if "Safetensor" not in type(e).__name__:
+                raise
+            raise _damaged(t.file, str(e)) from None
+
+    def _job(t: _Tensor, e0: int | None, step: int):
         scratch = local.__dict__.setdefault("scratch", _Scratch())
         if e0 is None:   # a thread keeps its handle for ~chunk_bytes of tensors, then reopens (mapped pages go)
             fh, fh_file, fh_bytes = local.__dict__.get("fh", (None, None, 0))
