@@ -38,7 +38,7 @@ from pathlib import Path
 torch.set_num_threads(int(sys.argv[3]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
-s = stream_scores(sys.argv[1])
+s = stream_scores(sys.argv[1], threads=int(sys.argv[4]) or None)
 dt = time.perf_counter() - t
 plan = _plan(_shards(Path(sys.argv[1])))
 print(json.dumps({"seconds": dt, "bytes": sum(p.nbytes for p in plan), "largest_read": max(p.nbytes for p in plan),
@@ -95,13 +95,13 @@ def run_cat(files) -> float:
     return time.perf_counter() - t
 
 
-def run_stream(folder: Path, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(ROOT), str(threads)], check=True,
+def run_stream(folder: Path, threads: int, workers: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), str(ROOT), str(threads), str(workers)], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def bench(folder: Path, repeat: int, threads: int) -> dict:
+def bench(folder: Path, repeat: int, threads: int, workers: int) -> dict:
     files = sorted(folder.glob("*.safetensors"))
     total = sum(f.stat().st_size for f in files)
     from safetensors import safe_open
@@ -121,7 +121,7 @@ def bench(folder: Path, repeat: int, threads: int) -> dict:
             (evict(files) if mode == "cold" else run_cat(files))
             cats.append(run_cat(files))
             (evict(files) if mode == "cold" else run_cat(files))
-            streams.append(run_stream(folder, threads))
+            streams.append(run_stream(folder, threads, workers))
         st = min(streams, key=lambda r: r["seconds"])
         cat_bps, st_bps = total / min(cats), st["bytes"] / st["seconds"]
         res[mode] = {"cat_s": min(cats), "cat_GBps": cat_bps / 1e9, "stream_s": st["seconds"],
@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the streaming process (on a busy "
                     "2-core machine 2 threads oversubscribe and run ~10x slower)")
+    ap.add_argument("--workers", type=int, default=0, help="stream_scores worker threads (0: its default, "
+                    "min(4, CPUs)); 1 = the single-threaded reader")
     ap.add_argument("--generate", default=None, help=argparse.SUPPRESS)   # internal: generator subprocess
     args = ap.parse_args()
     if args.generate:
@@ -155,8 +157,10 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--generate", f"{layout}:{folder}"],
                            check=True)
             gen = time.perf_counter() - t
-            r = bench(folder, args.repeat, args.threads)
-            print(f"== layout {layout}, {args.dtype}, {r['files_bytes'] / 1e9:.2f} GB in "
+            r = bench(folder, args.repeat, args.threads, args.workers)
+            print(f"== layout {layout}, {args.dtype}, workers {args.workers or 'default'}, torch threads "
+                  f"{args.threads}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
+                  f"{r['files_bytes'] / 1e9:.2f} GB in "
                   f"{len(list(folder.glob('*.safetensors')))} shards (generated in {gen:.0f} s)")
             for mode in ("cold", "warm"):
                 m = r[mode]

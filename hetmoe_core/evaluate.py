@@ -31,10 +31,9 @@ from .tasks import (BOOTSTRAP_ITERS, LOCAL_TASKS, TaskRef, _local_tasks, _run_ta
 
 
 def __getattr__(name: str):
-    """Old import paths: ``source_fingerprint`` (now in models; resolved on use, so importing this module stays
-    torch-free) and ``default_calibration`` (now ``sweep.calibration_text``)."""
+    """Old import paths: ``source_fingerprint`` (now in fingerprints, torch-free) and ``default_calibration`` (now ``sweep.calibration_text``)."""
     if name == "source_fingerprint":
-        from .models import source_fingerprint
+        from .fingerprints import source_fingerprint
         return source_fingerprint
     if name == "default_calibration":
         return calibration_text
@@ -177,7 +176,7 @@ def _model_for(todo: list[RunSpec], lm, source: str, plan_kw: dict, trust_remote
         lm = _get_model(source, plan_kw.get("device", "cpu"), plan_kw.get("dtype", "float32"),
                         plan_kw.get("revision"), trust_remote_code)
     if lm.fingerprint != todo[0].fingerprint:   # cache fingerprint went stale: key by the loaded weights
-        from .models import forget_fingerprints
+        from .fingerprints import forget_fingerprints
         forget_fingerprints()
         raise RuntimeError(f"model fingerprint changed ({todo[0].fingerprint} -> {lm.fingerprint}); run again")
     return lm

@@ -100,19 +100,21 @@ class _FastExperts:
 
     def _dac(self, xt, segs, dtype):
         """DAC codes of one input tile's rows and their ranges ``a [S, 1]`` (per-token abs-max)."""
-        xf = xt.float()  # abs-max as max(-min, max): two fast reductions, no |x| copy
-        a = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_()).clamp_(
+        # abs-max as max(-min, max): two fast reductions, no |x| copy; in x's own dtype (a max is
+        # exact in any float format), only the [S, 1] result in float32
+        a = torch.maximum(xt.amax(-1, keepdim=True), xt.amin(-1, keepdim=True).neg_()).float().clamp_(
             min=torch.finfo(torch.float32).tiny)
-        # x is this forward's own gathered copy: float32 rows are coded in place (no
-        # allocation: fresh large CPU tensors cost page faults); other dtypes via float32
+        # x is this forward's own gathered copy: float32 rows are coded in place (no allocation:
+        # fresh large CPU tensors cost page faults); other dtypes get one float32 temporary (the
+        # division promotes), rounded in place, then cast back
         inplace = xt.dtype == torch.float32
         if self.all_analog:
             xin = xt.div_(a * self.step_in).round_() if inplace else \
-                torch.round(xt.float() / (a * self.step_in)).to(dtype)
+                torch.div(xt, a * self.step_in).round_().to(dtype)
         else:
             xin = xt if inplace else xt.to(dtype, copy=True)
             for _, s0, s1 in segs:
-                xin[s0:s1] = torch.round(xt[s0:s1].float() / (a[s0:s1] * self.step_in))
+                xin[s0:s1] = torch.div(xt[s0:s1], a[s0:s1] * self.step_in).round_()
         return xin, a
 
     def _record(self, y, key) -> None:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .scores import expert_scores
 from .strategies import STRATEGIES, get_strategy, strategy_scores
 
 MEASURED_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.needs == "measurement")
@@ -203,6 +202,7 @@ def place(anatomy, strategy: str, budget: float, scope: str = "layer", dense: De
     (``sensitivity.measured_scores``).
     Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats / measured scores.
     """
+    from .scores import expert_scores   # here, not at the top: validating a request needs no torch
     check_request(strategy, budget, scope)
     ne = [m.num_experts for m in anatomy.moe_layers]
     if STRATEGIES[strategy].needs == "scores" and scores is None:

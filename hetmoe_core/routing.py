@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .placement import DENSE_KINDS
 
@@ -161,6 +160,7 @@ def _as_domains(texts) -> dict[str, list[str]]:
 
 def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
     """Right-padded (input_ids, attention_mask) batches; texts sorted by length to waste little padding."""
+    import torch
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     ids = sorted((x for x in ids if x), key=len)
     pad = next((p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
@@ -175,7 +175,6 @@ def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
         yield inp, mask
 
 
-@torch.no_grad()
 def activation_stats(model, tokenizer, anatomy, texts, batch_size: int = 8, max_length: int = 256,
                      progress: Callable[[int, int], None] | None = None, cache_dir: str | Path | None = None,
                      fingerprint: str | None = None) -> ActivationStats:
@@ -189,6 +188,7 @@ def activation_stats(model, tokenizer, anatomy, texts, batch_size: int = 8, max_
     Raises ValueError for empty text, batch_size/max_length < 1, or a router whose output is not
     (logits, top_k_weights, top_k_index).
     """
+    import torch   # here, not at the top: reading calibration text and its hash needs no torch
     domains = _as_domains(texts)
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1 (got {batch_size}, {max_length})")
@@ -233,7 +233,8 @@ def activation_stats(model, tokenizer, anatomy, texts, batch_size: int = 8, max_
             for inp, mask in _batches(tokenizer, ts, batch_size, max_length):
                 state["mask"] = mask.reshape(-1).bool().to(device)
                 tokens[d] += int(mask.sum())
-                base(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False)
+                with torch.no_grad():
+                    base(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False)
                 done += inp.shape[0]
                 if progress:
                     progress(done, total)

@@ -1,14 +1,17 @@
 """Streaming expert tensors straight from safetensors shards: MaxNNScore without building the model.
 
 The safetensors header (8-byte length + JSON) gives every tensor's byte range, so only expert and router tensors are
-read, in file order, with the kernel reading ahead (posix_fadvise) while the current tensor is reduced by the same
+queued in file order, with the kernel reading ahead (posix_fadvise), and reduced on worker threads by the same
 norm kernels ``scores`` uses on a built model (imported at call time: ``scores`` re-exports ``stream_scores``).
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -119,17 +122,39 @@ class _Readahead:
             os.close(fd)
 
 
+def _collect(per_layer: dict, t: _Tensor, res, parts: list, last: bool, done: int, total: int, progress) -> int:
+    """File one job's norms under its layer (slices of a fused tensor are joined after the last one)."""
+    d = per_layer.setdefault(t.layer, {"experts": {}})
+    if t.kind == "router":
+        d["router"] = res
+    elif t.kind != "fused":
+        d["experts"].setdefault(t.role, {})[t.expert] = res
+    else:
+        parts.append(res)
+        if not last:
+            return done
+        for p in parts[0]:
+            d["experts"][p] = torch.cat([q[p] for q in parts])
+        parts.clear()
+    done += t.nbytes
+    if progress:
+        progress(done, total)
+    return done
+
+
 @torch.no_grad()
 def stream_scores(folder: str | Path, *, transposed: bool | None = None, interleaved: bool | None = None,
                   gated: bool | None = None, chunk_bytes: int = 64 << 20,
-                  progress: Callable[[int, int], None] | None = None) -> ExpertScores:
+                  progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> ExpertScores:
     """MaxNNScore and Router Norm straight from a folder of safetensors shards, without building the model.
 
-    Reads one tensor at a time through safetensors' memory-mapped ``safe_open`` (fused tensors in slices of
-    experts of about ``chunk_bytes``; a handle is dropped after ~``chunk_bytes`` so mapped pages do not pile up),
-    reduces it into a reused float32 buffer and keeps only the [I] norm vectors; the kernel is asked to read the next
-    128 MiB ahead (posix_fadvise). Tensors other than experts and routers are never read. Memory above the
-    interpreter's stays about ``chunk_bytes`` + 8 MiB whatever the checkpoint size. Key layouts understood:
+    ``threads`` workers (default min(4, CPUs)) each read one tensor at a time through safetensors' memory-mapped
+    ``safe_open`` (fused tensors in slices of experts of about ``chunk_bytes``; a handle is dropped after
+    ~``chunk_bytes`` so mapped pages do not pile up), reduce it into their own reused float32 buffer and keep only
+    the [I] norm vectors; the kernel is asked to read the next 128 MiB ahead (posix_fadvise). Tensors other than
+    experts and routers are never read. Memory above the interpreter's stays about (2 threads + 1) x
+    ``chunk_bytes`` (at most that many tensors or slices read or mapped) + 8 MiB per thread, whatever the checkpoint
+    size. The result does not depend on ``threads`` (same bits). Key layouts understood:
     fused ``...layers.L.mlp.experts.gate_up_proj`` / ``down_proj`` (transformers 5; GPT-OSS transposed and
     interleaved, detected from config.json ``model_type`` unless given), per-expert
     ``...layers.L.mlp.experts.E.{gate,up,down}_proj.weight`` (OLMoE hub), Mixtral's
@@ -153,57 +178,86 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
     if gated is None:       # per-expert: gated iff gate_proj/w1 exists; fused: gate_up holds two halves
         gated = any(p.role == "gate" for p in plan) or any(p.role == "gate_up" and not p.key.endswith(".up_proj")
                                                             for p in plan)
-    per_layer = _reduce(plan, gated, transposed, interleaved, chunk_bytes, progress)
+    per_layer = _reduce(plan, gated, transposed, interleaved, chunk_bytes, progress, threads)
     return ExpertScores(_assemble(per_layer), source=str(folder))
 
 
 def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: bool, chunk_bytes: int,
-            progress) -> dict[int, dict]:
+            progress, threads: int | None = None) -> dict[int, dict]:
     """Read the planned tensors in order and keep only their norms: {layer: {"router": [E], "experts": {...}}}."""
     from safetensors import safe_open
     from .scores import _Scratch, _norms, down_norms, gate_up_norms
     per_layer: dict[int, dict] = {}
-    total, done, scratch = sum(p.nbytes for p in plan), 0, _Scratch()
-    # safe_open maps the whole shard and pages read stay resident until the handle is dropped, so a handle serves
-    # at most ~chunk_bytes of tensors (fused tensors: one slice of experts) and is then reopened.
-    fh, fh_file, fh_bytes = None, None, 0
-    ahead = _Readahead(plan)
-    try:
+    total, done = sum(p.nbytes for p in plan), 0
+    threads = max(1, threads or min(4, os.cpu_count() or 1))
+    # Jobs (one tensor, or one slice of experts of a fused tensor) are reduced by `threads` workers, each with its
+    # own scratch buffer and its own short-lived safe_open handle, at most threads + 1 in flight (memory stays
+    # bounded); results are collected in plan order, and each job's arithmetic does not depend on the thread count,
+    # so the numbers are the same bit for bit. Reading a job's pages (the copy out of the page cache, or the disk
+    # read) overlaps the other workers' reductions: torch releases the GIL.
+    local = threading.local()
+
+    def job(t: _Tensor, e0: int | None, step: int):
+        try:
+            return _job(t, e0, step)
+        except Exception as e:   # safetensors' SafetensorError (a header that lies about its data) derives from Exception
+            if "Safetensor" not in type(e).__name__:
+                raise
+            raise _damaged(t.file, str(e)) from None
+
+    def _job(t: _Tensor, e0: int | None, step: int):
+        scratch = local.__dict__.setdefault("scratch", _Scratch())
+        if e0 is None:   # a thread keeps its handle for ~chunk_bytes of tensors, then reopens (mapped pages go)
+            fh, fh_file, fh_bytes = local.__dict__.get("fh", (None, None, 0))
+            if fh is None or fh_file != t.file or fh_bytes >= chunk_bytes:
+                fh = fh_bytes = None
+                fh, fh_bytes = safe_open(str(t.file), framework="pt"), 0
+            w = fh.get_tensor(t.key)
+            local.fh = (fh, t.file, fh_bytes + t.nbytes)
+        else:
+            with safe_open(str(t.file), framework="pt") as h:
+                w = h.get_slice(t.key)[e0:e0 + step]
+        if t.kind == "router":
+            return _norms(w, 1, scratch)              # router [E, H]: rows
+        if t.kind != "fused":                         # gate/up [I, H]: rows; down [H, I]: columns
+            return _norms(w, 0 if t.role == "down" else 1, scratch)
+        if t.role == "down":
+            return {"down": down_norms(w, transposed=transposed, scratch=scratch)}
+        return gate_up_norms(w, gated=gated and t.role == "gate_up", transposed=transposed,
+                             interleaved=interleaved, scratch=scratch)
+
+    def release():   # each worker drops its handle before the pool ends
+        local.__dict__.pop("fh", None)
+        barrier.wait()
+
+    def jobs():
         for i, t in enumerate(plan):
             ahead.advise(i)
-            d = per_layer.setdefault(t.layer, {"experts": {}})
             if t.kind != "fused":
-                if fh is None or fh_file != t.file or fh_bytes >= chunk_bytes:
-                    fh = None
-                    fh, fh_file, fh_bytes = safe_open(str(t.file), framework="pt"), t.file, 0
-                w = fh.get_tensor(t.key)              # router [E, H]: rows; gate/up [I, H]: rows; down [H, I]: columns
-                fh_bytes += t.nbytes
-                if t.kind == "router":
-                    d["router"] = _norms(w, 1, scratch)
-                else:
-                    d["experts"].setdefault(t.role, {})[t.expert] = _norms(w, 0 if t.role == "down" else 1, scratch)
-                del w
-            else:
-                fh = None
-                step, parts = max(1, int(chunk_bytes // max(1, t.nbytes // t.shape[0]))), []
-                for e0 in range(0, t.shape[0], step):
-                    with safe_open(str(t.file), framework="pt") as h:
-                        w = h.get_slice(t.key)[e0:e0 + step]
-                    parts.append({"down": down_norms(w, transposed=transposed, scratch=scratch)} if t.role == "down"
-                                 else gate_up_norms(w, gated=gated and t.role == "gate_up", transposed=transposed,
-                                                    interleaved=interleaved, scratch=scratch))
-                    del w
-                for p in parts[0]:
-                    d["experts"][p] = torch.cat([q[p] for q in parts])
-            done += t.nbytes
-            if progress:
-                progress(done, total)
-    except Exception as e:   # safetensors' SafetensorError (a header that lies about its data) derives from Exception
-        if "Safetensor" not in type(e).__name__:
-            raise
-        raise _damaged(t.file, str(e)) from None
+                yield t, None, 0, True
+                continue
+            step = max(1, int(chunk_bytes // max(1, t.nbytes // t.shape[0])))
+            starts = range(0, t.shape[0], step)
+            for e0 in starts:
+                yield t, e0, step, e0 == starts[-1]
+
+    ahead = _Readahead(plan)
+    pending, parts, barrier = collections.deque(), [], threading.Barrier(threads)
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="hetmoe-scores") as pool:
+            try:
+                for t, e0, step, last in jobs():
+                    pending.append((t, last, pool.submit(job, t, e0, step)))
+                    while len(pending) > threads:
+                        t, last, fut = pending.popleft()
+                        done = _collect(per_layer, t, fut.result(), parts, last, done, total, progress)
+                while pending:
+                    t, last, fut = pending.popleft()
+                    done = _collect(per_layer, t, fut.result(), parts, last, done, total, progress)
+            finally:
+                for f in [pool.submit(release) for _ in range(threads)]:
+                    f.result()
     finally:
-        fh = None
         ahead.close()
     return per_layer
 

@@ -270,7 +270,6 @@ class Store:
         with self._connect(write=False) as con:
             return con.execute(sql, list(params)).df()
 
-    # -- runs ----------------------------------------------------------------------------------------------
     def get_result(self, key: str) -> dict | None:
         """The stored successful result for cache key ``key`` as {"run": {...}, "metrics": [...]}, or None."""
         with self._connect(write=False) as con:
@@ -367,11 +366,7 @@ class Store:
         filters: {column: value or list of values}, columns from RUN_FILTERS; ValueError on an unknown column.
         status: only runs of this status ("ok" by default, None for all); a "status" filter replaces it.
         """
-        where, params = _where(filters, status)
-        sql = (f"SELECT r.*, m.metric, m.value, m.stderr, m.higher_is_better FROM runs r "
-               f"LEFT JOIN metrics m ON m.key = r.key "
-               f"{where} ORDER BY r.created_at DESC, r.key, m.metric")
-        return self.query(sql, params)
+        return self.query(*_runs_sql(filters, status))
 
     def summary_frame(self, filters: dict | None = None):
         """Mean ± std over seeds of successful results whose configuration is identical but for the seed.
@@ -504,6 +499,12 @@ def _insert(con, table: str, row: dict, ignore: bool = False) -> None:
     names = ", ".join(f'"{c}"' for c in cols)
     verb = "INSERT OR IGNORE" if ignore else "INSERT"
     con.execute(f"{verb} INTO {table} ({names}) VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
+
+
+def _runs_sql(filters: dict | None, status: str | None) -> tuple[str, list]:
+    where, params = _where(filters, status)
+    return (f"SELECT r.*, m.metric, m.value, m.stderr, m.higher_is_better FROM runs r LEFT JOIN metrics m ON m.key = r.key "
+            f"{where} ORDER BY r.created_at DESC, r.key, m.metric"), params
 
 
 def _where(filters: dict | None, status: str | None):

@@ -106,7 +106,7 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
     budgets in [0, 1] (share of routed experts kept digital); limit: lm-eval --limit (int docs, or a fraction < 1).
     Raises ValueError with what to change for any bad value.
     """
-    from .models import source_fingerprint
+    from .fingerprints import source_fingerprint
     from .noise import get_preset
     from .placement import DensePolicy
     strategies = _as_list(strategies)

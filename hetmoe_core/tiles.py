@@ -43,6 +43,31 @@ def _quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
     return UniformQuantize.apply(x, res, bound, False).clamp(-bound, bound)
 
 
+# aihwkit's BaseNoiseModel.apply_programming_noise also computes every conductance's drift coefficients nu (log,
+# abs, clamp over each device: ~40% of programming a PCM preset), which only drifting presets use. Without drift we
+# keep nu's random draw (one randn_like per conductance, same shape) and skip its arithmetic, so the global RNG
+# advances exactly as in the official route and every programmed weight is the same bit for bit. Only for noise
+# models whose nu is exactly that one draw; any other model (or a subclass that overrides either method) takes
+# the official route unchanged.
+_NU_IS_ONE_DRAW = {"PCMLikeNoiseModel.generate_drift_coefficients",
+                   "StateIndependentNoiseModel.generate_drift_coefficients"}
+
+
+def _programming_noise(noise_model, wn: torch.Tensor, drifts: bool):
+    """``noise_model.apply_programming_noise(wn)``; when ``drifts`` is False, nu (unused then) is drawn, not built."""
+    from aihwkit.inference.noise.base import BaseNoiseModel
+    cls = type(noise_model)
+    if drifts or cls.apply_programming_noise is not BaseNoiseModel.apply_programming_noise or \
+            cls.generate_drift_coefficients.__qualname__ not in _NU_IS_ONE_DRAW:
+        return noise_model.apply_programming_noise(wn)
+    targets, params = noise_model.g_converter.convert_to_conductances(wn)
+    noisy = []
+    for g in targets:
+        noisy.append(noise_model.apply_programming_noise_to_conductance(g))
+        torch.randn_like(g)   # nu's draw (generate_drift_coefficients: randn_like of a same-shaped tensor)
+    return noise_model.g_converter.convert_back_to_weights(noisy, params), None
+
+
 @torch.no_grad()
 def program_weights(w: torch.Tensor, noise: NoiseConfig, noise_model, in_sizes: list[int], out_sizes: list[int],
                     seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +98,7 @@ def program_weights(w: torch.Tensor, noise: NoiseConfig, noise_model, in_sizes: 
             wt = w[:, :, i0:i0 + ni]
             s = wt.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
             wn = wt / s
-            wp, nu = noise_model.apply_programming_noise(wn)
+            wp, nu = _programming_noise(noise_model, wn, noise.drifts)
             wd = noise_model.apply_drift_noise(wp, nu, noise.t_inference) if noise.drifts else wp
             alpha = torch.ones(n, O, 1, dtype=torch.float32, device=w.device)
             if noise.drifts and noise.drift_compensation:

@@ -158,3 +158,22 @@ def test_cli_scores(capsys, tmp_path):
     assert main(["scores", "tiny:olmoe", "--calib", str(tmp_path / "missing.txt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: calibration file") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_streaming_threads_give_the_same_bits(models, family, tmp_path):
+    """Worker threads only change who reduces which tensor: 1 and 3 threads agree bit for bit, per-expert and
+    fused layouts (fused: slices of one expert, so several jobs per tensor)."""
+    models[family].save_pretrained(tmp_path / "hub")
+    sd = {k: v.detach().clone().contiguous() for k, v in models[family].state_dict().items()}
+    (tmp_path / "fused").mkdir()
+    save_file(sd, str(tmp_path / "fused" / "model.safetensors"))
+    models[family].config.to_json_file(str(tmp_path / "fused" / "config.json"))
+    for folder, chunk in (("hub", 64 << 20), ("fused", 1000)):
+        one, three = (stream_scores(tmp_path / folder, threads=n, chunk_bytes=chunk) for n in (1, 3))
+        for x, y in zip(one.layers, three.layers):
+            assert x.layer == y.layer and set(x.neuron_norms) == set(y.neuron_norms)
+            for p in x.neuron_norms:
+                assert np.array_equal(x.neuron_norms[p], y.neuron_norms[p])
+            assert np.array_equal(x.router_norm, y.router_norm)
+        _assert_same(three, expert_scores(anatomy_of(models[family])))

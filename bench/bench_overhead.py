@@ -1,0 +1,126 @@
+"""Per-result overhead of a noisy evaluation: wall time of one result vs the forward passes it runs, in one run.
+
+    python bench/bench_overhead.py                                   # default model, limit 1, two presets
+    python bench/bench_overhead.py --presets aihwkit-pcm-drift --limit 4 --rounds 3
+
+The model is loaded once (as a sweep or the dashboard does); each round evaluates one new result per preset
+(a new seed, so nothing comes from the cache) into a fresh store. Forward time is summed by hooks around the
+model's forward calls; "programming" is the time to enter ``analog(...)`` for the same placement and seed,
+measured on its own; the programming-noise step alone is also timed against aihwkit's route. Goal: overhead (result - forward) <= 20% of forward. Prints medians over rounds (round 0,
+which pays one-off imports and task indexing, is shown apart).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hetmoe_core.evaluate import evaluate_many  # noqa: E402
+from hetmoe_core.models import load_model  # noqa: E402
+
+
+class ForwardClock:
+    """Seconds spent inside ``model.forward`` (outermost calls only)."""
+
+    def __init__(self, model):
+        self.total, self.depth, self.calls = 0.0, 0, 0
+        self.h = [model.register_forward_pre_hook(self.pre), model.register_forward_hook(self.post)]
+
+    def pre(self, *_):
+        if self.depth == 0:
+            self.t0 = time.perf_counter()
+        self.depth += 1
+
+    def post(self, *_):
+        self.depth -= 1
+        if self.depth == 0:
+            self.total += time.perf_counter() - self.t0
+            self.calls += 1
+
+
+def program_time(lm, preset: str, seed: int, strategy: str, budget: float) -> float:
+    import torch
+    from hetmoe_core.analog import analog
+    from hetmoe_core.noise import get_preset
+    from hetmoe_core.placement import place
+    p = place(lm.anatomy, strategy, budget)
+    t0 = time.perf_counter()
+    with torch.no_grad(), analog(lm.model, lm.anatomy, p, get_preset(preset), seed=seed):
+        dt = time.perf_counter() - t0
+    return dt
+
+
+def programming_shortcut(preset: str, rounds: int = 5) -> tuple[float, float]:
+    """Median seconds of aihwkit's apply_programming_noise vs tiles._programming_noise (drift coefficients drawn,
+    not built) on 16 x 256 x 256 normalised weights (the default model's gate_up of one layer), interleaved."""
+    import torch
+    from hetmoe_core.noise import get_preset
+    from hetmoe_core.tiles import _programming_noise
+    noise = get_preset(preset)
+    nm = noise.build_noise_model()
+    w = torch.randn(16, 256, 256, generator=torch.Generator().manual_seed(0))
+    w = w / w.abs().amax(-1, keepdim=True)
+    off, short = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        nm.apply_programming_noise(w)
+        off.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _programming_noise(nm, w, noise.drifts)
+        short.append(time.perf_counter() - t0)
+    return statistics.median(off), statistics.median(short)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", default="default")
+    ap.add_argument("--presets", default="paper-pcm-c1.5,aihwkit-pcm-drift")
+    ap.add_argument("--task", default="hetmoe_cloze")
+    ap.add_argument("--limit", type=float, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--strategy", default="maxnn")
+    ap.add_argument("--budget", type=float, default=0.125)
+    a = ap.parse_args()
+    import logging
+    for name in ("lm_eval", "datasets", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    t0 = time.perf_counter()
+    lm = load_model(a.source)
+    print(f"model {a.source} loaded in {time.perf_counter() - t0:.1f} s; task {a.task}, limit {a.limit}, "
+          f"{a.strategy} budget {a.budget}")
+    clock = ForwardClock(lm.model)
+    rows = {p: [] for p in a.presets.split(",")}
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(a.rounds + 1):
+            for p in rows:
+                f0, c0, t0 = clock.total, clock.calls, time.perf_counter()
+                (res,) = evaluate_many(a.source, lm=lm, store=Path(d) / f"r{r}.duckdb", presets=p, seeds=[r],
+                                       tasks=a.task, limit=a.limit, strategies=a.strategy, budgets=a.budget,
+                                       include_ideal=False)
+                wall, fwd = time.perf_counter() - t0, clock.total - f0
+                assert not res["cached"]
+                rows[p].append((wall, fwd, clock.calls - c0, program_time(lm, p, r, a.strategy, a.budget)))
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    for p in rows:
+        off, short = programming_shortcut(p)
+        print(f"{p:<22} programming noise of 1M weights: aihwkit route {off * 1e3:7.1f} ms, hetmoe {short * 1e3:7.1f} ms "
+              f"(ratio {short / off:.2f}; drifting presets take aihwkit's route)")
+    for p, xs in rows.items():
+        w0, f0, n0, g0 = xs[0]
+        med = [statistics.median(x[i] for x in xs[1:]) for i in range(4)]
+        w, f, n, g = med
+        print(f"{p:<22} result {w:6.2f} s = forward {f:5.2f} s ({n:.0f} calls) + overhead {w - f:5.2f} s "
+              f"(programming {g:5.2f} s); overhead/forward {(w - f) / max(f, 1e-9):6.2f} (goal <= 0.2); "
+              f"first round {w0:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

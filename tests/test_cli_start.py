@@ -1,0 +1,72 @@
+"""Commands that answer from the store start without the deep-learning stack: each runs in a fresh interpreter and
+reports which heavy modules it imported (a speed test by construction, not by a timer)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hetmoe_core.evaluate import plan
+from hetmoe_core.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "aihwkit", "lm_eval")
+PROBE = """
+import json, sys
+from hetmoe_core.cli import main
+rc = main(sys.argv[1:])
+sys.stdout.flush()
+print("HEAVY=" + json.dumps([m for m in %r if m in sys.modules]), file=sys.stderr)
+sys.exit(rc)
+""" % (HEAVY,)
+
+
+def run_cli(*args):
+    """(exit code, stdout, heavy modules imported) of ``python -m hetmoe_core <args>`` in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    line = [ln for ln in out.stderr.splitlines() if ln.startswith("HEAVY=")]
+    assert line, out.stderr
+    return out.returncode, out.stdout, json.loads(line[-1][6:])
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real store holding the maxnn and ideal results of the default model on hetmoe_cloze (limit 2, 2 seeds),
+    keyed exactly as `evaluate` keys them; the metric values are stand-ins (no forward pass needed here)."""
+    path = tmp_path_factory.mktemp("cli") / "r.duckdb"
+    st = Store(path)
+    for i, spec in enumerate(plan("default", tasks="hetmoe_cloze", limit=2, seeds=2)):
+        metrics = [{"task": "hetmoe_cloze", "metric": "acc", "value": 0.5 + i / 8, "stderr": 0.25, "seed": spec.seed,
+                    "higher_is_better": True}]
+        st.put_result(spec.key, {**spec.row(), "duration_s": 1.0, "digital_share": 0.4}, metrics)
+    return path
+
+
+def test_runs_json_without_deep_learning_stack(store):
+    rc, out, heavy = run_cli("runs", "--store", str(store), "--json")
+    assert rc == 0 and heavy == []
+    rows = json.loads(out)["rows"]
+    assert len(rows) == 3 and sorted(r["value"] for r in rows) == [0.5, 0.625, 0.75]
+    assert all(r["created_at"][10] == "T" for r in rows)   # ISO time, as before
+    rc, out, heavy = run_cli("runs", "--store", str(store), "--summary", "--where", "strategy=maxnn", "--json")
+    (row,) = json.loads(out)["rows"]
+    assert rc == 0 and heavy == [] and row["n_seeds"] == 2 and row["mean"] == pytest.approx(0.6875)
+    assert row["std"] == pytest.approx(0.0883883, rel=1e-5) and row["seeds"] == [0, 1]
+
+
+def test_export_and_report_without_deep_learning_stack(store, tmp_path):
+    rc, out, heavy = run_cli("export", "--store", str(store), str(tmp_path / "s.zip"), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["tables"]["runs"]["rows"] == 3
+    rc, out, heavy = run_cli("report", str(tmp_path / "s.zip"), "--out", str(tmp_path / "r.html"), "--json")
+    assert rc == 0 and heavy == [] and (tmp_path / "r.html").stat().st_size > 10_000
+
+
+def test_cache_hit_evaluate_without_deep_learning_stack(store):
+    """The key of every result is computed from the request and the weights' file hash, not from the model."""
+    rc, out, heavy = run_cli("evaluate", "default", "--store", str(store), "--tasks", "hetmoe_cloze", "--limit", "2",
+                             "--seeds", "2", "--json")
+    res = json.loads(out)
+    assert rc == 0 and heavy == [] and (res["computed"], res["cached"]) == (0, 3)
+    (maxnn,) = [r for r in res["summary"] if r["strategy"] == "maxnn"]
+    assert maxnn["mean"] == pytest.approx(0.6875) and maxnn["n_seeds"] == 2
