@@ -1,7 +1,7 @@
 """Standalone HTML report of stored results (a snapshot or a store): opens offline, plotly.js embedded.
 
 Sections: score table (mean ± std over seeds per strategy, budget and preset, with the ideal all-digital result),
-one figure per task and headline metric (score vs digital budget, one line per strategy × preset, error bars =
+one figure per task, headline metric and limit (score vs digital budget in %, one line per strategy × preset, error bars =
 std over seeds, dashed line = ideal), score vs energy per token (one point per configuration, Pareto front;
 ``energy.run_costs``), and the placements used.
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 from .store import Store, atomic_write, output_path
 
 HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
-VARIANT_COLUMNS = ("backend", "dtype", "batch_size", "num_fewshot", "analog_dense", "limit")   # besides the preset
+VARIANT_COLUMNS = ("backend", "dtype", "batch_size", "num_fewshot", "analog_dense")   # besides the preset; the limit
+# splits figures (results.chart_groups)
 # Deprecated: metric direction is stored with each metric (store.summary_frame "higher_is_better", from lm-eval's
 # results); this list remains only for pages/results.py until it reads that column.
 LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -93,9 +94,12 @@ def _direction(metric: str, rows) -> bool | None:
 
 
 def _figures(summary) -> list:
+    """One figure per (task, headline metric, limit) (results.chart_groups): score vs digital budget in % of routed
+    experts, as the dashboard draws it; the dashed ideal line is the all-digital result at the same limit."""
     import plotly.graph_objects as go
+    from .results import chart_groups, limit_label
     figs = []
-    for (task, metric), g in summary.groupby(["task", "metric"], sort=True):
+    for task, metric, limit, g in chart_groups(summary):
         if metric not in HEADLINE:
             continue
         fig = go.Figure()
@@ -106,18 +110,18 @@ def _figures(summary) -> list:
             line = line.sort_values("budget")
             name = " · ".join([k[0], k[1]] + [f"{c}={v}" for c, v in zip(varied, k[2:])])
             fig.add_trace(go.Scatter(
-                x=line.budget, y=line["mean"], mode="lines+markers", name=name,
+                x=line.budget * 100, y=line["mean"], mode="lines+markers", name=name,
                 error_y=dict(type="data", array=line["std"].fillna(0).tolist(), visible=True),
                 customdata=line[["n_seeds"]].to_numpy(),
-                hovertemplate="budget %{x}<br>%{y:.4g} (n=%{customdata[0]} seeds)<extra></extra>"))
+                hovertemplate="budget %{x:.1f}%<br>%{y:.4g} (n=%{customdata[0]} seeds)<extra></extra>"))
         if len(ideal):
             fig.add_hline(y=float(ideal["mean"].iloc[0]), line_dash="dash", line_color="black",
                           annotation_text="ideal (all digital)", annotation_position="top left")
         arrow = {True: "higher is better", False: "lower is better"}.get(_direction(metric, g), "direction unknown")
-        fig.update_layout(title=f"{task} — {metric} ({arrow}) vs digital budget", template="plotly_white",
-                          xaxis_title="digital budget (share of routed experts digital)", yaxis_title=metric,
-                          height=420, legend_title="strategy · preset", showlegend=True)
-        fig.update_xaxes(range=[-0.03, 1.03])   # budgets live in [0, 1]
+        fig.update_layout(title=f"{task} — {metric} ({arrow}) vs digital budget · {limit_label(limit)}",
+                          template="plotly_white", xaxis_title="digital budget (% of routed experts)",
+                          yaxis_title=metric, height=420, legend_title="strategy · preset", showlegend=True)
+        fig.update_xaxes(range=[-3, 103], ticksuffix="%")   # budgets in percent, as on the dashboard
         figs.append(fig)
     return figs
 
@@ -137,6 +141,7 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     or when ``out`` is a folder, exists and ``overwrite`` is False, or is the source itself (store.output_path).
     """
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
+    from .results import limit_label
     out = output_path(out, overwrite, protect=[getattr(source, "path", source)])
     with _opened(source) as store:
         summary, placements = store.summary_frame(), store.placements_frame()
@@ -150,8 +155,10 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     enote = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in enotes)
     table = summary.assign(score=[_score(m, s, d) for m, s, d in zip(summary["mean"], summary["std"],
                                                                       summary["deterministic"])],
-                           digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"))
-    cols = ["task", "metric", "strategy", "budget", "preset", "backend", "dtype", "batch_size", "num_fewshot",
+                           digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"),
+                           limit=summary["limit"].map(limit_label),
+                           **{"budget %": summary.budget.map(lambda b: f"{b * 100:g}")})
+    cols = ["task", "metric", "strategy", "budget %", "preset", "backend", "dtype", "batch_size", "num_fewshot",
             "analog_dense", "score", "n_seeds", "digital_share", "limit", "model_source", "origins"]
     ptable = ""
     if len(placements):

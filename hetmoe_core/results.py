@@ -60,6 +60,25 @@ def at_limit(summary: pd.DataFrame, limit) -> pd.DataFrame:
     return summary[summary["limit"] == limit]
 
 
+def limit_label(limit) -> str:
+    """A limit in words: "20 documents per task", or "all documents" for ``ALL`` / a missing (NULL, NaN) limit,
+    which means every document of the task was scored."""
+    if limit is None or limit == ALL or (isinstance(limit, float) and math.isnan(limit)):
+        return "all documents"
+    n = int(limit)
+    return f"{n} document{'' if n == 1 else 's'} per task"
+
+
+def chart_groups(summary: pd.DataFrame) -> list[tuple[str, str, object, pd.DataFrame]]:
+    """[(task, metric, limit, rows)]: one chart's worth of a summary frame per (task, metric, limit), sorted; limit
+    is an int or ``ALL``. Results with different limits are scored on different documents, so they never share a
+    chart, and each chart's ideal (all-digital) reference comes from its own rows."""
+    out = []
+    for (task, metric), g in summary.groupby(["task", "metric"], sort=True):
+        out += [(task, metric, lim, at_limit(g, lim)) for lim in limit_choices(g)]
+    return out
+
+
 def keep_selection(chosen, options: list) -> tuple[list, list]:
     """A filter's selection after its options changed (e.g. another limit): (kept, dropped).
 

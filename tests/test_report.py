@@ -1,0 +1,71 @@
+"""The HTML report's charts: one per (task, metric, limit), budget in %, the ideal line from the same limit, and a
+missing limit said in words — checked on the HTML written from a real DuckDB store."""
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from hetmoe_core.evaluate import plan, source_fingerprint
+from hetmoe_core.report import write_report
+from hetmoe_core.results import ALL, chart_groups, limit_label
+from hetmoe_core.store import Store
+
+FP = source_fingerprint("default")
+IDEAL = {4: 0.71, None: 0.83}          # the all-digital result differs per limit
+
+
+def _put(st: Store, limit):
+    """Ideal + maxnn at budgets 12.5 % and 50 % on hetmoe_cloze with ``limit`` documents (None: all)."""
+    for s in plan("default", fingerprint=FP, tasks="hetmoe_cloze", budgets=(0.125, 0.5), limit=limit):
+        value = IDEAL[limit] if s.ideal else 0.4 + s.budget / 10
+        st.put_result(s.key, {**s.row(), "duration_s": 1.0, "digital_share": 0.2},
+                      [{"task": s.task.name, "metric": "acc", "value": value, "stderr": 0.01, "seed": s.seed}])
+
+
+def _figures(html: str) -> list[dict]:
+    """The plotly figures embedded in the report ({"data", "layout"} each)."""
+    figs = []
+    for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{"responsive"', html, re.S):
+        figs.append({"data": json.loads(m.group(1)), "layout": json.loads(m.group(2))})
+    return figs
+
+
+def _values(a) -> list:
+    """A plotly array as JSON holds it: a list, or (plotly >= 6) typed binary {"dtype", "bdata" (base64)}."""
+    if isinstance(a, dict):
+        return np.frombuffer(base64.b64decode(a["bdata"]), dtype=a["dtype"]).tolist()
+    return list(a)
+
+
+def test_report_has_one_chart_per_limit_in_percent_with_its_own_ideal(tmp_path):
+    st = Store(tmp_path / "r.duckdb")
+    _put(st, 4)
+    _put(st, None)
+    groups = chart_groups(st.summary_frame())
+    assert [(t, m, lim, len(g)) for t, m, lim, g in groups] == [("hetmoe_cloze", "acc", 4, 3),
+                                                                 ("hetmoe_cloze", "acc", ALL, 3)]
+    assert limit_label(float("nan")) == limit_label(None) == limit_label(ALL) == "all documents"
+    assert limit_label(4.0) == "4 documents per task"
+
+    rep = write_report(st, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert rep["figures"] == 2
+    figs = _figures(html)
+    assert len(figs) == 2
+    by_title = {f["layout"]["title"]["text"]: f for f in figs}
+    four = next(f for t, f in by_title.items() if "4 documents per task" in t)
+    every = next(f for t, f in by_title.items() if "all documents" in t)
+    for f, ideal in ((four, IDEAL[4]), (every, IDEAL[None])):
+        (line,) = f["data"]                                     # one strategy line: limits never share a chart
+        assert _values(line["x"]) == [12.5, 50.0]                        # budget in %, as on the dashboard
+        assert _values(line["y"]) == pytest.approx([0.4125, 0.45])
+        assert f["layout"]["xaxis"]["range"] == [-3, 103] and "%" in f["layout"]["xaxis"]["title"]["text"]
+        (hline,) = f["layout"]["shapes"]                        # the ideal line of this chart's own limit
+        assert hline["y0"] == hline["y1"] == pytest.approx(ideal)
+    # no "nan" anywhere the report speaks (plotly.js itself, the first script, is skipped)
+    body = html[html.index("</script>", html.index("plotly.js v")):]
+    assert not re.search(r"\bnan\b", body, re.I), re.search(r".{60}\bnan\b.{60}", body, re.I | re.S)
+    assert "limit nan" not in html and "<td>all documents</td>" in html and "<td>4 documents per task</td>" in html
+    assert "<td>12.5</td>" in html and "<td>0.125</td>" not in html   # the table's budget is in % too
