@@ -1,12 +1,11 @@
 """Evaluate page: a noise preset (every parameter editable), strategies, budgets, seeds, tasks; run in background."""
-import dataclasses
 import time
 
 import streamlit as st
 
 from hetmoe_core import evaluate as ev
 from hetmoe_core import figures, results, ui
-from hetmoe_core.noise import NOISE_MODELS, PRESET_DOCS, PRESETS, NoiseConfig
+from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs
 from hetmoe_core.placement import DENSE_KINDS, budgets_from_percent
 from hetmoe_core.store import Store
 from hetmoe_core.scores import STRATEGIES
@@ -19,21 +18,9 @@ ss = st.session_state
 h = ui.require_model()
 
 # ---------------------------------------------------------------- noise preset, every field editable
-HELP = {  # units and meaning of every NoiseConfig field (see hetmoe_core/noise.py)
-    "noise_model": "Weight-noise model (aihwkit): pcm = PCMLikeNoiseModel, reram-wan2022, hermes, gaussian, none.",
-    "dac_bits": "DAC resolution on tile inputs, bits (0 = ideal DAC).",
-    "adc_bits": "ADC resolution on tile outputs, bits (0 = ideal ADC).",
-    "out_bound": "ADC clipping bound, normalised output units (channel abs-max × input range = 1).",
-    "out_noise": "Std of Gaussian noise on each tile output before the ADC, normalised output units.",
-    "prog_noise_scale": "Scale c of the programming noise (paper: 1.5 and 2.5). Unitless.",
-    "read_noise_scale": "Scale of the 1/f read noise accumulated at t_inference. Unitless.",
-    "drift_scale": "Scale of the conductance drift exponents ν. Unitless.",
-    "t_inference": "Time of inference after programming, seconds (86400 = one day). Drift and read noise act up to it.",
-    "g_max": "Conductance the channel abs-max maps to, µS (0 = the noise model's default).",
-    "gaussian_std": "For noise_model=gaussian: weight-noise std relative to each channel's abs-max.",
-    "drift_compensation": "Global drift compensation (aihwkit GlobalDriftCompensation).",
-    "tile_size": "Largest tile, rows and columns (paper: 512).",
-}
+# Help, unit and allowed range of every widget come from NoiseConfig's field metadata (noise.field_docs), the one
+# source the CLI's `presets` command reads too.
+DOCS = field_docs()
 presets = list(PRESETS)
 if ss.get("preset") not in presets:
     ss["preset"] = presets[0]
@@ -42,27 +29,40 @@ preset = c1.selectbox("Noise preset", presets, key="preset", persist_state="sess
                       help="Start from a preset; every parameter below can be changed.")
 c2.info(PRESET_DOCS.get(preset, ""))
 base = PRESETS[preset]
-UNITS = {"dac_bits": "bits, 0 = ideal", "adc_bits": "bits, 0 = ideal", "t_inference": "s", "g_max": "µS, 0 = default",
-         "tile_size": "rows = cols"}
-with st.expander("Noise parameters (units in the tooltips)", expanded=False):
+
+
+def noise_help(doc: dict) -> str:
+    """A parameter's tooltip: its meaning and the source of its formula, from the field metadata."""
+    return f"{doc['help']}\n\nSource: {doc['source']}."
+
+
+def noise_label(name: str, doc: dict) -> str:
+    """A parameter's label with its unit, and what 0 stands for when the field is optional (None)."""
+    unit = doc["unit"] if doc["unit"] not in ("", "unitless", "on/off") else ""
+    zero = f"0 = {doc['optional']}" if doc["optional"] else ""
+    extra = ", ".join(x for x in (unit, zero) if x)
+    return f"{name} ({extra})" if extra else name
+
+
+with st.expander("Noise parameters (units in the labels, meaning and source in the tooltips)", expanded=False):
     cols = st.columns(4)
     vals = {}
-    for i, f in enumerate(x for x in dataclasses.fields(NoiseConfig) if x.name != "name"):
-        v, col, k = getattr(base, f.name), cols[i % 4], f"nz_{preset}_{f.name}"
-        label = f"{f.name} ({UNITS[f.name]})" if f.name in UNITS else f.name
-        kw = dict(key=k, help=HELP.get(f.name), persist_state="session")
-        if f.name == "noise_model":
-            vals[f.name] = col.selectbox(label, NOISE_MODELS, index=NOISE_MODELS.index(v), **kw)
-        elif isinstance(v, bool):
-            vals[f.name] = col.checkbox(label, v, **kw)
-        elif f.name in ("dac_bits", "adc_bits", "g_max"):          # optional: 0 stands for None
-            num = col.number_input(label, 0, 24, v or 0, **kw) if f.name != "g_max" else \
-                col.number_input(label, 0.0, 1000.0, float(v or 0.0), **kw)
-            vals[f.name] = num or None
-        elif isinstance(v, int):
-            vals[f.name] = int(col.number_input(label, 1, 1 << 16, v, **kw))
-        elif isinstance(v, float):
-            vals[f.name] = col.number_input(label, 0.0, None, v, format="%.4g", **kw)
+    for i, (name, doc) in enumerate((n, d) for n, d in DOCS.items() if n != "name"):
+        v, col, allowed = getattr(base, name), cols[i % 4], doc["allowed"]
+        kw = dict(key=f"nz_{preset}_{name}", help=noise_help(doc), persist_state="session")
+        label = noise_label(name, doc)
+        if isinstance(allowed[0], str):                             # a choice among names
+            vals[name] = col.selectbox(label, allowed, index=allowed.index(v), **kw)
+        elif isinstance(allowed[0], bool):
+            vals[name] = col.checkbox(label, v, **kw)
+        elif isinstance(allowed[0], int):                           # optional: 0 stands for None
+            lo = 0 if doc["optional"] else allowed[0]
+            num = int(col.number_input(label, lo, allowed[1], v or 0 if doc["optional"] else v, **kw))
+            vals[name] = (num or None) if doc["optional"] else num
+        else:
+            lo = 0.0 if doc["optional"] else float(allowed[0])
+            num = col.number_input(label, lo, float(allowed[1]), float(v or 0.0), format="%.4g", **kw)
+            vals[name] = (num or None) if doc["optional"] else num
 overrides = {k: v for k, v in vals.items() if v != getattr(base, k)}
 try:
     noise = base.replace(**overrides)

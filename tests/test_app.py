@@ -261,3 +261,22 @@ def test_learn_widgets_keep_state_and_lesson_follows_numbers(store_env):
         rank = int(re.search(r"rank (\d+) of", text).group(1))
         if "removes the largest errors" in text:
             assert rank == 1 and ratio >= 1.5, text
+
+
+def test_evaluate_noise_widgets_come_from_the_field_metadata(store_env):
+    """L2: the noise parameters' help, unit and bounds are NoiseConfig's field metadata (noise.field_docs), not a
+    copy on the page: tile_size stops at the allowed 8192, dac_bits at 24 with 0 for an ideal DAC."""
+    from hetmoe_core.noise import field_docs
+    docs = field_docs()
+    at = page(app(), "evaluate")
+    preset = at.selectbox(key="preset").value
+    tile = at.number_input(key=f"nz_{preset}_tile_size")
+    assert tile.help == f"{docs['tile_size']['help']}\n\nSource: {docs['tile_size']['source']}."
+    assert tile.proto.max == docs["tile_size"]["allowed"][1] == 8192 and tile.proto.min == 1
+    dac = at.number_input(key=f"nz_{preset}_dac_bits")
+    assert dac.label == "dac_bits (bits, 0 = ideal DAC)" and dac.proto.min == 0 and dac.proto.max == 24
+    assert at.number_input(key=f"nz_{preset}_t_inference").label == "t_inference (s)"
+    assert at.selectbox(key=f"nz_{preset}_noise_model").options == list(docs["noise_model"]["allowed"])
+    # an edit within the range changes the configuration; the field's own range check stays the judge
+    at.number_input(key=f"nz_{preset}_tile_size").set_value(256).run()
+    assert not at.exception and any("tile_size = 256" in c.value for c in at.caption)
