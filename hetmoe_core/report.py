@@ -53,23 +53,25 @@ def _opened(source: str | os.PathLike | Store):
 
 
 def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
-    """Score vs energy per token (energy.run_costs on the default hardware at batch 32), one figure per model, task
-    and headline metric, one point per configuration; and notes for models whose config could not be read."""
+    """Score vs energy per token (energy.run_costs on the default hardware at batch 32), one figure per model, task,
+    headline metric and limit, one point per configuration; and notes for models whose config could not be read."""
     from . import energy, figures
+    from .results import chart_groups, limit_label
     figs, notes = [], []
     for fp in sorted(summary.model_fingerprint.dropna().unique()):
         runs, note = energy.run_costs(store, fp)
         if runs is None:
             notes.append(f"{fp}: {note}")
             continue
-        for (task, metric), g in runs.groupby(["task", "metric"], sort=True):
+        for task, metric, limit, g in chart_groups(runs):      # limits never share a figure
             if metric not in HEADLINE:
                 continue
             higher = _direction(metric, summary[summary.metric == metric]) is not False
             arrow = "higher is better" if higher else "lower is better"
             figs.append(figures.accuracy_vs_energy(
                 energy.config_points(g), metric, higher,
-                title=f"{task} — {metric} ({arrow}) vs energy per token ({energy.DEFAULT_HARDWARE}, {note})"))
+                title=f"{task} — {metric} ({arrow}) vs energy per token · {limit_label(limit)} "
+                      f"({energy.DEFAULT_HARDWARE}, {note})"))
     return figs, notes
 
 

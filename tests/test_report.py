@@ -69,3 +69,25 @@ def test_report_has_one_chart_per_limit_in_percent_with_its_own_ideal(tmp_path):
     assert not re.search(r"\bnan\b", body, re.I), re.search(r".{60}\bnan\b.{60}", body, re.I | re.S)
     assert "limit nan" not in html and "<td>all documents</td>" in html and "<td>4 documents per task</td>" in html
     assert "<td>12.5</td>" in html and "<td>0.125</td>" not in html   # the table's budget is in % too
+
+
+def test_energy_figures_are_split_by_limit_too(tmp_path):
+    """Score vs energy per token: results at limit 4 and at every document give one figure each."""
+    from hetmoe_core.models import anatomy_of, tiny_model
+    from hetmoe_core.placement import place
+    a = anatomy_of(tiny_model("olmoe"))
+    st = Store(tmp_path / "r.duckdb")
+    for i, (limit, b) in enumerate((lim, b) for lim in (4, None) for b in (0.0, 0.5)):
+        p = place(a, "maxnn", b)
+        st.put_result(f"k{i}", {"model_source": "tiny:olmoe", "model_fingerprint": "tiny:olmoe:seed0",
+                                "strategy": "maxnn", "budget": b, "scope": "layer", "preset": "paper-pcm-c1.5",
+                                "seed": 0, "backend": "fast", "task": "hetmoe_cloze", "limit": limit,
+                                "placement_key": p.key},
+                      [{"task": "hetmoe_cloze", "metric": "acc", "value": 0.4 + b / 10, "seed": 0}],
+                      {"key": p.key, "model_fingerprint": "tiny:olmoe:seed0", "strategy": "maxnn", "budget": b,
+                       "scope": "layer", "seed": 0, "placement": p.to_json()})
+    rep = write_report(st, tmp_path / "r.html")
+    titles = [f["layout"]["title"]["text"] for f in _figures((tmp_path / "r.html").read_text())]
+    energy = [t for t in titles if "energy per token" in t]
+    assert rep["figures"] == 2 and rep["energy_figures"] == 2 and len(energy) == 2
+    assert any("4 documents per task" in t for t in energy) and any("all documents" in t for t in energy)
