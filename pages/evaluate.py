@@ -57,7 +57,7 @@ with st.expander("Noise parameters (units in the labels, meaning and source in t
             vals[name] = col.checkbox(label, v, **kw)
         elif isinstance(allowed[0], int):                           # optional: 0 stands for None
             lo = 0 if doc["optional"] else allowed[0]
-            num = int(col.number_input(label, lo, allowed[1], v or 0 if doc["optional"] else v, **kw))
+            num = int(col.number_input(label, lo, allowed[1], (v or 0) if doc["optional"] else v, **kw))
             vals[name] = (num or None) if doc["optional"] else num
         else:
             lo = 0.0 if doc["optional"] else float(allowed[0])
