@@ -39,18 +39,22 @@ def cmd_info(args) -> dict:
 # ---- scores, place (issue B)
 def _calib_args(p):
     p.add_argument("--calib", default=None, help="calibration text (.txt one per line, .json, .jsonl with "
-                   "text/domain); default: the default model's validation text")
+                   "text/domain); default: the default model's validation text (built-in sentences for tiny: models)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per calibration text (truncated)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per forward window (longer texts are cut into windows)")
     p.add_argument("--cache-dir", default=None, help="activation-statistics cache (default cache/activation)")
 
 
 def _activation(args, lm):
-    from .routing import activation_stats, default_calibration, read_calibration
-    texts, where = (read_calibration(args.calib), args.calib) if args.calib else default_calibration()
+    from .routing import activation_stats, calibration_hash, default_calibration, is_builtin, read_calibration
+    texts, where = (read_calibration(args.calib), args.calib) if args.calib else default_calibration(args.source)
+    if is_builtin(where) and not args.json:
+        print(f"note: calibration = {where}", file=sys.stderr)
     stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, batch_size=args.batch_size,
                              max_length=args.max_length, cache_dir=args.cache_dir, fingerprint=lm.fingerprint)
-    return stats, {"from": where, "tokens": stats.num_tokens, "domains": list(stats.domains)}
+    return stats, {"source": where, "from": where, "builtin": is_builtin(where), "tokens": stats.num_tokens,
+                   "hash": calibration_hash(texts, args.max_length), "domains": list(stats.domains),
+                   "tokens_per_domain": dict(zip(stats.domains, stats.tokens.tolist()))}
 
 
 def add_scores(p):
@@ -197,7 +201,8 @@ def add_runs(p):
     _store_arg(p)
     p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]",
                    help="filter, e.g. --where strategy=maxnn --where task=paper_piqa (repeatable)")
-    p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric")
+    p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric, "
+                   "with the recovered fraction of the noise loss and paired deltas between strategies (95%% CIs)")
     p.add_argument("--max-rows", type=int, default=200)
 
 
@@ -223,15 +228,35 @@ def cmd_runs(args) -> dict:
     df = st.summary_frame(_filters(args.where)) if args.summary else st.runs_frame(_filters(args.where)).drop(
         columns=["config", "versions", "error"])
     rows = json.loads(df.head(args.max_rows).to_json(orient="records", date_format="iso"))
+    paired = rec = None
+    if args.summary:
+        from .paired import paired_deltas, recovery_table
+        runs = st.runs_frame(_filters(args.where))
+        rec, paired = recovery_table(runs), paired_deltas(runs)
     if not args.json:
         import pandas as pd
         cols = ["task", "metric", "strategy", "budget", "preset", "backend"] + (
             ["mean", "std", "n_seeds"] if args.summary else ["seed", "value", "stderr", "limit", "key"])
         view = df.head(args.max_rows)[cols].assign(**({} if args.summary else {"key": df.key.str[:12]}))
-        with pd.option_context("display.width", 200, "display.max_columns", 20):
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
             print(view.to_string(index=False) if len(df) else "no stored results match")
+            if rec is not None and len(rec):
+                print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
+                      "sampling = lm-eval stderr / |A-I|")
+                print(rec.head(args.max_rows)[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered",
+                                               "recovered_lo", "recovered_hi", "sampling_se_recovered"]]
+                      .to_string(index=False))
+            if paired is not None and len(paired):
+                print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
+                print(paired.head(args.max_rows)[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta",
+                                                  "delta_lo", "delta_hi", "sampling_se", "verdict"]]
+                      .to_string(index=False))
         return None
-    return {"store": str(st.path), "count": len(df), "rows": rows}
+    out = {"store": str(st.path), "count": len(df), "rows": rows}
+    if args.summary:
+        out["recovery"] = json.loads(rec.head(args.max_rows).to_json(orient="records"))
+        out["paired"] = json.loads(paired.head(args.max_rows).to_json(orient="records"))
+    return out
 
 
 def add_export(p):

@@ -306,7 +306,7 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
         for s in strategies:
             calib = calibration_hash if s in ("frequency", "weight") else None
             if s in ("frequency", "weight") and calib is None:
-                calib = default_calibration()[1]
+                calib = default_calibration(source)[1]
             for b in budgets:
                 for seed in seeds:
                     for t in refs:
@@ -318,11 +318,12 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
 
 # ---------------------------------------------------------------------------------------------- calibration
 
-def default_calibration() -> tuple[dict, str]:
-    """Calibration text of the Activation Frequency / Weight strategies (routing.default_calibration, the same text
-    ``scores`` and ``place`` use) and its hash (routing.calibration_hash, max_length 256)."""
+def default_calibration(source: str | None = None) -> tuple[dict, str]:
+    """Calibration text of the Activation Frequency / Weight strategies for model ``source``
+    (routing.default_calibration, the same text ``scores`` and ``place`` use) and its hash
+    (routing.calibration_hash, max_length 256)."""
     from .routing import calibration_hash, default_calibration as texts_of
-    texts, _ = texts_of()
+    texts, _ = texts_of(source)
     return texts, calibration_hash(texts, 256)
 
 
@@ -542,7 +543,7 @@ def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, m
 def _activation_stats(lm, store: Store, calibration: dict | None):
     """Routing statistics on the calibration text (routing caches them as .npz; the store keeps a JSON copy)."""
     from .routing import activation_stats, calibration_hash
-    texts = calibration if calibration is not None else default_calibration()[0]
+    texts = calibration if calibration is not None else default_calibration(lm.source)[0]
     stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, max_length=256, fingerprint=lm.fingerprint)
     name = f"activation:{calibration_hash(texts, 256)[:16]}"
     if store.get_expert_stats(lm.fingerprint, name) is None:

@@ -2,7 +2,8 @@
 
 Sections: score table (mean ± std over seeds per strategy, budget and preset, with the ideal all-digital result),
 one figure per task and headline metric (score vs digital budget, one line per strategy × preset, error bars =
-std over seeds, dashed line = ideal), and the placements used.
+std over seeds, dashed line = ideal) beside its recovered fraction of the noise loss (hetmoe_core.paired: per seed,
+95% t intervals), the paired differences between strategies, and the placements used.
 """
 from __future__ import annotations
 
@@ -38,6 +39,29 @@ def report_data(source: str | os.PathLike | Store):
     return st.summary_frame(), st.placements_frame()
 
 
+def report_runs(source: str | os.PathLike | Store):
+    """Store.runs_frame() (one row per run and metric) of a snapshot (.zip) or a store, for the paired statistics."""
+    if isinstance(source, Store):
+        return source.runs_frame()
+    path = Path(source)
+    if path.suffix == ".zip" or (path.is_file() and path.read_bytes()[:2] == b"PK"):
+        from .snapshot import import_snapshot
+        with tempfile.TemporaryDirectory() as d:
+            st = Store(Path(d) / "report.duckdb")
+            import_snapshot(path, st)
+            return st.runs_frame()
+    return Store(path).runs_frame()
+
+
+def _recovery_figures(runs) -> dict:
+    """{(task, metric): recovered-fraction figure} for the headline metrics (hetmoe_core.paired)."""
+    from .figures import recovery_vs_budget
+    from .paired import recovery_table
+    rec = recovery_table(runs[runs.metric.isin(HEADLINE)])
+    return {(t, m): recovery_vs_budget(g, f"{t} — recovered fraction of the noise loss ({m})")
+            for (t, m), g in rec.groupby(["task", "metric"], sort=True)}
+
+
 def _fmt(mean, std) -> str:
     if mean is None:
         return ""
@@ -68,6 +92,7 @@ def _figures(summary) -> list:
                           xaxis_title="digital budget (share of routed experts digital)", yaxis_title=metric,
                           height=420, legend_title="strategy · preset", showlegend=True)
         fig.update_xaxes(range=[-0.03, 1.03])   # budgets live in [0, 1]
+        fig.update_layout(meta=[task, metric])   # pairs the figure with its recovered-fraction figure
         figs.append(fig)
     return figs
 
@@ -90,7 +115,18 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
         raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
     summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
     figs = _figures(summary)
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
+    from .paired import paired_deltas
+    runs = report_runs(source)
+    rec_figs = _recovery_figures(runs)
+    parts = []
+    for i, fig in enumerate(figs):
+        cell = fig.to_html(full_html=False, include_plotlyjs=(i == 0))
+        rf = rec_figs.get(tuple(fig.layout.meta or ()))
+        if rf is not None:   # metric vs budget beside its recovered fraction
+            cell = (f"<div class='pair'><div>{cell}</div><div>"
+                    f"{rf.to_html(full_html=False, include_plotlyjs=False)}</div></div>")
+        parts.append(cell)
+    deltas = paired_deltas(runs[runs.metric.isin(HEADLINE)])
     table = summary.assign(score=[_fmt(m, s) for m, s in zip(summary["mean"], summary["std"])],
                            digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"))
     cols = ["task", "metric", "strategy", "budget", "preset", "backend", "score", "n_seeds", "digital_share",
@@ -103,14 +139,23 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     note = f"<p class='note'>{html.escape(MISSING_NOTE)}</p>" if summary.task.isin(list(PAPER_TASKS)).any() else ""
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555}}</style>
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555}}
+.pair{{display:flex;gap:1em}}.pair>div{{flex:1;min-width:0}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
 <h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
+<p class='note'>Right: recovered fraction of the noise loss (A−X)/(A−I) per seed on the same seeds (A = all routed
+experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error.</p>
+<h2>Paired differences between strategies</h2>
+<p class='note'>a − b on common seeds, mean [95% t interval]; “no difference” when the interval covers 0.</p>
+{_table(deltas.assign(**{c: deltas[c].map(lambda x: f"{x:.4g}") for c in ("delta", "delta_lo", "delta_hi", "sampling_se")}),
+        ["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi", "sampling_se",
+         "verdict"]) if len(deltas) else "<p>no strategies to compare on common seeds</p>"}
 <h2>Scores</h2>{_table(table, cols)}
 <h2>Placements</h2>{ptable or '<p>none stored</p>'}
 </body></html>"""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
-    return {"path": str(out), "results": len(summary), "figures": len(figs), "placements": len(placements)}
+    return {"path": str(out), "results": len(summary), "figures": len(figs), "recovery_figures": len(rec_figs),
+            "paired": len(deltas), "placements": len(placements)}
