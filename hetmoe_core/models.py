@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -423,3 +424,52 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
         raise ValueError(f"could not load the tokenizer of {source!r}: the folder needs tokenizer.json and "
                          f"tokenizer_config.json ({type(e).__name__})") from None
     return LoadedModel(model, tokenizer, anatomy_of(model), source, fingerprint)
+
+
+# ---------------------------------------------------------------- fingerprint without loading
+
+_FP_CACHE = Path(__file__).resolve().parent.parent / "cache" / "fingerprints.json"
+_fp_lock = threading.Lock()
+
+
+def source_fingerprint(source: str, revision: str | None = None) -> str:
+    """The fingerprint ``models.load_model(source).fingerprint`` will have, without loading the model.
+
+    Local folders ("default" included): sha256 of config.json and *.safetensors (models.weights_fingerprint),
+    remembered in cache/fingerprints.json per (path, size, mtime) of those files. Hub ids: "hub:<id>@<revision>".
+    "tiny:<family>": "tiny:<family>:seed0". Raises ValueError for an empty source.
+    """
+    source = (source or "").strip()
+    if not source:
+        raise ValueError("empty model source: give 'default', a Hugging Face hub id (org/name) or a local folder")
+    if source.startswith("tiny:"):
+        return f"{source}:seed0"
+    if source == "default":
+        folder = ASSETS / "default"
+    else:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            return f"hub:{source}@{revision or 'main'}"
+    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    if not all(f.exists() for f in files) or len(files) < 2:
+        raise ValueError(f"{folder} needs config.json and *.safetensors weights")
+    from .store import canonical_json
+    stamp = canonical_json([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    path = str(folder.resolve())
+    with _fp_lock:
+        memo = json.loads(_FP_CACHE.read_text()) if _FP_CACHE.exists() else {}
+        hit = memo.get(path)
+        if hit and hit.get("stamp") == stamp:
+            return hit["fingerprint"]
+        fp = weights_fingerprint(folder)
+        memo[path] = {"stamp": stamp, "fingerprint": fp}
+        _FP_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _FP_CACHE.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(memo, indent=1))
+        os.replace(tmp, _FP_CACHE)
+    return fp
+
+
+def forget_fingerprints() -> None:
+    """Drop the remembered folder fingerprints (cache/fingerprints.json): the next lookup hashes the weights again."""
+    _FP_CACHE.unlink(missing_ok=True)

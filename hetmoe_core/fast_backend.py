@@ -1,0 +1,325 @@
+"""The fast analog backend: programmed weights in place, converters inside a vectorised experts forward.
+
+Per seed, the analog expert slices of the fused expert tensors (``experts.gate_up_proj`` / ``down_proj``) and the
+analog dense weights are programmed once, in place, through aihwkit's noise-model functions, tile by tile
+(``tiles.program_weights``). DAC/ADC quantization (aihwkit ``UniformQuantize``) and output noise act inside an
+experts forward registered in transformers' ``ExpertsInterface`` (``moe_dispatch``; only analog experts' rows), and
+through forward hooks on analog dense modules. Clean copies of the changed slices are kept for an exact restore.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backend import AnalogBackend
+from .moe_dispatch import apply_gate, grouped_matmul, set_state
+from .noise import NoiseConfig
+from .tiles import (_CHUNK_ELEMS, _channel_absmax, _cumstarts, _derive_seed, _quantize, _w_in, program_weights,
+                    split_sizes)
+
+
+class _FastExperts:
+    """Per-MoE-layer state of the fast backend.
+
+    With ADC or output noise, each analog expert's tile weights are stored pre-divided by
+    ``scale * step_out / step_in`` (scale: the tile's per-channel abs-max x drift compensation),
+    so a grouped matmul of the DAC's integer codes gives the ADC input directly in ADC steps;
+    ``g_out [T, E, O] = scale * step_out`` maps the ADC codes back. This saves every per-row
+    gather of scales in the forward pass (speed); the restore copies the clean slices back.
+    """
+
+    def __init__(self, layer, noise: NoiseConfig, analog_ids: list[int], gen: torch.Generator, calibration=None):
+        self.layer, self.noise, self.gen = layer, noise, gen
+        self.recorder = calibration if calibration is not None and calibration.recording else None
+        E = layer.num_experts
+        dev = layer.experts.down_proj.device
+        self.analog = torch.zeros(E, dtype=torch.bool, device=dev)
+        self.analog[analog_ids] = True
+        self.analog_list = [bool(v) for v in self.analog.tolist()]
+        self.all_analog = all(self.analog_list)
+        self.in_sizes: dict[str, list[int]] = {}
+        self.g_out: dict[str, torch.Tensor] = {}
+        io = noise.io_parameters()
+        # converter grids (aihwkit UniformQuantize: step = 2 * bound * res; the DAC's bound is 1 range)
+        self.step_in = 2.0 * io.inp_res if noise.dac_bits else None
+        self.step_out = self.levels = None
+        if noise.adc_bits:  # one grid per projection: the calibrated bound, else noise.out_bound
+            self.step_out, self.levels = {}, 1.0 / (2.0 * io.out_res)
+            for key in ("in", "down"):
+                b = calibration.bounds[(layer.index, key)] if calibration is not None and not self.recorder \
+                    else noise.out_bound
+                self.step_out[key] = 2.0 * io.out_res * b
+        self.io_out = noise.adc_bits is not None or noise.out_noise > 0 or self.recorder is not None
+
+    def s_out(self, key) -> float:
+        return self.step_out[key] if self.step_out else 1.0
+
+    def fold(self, key) -> float:
+        """Factor stored weights are multiplied by, per unit of 1 / scale (see class doc)."""
+        return (self.step_in or 1.0) / self.s_out(key) if self.io_out else 1.0
+
+    def _adc(self, z, a, key, t, e, noise_scale):
+        """Output noise, ADC and digital rescale of one expert's rows ``z`` (in place)."""
+        if noise_scale:
+            z += noise_scale * torch.randn(z.shape, generator=self.gen, device=z.device)
+        if self.levels is not None:
+            z.round_().clamp_(-self.levels, self.levels)
+        z *= self.g_out[key][t, e]
+        if a is not None:
+            z *= a
+
+    def proj(self, x, w, segs, offs, key, defer_row_scale=False):
+        """One grouped projection of expert-sorted rows ``x [S, I]`` -> ``[S, O]`` (float32).
+
+        Analog rows: the DAC maps each tile's input to integer codes round(x / (a * step_in)),
+        a = the row's abs-max over the tile (aihwkit NoiseManagementType.ABS_MAX); the tile's
+        normalised output gets output noise and the ADC (round to step_out, clip at ±out_bound,
+        aihwkit UniformQuantize grid); the digital periphery rescales by scale * a. Digital
+        rows: a plain matmul. ``segs``: (expert, start, end) of the analog experts' rows.
+        Returns (y, row_scale): with ``defer_row_scale`` (all rows analog, one input tile) the
+        per-row factor is left to the caller (folded into the routing weights), else None.
+        """
+        nz = self.noise
+        tr = self.layer.transposed
+        sizes = self.in_sizes[key]
+        noise_scale = nz.out_noise / self.s_out(key) if nz.out_noise > 0 else 0.0
+        out, i0 = None, 0
+        for t, ni in enumerate(sizes):
+            xt = x[:, i0:i0 + ni] if len(sizes) > 1 else x
+            wt = (w[:, i0:i0 + ni] if tr else w[..., i0:i0 + ni]) if len(sizes) > 1 else w
+            a = None
+            if self.step_in is not None:
+                xf = xt.float()  # abs-max as max(-min, max): two fast reductions, no |x| copy
+                a = torch.maximum(xf.amax(-1, keepdim=True), xf.amin(-1, keepdim=True).neg_()).clamp_(
+                    min=torch.finfo(torch.float32).tiny)
+                # x is this forward's own gathered copy: float32 rows are coded in place (no
+                # allocation: fresh large CPU tensors cost page faults); other dtypes via float32
+                inplace = xt.dtype == torch.float32
+                if self.all_analog:
+                    xin = xt.div_(a * self.step_in).round_() if inplace else \
+                        torch.round(xt.float() / (a * self.step_in)).to(w.dtype)
+                else:
+                    xin = xt if inplace else xt.to(w.dtype, copy=True)
+                    for _, s0, s1 in segs:
+                        xin[s0:s1] = torch.round(xt[s0:s1].float() / (a[s0:s1] * self.step_in))
+            else:
+                xin = xt
+            y = grouped_matmul(xin, wt, offs, tr).float()
+            if self.recorder is not None:  # calibration: |normalised tile output| quantile
+                v = y.abs().flatten()
+                v = v[torch.randperm(v.numel(), generator=self.gen)[:1 << 22]] if v.numel() > 1 << 22 else v
+                q = torch.quantile(v, self.recorder.quantile).item() if v.numel() else 0.0
+                k = (self.layer.index, key)
+                self.recorder.bounds[k] = max(self.recorder.bounds.get(k, 0.0), q)
+            if self.io_out:
+                if self.all_analog:
+                    if noise_scale:
+                        y += noise_scale * torch.randn(y.shape, generator=self.gen, device=y.device)
+                    if self.levels is not None:
+                        y.round_().clamp_(-self.levels, self.levels)
+                    for e, s0, s1 in segs:
+                        y[s0:s1] *= self.g_out[key][t, e]
+                    if a is not None:
+                        if defer_row_scale and len(sizes) == 1:
+                            return y, a
+                        y *= a
+                else:
+                    for e, s0, s1 in segs:
+                        self._adc(y[s0:s1], None if a is None else a[s0:s1], key, t, e, noise_scale)
+            elif a is not None:  # DAC only: codes back to input units
+                if self.all_analog:
+                    if defer_row_scale and len(sizes) == 1:
+                        return y, a * self.step_in
+                    y *= a * self.step_in
+                else:
+                    for _, s0, s1 in segs:
+                        y[s0:s1] *= a[s0:s1] * self.step_in
+            out = y if out is None else out + y
+            i0 += ni
+        return out, None
+
+    def forward(self, mod, hidden_states, top_k_index, top_k_weights):
+        """Experts forward (same contract as transformers' ``grouped_mm_experts_forward``)."""
+        K = top_k_index.size(-1)
+        N, H = hidden_states.shape
+        eids = top_k_index.reshape(-1)
+        eids_g, perm = torch.sort(eids)  # as transformers: deterministic on a given device
+        x = hidden_states[perm // K]
+        w_route = top_k_weights.reshape(-1)[perm]
+        counts = torch.bincount(eids_g, minlength=self.layer.num_experts)
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        ends = offs.tolist()
+        segs = [(e, s1 - c, s1) for e, (c, s1) in enumerate(zip(counts.tolist(), ends)) if c and self.analog_list[e]]
+        gated = getattr(mod, "has_gate", True)
+        h, _ = self.proj(x, mod.gate_up_proj if gated else mod.up_proj, segs, offs, "in")
+        if getattr(mod, "has_bias", False):
+            h = h + (mod.gate_up_proj_bias if gated else mod.up_proj_bias)[eids_g]
+        h = apply_gate(mod, h) if gated else mod.act_fn(h)
+        plain = not (getattr(mod, "has_bias", False) or getattr(mod, "has_post_expert_norm", False))
+        y, row_scale = self.proj(h, mod.down_proj, segs, offs, "down", defer_row_scale=plain)
+        if getattr(mod, "has_bias", False):
+            y = y + mod.down_proj_bias[eids_g]
+        if getattr(mod, "has_post_expert_norm", False):
+            y = mod.post_expert_norm(y)
+        w_route = w_route.unsqueeze(-1)
+        y = y * (w_route if row_scale is None else w_route * row_scale)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        return y[inv].view(N, K, H).sum(1).to(hidden_states.dtype)
+
+
+class _DenseUnit:
+    """One analog dense MVM (nn.Linear or router weight) in the fast backend."""
+
+    def __init__(self, name, module, noise: NoiseConfig, tied: bool, gen: torch.Generator):
+        self.name, self.module, self.noise, self.tied, self.gen = name, module, noise, tied, gen
+        self.weight = module.weight
+        self.bias = getattr(module, "bias", None) if isinstance(module, nn.Linear) else None
+        O, I = self.weight.shape
+        self.in_sizes = split_sizes(I, noise.tile_size)
+        self.out_sizes = split_sizes(O, noise.tile_size)
+        self.scales = None          # [O, T]
+        self.noisy = None           # noisy weight copy when tied (shared with embeddings)
+        self.clean = None
+        io = noise.io_parameters()
+        self.inp_res = io.inp_res if noise.dac_bits else None
+        self.out_res = io.out_res if noise.adc_bits else None
+        self._a = None
+
+    def hooks_needed(self) -> bool:
+        return self.tied or self.noise.io_active
+
+    def pre_hook(self, module, args):
+        """DAC: quantize the input to the per-token, per-tile range (fake-quantized, same units)."""
+        if self.inp_res is None or not args:
+            self._a = None
+            return None
+        x = args[0]
+        parts, avals, i0 = [], [], 0
+        for ni in self.in_sizes:
+            xt = x[..., i0:i0 + ni].float()
+            a = xt.abs().amax(-1, keepdim=True)
+            a = torch.where(a > 0, a, torch.ones_like(a))
+            parts.append(_quantize(xt / a, self.inp_res, 1.0) * a)
+            avals.append(a)
+            i0 += ni
+        self._a = avals
+        return (torch.cat(parts, -1).to(x.dtype),) + tuple(args[1:])
+
+    def post_hook(self, module, args, output):
+        """ADC and output noise per tile; tied weights compute with their noisy copy."""
+        if not isinstance(output, torch.Tensor):
+            return None  # routers: logits consumed inside (top-k); only DAC + weight noise simulated
+        x = args[0]
+        w = self.noisy if self.tied else self.weight
+        nz = self.noise
+        io = self.out_res is not None or nz.out_noise > 0
+        if not io and not self.tied:
+            return None
+        if not io:
+            return nn.functional.linear(x, w, self.bias)
+        out, i0 = None, 0
+        for t, ni in enumerate(self.in_sizes):
+            if len(self.in_sizes) == 1 and not self.tied:
+                yt = output - self.bias if self.bias is not None else output
+            else:
+                yt = nn.functional.linear(x[..., i0:i0 + ni], w[:, i0:i0 + ni])
+            sc = self.scales[:, t]
+            if self._a is not None:
+                sc = sc * self._a[t]
+            yn = yt.float() / sc
+            if nz.out_noise > 0:
+                yn = yn + nz.out_noise * torch.randn(yn.shape, generator=self.gen, device=yn.device)
+            if self.out_res is not None:
+                yn = _quantize(yn, self.out_res, nz.out_bound)
+            yt = (yn * sc).to(output.dtype)
+            out = yt if out is None else out + yt
+            i0 += ni
+        return out + self.bias if self.bias is not None else out
+
+
+class FastBackend(AnalogBackend):
+    """Programs analog weights in place (clean copies kept for restore) and installs the forward state."""
+    name = "fast"
+
+    def __init__(self, model, anatomy, noise, seed, device, calibration=None):
+        super().__init__(model, anatomy, noise, seed, device, calibration)
+        self.nm = noise.build_noise_model() if noise.weight_noise else None
+        self.tied = _tied_ids(model)
+
+    def experts(self, stack, m, ids) -> int:
+        noise, seed, device, calibration, nm = self.noise, self.seed, self.device, self.calibration, self.nm
+        clean_bytes, ts = 0, noise.tile_size
+        gen = torch.Generator(device=device).manual_seed(_derive_seed(seed, m.experts_name + ":out"))
+        st = _FastExperts(m, noise, ids, gen, calibration)
+        idx = torch.tensor(ids, dtype=torch.long, device=device)
+        for key, p in (("in", _w_in(m)), ("down", m.experts.down_proj)):
+            fold = st.fold(key)
+            logical = p.data.transpose(1, 2) if m.transposed else p.data  # [E, O, I]
+            O, I = logical.shape[1:]
+            sizes = st.in_sizes[key] = split_sizes(I, ts)
+            if nm is None and not st.io_out:
+                continue  # DAC alone needs no weight change
+            clean = p.data.index_select(0, idx)
+            clean_bytes += clean.numel() * clean.element_size()
+            stack.callback(lambda p=p, idx=idx, clean=clean: p.data.index_copy_(0, idx, clean))
+            g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
+            chunk = max(1, _CHUNK_ELEMS // (O * I))
+            for c0 in range(0, len(ids), chunk):
+                sub = ids[c0:c0 + chunk]
+                if nm is not None:
+                    nz = noise if not (calibration and noise.adc_bits and not st.recorder) else \
+                        noise.replace(out_bound=calibration.bounds[(m.index, key)])  # drift readout's ADC
+                    w, sc = program_weights(logical[sub], nz, nm, sizes, split_sizes(O, ts),
+                                            _derive_seed(seed, f"{m.experts_name}.{key}:{sub[0]}-{sub[-1]}"), device)
+                else:
+                    w, sc = logical[sub].float(), _channel_absmax(logical[sub], sizes)
+                if st.io_out:  # store in ADC steps per unit DAC code (see _FastExperts)
+                    w = w * torch.repeat_interleave(fold / sc, torch.tensor(sizes, device=device), dim=-1)
+                    g_out[:, sub] = (sc * st.s_out(key)).permute(2, 0, 1)
+                p.data[sub] = (w.transpose(1, 2) if m.transposed else w).to(p.dtype)
+            if st.io_out:
+                st.g_out[key] = g_out
+                clean_bytes += g_out.numel() * 4
+        if noise.io_active or st.recorder is not None:  # programmed weights alone need no special forward
+            set_state(m.experts, st)
+        return clean_bytes
+
+    def dense(self, stack, uname, kind, unit) -> int:
+        noise, seed, device, nm = self.noise, self.seed, self.device, self.nm
+        clean_bytes = 0
+        gen = torch.Generator(device=device).manual_seed(_derive_seed(seed, uname + ":out"))
+        du = _DenseUnit(uname, unit, noise, id(unit.weight) in self.tied, gen)
+        w = unit.weight
+        O, I = w.shape
+        if nm is not None:
+            noisy, sc = program_weights(w.data[None], noise, nm, du.in_sizes, du.out_sizes,
+                                        _derive_seed(seed, uname), device)
+            du.scales = sc[0]
+            if du.tied:
+                du.noisy = noisy[0].to(w.dtype)
+                clean_bytes += du.noisy.numel() * du.noisy.element_size()
+            else:
+                clean = w.data.clone()
+                clean_bytes += clean.numel() * clean.element_size()
+                stack.callback(lambda w=w, clean=clean: w.data.copy_(clean))
+                w.data.copy_(noisy[0].to(w.dtype))
+        else:
+            du.noisy = w.data if du.tied else None
+            du.scales = torch.stack([w.data[:, i0:i0 + ni].abs().amax(-1).float() for i0, ni in
+                                     zip(_cumstarts(du.in_sizes), du.in_sizes)], -1).clamp(min=torch.finfo(torch.float32).tiny)
+        if du.hooks_needed():
+            h1 = unit.register_forward_pre_hook(du.pre_hook)
+            h2 = unit.register_forward_hook(du.post_hook)
+            stack.callback(h1.remove)
+            stack.callback(h2.remove)
+        return clean_bytes
+
+
+def _tied_ids(model) -> set[int]:
+    """ids of parameters held by more than one module (tied lm_head / embeddings)."""
+    seen: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, v in seen.items() if v > 1}

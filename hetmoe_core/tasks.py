@@ -1,0 +1,141 @@
+"""Tasks: which lm-eval task a name stands for, its content version, and the lm-eval adapter that runs one.
+
+Names resolve to ``TaskRef``s: the default model's local tasks (``hetmoe_core/assets/tasks``, versioned by a hash of
+their folder), the paper suite built by ``paper_tasks``, and any lm-eval registry task (versioned by the lm-eval
+version). ``_run_task`` runs one task through ``lm_eval.simple_evaluate`` on the model as it is now.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .store import canonical_json
+
+os.environ.setdefault("DISABLE_MULTIPROC", "1")   # lm-eval's bootstrap stderr: no process pool inside our process
+ASSETS = Path(__file__).resolve().parent / "assets"
+LOCAL_TASKS = ASSETS / "tasks"
+BOOTSTRAP_ITERS = 1000             # lm-eval bootstrap draws for perplexity stderr (deterministic seeds in lm-eval)
+
+
+@dataclass(frozen=True)
+class TaskRef:
+    """A resolved task: lm-eval name, content version (enters the key), folder for TaskManager or None."""
+    name: str
+    version: str
+    include_path: str | None = None
+
+
+_local_index: dict = {}
+
+
+def _local_tasks() -> dict[str, TaskRef]:
+    """lm-eval tasks shipped in hetmoe_core/assets/tasks (hetmoe_cloze, hetmoe_choice, hetmoe_ppl_<domain>),
+    versioned by a hash of the files of their folder; re-read when a file's size or mtime changes."""
+    if not LOCAL_TASKS.is_dir():
+        return {}
+    with _local_lock:
+        return _scan_local_tasks()
+
+
+_local_lock = threading.Lock()
+
+
+def _scan_local_tasks() -> dict[str, TaskRef]:
+    files = sorted(p for p in LOCAL_TASKS.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    stamp = canonical_json([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    if _local_index.get("stamp") != stamp:
+        out = {}
+        for y in files:
+            if y.suffix not in (".yaml", ".yml"):
+                continue
+            for line in y.read_text(encoding="utf-8").splitlines():
+                name = line.split(":", 1)[1].strip().strip("'\"") if line.startswith("task:") else ""
+                if name:   # a group's "task:" line lists its members below: not a task name
+                    h = hashlib.sha256()
+                    for f in sorted(p for p in y.parent.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+                        h.update(f.name.encode() + f.read_bytes())
+                    out[name] = TaskRef(name, h.hexdigest()[:16], str(y.parent))
+        _local_index.update(stamp=stamp, tasks=out)
+    return dict(_local_index["tasks"])
+
+
+def task_aliases() -> dict[str, list[str]]:
+    """Names that stand for several tasks: "paper" (the paper's offline suite), "local" (the default model's),
+    "ppl" (its per-domain perplexity tasks)."""
+    from .paper_tasks import PAPER_TASKS
+    local = sorted(_local_tasks())
+    return {"paper": list(PAPER_TASKS), "local": local, "ppl": [t for t in local if t.startswith("hetmoe_ppl_")]}
+
+
+def resolve_tasks(tasks) -> list[TaskRef]:
+    """Task names (list or comma-separated string; aliases from task_aliases) -> TaskRefs.
+
+    Local and paper tasks get a content version; any other name is an lm-eval registry task, versioned by the
+    lm-eval version (its yaml ships with it) and checked against the registry when it first has to run.
+    Raises ValueError for an empty list.
+    """
+    from .evaluate import library_versions
+    from .paper_tasks import PAPER_TASKS, paper_task_version, DEFAULT_DIR
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    if not names:
+        raise ValueError("no task given; e.g. --tasks hetmoe_cloze,paper_arc_easy (aliases: paper, local)")
+    aliases, local, out = task_aliases(), _local_tasks(), []
+    for n in names:
+        for name in aliases.get(n, [n]):
+            if name in PAPER_TASKS:
+                ref = TaskRef(name, paper_task_version(name), str(DEFAULT_DIR))
+            elif name in local:
+                ref = local[name]
+            else:
+                ref = TaskRef(name, f"lm_eval={library_versions()['lm_eval']}", None)
+            if ref not in out:
+                out.append(ref)
+    if not out:
+        raise ValueError(f"tasks {names} name no task (the 'local' tasks ship with the default model)")
+    return out
+
+_tm_lock = threading.Lock()
+_task_managers: dict = {}
+
+
+def _task_manager(include_paths: tuple, defaults: bool):
+    from lm_eval.tasks import TaskManager
+    with _tm_lock:
+        # task folders built later in this process (e.g. another paper task) must be indexed too
+        k = (include_paths, defaults, tuple(sorted(str(f) for d in include_paths for f in Path(d).rglob("*.yaml"))))
+        if k not in _task_managers:
+            _task_managers[k] = TaskManager(include_path=list(include_paths) or None, include_defaults=defaults)
+        return _task_managers[k]
+
+
+def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:
+    """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr}]."""
+    import lm_eval
+    tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
+    limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):   # lm-eval prints progress notes; stdout stays for --json
+            res = lm_eval.simple_evaluate(model=hflm, tasks=[ref.name], task_manager=tm, limit=limit,
+                                          num_fewshot=spec.num_fewshot, bootstrap_iters=BOOTSTRAP_ITERS,
+                                          log_samples=False, verbosity="ERROR")
+    except AssertionError:   # lm-eval asserts that every answer fits the model's context window
+        raise ValueError(f"task {ref.name} has answers longer than the model's context window "
+                         f"({hflm.max_length} tokens); choose another task or a model with a longer context") from None
+    out = []
+    for task, vals in res["results"].items():
+        for k, v in vals.items():
+            if "," not in k or "_stderr," in k or not isinstance(v, (int, float)):
+                continue
+            metric, filt = k.split(",", 1)
+            se = vals.get(f"{metric}_stderr,{filt}")
+            name = metric if filt == "none" else f"{metric}[{filt}]"
+            out.append({"task": task, "metric": name, "value": float(v),
+                        "stderr": float(se) if isinstance(se, (int, float)) else None})
+    if not out:
+        raise RuntimeError(f"lm-eval returned no metrics for {ref.name}")
+    return out
