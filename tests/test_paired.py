@@ -22,7 +22,7 @@ def stored(tmp_path_factory):
     db = tmp_path_factory.mktemp("paired") / "r.duckdb"
     evaluate_many("tiny-x10", lm=lm, store=db, strategies=["maxnn", "router_norm"], budgets=[0.0, 0.5, 1.0],
                   presets=["paper-pcm-c2.5"], seeds=2, tasks=["hetmoe_ppl_sotu", "hetmoe_ppl_pycode"], limit=1)
-    return Store(db, create=False).runs_frame()
+    return Store(db, create=False).runs_frame().assign(_db=str(db))
 
 
 def test_all_digital_recovers_one_and_all_analog_zero(stored):
@@ -74,6 +74,28 @@ def test_combined_over_tasks_and_paired_deltas(stored):
     same = paired_deltas(pd.concat([stored, twin]), baseline="maxnn")
     same = same[same.a == "twin"]
     assert len(same) == 2 * 3 and (same.delta == 0).all() and (same.verdict == "no difference").all()
+
+
+def test_report_and_cli_show_recovery_and_paired_deltas(stored, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from hetmoe_core.report import write_report
+    db = stored._db.iloc[0]
+    out = write_report(db, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert out["recovery_figures"] == 2 and out["paired"] == 2   # 2 tasks x word_perplexity (the headline metric)
+    assert "recovered fraction of the noise loss" in html and "Paired differences between strategies" in html
+    p = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--store", db, "--summary", "--json"],
+                       capture_output=True, text=True, check=True)
+    d = json.loads(p.stdout)
+    rec = {(r["task"], r["metric"], r["strategy"], r["budget"]): r["recovered"] for r in d["recovery"]}
+    assert rec[("hetmoe_ppl_sotu", "bits_per_byte", "maxnn", 0.0)] == 0.0
+    assert rec[("hetmoe_ppl_sotu", "bits_per_byte", "maxnn", 1.0)] == 1.0
+    assert {r["verdict"] for r in d["paired"]} <= {"no difference", "maxnn better", "router_norm better"}
+    text = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--store", db, "--summary"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "paired deltas a - b" in text and "recovered fraction" in text
 
 
 def test_t_interval_edge_cases():
