@@ -88,11 +88,42 @@ def add_place(p):
     _source(p)
     _calib_args(p)
     p.add_argument("--budget", required=True, help="share of routed experts run digitally, in [0, 1]")
-    p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random")
+    p.add_argument("--strategy", default="maxnn", help="maxnn | frequency | weight | router_norm | random | "
+                   "oracle (measured damage) | local_error (both need --preset)")
+    p.add_argument("--preset", default=None, help="noise preset the oracle / local_error strategies measure under")
+    p.add_argument("--seeds", type=int, default=5, help="oracle: noise seeds of its measurement")
+    p.add_argument("--tokens", type=int, default=16384, help="oracle: calibration tokens of its measurement")
+    _store_arg(p)
     p.add_argument("--scope", default="layer", help="layer (budget per MoE layer, the paper) | global")
     p.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
     p.add_argument("--analog-dense", default="", help="comma-separated dense kinds put on AIMC "
                    "(attention,lm_head,shared_experts,router,dense_mlp); default none (paper)")
+    _hardware_args(p)
+
+
+def _hardware_args(p):
+    from .hardware import DEFAULT_HARDWARE, HARDWARE
+    p.add_argument("--hardware", default=DEFAULT_HARDWARE, help=f"hardware preset: {' | '.join(HARDWARE)}")
+    p.add_argument("--batch", type=int, default=32, help="tokens decoded together per step (paper: 32)")
+    p.add_argument("--routing", default="auto", choices=["auto", "uniform", "measured"],
+                   help="expert routing frequencies for the cost: measured on the calibration text, uniform "
+                   "top-k/E, or auto (measured when the strategy already needs them)")
+
+
+def _energy(args, lm, placement, stats) -> dict:
+    """The energy block of a placement (energy.energy_block) on --hardware at --batch."""
+    from .energy import energy_block, shapes_of
+    if args.routing == "measured" and stats is None:
+        stats, _ = _activation(args, lm)
+    return energy_block(shapes_of(lm.model, lm.anatomy, args.source), placement, args.hardware, args.batch,
+                        None if args.routing == "uniform" else stats)
+
+
+def _check_hardware(args) -> None:
+    from .energy import check_batch
+    from .hardware import get_hardware
+    get_hardware(args.hardware)
+    check_batch(args.batch)
 
 
 def cmd_place(args) -> dict:
@@ -102,18 +133,63 @@ def cmd_place(args) -> dict:
     except ValueError:
         raise ValueError(f"budget must be a number in [0, 1], got {args.budget!r}") from None
     check_request(args.strategy, budget, args.scope)
+    _check_hardware(args)
     analog = [k.strip() for k in args.analog_dense.split(",") if k.strip()]
     if bad := [k for k in analog if k not in DENSE_KINDS]:
         raise ValueError(f"unknown dense kind(s) {', '.join(bad)}; choose from {', '.join(DENSE_KINDS)}")
+    from .placement import MEASURED_STRATEGIES
+    noise = None
+    if args.strategy in MEASURED_STRATEGIES:
+        from .noise import get_preset
+        if not args.preset:
+            raise ValueError(f"strategy {args.strategy} measures damage under a noise preset: add --preset, "
+                             "e.g. --preset paper-pcm-c2.5")
+        noise = get_preset(args.preset)
+        if args.seeds < 1 or args.tokens < 1:
+            raise ValueError("--seeds and --tokens must be >= 1")
+        if args.calib:
+            from .routing import read_calibration
+            read_calibration(args.calib)
     lm = _load(args)
     stats, calib = _activation(args, lm) if args.strategy in ("frequency", "weight") else (None, None)
+    measured = None
+    if noise is not None:
+        from .sensitivity import measured_scores
+        measured = measured_scores(lm, args.strategy, noise, store=args.store, texts=args.calib, seeds=args.seeds,
+                                   tokens=args.tokens)
     p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats,
-              dense=DensePolicy(**{k: False for k in analog}))
+              dense=DensePolicy(**{k: False for k in analog}), measured=measured)
     out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),
-           **digital_share(p, lm.anatomy)}
+           **digital_share(p, lm.anatomy), "energy": _energy(args, lm, p, stats)}
     if calib:
         out["calibration"] = calib
     return out
+
+
+# ---- energy: what a placement costs on hardware
+def add_energy(p):
+    add_place(p)
+
+
+def cmd_energy(args) -> dict:
+    out = cmd_place(args)
+    e = out.pop("energy")
+    keys = ("energy_per_token_j", "tokens_per_j", "tokens_per_s", "latency_s", "tiles", "chips", "digital_bytes")
+    head = {"source": out["source"], "strategy": args.strategy, "budget": out["placement"]["budget"],
+            "digital_share": out["digital_share"], **{k: e.pop(k) for k in keys}}
+    if args.json:
+        return {**head, **e}
+    for k, v in head.items():
+        print(f"{k:<20} {v:.4g}" if isinstance(v, float) else f"{k:<20} {v}")
+    print(f"{'hardware':<20} {e['hardware']} at batch {e['batch']} ({e['routing']} routing; digital part "
+          f"{e['digital_bound']}-bound)")
+    for n, r in e["references"].items():
+        print(f"  {n:<18} {r['energy_per_token_j']:.4g} J/token  {r['tokens_per_s']:.4g} tokens/s  "
+              f"{r['tiles']} tiles  {r['chips']} chips")
+    print("sources:")
+    for k, v in e["citations"].items():
+        print(f"  {k}: {v}")
+    return None
 
 
 # ---- evaluate, sweep, runs, export, import, report (issue E)
@@ -296,13 +372,85 @@ def cmd_report(args) -> dict:
     return write_report(args.source, args.out, title=args.title)
 
 
+# ---- validate: measured expert sensitivity and criterion check
+def add_validate(p):
+    _source(p)
+    _store_arg(p)
+    p.add_argument("--preset", required=True, help="noise preset (noise.PRESETS; not 'ideal')")
+    p.add_argument("--seeds", type=int, default=5, help="noise seeds 0..N-1 (standard errors over them)")
+    p.add_argument("--calib", default=None, help="calibration text (.txt, .json, .jsonl); default: the default "
+                   "model's validation text")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens measured (same for every expert)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the correlation CIs")
+
+
+def cmd_validate(args) -> dict:
+    from .noise import get_preset
+    from .routing import read_calibration
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1 (number of noise seeds), got {args.seeds}")
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
+    noise = get_preset(args.preset)
+    if not (noise.weight_noise or noise.io_active):
+        raise ValueError(f"preset {args.preset!r} has no nonideality, so every damage is 0; choose a noisy preset, "
+                         "e.g. paper-pcm-c2.5")
+    if args.bootstrap < 1:
+        raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    if args.calib:
+        read_calibration(args.calib)   # an empty or unreadable file is refused before the model loads
+    from .sensitivity import validate
+    v = validate(args.source, noise, seeds=args.seeds, texts=args.calib, tokens=args.tokens, store=args.store,
+                 n_boot=args.bootstrap, device=args.device, dtype=args.dtype)
+    out = v.to_dict()
+    if args.json:
+        return out
+    _print_validation(out)
+    return None
+
+
+def _print_validation(d: dict) -> None:
+    se = lambda x: "" if x is None else f" ± {x:.2e}"  # noqa: E731
+    print(f"model {d['model_fingerprint']}  preset {d['preset']}  seeds {d['seeds']}  tokens {d['tokens']} "
+          f"({d['calibration']['source']})  clean NLL {d['clean_nll']:.4f} nats{'  (cached)' if d['cached'] else ''}")
+    print("damage = increase of mean token NLL (nats), mean ± standard error over seeds")
+    print(f"all routed experts analog: {d['all_experts']['damage']:.3e}{se(d['all_experts']['se'])}")
+    for r in d["dense"]:
+        print(f"only {r['kind']:<15} analog: {r['damage']:.3e}{se(r['se'])}")
+    for r in d["layers"]:
+        print(f"only MoE layer {r['layer']:<2} analog: {r['damage']:.3e}{se(r['se'])}")
+    print(f"{'layer':>5} {'expert':>6} {'only_this':>10} {'se':>9} {'all_but_this':>12} {'se':>9}")
+    for r in d["experts"]:
+        f = lambda x: "nan" if x is None else f"{x:.2e}"  # noqa: E731
+        print(f"{r['layer']:>5} {r['expert']:>6} {f(r['only_this']):>10} {f(r['only_this_se']):>9} "
+              f"{f(r['all_but_this']):>12} {f(r['all_but_this_se']):>9}")
+    print("rank correlation with only-this damage (95% bootstrap CI over experts and seeds)")
+    print(f"{'criterion':<12} {'scope':>6} {'spearman':>8} {'CI':>17} {'kendall':>8} {'CI':>17}")
+    g = lambda x: "  nan" if x is None else f"{x:+.2f}"  # noqa: E731
+    for r in d["correlations"]:
+        print(f"{r['criterion']:<12} {str(r['scope']):>6} {g(r['spearman']):>8} [{g(r['spearman_lo'])}, "
+              f"{g(r['spearman_hi'])}] {g(r['kendall']):>8} [{g(r['kendall_lo'])}, {g(r['kendall_hi'])}]")
+    b = d["best"]
+    if b.get("criterion"):
+        verdict = "ranks best" if b["significant"] else "ranks first, but no difference from"
+        print(f"best: {b['criterion']} {verdict} {b['runner_up']} (Spearman margin {g(b['margin'])}, 95% CI "
+              f"[{g(b['margin_lo'])}, {g(b['margin_hi'])}])")
+    print("routing drift (all routed experts analog vs digital)")
+    for r in d["routing_drift"]:
+        print(f"MoE layer {r['layer']}: top-k set changed for {100 * r['changed_share']:.2f}% of tokens; max/mean "
+              f"expert load {r['load_max_over_mean_ideal']:.2f} -> {r['load_max_over_mean_noisy']:.2f}")
+
+
 COMMANDS = {
     "info": (add_info, cmd_info, "anatomy summary of an MoE model"),
     "scores": (add_scores, cmd_scores, "MaxNNScore, per-projection maxima, router norm, frequency, weight"),
     "place": (add_place, cmd_place, "digital/analog placement of routed experts and its digital share"),
+    "energy": (add_energy, cmd_energy, "energy per token, throughput, AIMC tiles and chips of a placement"),
     "evaluate": (add_evaluate, cmd_evaluate, "scores under a placement and noise preset, n seeds, cached"),
     "sweep": (add_sweep, cmd_sweep, "evaluate the product budgets x strategies x presets x seeds x tasks (resumable)"),
     "runs": (add_runs, cmd_runs, "list or filter stored results"),
+    "validate": (add_validate, cmd_validate, "measured per-expert damage under a noise preset; criteria checked "
+                 "against it (cached)"),
     "export": (add_export, cmd_export, "write chosen results to a portable snapshot (.zip of Parquet)"),
     "import": (add_import, cmd_import, "merge a snapshot into a store (idempotent, validated)"),
     "report": (add_report, cmd_report, "standalone HTML report (Plotly, offline) of a snapshot or store"),

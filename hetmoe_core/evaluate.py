@@ -148,11 +148,12 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
         store.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
     memo = {}
     try:
+        measured = _measured(lm, todo, store, calibration, cancel)   # outside the model lock: it takes it
         for group in units(todo):
             if cancel is not None and cancel.is_set():
                 break
             with st["lock"]:
-                for spec, metrics, run in _run_unit(lm, st, group, store, cancel, calibration, memo):
+                for spec, metrics, run in _run_unit(lm, st, group, store, cancel, calibration, memo, measured):
                     results[spec.key] = _result(spec, False, metrics, run)
                     if progress:
                         progress(len(results), total, results[spec.key])
@@ -161,7 +162,21 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
     return [results[s.key] for s in specs if s.key in results]
 
 
-def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, memo: dict):
+def _measured(lm, specs, store, calibration, cancel) -> dict:
+    """Scores of the measured strategies (oracle, local_error) per (strategy, noise) the specs need."""
+    from .placement import MEASURED_STRATEGIES
+    out = {}
+    for s in specs:
+        if not s.ideal and s.strategy in MEASURED_STRATEGIES and (s.strategy, s.noise) not in out:
+            from .noise import NoiseConfig
+            from .sensitivity import measured_scores
+            out[(s.strategy, s.noise)] = measured_scores(
+                lm, s.strategy, NoiseConfig(**dict(s.noise)), store=store, texts=calibration,
+                cancel=(lambda: cancel.is_set()) if cancel is not None else None)
+    return out
+
+
+def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, memo: dict, measured=None):
     """Build the placement and noisy model of one unit and run its tasks; yields (spec, metrics, run row).
 
     ``memo`` maps a computation (digital set, dense policy, noise, seed, backend, task, limit, few-shot, batch) to
@@ -177,7 +192,7 @@ def _run_unit(lm, st, group: list[RunSpec], store: Store, cancel, calibration, m
     else:
         stats = _activation_stats(lm, store, calibration) if head.strategy in ("frequency", "weight") else None
         placement = place(lm.anatomy, head.strategy, head.budget, scope=head.scope, dense=DensePolicy(**dict(head.dense)),
-                          seed=head.seed, stats=stats)
+                          seed=head.seed, stats=stats, measured=(measured or {}).get((head.strategy, head.noise)))
     share = digital_share(placement, lm.anatomy)["digital_share"]
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}

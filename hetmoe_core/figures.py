@@ -12,7 +12,8 @@ KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared exp
                "attention": "attention", "dense_mlp": "dense MLP", "lm_head": "LM head", "embeddings": "embeddings",
                "norms": "norms", "other": "other"}
 STRATEGY_LABELS = {"maxnn": "MaxNNScore", "frequency": "Activation frequency", "weight": "Activation weight",
-                   "router_norm": "Router norm", "random": "Random"}
+                   "router_norm": "Router norm", "random": "Random", "oracle": "Oracle (measured damage)",
+                   "local_error": "Local error"}
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit themes charts (and templates cost ~15 ms)
 
 
@@ -373,4 +374,57 @@ def routing_drift(validation: dict) -> go.Figure:
     fig.update_layout(title="Routing drift under noise", height=340, yaxis=dict(title=dict(text="share"),
                       tickformat=".0%"), yaxis2=dict(title=dict(text="max/mean expert load"), overlaying="y",
                       side="right"), legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+
+
+# ------------------------------------------------------------------------------------------- energy (energy.py)
+def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title: str | None = None) -> go.Figure:
+    """Metric against energy per token, one point per configuration (``energy.config_points`` rows: strategy,
+    budget, preset, mean, std, n_seeds, energy_per_token_j), one colour per preset, error bars = std over seeds;
+    the Pareto front (``energy.pareto_front``: no other configuration is cheaper and at least as good) drawn as a
+    line. Hover names strategy, budget, preset and both values. x is logarithmic (J per token)."""
+    from .energy import pareto_front
+    fig = go.Figure()
+    for preset, g in points.groupby("preset", sort=True):
+        std = g["std"].astype(float).fillna(0).to_numpy()
+        labels = [STRATEGY_LABELS.get(s, s) for s in g.strategy]
+        fig.add_trace(go.Scatter(
+            x=g.energy_per_token_j, y=g["mean"], mode="markers", name=str(preset), marker=dict(size=10),
+            error_y=dict(type="data", array=std, visible=True),
+            customdata=np.stack([labels, (g.budget * 100).round(2), [str(preset)] * len(g), std,
+                                 g.n_seeds.astype(int)], axis=-1),
+            hovertemplate=("%{customdata[0]} · budget %{customdata[1]}% · %{customdata[2]}<br>"
+                           "%{x:.3g} J/token<br>" + metric + " %{y:.4g} ± %{customdata[3]:.2g} "
+                           "(%{customdata[4]} seeds)<extra></extra>")))
+    if len(points):
+        front = points.iloc[pareto_front(points.energy_per_token_j, points["mean"], higher_is_better)]
+        fig.add_trace(go.Scatter(x=front.energy_per_token_j, y=front["mean"], mode="lines", name="Pareto front",
+                                 line=dict(dash="dash", color="#555"), hoverinfo="skip"))
+    fig.update_layout(title=title or f"{metric} vs energy per token" + ("" if higher_is_better else
+                                                                       " (lower is better)"),
+                      xaxis_title="energy per token (J, log scale)", yaxis_title=metric, height=420,
+                      legend=dict(orientation="h", y=-0.2), **_LAYOUT)
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def cost_vs_batch(rows: dict) -> go.Figure:
+    """Tokens per joule and tokens per second against batch size, one line per placement.
+
+    rows: {name: [(batch, energy.Cost), ...]}. Two panels sharing the x axis (log2 batch)."""
+    from plotly.subplots import make_subplots
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("tokens per joule", "tokens per second"))
+    colors = ("#e45756", "#4c78a8", "#72b7b2", "#f58518")
+    for i, (name, pts) in enumerate(rows.items()):
+        b = [x for x, _ in pts]
+        for col, key in ((1, "tokens_per_j"), (2, "tokens_per_s")):
+            fig.add_trace(go.Scatter(x=b, y=[getattr(c, key) for _, c in pts], mode="lines+markers", name=name,
+                                     legendgroup=name, showlegend=col == 1,
+                                     line=dict(color=colors[i % len(colors)]),
+                                     customdata=[c.digital_bound for _, c in pts],
+                                     hovertemplate=f"{name}<br>batch %{{x}}<br>%{{y:.3g}} {key.replace('_', ' ')}"
+                                                   "<br>digital part %{customdata}-bound<extra></extra>"),
+                          row=1, col=col)
+    fig.update_xaxes(type="log", title_text="batch size (tokens per decode step)", dtick=0.30103)
+    fig.update_yaxes(type="log")
+    fig.update_layout(height=360, legend=dict(orientation="h", y=-0.3), **_LAYOUT)
     return fig

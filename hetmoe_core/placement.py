@@ -26,8 +26,12 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .scores import STRATEGIES, expert_scores, strategy_scores
+from .scores import STRATEGIES as SCORE_STRATEGIES, expert_scores, strategy_scores
 
+MEASURED_STRATEGIES = ("oracle", "local_error")
+"""Strategies scored by measurement under a noise preset (``sensitivity.measured_scores``): ``oracle`` ranks by
+measured only-this damage, ``local_error`` by the Local Output Error criterion (``criteria`` module)."""
+STRATEGIES = SCORE_STRATEGIES + MEASURED_STRATEGIES
 SCOPES = ("layer", "global")
 DENSE_KINDS = ("attention", "lm_head", "shared_experts", "router", "dense_mlp")
 
@@ -153,18 +157,28 @@ def check_request(strategy: str, budget: float, scope: str = "layer") -> None:
 
 
 def place(anatomy, strategy: str, budget: float, scope: str = "layer", dense: DensePolicy = DensePolicy(),
-          seed: int = 0, stats=None, scores=None) -> Placement:
+          seed: int = 0, stats=None, scores=None, measured=None) -> Placement:
     """Choose the digital routed experts: the highest-scoring ones under ``budget`` (see module docstring).
 
-    strategy: "maxnn" | "frequency" | "weight" | "router_norm" | "random" (seeded). stats: routing.ActivationStats
-    (needed by frequency / weight); scores: scores.ExpertScores (computed from the model if not given).
-    Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats.
+    strategy: "maxnn" | "frequency" | "weight" | "router_norm" | "random" (seeded) | "oracle" | "local_error".
+    stats: routing.ActivationStats (needed by frequency / weight); scores: scores.ExpertScores (computed from the
+    model if not given); measured: per-layer float64 [E] scores of oracle / local_error for the chosen noise preset
+    (``sensitivity.measured_scores``).
+    Raises ValueError for an unknown strategy or scope, a budget outside [0, 1], or missing stats / measured scores.
     """
     check_request(strategy, budget, scope)
     ne = [m.num_experts for m in anatomy.moe_layers]
-    if strategy in ("maxnn", "router_norm") and scores is None:
-        scores = expert_scores(anatomy)
-    s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, seed=seed)
+    if strategy in MEASURED_STRATEGIES:
+        if measured is None:
+            raise ValueError(f"strategy {strategy!r} ranks by measurement under a noise preset: pass measured="
+                             f"sensitivity.measured_scores(lm, {strategy!r}, preset)")
+        s = [np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0) for x in measured]
+        if [len(x) for x in s] != ne:
+            raise ValueError(f"measured scores have {[len(x) for x in s]} experts per layer, the model has {ne}")
+    else:
+        if strategy in ("maxnn", "router_norm") and scores is None:
+            scores = expert_scores(anatomy)
+        s = strategy_scores(strategy, num_experts=ne, scores=scores, stats=stats, seed=seed)
     # one fixed ranking per scope: score descending, ties -> lower MoE layer, then lower expert id
     if scope == "layer":
         digital = [np.lexsort((np.arange(e), -x))[:_n(budget, e)] for x, e in zip(s, ne)]

@@ -3,10 +3,12 @@
 Sections: score table (mean ± std over seeds per strategy, budget and preset, with the ideal all-digital result),
 one figure per task and headline metric (score vs digital budget, one line per strategy × preset, error bars =
 std over seeds, dashed line = ideal) beside its recovered fraction of the noise loss (hetmoe_core.paired: per seed,
-95% t intervals), the paired differences between strategies, and the placements used.
+95% t intervals), the paired differences between strategies, score vs energy per token (one point per
+configuration, Pareto front; ``energy.run_costs``), and the placements used.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -24,33 +26,47 @@ def report_data(source: str | os.PathLike | Store):
 
     A snapshot is validated and imported into a temporary store first (snapshot.import_snapshot's checks apply).
     """
+    with _opened(source) as st:
+        return st.summary_frame(), st.placements_frame()
+
+
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike | Store):
+    """The Store of a snapshot (imported into a temporary store for the block), a store path or a Store."""
     if isinstance(source, Store):
-        return source.summary_frame(), source.placements_frame()
+        yield source
+        return
     path = Path(source)
     if path.suffix == ".zip" or (path.is_file() and path.read_bytes()[:2] == b"PK"):
         from .snapshot import import_snapshot
         with tempfile.TemporaryDirectory() as d:
             st = Store(Path(d) / "report.duckdb")
             import_snapshot(path, st)
-            return st.summary_frame(), st.placements_frame()
+            yield st
+        return
     if not path.is_file():
         raise ValueError(f"no snapshot or store at {path}")
-    st = Store(path)
-    return st.summary_frame(), st.placements_frame()
+    yield Store(path)
 
 
-def report_runs(source: str | os.PathLike | Store):
-    """Store.runs_frame() (one row per run and metric) of a snapshot (.zip) or a store, for the paired statistics."""
-    if isinstance(source, Store):
-        return source.runs_frame()
-    path = Path(source)
-    if path.suffix == ".zip" or (path.is_file() and path.read_bytes()[:2] == b"PK"):
-        from .snapshot import import_snapshot
-        with tempfile.TemporaryDirectory() as d:
-            st = Store(Path(d) / "report.duckdb")
-            import_snapshot(path, st)
-            return st.runs_frame()
-    return Store(path).runs_frame()
+def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
+    """Score vs energy per token (energy.run_costs on the default hardware at batch 32), one figure per model, task
+    and headline metric, one point per configuration; and notes for models whose config could not be read."""
+    from . import energy, figures
+    figs, notes = [], []
+    for fp in sorted(summary.model_fingerprint.dropna().unique()):
+        runs, note = energy.run_costs(store, fp)
+        if runs is None:
+            notes.append(f"{fp}: {note}")
+            continue
+        for (task, metric), g in runs.groupby(["task", "metric"], sort=True):
+            if metric not in HEADLINE:
+                continue
+            arrow = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+            figs.append(figures.accuracy_vs_energy(
+                energy.config_points(g), metric, metric not in LOWER_IS_BETTER,
+                title=f"{task} — {metric} ({arrow}) vs energy per token ({energy.DEFAULT_HARDWARE}, {note})"))
+    return figs, notes
 
 
 def _recovery_figures(runs) -> dict:
@@ -110,13 +126,15 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     Returns {"path", "results" (summary rows), "figures", "placements"}. Raises ValueError when there is no result.
     """
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
-    summary, placements = report_data(source)
-    if summary.empty:
-        raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
+    with _opened(source) as st:
+        summary, placements = st.summary_frame(), st.placements_frame()
+        if summary.empty:
+            raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
+        efigs, enotes = _energy_figures(st, summary)
+        runs = st.runs_frame()
     summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
     figs = _figures(summary)
     from .paired import paired_deltas
-    runs = report_runs(source)
     rec_figs = _recovery_figures(runs)
     parts = []
     for i, fig in enumerate(figs):
@@ -127,6 +145,8 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
                     f"{rf.to_html(full_html=False, include_plotlyjs=False)}</div></div>")
         parts.append(cell)
     deltas = paired_deltas(runs[runs.metric.isin(HEADLINE)])
+    eparts = [fig.to_html(full_html=False, include_plotlyjs=not parts and i == 0) for i, fig in enumerate(efigs)]
+    enote = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in enotes)
     table = summary.assign(score=[_fmt(m, s) for m, s in zip(summary["mean"], summary["std"])],
                            digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"))
     cols = ["task", "metric", "strategy", "budget", "preset", "backend", "score", "n_seeds", "digital_share",
@@ -151,6 +171,9 @@ experts analog, I = ideal), mean with its 95% t interval over seeds; the hover a
 {_table(deltas.assign(**{c: deltas[c].map(lambda x: f"{x:.4g}") for c in ("delta", "delta_lo", "delta_hi", "sampling_se")}),
         ["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi", "sampling_se",
          "verdict"]) if len(deltas) else "<p>no strategies to compare on common seeds</p>"}
+<h2>Score vs energy per token</h2><p class='note'>One point per configuration; energy per token of its placement
+from hetmoe_core/energy.py (hardware figures and their sources: hetmoe_core/hardware.py); dashed: Pareto front.</p>
+{''.join(eparts) or '<p>no headline metric to plot</p>'}{enote}
 <h2>Scores</h2>{_table(table, cols)}
 <h2>Placements</h2>{ptable or '<p>none stored</p>'}
 </body></html>"""
@@ -158,4 +181,4 @@ experts analog, I = ideal), mean with its 95% t interval over seeds; the hover a
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
     return {"path": str(out), "results": len(summary), "figures": len(figs), "recovery_figures": len(rec_figs),
-            "paired": len(deltas), "placements": len(placements)}
+            "paired": len(deltas), "energy_figures": len(efigs), "placements": len(placements)}

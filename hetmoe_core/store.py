@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS placements (
 CREATE TABLE IF NOT EXISTS expert_stats (
     model_fingerprint VARCHAR, name VARCHAR, stats VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (model_fingerprint, name));
+CREATE TABLE IF NOT EXISTS sensitivity (
+    key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR, preset VARCHAR, config VARCHAR, versions VARCHAR,
+    result VARCHAR, created_at TIMESTAMP);
 """
 # Columns a caller may filter runs by (whitelist: filter names are spliced into SQL, values are parameters).
 RUN_FILTERS = ("key", "status", "model_source", "model_fingerprint", "strategy", "budget", "scope", "preset",
@@ -281,6 +284,37 @@ class Store:
             row = con.execute("SELECT stats FROM expert_stats WHERE model_fingerprint=? AND name=?",
                               [model_fingerprint, name]).fetchone()
         return None if row is None else json.loads(row[0])
+
+    # -- measured sensitivity (hetmoe_core.sensitivity) --------------------------------------------------------
+    def put_sensitivity(self, key: str, model_fingerprint: str, preset: str, config: dict, result: dict) -> bool:
+        """Store one sensitivity measurement (its full config and JSON result) in one transaction.
+        Append-only: returns False and changes nothing if ``key`` is already stored."""
+        with self._connect(write=True) as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                if con.execute("SELECT 1 FROM sensitivity WHERE key=?", [key]).fetchone():
+                    con.execute("ROLLBACK")
+                    return False
+                _insert(con, "sensitivity", {"key": key, "model_fingerprint": model_fingerprint, "preset": preset,
+                                             "config": canonical_json(config),
+                                             "versions": canonical_json(config.get("versions", {})),
+                                             "result": canonical_json(result), "created_at": _now()})
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return True
+
+    def get_sensitivity(self, key: str) -> dict | None:
+        """The stored sensitivity result (JSON dict) for ``key``, or None."""
+        with self._connect(write=False) as con:
+            row = con.execute("SELECT result FROM sensitivity WHERE key=?", [key]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def sensitivity_frame(self):
+        """Stored sensitivity measurements (key, model_fingerprint, preset, config, created_at), newest first."""
+        return self.query("SELECT key, model_fingerprint, preset, config, created_at FROM sensitivity "
+                          "ORDER BY created_at DESC")
 
     def placements_frame(self, keys=None):
         """Stored placements (one row each, ``placement`` is the Placement JSON) as a pandas DataFrame."""

@@ -107,7 +107,7 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
     from .models import source_fingerprint
     from .noise import get_preset
     from .placement import DensePolicy, SCOPES
-    from .scores import STRATEGIES
+    from .placement import MEASURED_STRATEGIES, STRATEGIES
     strategies = _as_list(strategies)
     budgets = _as_list(budgets, float)
     presets = _as_list(presets)
@@ -139,8 +139,9 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
     for p in presets:
         noise = tuple(sorted(noises[p].to_dict().items()))
         for s in strategies:
-            calib = calibration_hash if s in ("frequency", "weight") else None
-            if s in ("frequency", "weight") and calib is None:
+            data = ("frequency", "weight") + MEASURED_STRATEGIES   # placement depends on calibration text
+            calib = calibration_hash if s in data else None
+            if s in data and calib is None:
                 calib = default_calibration(source)[1]
             for b in budgets:
                 for seed in seeds:

@@ -403,3 +403,37 @@ class ValidationJob:
     @property
     def fraction(self) -> float:
         return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+# ------------------------------------------------------------------------------------------- hardware constants
+def hardware_editor(key: str = "hw"):
+    """A hardware preset and its constants, editable in an expander (labels, units, help and sources are read
+    from the field metadata of ``hardware.DigitalConfig`` / ``AnalogConfig``). Returns the ``Hardware``; an
+    invalid edit shows one warning and returns the preset unchanged."""
+    from .hardware import HARDWARE, HARDWARE_DOCS, AnalogConfig, DigitalConfig, field_docs, get_hardware
+    with st.expander("Hardware constants (units and sources in the tooltips)"):
+        name = st.selectbox("Hardware preset", list(HARDWARE), key=f"{key}_preset", format_func=lambda n: n,
+                            help=" · ".join(f"{n}: {d}" for n, d in HARDWARE_DOCS.items()))
+        base, changes = HARDWARE[name], {"digital": {}, "analog": {}}
+        for part, cls, title in (("digital", DigitalConfig, "Digital accelerator"),
+                                 ("analog", AnalogConfig, "AIMC chip")):
+            st.markdown(f"**{title}** · {getattr(base, part).name}")
+            cols = st.columns(3)
+            for i, f in enumerate(field_docs(cls)):
+                v = getattr(getattr(base, part), f["name"])
+                is_int = isinstance(v, int)
+                w = cols[i % 3].number_input(
+                    f"{f['name']} ({f['unit']})", value=v, min_value=1 if is_int else 1e-9,
+                    step=1 if is_int else None, format=None if is_int else "%.4g",
+                    key=f"{key}_{name}_{part}_{f['name']}",
+                    help=f"{f['help']} Unit: {f['unit']}. Source: {f['source']}")
+                if w != v:
+                    changes[part][f["name"]] = int(w) if is_int else float(w)
+        try:
+            hw = get_hardware(name, **changes)
+        except ValueError as e:
+            st.warning(f"{e} — using the preset's values.")
+            return base
+        if changes["digital"] or changes["analog"]:
+            st.caption("Edited: " + ", ".join(f"{p}.{k}" for p in changes for k in changes[p]))
+    return hw

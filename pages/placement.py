@@ -1,7 +1,7 @@
 """Placement page: choose the digital budget, strategy, scope and dense modules; see which experts stay digital."""
 import streamlit as st
 
-from hetmoe_core import figures, ui
+from hetmoe_core import energy, figures, ui
 from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, place
 from hetmoe_core.scores import STRATEGIES
 
@@ -56,6 +56,33 @@ m[2].metric("Analog parameters", f"{share['analog_params'] / 1e6:.2f} M",
             help=f"{share['analog_params'] / share['total_params']:.1%} of all parameters run on AIMC tiles")
 m[3].metric("Per layer", " ".join(str(x) for x in share["per_layer_digital"]), help="digital experts per MoE layer")
 
+# ---------------------------------------------------------------- what the placement costs (hetmoe_core.energy)
+cost_box = st.container()
+c1, c2 = st.columns([2, 3])
+batch = c1.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="energy_batch",
+                         help="Paper: 32. At batch 1 the digital part is memory-bound: every weight fetched from HBM "
+                              "serves one token.")
+measured = c1.toggle("Measured routing frequencies", key="energy_measured",
+                     help="Weight each expert by the share of calibration tokens routed to it (else uniform top-k/E).")
+with c2:
+    hw = ui.hardware_editor()
+e_stats = (stats or ui.stats_for(h)) if measured else None
+shapes = energy.shapes_of(h.lm.model, a, ss["source"])
+refs = {"this placement": p, **{energy.REFERENCE_LABELS[k]: q for k, q in energy.reference_placements(shapes).items()}}
+costs = {n: energy.cost(shapes, q, hw, batch, e_stats) for n, q in refs.items()}
+c, ref = costs["this placement"], costs[energy.REFERENCE_LABELS["all_digital"]]
+with cost_box:
+    e = st.columns(4)
+    e[0].metric("Energy per token", f"{c.energy_per_token_j * 1e6:.4g} µJ",
+                help=f"{c.tokens_per_j:,.0f} tokens per joule; {c.energy_per_token_j / ref.energy_per_token_j:.1%} "
+                     f"of all-digital ({ref.energy_per_token_j * 1e6:.4g} µJ). {c.routing.capitalize()} routing.")
+    e[1].metric("Throughput (tokens/s)", f"{c.tokens_per_s:,.0f}",
+                help=f"At batch {batch}; digital part {c.digital_bound}-bound; {c.latency_s * 1e6:.3g} µs per step.")
+    e[2].metric("AIMC tiles", f"{c.tiles:,}", help=f"{hw.analog.tile_size}² tiles on {c.chips} chip(s) of "
+                f"{hw.analog.tiles_per_chip}; {c.tile_utilization:.0%} of their cells hold weights.")
+    e[3].metric("Digital weight memory", f"{c.digital_bytes / 1e6:,.1f} MB",
+                help=f"bf16 weights held by the digital accelerator(s): {c.accelerators} × {hw.digital.name}.")
+
 values = ({"frequency": stats.frequency, "weight": stats.weight}[ss["strategy"]] if needs_stats(ss["strategy"])
           else sc.get(ss["strategy"]) if ss["strategy"] != "random" else sc.get("maxnn"))
 vname = label(ss["strategy"]) if ss["strategy"] != "random" else "MaxNNScore"
@@ -88,3 +115,14 @@ with right:
         st.dataframe({"MoE layer": [f"L{l}" for l in layers],
                       label(ss["strategy"]): [", ".join(map(str, d)) for d in p.digital],
                       label(sb): [", ".join(map(str, d)) for d in q.digital]}, hide_index=True)
+
+# ---------------------------------------------------------------- the cost beside its limits, against batch size
+with st.expander("Compared with the limits, and against batch size"):
+    st.dataframe({"placement": list(costs), "µJ/token": [x.energy_per_token_j * 1e6 for x in costs.values()],
+                  "tokens/J": [x.tokens_per_j for x in costs.values()],
+                  "tokens/s": [x.tokens_per_s for x in costs.values()], "tiles": [x.tiles for x in costs.values()],
+                  "chips": [x.chips for x in costs.values()]}, hide_index=True)
+    st.plotly_chart(figures.cost_vs_batch({n: [(b, energy.cost(shapes, q, hw, b, e_stats)) for b in energy.BATCHES]
+                                           for n, q in refs.items()}), key="cost_vs_batch")
+    st.caption("Sources of every constant: the hardware constants' tooltips; model and assumptions: "
+               "`hetmoe_core/energy.py`.")

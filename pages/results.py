@@ -4,7 +4,8 @@ import io
 import pandas as pd
 import streamlit as st
 
-from hetmoe_core import figures, ui
+from hetmoe_core import energy, figures, ui
+from hetmoe_core.hardware import HARDWARE
 
 ui.frame()
 st.title("Results")
@@ -98,6 +99,25 @@ if len(pd_):
                       "sampling_se", "verdict"]], hide_index=True,
                  column_config={c: st.column_config.NumberColumn(format="%.4g")
                                 for c in ("delta", "delta_lo", "delta_hi", "delta_recovered", "sampling_se")})
+
+# ---------------------------------------------------------------- score vs energy per token (hetmoe_core.energy)
+st.subheader(f"{metric} vs energy per token")
+e1, e2 = st.columns(2)
+hw_name = e1.selectbox("Hardware", list(HARDWARE), key="res_hw", help="Presets of hetmoe_core/hardware.py (sources "
+                       "there); edit single constants on the Placement page.")
+batch = e2.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="res_batch")
+runs_e, note = energy.run_costs(store, model, hw_name, batch)
+if runs_e is None:
+    st.info(f"No energy figures: {note}.")
+else:
+    keep = (runs_e.task == task) & (runs_e.metric == metric) & (runs_e["limit"].isna() if lim == "all"
+                                                                 else runs_e["limit"] == lim)
+    keep &= (runs_e.strategy == "ideal") | (runs_e.preset.isin(presets) & runs_e.strategy.isin(strategies)
+                                            & runs_e.backend.isin(backends))
+    st.plotly_chart(figures.accuracy_vs_energy(energy.config_points(runs_e[keep]), metric,
+                                               higher_is_better=metric not in LOWER_IS_BETTER), key="res_energy")
+    st.caption(f"One point per configuration (mean ± std over seeds), energy of its placement on {hw_name} "
+               f"({note}); dashed: the Pareto front — no other configuration is cheaper and at least as good.")
 
 st.subheader("Table")
 table = shown.assign(**{"budget %": shown.budget * 100}).drop(columns=["budget"])

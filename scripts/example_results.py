@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 
 
 def strategies(arg: str) -> list[str]:
-    from hetmoe_core.scores import STRATEGIES
+    from hetmoe_core.placement import STRATEGIES
     return list(STRATEGIES) if arg == "all" else [s for s in arg.split(",") if s]
 
 

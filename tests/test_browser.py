@@ -110,11 +110,15 @@ def test_dashboard_in_chromium(server, page):
     idle(pg)
     share = pg.locator("[data-testid='stMetric']").filter(has_text="Digital parameter share")
     before = share.locator("[data-testid='stMetricValue']").inner_text()
+    joules = pg.locator("[data-testid='stMetric']").filter(has_text="Energy per token")   # the energy block
+    e_before = joules.locator("[data-testid='stMetricValue']").inner_text()
     pg.locator("[data-testid='stSlider'] input[type='range']").first.focus()
     pg.keyboard.press("End")
     idle(pg)
     after = share.locator("[data-testid='stMetricValue']").inner_text()
     assert float(after.rstrip("%")) > float(before.rstrip("%")), (before, after)
+    e_after = joules.locator("[data-testid='stMetricValue']").inner_text()
+    assert float(e_after.split()[0]) > float(e_before.split()[0]), (e_before, e_after)   # µJ: digital costs more
     assert "budget=1" in pg.url
     no_errors(pg, "placement after slider")
     shot(pg, "placement_100")
@@ -136,7 +140,8 @@ def test_dashboard_in_chromium(server, page):
     shot(pg, "evaluate_done")
     pg.goto(f"{base}/results?model=default")
     idle(pg)
-    assert pg.locator(".js-plotly-plot").count() == 1
+    assert pg.locator(".js-plotly-plot").count() == 2          # score vs budget, score vs energy per token
+    assert pg.get_by_text("Pareto front").count() >= 1
     no_errors(pg, "results")
     shot(pg, "results_after_run")
 

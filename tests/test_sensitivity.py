@@ -1,0 +1,160 @@
+"""Measured expert sensitivity: batched = one-at-a-time, ideal = 0, stored once, criteria, oracle, CLI."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hetmoe_core import cli
+from hetmoe_core.analog import analog
+from hetmoe_core.criteria import correlate
+from hetmoe_core.models import load_model
+from hetmoe_core.noise import get_preset
+from hetmoe_core.placement import Placement, place
+from hetmoe_core.routing import BUILTIN_CALIBRATION
+from hetmoe_core import sensitivity as S
+
+# strong enough that expert noise moves the NLL far above float rounding in the tiny model
+NOISE = get_preset("paper-pcm-c2.5", noise_model="gaussian", gaussian_std=0.3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread hand-offs that dominate on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    lm = load_model("tiny:olmoe")
+    with torch.no_grad():   # experts that matter: scale the routed experts up (the router stays as it is)
+        for m in lm.anatomy.moe_layers:
+            for p in m.experts.parameters():
+                p.mul_(6.0)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def ids(lm):
+    return S.calibration_tokens(lm.tokenizer, BUILTIN_CALIBRATION, 256, seq_len=64)
+
+
+def test_batched_equals_one_expert_at_a_time(lm, ids):
+    """Replayed lower layers + R experts per forward give exactly the naive loop's numbers (analog() with one
+    expert analog, full forward), for several experts of both MoE layers, same seed."""
+    m = S.measure(lm, NOISE, ids, seeds=[3], group=3, dense=False)
+    picks = [(0, 1), (0, 6), (1, 0), (1, 7)]
+    ref = S.naive_only_this(lm, NOISE, ids, seeds=[3], experts=picks)
+    for i, e in picks:
+        assert m.only_this[0, i, e] == ref[0, i, e]
+    got = np.array([m.only_this[0, i, e] for i, e in picks])
+    assert np.abs(got).max() > 1e-5 and len(set(got.round(9))) == len(picks)   # real, distinct damages
+
+
+def test_ideal_damage_is_exactly_zero(lm, ids):
+    m = S.measure(lm, "ideal", ids, seeds=2, dense=False)
+    assert not m.only_this.any() and not m.all_but_this.any() and not m.layers.any() and not m.all_experts.any()
+    assert not m.topk_changed.any()
+
+
+def test_criterion_correlates_perfectly_with_itself():
+    rng = np.random.default_rng(1)
+    damage = rng.gamma(1.0, 1e-3, size=(4, 2, 8))
+    mean = damage.mean(0)
+    rows, best = correlate({"self": list(mean), "noise": list(rng.normal(size=(2, 8)))}, damage, n_boot=300)
+    for r in rows:
+        if r["criterion"] == "self":
+            assert r["spearman"] == pytest.approx(1.0) and r["kendall"] == pytest.approx(1.0)
+            if r["scope"] == "pooled":
+                assert r["spearman_hi"] == pytest.approx(1.0)
+    from scipy.stats import kendalltau, spearmanr
+    pooled = next(r for r in rows if r["criterion"] == "noise" and r["scope"] == "pooled")
+    assert pooled["n"] == 16
+    assert best["criterion"] == "self"
+    # the vectorised bootstrap statistics agree with scipy on one row
+    from hetmoe_core.criteria import _kendall_rows, _spearman_rows
+    a, b = rng.normal(size=20), rng.normal(size=20).round(0)   # ties in b
+    assert _spearman_rows(a[None], b[None])[0] == pytest.approx(spearmanr(a, b).statistic)
+    assert _kendall_rows(a[None], b[None])[0] == pytest.approx(kendalltau(a, b).statistic)
+
+
+def test_validate_is_stored_and_second_call_runs_no_forward(lm, tmp_path):
+    store = tmp_path / "s.duckdb"
+    v1 = S.validate(lm, NOISE, seeds=2, texts=BUILTIN_CALIBRATION, tokens=128, store=store, n_boot=50)
+    d1 = v1.to_dict()
+    assert not d1["cached"] and len(d1["experts"]) == 16 and d1["calibration"]["tokens"] == 128
+    assert {r["kind"] for r in d1["dense"]} == {"attention", "lm_head", "router"}
+    assert d1["all_experts"]["damage"] > 0 and all(r["only_this_se"] is not None for r in d1["experts"])
+    json.dumps(d1, allow_nan=False)
+    calls = []
+    h = lm.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    hd = lm.model.get_decoder().register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        v2 = S.validate(lm, NOISE, seeds=2, texts=BUILTIN_CALIBRATION, tokens=128, store=store, n_boot=50)
+    finally:
+        h.remove()
+        hd.remove()
+    assert calls == [] and v2.cached
+    assert {k: v for k, v in v2.to_dict().items() if k != "cached"} == {k: v for k, v in d1.items() if k != "cached"}
+
+
+def test_oracle_at_full_budget_is_ideal(lm, ids):
+    m = S.measure(lm, NOISE, ids, seeds=1, all_but_this=False, dense=False)
+    measured = list(m.only_this.mean(0))
+    p = place(lm.anatomy, "oracle", 1.0, measured=measured)
+    assert p.digital == Placement.all_digital(lm.anatomy).digital
+    dec = lm.model.get_decoder()
+    with torch.no_grad():
+        ideal = S.token_nll(lm.model, dec(input_ids=ids).last_hidden_state, ids)
+        with analog(lm.model, lm.anatomy, p, NOISE, seed=0):
+            got = S.token_nll(lm.model, dec(input_ids=ids).last_hidden_state, ids)
+    assert torch.equal(got, ideal)
+    # at a quarter budget the oracle keeps the most damaged expert of each layer digital
+    q = place(lm.anatomy, "oracle", 0.25, measured=measured)
+    assert [int(np.argmax(x)) in d for x, d in zip(measured, q.digital)] == [True, True]
+    with pytest.raises(ValueError, match="measured"):
+        place(lm.anatomy, "oracle", 0.25)
+
+
+def test_cli_validate_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    store = str(tmp_path / "never.duckdb")
+    for extra in (["--seeds", "0"], ["--preset", "ideal"], ["--calib", str(empty)], ["--tokens", "0"]):
+        argv = ["validate", "tiny:olmoe", "--preset", "paper-pcm-c2.5", "--store", store, *extra]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err
+    assert not (tmp_path / "never.duckdb").exists()
+
+
+def test_cli_place_oracle_and_local_error(tmp_path, capsys):
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(sum(BUILTIN_CALIBRATION.values(), [])))
+    for strat in ("local_error", "oracle"):
+        argv = ["place", "tiny:olmoe", "--strategy", strat, "--preset", "paper-pcm-c2.5", "--budget", "0.25",
+                "--calib", str(calib), "--seeds", "1", "--tokens", "128", "--store", str(tmp_path / "s.duckdb"),
+                "--json"]
+        assert cli.main(argv) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["placement"]["strategy"] == strat and out["per_layer_digital"] == [2, 2]
+    assert cli.main(["place", "tiny:olmoe", "--strategy", "oracle", "--budget", "0.25"]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_routing_drift_and_local_error(lm, ids):
+    """Ideal noise moves no token's top-k set and gives zero local error; strong noise on every expert of the
+    first MoE layer re-routes tokens in the second (the router of the first sees clean inputs)."""
+    from hetmoe_core.criteria import local_error_scores
+    full = Placement.all_analog(lm.anatomy)
+    ideal = S.routing_drift(lm, full, "ideal", ids, seeds=1)
+    assert [r["changed_share"] for r in ideal] == [0.0, 0.0]
+    assert all(r["load_max_over_mean_ideal"] == r["load_max_over_mean_noisy"] >= 1 for r in ideal)
+    noisy = S.routing_drift(lm, full, NOISE, ids, seeds=2)
+    assert noisy[0]["changed_share"] == 0.0 and 0.0 < noisy[1]["changed_share"] < 1.0
+    assert all(not x.any() for x in local_error_scores(lm, "ideal", ids, seeds=[0]))
+    le = local_error_scores(lm, NOISE, ids, seeds=[0, 1])
+    assert all((x > 0).all() and len(x) == 8 for x in le)
