@@ -43,7 +43,7 @@ if ss.get("val_preset") not in presets:
     ss["val_preset"] = ss.get("preset") if ss.get("preset") in presets else presets[0]
 preset = c1.selectbox("Noise preset", presets, key="val_preset")
 seeds = int(c2.number_input("Seeds", 1, 20, 5, key="val_seeds", help="noise seeds 0..N-1, the same for every expert"))
-tokens = int(c3.selectbox("Tokens", [1024, 4096, 16384, 65536], index=2, key="val_tokens",
+tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, key="val_tokens",
                           help="calibration tokens the damage is measured on (the default model's validation text)"))
 job = ss.get("val_job")
 running = job is not None and job.running

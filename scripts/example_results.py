@@ -78,13 +78,14 @@ def run_validations(a, store) -> None:
     from hetmoe_core.examples import put_validation
     from hetmoe_core.models import load_model
     lm = load_model("default")
-    for preset in PRESETS:
+    for preset in sorted(PRESETS, reverse=True):   # paper-pcm-c2.5 first: the larger effect
         t0 = time.time()
-        v = sensitivity.validate(lm, preset, seeds=a.seeds, tokens=VALIDATE_TOKENS, store=store,
+        v = sensitivity.validate(lm, preset, seeds=a.seeds, tokens=a.validate_tokens, store=store,
                                  progress=lambda d, t: None)
         d = v.to_dict()
         put_validation(store, d)   # kept as expert statistics: the snapshot carries them
-        log(f"validate {preset}: {time.time() - t0:.0f} s, cached={d.get('cached')}, best={d.get('best')}")
+        log(f"validate {preset}: {time.time() - t0:.0f} s, {a.validate_tokens} tokens, cached={d.get('cached')}, "
+            f"best={d.get('best')}")
 
 
 def export(a, store) -> dict:
@@ -220,6 +221,11 @@ def main() -> int:
                     "worker on the same store shares the work; the store's locks keep both safe)")
     ap.add_argument("--export-only", action="store_true", help="only write the snapshot of what is stored")
     ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--validate-tokens", type=int, default=VALIDATE_TOKENS, help="calibration tokens of each "
+                    "validation (16384 = the oracle strategy's own measurement, which it then reuses)")
+    ap.add_argument("--validate-only", action="store_true", help="only the sensitivities (and the snapshot)")
+    ap.add_argument("--validate-first", action="store_true", help="measure the sensitivities before the "
+                    "evaluations (the oracle strategy reuses them)")
     ap.add_argument("--card", action="store_true", help="also rewrite the model card's measured section")
     a = ap.parse_args()
     for name in ("lm_eval", "datasets", "transformers"):
@@ -230,8 +236,11 @@ def main() -> int:
     store = Store(a.store)
     t0 = time.time()
     if not a.export_only:
-        run_evaluations(a, store)
-        if not a.no_validate:
+        if (a.validate_first or a.validate_only) and not a.no_validate:
+            run_validations(a, store)
+        if not a.validate_only:
+            run_evaluations(a, store)
+        if not a.no_validate and not a.validate_first and not a.validate_only:
             run_validations(a, store)
     m = export(a, store)
     if a.card:
