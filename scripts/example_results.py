@@ -157,6 +157,16 @@ def card_section(a, store) -> str:
             out.append(f"| {lab(s)} | " + " | ".join(cells) + " |")
         out.append("")
         d = combined_deltas(runs[runs.preset.isin([preset, "ideal"])], "maxnn", tasks=tasks, metric=METRIC)
+        base = d[(d.a != "oracle") & (d.n_seeds >= 2)]
+        if len(base):
+            wins, losses = (base.delta_hi < 0).sum(), (base.delta_lo > 0).sum()
+            out.append(f"*Verdict ({preset}):* of {len(base)} paired comparisons with a baseline (strategy × budget, "
+                       f">= 2 seeds), MaxNNScore recovers significantly more in {wins}, significantly less in "
+                       f"{losses}, and no difference is resolved in {len(base) - wins - losses}.")
+            out.append("")
+        if "oracle" not in set(d.a):
+            out.append(f"*Oracle headroom ({preset}):* not measured yet (needs the oracle's evaluations; rerun the script).")
+            out.append("")
         if len(d):
             out.append("MaxNNScore minus each other strategy (recovered fraction, paired on seeds, 95% CI):")
             out.append("")
