@@ -361,39 +361,38 @@ def stats_for(handle: ModelHandle, show: bool = True):
 
 
 # ------------------------------------------------------------------------------------------- background jobs
-class Job:
-    """A background evaluation: a thread running ``evaluate.evaluate_many`` with its own progress state.
+class _BackgroundJob:
+    """A thread doing one long piece of work for a page, with progress, cancel and a final status.
 
     Lives in st.session_state; the page polls it from an ``st.fragment(run_every=...)``. The thread never calls
-    Streamlit and opens its own store connections (evaluate/store open one per operation). The job holds its
-    model in the cache until it ends, so no other session's load can release it meanwhile."""
+    Streamlit and opens its own store connections. The job holds its model in the cache until it ends, so no other
+    session's load can release it meanwhile. Subclasses fill :meth:`_work` (status "done" unless it returns another).
+    """
+    name = "hetmoe-job"
 
-    def __init__(self, handle: ModelHandle, **kwargs):
-        self.kwargs = kwargs
-        self.cancelled_at: float | None = None
+    def __init__(self, handle: ModelHandle):
         self.handle = MODELS.hold(handle.key, self)    # the same entry, or reloaded if it left the cache since
         self.cancel = threading.Event()
-        self.done, self.total, self.results = 0, 0, []
+        self.cancelled_at: float | None = None
+        self.done, self.total = 0, 0
         self.status, self.error = "running", None
         self.started = time.time()
         self.finished: float | None = None
-        self.thread = threading.Thread(target=self._run, name="hetmoe-eval", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.thread.start()
 
-    def _progress(self, done: int, total: int, result: dict) -> None:
-        self.done, self.total = done, total
-        self.results.append(result)
+    def _work(self) -> str | None:
+        raise NotImplementedError
 
     def _run(self) -> None:
-        from .evaluate import evaluate_many
         try:
-            with self.handle.lock:
-                evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, **self.kwargs)
-            self.status = "cancelled" if self.cancel.is_set() else "done"
-        except ValueError as e:
-            self.status, self.error = "error", str(e)
+            status = self._work()
+            self.status = "cancelled" if self.cancel.is_set() else (status or "done")
+        except ValueError as e:   # bad input; evaluate.Cancelled is not a ValueError and lands below
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else ("error", str(e))
         except Exception as e:   # shown in the page as a message, never as a traceback
-            self.status, self.error = "error", f"{type(e).__name__}: {e}"
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else \
+                ("error", f"{type(e).__name__}: {e}")
         finally:
             MODELS.release(self)
         self.finished = time.time()
@@ -409,7 +408,25 @@ class Job:
 
     @property
     def fraction(self) -> float:
-        return self.done / self.total if self.total else 0.0
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+class Job(_BackgroundJob):
+    """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result."""
+    name = "hetmoe-eval"
+
+    def __init__(self, handle: ModelHandle, **kwargs):
+        self.kwargs, self.results = kwargs, []
+        super().__init__(handle)
+
+    def _progress(self, done: int, total: int, result: dict) -> None:
+        self.done, self.total = done, total
+        self.results.append(result)
+
+    def _work(self) -> None:
+        from .evaluate import evaluate_many
+        with self.handle.lock:
+            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, **self.kwargs)
 
 
 # ------------------------------------------------------------------------------------------- scores without a model
@@ -443,63 +460,34 @@ def scores(handle: ModelHandle | None = None):
 
 
 # ------------------------------------------------------------------------------------------- background validation
-class ValidationJob:
+class ValidationJob(_BackgroundJob):
     """A background ``sensitivity.validate`` (measured expert damage) with progress and cancel, like Job.
 
-    Lives in st.session_state; the Validate page polls it from an ``st.fragment(run_every=...)``. The thread takes
-    the model lock (noise is programmed into the weights while it measures) and never calls Streamlit. ``result``
-    is Validation.to_dict() once done; it is also kept in the store (examples.put_validation) for the next visit."""
+    The thread takes the model lock (noise is programmed into the weights while it measures). ``result`` is
+    Validation.to_dict() once done; it is also kept in the store (examples.put_validation) for the next visit."""
+    name = "hetmoe-validate"
 
     def __init__(self, handle: ModelHandle, preset: str, seeds: int, tokens: int, store_path=None):
-        self.handle, self.preset, self.seeds, self.tokens, self.store_path = handle, preset, seeds, tokens, store_path
-        self.cancel = threading.Event()
-        self.done, self.total = 0, 0
-        self.status, self.error, self.result = "running", None, None
-        self.started = time.time()
-        self.finished: float | None = None
-        self.thread = threading.Thread(target=self._run, name="hetmoe-validate", daemon=True)
-        self.thread.start()
+        self.preset, self.seeds, self.tokens, self.store_path, self.result = preset, seeds, tokens, store_path, None
+        super().__init__(handle)
 
     def _progress(self, done, total=None, *_):
         self.done, self.total = int(done), int(total or 0)
 
-    def _run(self) -> None:
-        try:
-            from .examples import put_validation
-            from .routing import default_calibration
-            from .sensitivity import validate
-            from .store import Store
-            store = Store(self.store_path)
-            texts, _ = default_calibration(self.handle.lm.source)   # tiny: test models get the built-in sentences
-            with self.handle.lock:
-                v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=texts, tokens=self.tokens,
-                             store=store, progress=self._progress, cancel=self.cancel.is_set)
-            if self.cancel.is_set() or v is None:
-                self.status = "cancelled"
-            else:
-                self.result = v.to_dict()
-                put_validation(store, self.result)
-                self.status = "done"
-        except ImportError as e:
-            self.status, self.error = "error", f"measured sensitivity is not available in this install ({e})"
-        except ValueError as e:   # bad input; evaluate.Cancelled is not a ValueError and lands below
-            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else ("error", str(e))
-        except Exception as e:   # shown in the page as a message, never as a traceback
-            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else \
-                ("error", f"{type(e).__name__}: {e}")
-        self.finished = time.time()
-
-    @property
-    def running(self) -> bool:
-        return self.thread.is_alive()
-
-    @property
-    def elapsed(self) -> float:
-        return (self.finished or time.time()) - self.started
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done / self.total) if self.total else 0.0
+    def _work(self) -> str | None:
+        from .examples import put_validation
+        from .routing import default_calibration
+        from .sensitivity import validate
+        from .store import Store
+        store = Store(self.store_path)
+        texts, _ = default_calibration(self.handle.lm.source)   # tiny: test models get the built-in sentences
+        with self.handle.lock:
+            v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=texts, tokens=self.tokens,
+                         store=store, progress=self._progress, cancel=self.cancel.is_set)
+        if self.cancel.is_set() or v is None:
+            return "cancelled"
+        self.result = v.to_dict()
+        put_validation(store, self.result)
 
 
 # ------------------------------------------------------------------------------------------- hardware constants
