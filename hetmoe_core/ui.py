@@ -316,13 +316,15 @@ def expert_scores(fingerprint: str, dtype: str, _handle: ModelHandle):
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
-def calibration() -> tuple[dict | None, str | None, str]:
-    """(texts by domain, hash, message): the default calibration text (sweep.calibration_text), or (None, None,
-    why not) when its file is unreadable."""
+def calibration(source: str | None = None) -> tuple[dict | None, str | None, str]:
+    """(texts by domain, hash, message) for model ``source``: the default calibration text (sweep.calibration_text;
+    message: a note when it is the built-in tiny-model sentences, else ""), or (None, None, why not) when its
+    file is unreadable."""
     try:
+        from .routing import BUILTIN_NOTE, default_calibration as where_of, is_builtin
         from .sweep import calibration_text
-        texts, h = calibration_text()
-        return texts, h, ""
+        texts, h = calibration_text(source)
+        return texts, h, (f"Calibration: {BUILTIN_NOTE}." if is_builtin(where_of(source)[1]) else "")
     except (ValueError, OSError) as e:
         return None, None, str(e)
 
@@ -338,11 +340,13 @@ def activation_stats(fingerprint: str, calib_hash: str, _handle: ModelHandle, _t
 
 def stats_for(handle: ModelHandle, show: bool = True):
     """Activation statistics of the model on the default calibration text, or None (with an info message)."""
-    texts, h, why = calibration()
+    texts, h, why = calibration(handle.lm.source)
     if texts is None:
         if show:
             st.info(f"Activation frequency / weight are not available yet: {why}")
         return None
+    if why and show:
+        st.caption(why)
     if handle.lock.locked():
         if show:
             st.info("An evaluation is running on this model; activation statistics appear when it finishes.")
@@ -357,39 +361,38 @@ def stats_for(handle: ModelHandle, show: bool = True):
 
 
 # ------------------------------------------------------------------------------------------- background jobs
-class Job:
-    """A background evaluation: a thread running ``evaluate.evaluate_many`` with its own progress state.
+class _BackgroundJob:
+    """A thread doing one long piece of work for a page, with progress, cancel and a final status.
 
     Lives in st.session_state; the page polls it from an ``st.fragment(run_every=...)``. The thread never calls
-    Streamlit and opens its own store connections (evaluate/store open one per operation). The job holds its
-    model in the cache until it ends, so no other session's load can release it meanwhile."""
+    Streamlit and opens its own store connections. The job holds its model in the cache until it ends, so no other
+    session's load can release it meanwhile. Subclasses fill :meth:`_work` (status "done" unless it returns another).
+    """
+    name = "hetmoe-job"
 
-    def __init__(self, handle: ModelHandle, **kwargs):
-        self.kwargs = kwargs
-        self.cancelled_at: float | None = None
+    def __init__(self, handle: ModelHandle):
         self.handle = MODELS.hold(handle.key, self)    # the same entry, or reloaded if it left the cache since
         self.cancel = threading.Event()
-        self.done, self.total, self.results = 0, 0, []
+        self.cancelled_at: float | None = None
+        self.done, self.total = 0, 0
         self.status, self.error = "running", None
         self.started = time.time()
         self.finished: float | None = None
-        self.thread = threading.Thread(target=self._run, name="hetmoe-eval", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.thread.start()
 
-    def _progress(self, done: int, total: int, result: dict) -> None:
-        self.done, self.total = done, total
-        self.results.append(result)
+    def _work(self) -> str | None:
+        raise NotImplementedError
 
     def _run(self) -> None:
-        from .evaluate import evaluate_many
         try:
-            with self.handle.lock:
-                evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, **self.kwargs)
-            self.status = "cancelled" if self.cancel.is_set() else "done"
-        except ValueError as e:
-            self.status, self.error = "error", str(e)
+            status = self._work()
+            self.status = "cancelled" if self.cancel.is_set() else (status or "done")
+        except ValueError as e:   # bad input; evaluate.Cancelled is not a ValueError and lands below
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else ("error", str(e))
         except Exception as e:   # shown in the page as a message, never as a traceback
-            self.status, self.error = "error", f"{type(e).__name__}: {e}"
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else \
+                ("error", f"{type(e).__name__}: {e}")
         finally:
             MODELS.release(self)
         self.finished = time.time()
@@ -405,7 +408,25 @@ class Job:
 
     @property
     def fraction(self) -> float:
-        return self.done / self.total if self.total else 0.0
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+class Job(_BackgroundJob):
+    """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result."""
+    name = "hetmoe-eval"
+
+    def __init__(self, handle: ModelHandle, **kwargs):
+        self.kwargs, self.results = kwargs, []
+        super().__init__(handle)
+
+    def _progress(self, done: int, total: int, result: dict) -> None:
+        self.done, self.total = done, total
+        self.results.append(result)
+
+    def _work(self) -> None:
+        from .evaluate import evaluate_many
+        with self.handle.lock:
+            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, **self.kwargs)
 
 
 # ------------------------------------------------------------------------------------------- scores without a model
@@ -436,6 +457,37 @@ def scores(handle: ModelHandle | None = None):
             pass   # fall through: loading shows the error with what to do
     handle = handle or get_model()
     return None if handle is None else expert_scores(handle.lm.fingerprint, handle.lm.anatomy.dtype, handle)
+
+
+# ------------------------------------------------------------------------------------------- background validation
+class ValidationJob(_BackgroundJob):
+    """A background ``sensitivity.validate`` (measured expert damage) with progress and cancel, like Job.
+
+    The thread takes the model lock (noise is programmed into the weights while it measures). ``result`` is
+    Validation.to_dict() once done; it is also kept in the store (examples.put_validation) for the next visit."""
+    name = "hetmoe-validate"
+
+    def __init__(self, handle: ModelHandle, preset: str, seeds: int, tokens: int, store_path=None):
+        self.preset, self.seeds, self.tokens, self.store_path, self.result = preset, seeds, tokens, store_path, None
+        super().__init__(handle)
+
+    def _progress(self, done, total=None, *_):
+        self.done, self.total = int(done), int(total or 0)
+
+    def _work(self) -> str | None:
+        from .examples import put_validation
+        from .routing import default_calibration
+        from .sensitivity import validate
+        from .store import Store
+        store = Store(self.store_path)
+        texts, _ = default_calibration(self.handle.lm.source)   # tiny: test models get the built-in sentences
+        with self.handle.lock:
+            v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=texts, tokens=self.tokens,
+                         store=store, progress=self._progress, cancel=self.cancel.is_set)
+        if self.cancel.is_set() or v is None:
+            return "cancelled"
+        self.result = v.to_dict()
+        put_validation(store, self.result)
 
 
 # ------------------------------------------------------------------------------------------- hardware constants

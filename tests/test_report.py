@@ -17,8 +17,8 @@ IDEAL = {4: 0.71, None: 0.83}          # the all-digital result differs per limi
 
 
 def _put(st: Store, limit):
-    """Ideal + maxnn at budgets 12.5 % and 50 % on hetmoe_cloze with ``limit`` documents (None: all)."""
-    for s in plan("default", fingerprint=FP, tasks="hetmoe_cloze", budgets=(0.125, 0.5), limit=limit):
+    """Ideal + maxnn at budgets 0, 12.5 % and 50 % on hetmoe_cloze with ``limit`` documents (None: all)."""
+    for s in plan("default", fingerprint=FP, tasks="hetmoe_cloze", budgets=(0.0, 0.125, 0.5), limit=limit):
         value = IDEAL[limit] if s.ideal else 0.4 + s.budget / 10
         st.put_result(s.key, {**s.row(), "duration_s": 1.0, "digital_share": 0.2},
                       [{"task": s.task.name, "metric": "acc", "value": value, "stderr": 0.01, "seed": s.seed}])
@@ -44,23 +44,25 @@ def test_report_has_one_chart_per_limit_in_percent_with_its_own_ideal(tmp_path):
     _put(st, 4)
     _put(st, None)
     groups = chart_groups(st.summary_frame())
-    assert [(t, m, lim, len(g)) for t, m, lim, g in groups] == [("hetmoe_cloze", "acc", 4, 3),
-                                                                 ("hetmoe_cloze", "acc", ALL, 3)]
+    assert [(t, m, lim, len(g)) for t, m, lim, g in groups] == [("hetmoe_cloze", "acc", 4, 4),
+                                                                 ("hetmoe_cloze", "acc", ALL, 4)]
     assert limit_label(float("nan")) == limit_label(None) == limit_label(ALL) == "all documents"
     assert limit_label(4.0) == "4 documents per task"
 
     rep = write_report(st, tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
-    assert rep["figures"] == 2
+    assert rep["figures"] == 2 and rep["recovery_figures"] == 2
     figs = _figures(html)
-    assert len(figs) == 2
-    by_title = {f["layout"]["title"]["text"]: f for f in figs}
+    assert len(figs) == 4
+    rec = [f["layout"]["title"]["text"] for f in figs if "recovered fraction" in f["layout"]["title"]["text"]]
+    assert sorted(t.split(" · ")[-1] for t in rec) == ["4 documents per task", "all documents"]
+    by_title = {f["layout"]["title"]["text"]: f for f in figs if "recovered fraction" not in f["layout"]["title"]["text"]}
     four = next(f for t, f in by_title.items() if "4 documents per task" in t)
     every = next(f for t, f in by_title.items() if "all documents" in t)
     for f, ideal in ((four, IDEAL[4]), (every, IDEAL[None])):
         (line,) = f["data"]                                     # one strategy line: limits never share a chart
-        assert _values(line["x"]) == [12.5, 50.0]                        # budget in %, as on the dashboard
-        assert _values(line["y"]) == pytest.approx([0.4125, 0.45])
+        assert _values(line["x"]) == [0.0, 12.5, 50.0]                   # budget in %, as on the dashboard
+        assert _values(line["y"]) == pytest.approx([0.4, 0.4125, 0.45])
         assert f["layout"]["xaxis"]["range"] == [-3, 103] and "%" in f["layout"]["xaxis"]["title"]["text"]
         (hline,) = f["layout"]["shapes"]                        # the ideal line of this chart's own limit
         assert hline["y0"] == hline["y1"] == pytest.approx(ideal)
