@@ -605,9 +605,13 @@ def cmd_validate(args) -> dict:
         raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.calib:
         read_calibration(args.calib)   # an empty or unreadable file is refused before the model loads
-    from .sensitivity import validate
-    v = validate(args.source, noise, seeds=args.seeds, texts=args.calib, tokens=args.tokens, store=args.store,
-                 n_boot=args.bootstrap, device=args.device, dtype=args.dtype)
+    from .validation import stored_validation
+    kw = dict(seeds=args.seeds, texts=args.calib, tokens=args.tokens, store=args.store, n_boot=args.bootstrap,
+              device=args.device, dtype=args.dtype)
+    v = stored_validation(args.source, noise, **kw)   # a stored request answers without torch
+    if v is None:
+        from .sensitivity import validate
+        v = validate(args.source, noise, **kw)
     out = v.to_dict()
     if args.json:
         return out

@@ -54,21 +54,20 @@ layers[] carry decoder_layer; routing_drift[] carries changed_share_se. Criteria
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from .analog import analog
-from .noise import NoiseConfig, get_preset
 from .replay import _Bank, _Engine, _LayerForward, _decoder, _dispatch, _sum, token_nll
+# the request key and the stored record need no torch (a cache-hit `validate` answers without it): validation.py
+from .validation import (SEQ_LEN, Validation, _VERSION, _check_noise, _clean, _se, _seeds, _texts,  # noqa: F401
+                         request_key)
 
 ORACLE_SEEDS, ORACLE_TOKENS = 5, 16384   # the oracle's measurement = validate()'s defaults (shares its cache)
-SEQ_LEN = 256            # tokens per calibration sequence (capped by the model's context)
 ROWS_PER_FORWARD = 8192  # tokens in one batched forward (R experts x sequences x positions), bounds memory
-_VERSION = 1             # bump when a measurement changes meaning (enters the store key)
 
 
 # ------------------------------------------------------------------------------------------ calibration tokens
@@ -123,25 +122,6 @@ class Measurement:
     load_ideal: np.ndarray
     load_noisy: np.ndarray
     forwards: int = 0
-
-
-def _check_noise(noise) -> NoiseConfig:
-    if isinstance(noise, str):
-        return get_preset(noise)
-    if not isinstance(noise, NoiseConfig):
-        raise ValueError(f"noise must be a preset name or a NoiseConfig, got {type(noise).__name__}")
-    return noise
-
-
-def _seeds(seeds) -> list[int]:
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1 (number of noise seeds), got {seeds}")
-        return list(range(seeds))
-    out = [int(s) for s in seeds]
-    if not out or any(s < 0 for s in out):
-        raise ValueError(f"seeds must be a count >= 1 or a list of seeds >= 0, got {seeds!r}")
-    return out
 
 
 def _bincount(topk: torch.Tensor, n: int) -> np.ndarray:
@@ -357,87 +337,6 @@ def routing_drift(lm, placement, noise, ids: torch.Tensor, seeds=1) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------ validate
-
-def _se(x: np.ndarray) -> float | None:
-    x = np.asarray(x, dtype=np.float64)
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
-
-
-def _clean(obj):
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-@dataclass
-class Validation:
-    """Measured sensitivity of a model under a noise preset and how well each criterion ranks it.
-
-    Field meanings and units: module docstring (API contract). ``to_dict()`` is the JSON the CLI prints and
-    the store keeps; ``cached`` says the result came from the store without any forward pass.
-    """
-    model_fingerprint: str
-    preset: str
-    noise: dict
-    seeds: list
-    tokens: int
-    calibration: dict
-    clean_nll: float
-    experts: list = field(default_factory=list)
-    layers: list = field(default_factory=list)
-    dense: list = field(default_factory=list)
-    all_experts: dict = field(default_factory=dict)
-    correlations: list = field(default_factory=list)
-    best: dict = field(default_factory=dict)
-    routing_drift: list = field(default_factory=list)
-    cached: bool = False
-
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-        return _clean(asdict(self))
-
-    def only_this(self) -> list[np.ndarray]:
-        """Mean only-this damage per MoE layer: float64 ``[E]`` each (nats per token)."""
-        L = 1 + max(r["layer"] for r in self.experts)
-        out = [[] for _ in range(L)]
-        for r in sorted(self.experts, key=lambda r: (r["layer"], r["expert"])):
-            out[r["layer"]].append(r["only_this"])
-        return [np.asarray(v, dtype=np.float64) for v in out]
-
-
-def _texts(texts):
-    """(texts by domain, where they came from) from None (routing.default_calibration), a file path or texts."""
-    from pathlib import Path
-    from .routing import _as_domains, default_calibration, read_calibration
-    if texts is None:
-        return default_calibration()
-    if isinstance(texts, (str, Path)):
-        return read_calibration(texts), str(texts)
-    return _as_domains(texts), "given"
-
-
-def request_key(fingerprint: str, noise: NoiseConfig, texts: dict, tokens: int, seeds: list, dtype: str,
-                device: str, n_boot: int) -> tuple[str, dict]:
-    """(store key, full config) of a validation request: model fingerprint and dtype, device type, full noise
-    config, calibration hash, tokens, sequence length, seeds, bootstrap size and library versions."""
-    from .evaluate import library_versions
-    from .routing import calibration_hash
-    from .store import config_key
-    cfg = {"kind": "sensitivity", "v": _VERSION, "model": {"fingerprint": fingerprint, "dtype": dtype},
-           "device": device.split(":")[0], "noise": noise.to_dict(),
-           "calibration": calibration_hash(texts, SEQ_LEN), "tokens": tokens, "seq_len": SEQ_LEN,
-           "seeds": list(seeds), "n_boot": n_boot, "versions": library_versions()}
-    return config_key(cfg), cfg
-
 
 def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, store=None,
              progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
