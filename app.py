@@ -14,6 +14,7 @@ page = st.navigation([
     st.Page("pages/model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
     st.Page("pages/sensitivity.py", title="Sensitivity", icon=":material/thermostat:"),
+    st.Page("pages/validate.py", title="Validate", icon=":material/fact_check:"),
     st.Page("pages/placement.py", title="Placement", icon=":material/grid_on:"),
     st.Page("pages/evaluate.py", title="Evaluate", icon=":material/science:"),
     st.Page("pages/results.py", title="Results", icon=":material/monitoring:"),

@@ -115,18 +115,22 @@ def cmd_info(args) -> dict:
 # ---- scores, place
 def _calib_args(p):
     p.add_argument("--calib", default=None, help="calibration text (.txt one per line, .json, .jsonl with "
-                   "text/domain); default: the default model's validation text")
+                   "text/domain); default: the default model's validation text (built-in sentences for tiny: models)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=8)
-    p.add_argument("--max-length", type=_int_at_least(1), default=256, help="tokens per calibration text (truncated)")
+    p.add_argument("--max-length", type=_int_at_least(1), default=256, help="tokens per forward window (longer texts are cut into windows)")
     p.add_argument("--cache-dir", default=None, help="activation-statistics cache (default cache/activation)")
 
 
 def _activation(args, lm):
-    from .routing import activation_stats, default_calibration, read_calibration
-    texts, where = (read_calibration(args.calib), args.calib) if args.calib else default_calibration()
+    from .routing import activation_stats, calibration_hash, default_calibration, is_builtin, read_calibration
+    texts, where = (read_calibration(args.calib), args.calib) if args.calib else default_calibration(args.source)
+    if is_builtin(where) and not args.json:
+        print(f"note: calibration = {where}", file=sys.stderr)
     stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, batch_size=args.batch_size,
                              max_length=args.max_length, cache_dir=args.cache_dir, fingerprint=lm.fingerprint)
-    return stats, {"from": where, "tokens": stats.num_tokens, "domains": list(stats.domains)}
+    return stats, {"source": where, "from": where, "builtin": is_builtin(where), "tokens": stats.num_tokens,
+                   "hash": calibration_hash(texts, args.max_length), "domains": list(stats.domains),
+                   "tokens_per_domain": dict(zip(stats.domains, stats.tokens.tolist()))}
 
 
 def add_scores(p):
@@ -435,7 +439,8 @@ def add_runs(p):
     _store_arg(p)
     p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]",
                    help="filter, e.g. --where strategy=maxnn --where task=paper_piqa --where status=error (repeatable)")
-    p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric")
+    p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric, "
+                   "with the recovered fraction of the noise loss and paired deltas between strategies (95%% CIs)")
     p.add_argument("--max-rows", type=_int_at_least(1), default=200, help="rows to print (>= 1)")
 
 
@@ -480,6 +485,11 @@ def cmd_runs(args) -> dict:
     else:
         df = st.runs_frame(filters).drop(columns=["config", "versions"] + ([] if "status" in filters else ["error"]))
     shown = df.head(args.max_rows)
+    rec = paired = None
+    if args.summary:   # paired statistics on the same seeds (hetmoe_core.paired)
+        from .paired import paired_deltas, recovery_table
+        runs = st.runs_frame(filters)
+        rec, paired = recovery_table(runs), paired_deltas(runs)
     if not args.json:
         import pandas as pd
         if args.summary:
@@ -496,8 +506,27 @@ def cmd_runs(args) -> dict:
                   else "no stored results match")
         if len(df) > len(shown):
             print(f"({len(df) - len(shown)} more rows: raise --max-rows or narrow with --where)")
+        _print_paired(rec, paired, args.max_rows)
         return None
-    return {"store": str(st.path), "count": len(df), "rows": _records(shown)}
+    out = {"store": str(st.path), "count": len(df), "rows": _records(shown)}
+    if args.summary:
+        out["recovery"], out["paired"] = _records(rec.head(args.max_rows)), _records(paired.head(args.max_rows))
+    return out
+
+
+def _print_paired(rec, paired, max_rows: int) -> None:
+    """The recovered fraction and the paired deltas of ``runs --summary`` as text tables."""
+    import pandas as pd
+    with pd.option_context("display.width", 240, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        if rec is not None and len(rec):
+            print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
+                  "sampling = lm-eval stderr / |A-I|")
+            print(rec.head(max_rows)[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered",
+                                      "recovered_lo", "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
+        if paired is not None and len(paired):
+            print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
+            print(paired.head(max_rows)[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta",
+                                         "delta_lo", "delta_hi", "sampling_se", "verdict"]].to_string(index=False))
 
 
 def add_export(p):

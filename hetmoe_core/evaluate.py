@@ -308,7 +308,7 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
 def _activation_stats(lm, store: Store, calib_text: dict | None):
     """Routing statistics on the calibration text (routing caches them as .npz; the store keeps a JSON copy)."""
     from .routing import activation_stats, calibration_hash
-    texts = calib_text if calib_text is not None else calibration_text()[0]
+    texts = calib_text if calib_text is not None else calibration_text(lm.source)[0]
     stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, max_length=256, fingerprint=lm.fingerprint)
     name = f"activation:{calibration_hash(texts, 256)[:16]}"
     if store.get_expert_stats(lm.fingerprint, name) is None:

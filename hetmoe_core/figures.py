@@ -290,6 +290,149 @@ def matrix_pair(clean, noisy, title: str) -> go.Figure:
     return fig
 
 
+# ------------------------------------------------------------------------------------------- paired recovery
+def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss") -> go.Figure:
+    """Recovered fraction (A - X) / (A - I) against digital budget, one line per (strategy, preset).
+
+    frame: paired.recovery_table (or combined_recovery) rows of one task/metric: strategy, preset, budget,
+    recovered, recovered_lo, recovered_hi, n_seeds, optionally sampling_se_recovered. Error bars = 95% t interval
+    over seeds (seed spread of the noise); the hover adds the task's sampling error in the same units.
+    0 = as bad as all routed experts analog, 1 = as good as all digital (dotted reference lines).
+    """
+    fig = go.Figure()
+    for (s, p), g in frame.groupby(["strategy", "preset"], sort=True):
+        g = g.sort_values("budget")
+        m = g["recovered"].astype(float).to_numpy()
+        up = np.nan_to_num(g["recovered_hi"].astype(float).to_numpy() - m)
+        down = np.nan_to_num(m - g["recovered_lo"].astype(float).to_numpy())
+        samp = (g["sampling_se_recovered"].astype(float).to_numpy() if "sampling_se_recovered" in g
+                else np.full(len(g), np.nan))
+        fig.add_trace(go.Scatter(
+            x=g["budget"] * 100, y=m, mode="lines+markers", name=f"{STRATEGY_LABELS.get(s, s)} · {p}",
+            error_y=dict(type="data", symmetric=False, array=up, arrayminus=down, visible=True),
+            customdata=np.stack([g["recovered_lo"].astype(float), g["recovered_hi"].astype(float),
+                                 g["n_seeds"].to_numpy(), samp], axis=-1),
+            hovertemplate=("budget %{x:.1f}%<br>recovered %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}] "
+                           "(95% CI over %{customdata[2]} seeds)<br>sampling error (lm-eval): ±%{customdata[3]:.3f}"
+                           "<extra></extra>")))
+    for y, name in ((0, "all routed experts analog"), (1, "ideal (all digital)")):
+        fig.add_hline(y=y, line_dash="dot", line_color="#555", annotation_text=name, annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title="digital budget (% of routed experts)",
+                      yaxis_title="recovered fraction (A−X)/(A−I)", height=440, legend=dict(orientation="h", y=-0.2),
+                      **_LAYOUT)
+    fig.update_xaxes(range=[-3, 103])
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- measured sensitivity
+def _per_layer(experts: list[dict], field: str) -> list[list[float]]:
+    """Validation 'experts' rows -> per-layer lists ordered by expert id (layers in order of first appearance)."""
+    layers: dict = {}
+    for r in experts:
+        layers.setdefault(r["layer"], {})[r["expert"]] = np.nan if r.get(field) is None else r[field]
+    return [[d[e] for e in sorted(d)] for d in layers.values()]
+
+
+def _decoder_layers(experts: list[dict]) -> list:
+    """Decoder-layer label of each MoE layer of Validation 'experts' rows (the MoE index if not given)."""
+    return list(dict.fromkeys(r.get("decoder_layer", r["layer"]) for r in experts))
+
+
+def damage_heatmap(validation: dict, field: str = "only_this") -> go.Figure:
+    """Measured damage per expert (Validation.to_dict()): increase of mean token NLL in nats when only this expert
+    runs analog ('only_this'), or NLL recovered when only it is digital ('all_but_this'); log colour, hover with
+    the standard error over seeds."""
+    ex = validation["experts"]
+    layers = _decoder_layers(ex)
+    name = "only-this damage (nats)" if field == "only_this" else "all-but-this recovery (nats)"
+    return expert_heatmap(_per_layer(ex, field), layers, f"Measured {name} · {validation['preset']}", name,
+                          extra={"± se": _per_layer(ex, field + "_se")}, colorscale="Inferno", log=True)
+
+
+def damage_scatter(criterion, damage, damage_se, layers, criterion_name: str, log: bool = True) -> go.Figure:
+    """Each expert's criterion score (x) against its measured only-this damage (y, nats, error bar = se over seeds),
+    coloured by MoE layer, log axes; hover names layer, expert and both values. Non-positive values cannot sit on a
+    log axis: they are left out and counted in the title."""
+    fig = go.Figure()
+    dropped = 0
+    for i, (xv, yv, sv) in enumerate(zip(criterion, damage, damage_se)):
+        xv, yv, sv = (np.asarray(v, float) for v in (xv, yv, sv))
+        e = np.arange(len(xv))
+        ok = (xv > 0) & (yv > 0) if log else np.isfinite(xv) & np.isfinite(yv)
+        dropped += int((~ok).sum())
+        fig.add_trace(go.Scatter(
+            x=xv[ok], y=yv[ok], mode="markers", name=f"L{layers[i]}", error_y=dict(type="data", array=sv[ok]),
+            customdata=np.stack([np.full(ok.sum(), layers[i]), e[ok], sv[ok]], axis=-1),
+            hovertemplate=(f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{criterion_name}: %{{x:.4g}}"
+                           "<br>only-this damage: %{y:.4g} ± %{customdata[2]:.2g} nats<extra></extra>"),
+            marker=dict(size=8, opacity=0.8)))
+    note = f" ({dropped} experts ≤ 0 not on log axes)" if dropped else ""
+    fig.update_layout(title=f"Measured damage vs {criterion_name}{note}", xaxis_title=criterion_name,
+                      yaxis_title="only-this damage (nats)", height=380, **_LAYOUT)
+    if log:
+        fig.update_xaxes(type="log")
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def correlation_forest(correlations: list[dict], scope: str = "pooled") -> go.Figure:
+    """Spearman and Kendall rank correlation of each criterion with measured damage, with 95% bootstrap intervals
+    (Validation.to_dict()['correlations'] rows of one scope); a dotted line at 0 (no relation)."""
+    rows = [r for r in correlations if str(r["scope"]) == scope]
+    names = [STRATEGY_LABELS.get(r["criterion"], r["criterion"]) for r in rows]
+    fig = go.Figure()
+    for stat, color, dy in (("spearman", "#4c78a8", -0.15), ("kendall", "#f58518", 0.15)):
+        v = np.array([r[stat] for r in rows], float)
+        lo = np.array([r[f"{stat}_lo"] for r in rows], float)
+        hi = np.array([r[f"{stat}_hi"] for r in rows], float)
+        fig.add_trace(go.Scatter(
+            x=v, y=np.arange(len(rows)) + dy, mode="markers", name=stat.capitalize(), marker=dict(color=color, size=9),
+            error_x=dict(type="data", symmetric=False, array=np.nan_to_num(hi - v), arrayminus=np.nan_to_num(v - lo)),
+            customdata=np.stack([lo, hi], axis=-1), text=names,
+            hovertemplate=f"%{{text}}<br>{stat} %{{x:.3f}} [%{{customdata[0]:.3f}}, %{{customdata[1]:.3f}}]"
+                          "<extra></extra>"))
+    fig.add_vline(x=0, line_dash="dot", line_color="#555")
+    fig.update_layout(title=f"Rank correlation with measured damage ({scope}), 95% CI", height=120 + 40 * len(rows),
+                      xaxis=dict(title=dict(text="rank correlation"), range=[-1.05, 1.05]),
+                      yaxis=dict(tickvals=list(range(len(rows))), ticktext=names, autorange="reversed"), **_LAYOUT)
+    return fig
+
+
+def dense_vs_experts(validation: dict) -> go.Figure:
+    """Damage (nats, ± se over seeds) when one part alone runs analog: each dense module kind, each whole MoE
+    layer's routed experts, and all routed experts together."""
+    se = lambda d: np.nan if d.get("se") is None else d["se"]   # one seed: no standard error
+    items = [(KIND_LABELS.get(d["kind"], d["kind"]), d["damage"], se(d), "#e45756") for d in validation["dense"]]
+    items += [(f"MoE layer L{d.get('decoder_layer', d['layer'])} (all its experts)", d["damage"], se(d), "#4c78a8")
+              for d in validation["layers"]]
+    a = validation["all_experts"]
+    items.append(("all routed experts", a["damage"], se(a), "#54a24b"))
+    fig = go.Figure(go.Bar(
+        y=[i[0] for i in items], x=[i[1] for i in items], orientation="h", marker_color=[i[3] for i in items],
+        error_x=dict(type="data", array=[i[2] for i in items]), customdata=[i[2] for i in items],
+        hovertemplate="%{y}: +%{x:.4g} ± %{customdata:.2g} nats<extra></extra>"))
+    fig.update_layout(title=f"Damage of each part alone on AIMC · {validation['preset']}",
+                      xaxis_title="increase of mean token NLL (nats)", height=100 + 28 * len(items), **_LAYOUT)
+    return fig
+
+
+def routing_drift(validation: dict) -> go.Figure:
+    """Per MoE layer: share of tokens whose top-k expert set changes under noise, and max/mean expert load before
+    and after (Validation.to_dict()['routing_drift'])."""
+    rows = validation.get("routing_drift") or []
+    x = [f"L{r['layer']}" for r in rows]
+    fig = go.Figure([
+        go.Bar(x=x, y=[r["changed_share"] for r in rows], name="tokens whose top-k set changed",
+               hovertemplate="%{x}: %{y:.1%} of tokens<extra></extra>"),
+        go.Scatter(x=x, y=[r["load_max_over_mean_ideal"] for r in rows], name="max/mean load, ideal", yaxis="y2",
+                   mode="markers+lines"),
+        go.Scatter(x=x, y=[r["load_max_over_mean_noisy"] for r in rows], name="max/mean load, noisy", yaxis="y2",
+                   mode="markers+lines")])
+    fig.update_layout(title="Routing drift under noise", height=340, yaxis=dict(title=dict(text="share"),
+                      tickformat=".0%"), yaxis2=dict(title=dict(text="max/mean expert load"), overlaying="y",
+                      side="right"), legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+
+
 # ------------------------------------------------------------------------------------------- energy (energy.py)
 def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title: str | None = None) -> go.Figure:
     """Metric against energy per token, one point per configuration (``energy.config_points`` rows: strategy,

@@ -2,8 +2,9 @@
 
 Sections: score table (mean ± std over seeds per strategy, budget and preset, with the ideal all-digital result),
 one figure per task and headline metric (score vs digital budget, one line per strategy × preset, error bars =
-std over seeds, dashed line = ideal), score vs energy per token (one point per configuration, Pareto front;
-``energy.run_costs``), and the placements used.
+std over seeds, dashed line = ideal) beside its recovered fraction of the noise loss (hetmoe_core.paired: per seed,
+95% t intervals), the paired differences between strategies, score vs energy per token (one point per
+configuration, Pareto front; ``energy.run_costs``), and the placements used.
 """
 from __future__ import annotations
 
@@ -72,6 +73,15 @@ def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
     return figs, notes
 
 
+def _recovery_figures(runs) -> dict:
+    """{(task, metric): recovered-fraction figure} for the headline metrics (hetmoe_core.paired)."""
+    from .figures import recovery_vs_budget
+    from .paired import recovery_table
+    rec = recovery_table(runs[runs.metric.isin(HEADLINE)])
+    return {(t, m): recovery_vs_budget(g, f"{t} — recovered fraction of the noise loss ({m})")
+            for (t, m), g in rec.groupby(["task", "metric"], sort=True)}
+
+
 def _fmt(mean, std) -> str:
     if mean is None:
         return ""
@@ -118,6 +128,7 @@ def _figures(summary) -> list:
                           xaxis_title="digital budget (share of routed experts digital)", yaxis_title=metric,
                           height=420, legend_title="strategy · preset", showlegend=True)
         fig.update_xaxes(range=[-0.03, 1.03])   # budgets live in [0, 1]
+        fig.update_layout(meta=[task, metric])   # pairs the figure with its recovered-fraction figure
         figs.append(fig)
     return figs
 
@@ -143,9 +154,20 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
         if summary.empty:
             raise ValueError("no stored results to report; run `evaluate` or `sweep` first")
         efigs, enotes = _energy_figures(store, summary)
+        runs = store.runs_frame()
     summary = summary.sort_values(["task", "metric", "strategy", "preset", "budget"]).reset_index(drop=True)
     figs = _figures(summary)
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs)]
+    from .paired import paired_deltas
+    rec_figs = _recovery_figures(runs)
+    parts = []
+    for i, fig in enumerate(figs):
+        cell = fig.to_html(full_html=False, include_plotlyjs=(i == 0))
+        rf = rec_figs.get(tuple(fig.layout.meta or ()))
+        if rf is not None:   # metric vs budget beside its recovered fraction
+            cell = (f"<div class='pair'><div>{cell}</div><div>"
+                    f"{rf.to_html(full_html=False, include_plotlyjs=False)}</div></div>")
+        parts.append(cell)
+    deltas = paired_deltas(runs[runs.metric.isin(HEADLINE)])
     eparts = [fig.to_html(full_html=False, include_plotlyjs=not parts and i == 0) for i, fig in enumerate(efigs)]
     enote = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in enotes)
     table = summary.assign(score=[_score(m, s, d) for m, s, d in zip(summary["mean"], summary["std"],
@@ -161,10 +183,18 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     note = f"<p class='note'>{html.escape(MISSING_NOTE)}</p>" if summary.task.isin(list(PAPER_TASKS)).any() else ""
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555}}</style>
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555}}
+.pair{{display:flex;gap:1em}}.pair>div{{flex:1;min-width:0}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
 <h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
+<p class='note'>Right: recovered fraction of the noise loss (A−X)/(A−I) per seed on the same seeds (A = all routed
+experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error.</p>
+<h2>Paired differences between strategies</h2>
+<p class='note'>a − b on common seeds, mean [95% t interval]; “no difference” when the interval covers 0.</p>
+{_table(deltas.assign(**{c: deltas[c].map(lambda x: f"{x:.4g}") for c in ("delta", "delta_lo", "delta_hi", "sampling_se")}),
+        ["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi", "sampling_se",
+         "verdict"]) if len(deltas) else "<p>no strategies to compare on common seeds</p>"}
 <h2>Score vs energy per token</h2><p class='note'>One point per configuration; energy per token of its placement
 from hetmoe_core/energy.py (hardware figures and their sources: hetmoe_core/hardware.py); dashed: Pareto front.</p>
 {''.join(eparts) or '<p>no headline metric to plot</p>'}{enote}
@@ -173,5 +203,6 @@ from hetmoe_core/energy.py (hardware figures and their sources: hetmoe_core/hard
 </body></html>"""
     with atomic_write(out) as tmp:
         tmp.write_text(doc, encoding="utf-8")
-    return {"path": str(out), "results": len(summary), "figures": len(figs), "energy_figures": len(efigs),
+    return {"path": str(out), "results": len(summary), "figures": len(figs), "recovery_figures": len(rec_figs),
+            "paired": len(deltas), "energy_figures": len(efigs),
             "placements": len(placements)}

@@ -22,7 +22,11 @@ import numpy as np
 from .placement import DENSE_KINDS
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "cache" / "activation"
-_VERSION = 1   # bump when the statistics change meaning (invalidates the cache)
+SHIPPED_CACHE = Path(__file__).resolve().parent / "assets" / "default" / "activation"
+"""Statistics of the default model on its shipped calibration text (~115k tokens, minutes of CPU), computed by
+``scripts/build_corpus.py --calibration-only`` and read like any cache entry (same key), so a fresh install never
+routes the whole calibration text again."""
+_VERSION = 2   # 2: texts cut into windows instead of truncated. Bump when the statistics change meaning (invalidates the cache)
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,18 +89,21 @@ class ActivationStats:
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-# Stand-in until issue C ships the default model's validation split under assets/ (a few domains, short texts).
 BUILTIN_CALIBRATION = {
     "prose": ["The quick brown fox jumps over the lazy dog.", "She opened the window and the cold air came in.",
               "A river runs through the old town, past the market and the church."],
     "science": ["Water boils at 100 degrees Celsius at sea level.", "The mitochondria produce most of the cell's ATP."],
     "code": ["def add(a, b):\n    return a + b", "for i in range(10):\n    print(i * i)"],
 }
+"""Seven short sentences (a few dozen tokens): the calibration text of ``tiny:`` test models only, whose byte-level
+tokenizer would turn the shipped calibration file into ~400k tokens. Never a stand-in for a real model's data."""
+BUILTIN_NOTE = "built-in sentences (7 short texts, for tiny: test models only; use --calib FILE for real statistics)"
 
 
 def read_calibration(path: str | Path) -> dict[str, list[str]]:
     """Calibration text from a file: .txt (one text per non-empty line), .json (a list of texts or
-    {domain: [texts]}), .jsonl (objects with "text" and optional "domain"). Raises ValueError if unreadable/empty."""
+    {domain: [texts]}), .jsonl (objects with "text" and optional "domain"). Raises ValueError if unreadable/empty,
+    or for a .json {domain: "one string"} (it must be a list of texts per domain)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"calibration file {path} not found")
@@ -114,23 +121,40 @@ def read_calibration(path: str | Path) -> dict[str, list[str]]:
                     out.setdefault(str(r.get("domain", "all")), []).append(r["text"])
         else:
             raise ValueError(f"calibration file {path} must be .txt, .json or .jsonl")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"calibration file {path} is malformed ({e}); see routing.read_calibration") from None
-    return _as_domains(out)
+    try:
+        return _as_domains(out)
+    except ValueError as e:
+        raise ValueError(f"calibration file {path}: {e}") from None
 
 
-CALIBRATION_FILES = (ASSETS / "default" / "calibration.jsonl", ASSETS / "default" / "validation.jsonl",
-                     ASSETS / "tasks" / "validation.jsonl", ASSETS / "default" / "calibration.json")
+CALIBRATION_FILES = (ASSETS / "default" / "calibration.jsonl",)
+"""The shipped calibration text: 114,662 tokens (default tokenizer) of the default model's VALIDATION split, 16k per
+domain (7 domains), whole documents or the head of one (at most 4096 tokens each), written by
+``scripts/build_corpus.py`` (seed 1234 split, as the model was trained; licences in assets/default/LICENSES.md)."""
 
 
-def default_calibration() -> tuple[dict[str, list[str]], str]:
-    """(texts by domain, where they came from): the default model's validation split — the first of
-    CALIBRATION_FILES that exists (jsonl rows {"domain", "text", ...}) — else the small built-in set
-    BUILTIN_CALIBRATION."""
+def default_calibration(source: str | None = None) -> tuple[dict[str, list[str]], str]:
+    """(texts by domain, where they came from) for a model ``source``.
+
+    ``tiny:<family>`` test models get BUILTIN_CALIBRATION (where = BUILTIN_NOTE); every other model (the default,
+    hub ids, local folders, and ``source=None``) gets the shipped validation text, the first of CALIBRATION_FILES
+    (where = its path). Raises ValueError if that file is missing (a broken install: reinstall hetmoe, or pass
+    --calib FILE) — never a silent fall-back to the built-in sentences.
+    """
+    if source is not None and str(source).startswith("tiny:"):
+        return {k: list(v) for k, v in BUILTIN_CALIBRATION.items()}, BUILTIN_NOTE
     for p in CALIBRATION_FILES:
         if p.exists():
             return read_calibration(p), str(p)
-    return dict(BUILTIN_CALIBRATION), "builtin"
+    raise ValueError(f"the shipped calibration text {CALIBRATION_FILES[0]} is missing (reinstall hetmoe or rebuild "
+                     "it with scripts/build_corpus.py --calibration-only); or give your own with --calib FILE")
+
+
+def is_builtin(where: str) -> bool:
+    """True when ``where`` (default_calibration's second value) names the built-in tiny-model sentences."""
+    return where == BUILTIN_NOTE
 
 
 def densities(anatomy, stats: ActivationStats) -> dict:
@@ -152,18 +176,27 @@ def _as_domains(texts) -> dict[str, list[str]]:
     if isinstance(texts, str):
         raise ValueError("calibration text must be a list of strings or {domain: list of strings}, not one string")
     d = dict(texts) if isinstance(texts, dict) else {"all": list(texts)}
+    if bad := [str(k) for k, v in d.items() if isinstance(v, str) or not isinstance(v, (list, tuple))]:
+        raise ValueError(f"calibration domain(s) {', '.join(map(repr, bad))} must hold a list of texts, e.g. "
+                         f'{{"{bad[0]}": ["first text", "second text"]}}, not one string')
     d = {str(k): [t for t in v if isinstance(t, str) and t.strip()] for k, v in d.items()}
     if not d or not any(d.values()):
         raise ValueError("calibration text is empty; give at least one non-empty text")
     return {k: v for k, v in d.items() if v}
 
 
-def _batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
-    """Right-padded (input_ids, attention_mask) batches; texts sorted by length to waste little padding."""
+def _windows(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of every text, cut into consecutive windows of at most ``max_length`` tokens (no token dropped)."""
+    out = []
+    for ids in tokenizer(texts, verbose=False)["input_ids"]:
+        out += [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    return out
+
+
+def _batches(windows: list[list[int]], pad: int, batch_size: int):
+    """Right-padded (input_ids, attention_mask) batches; windows sorted by length to waste little padding."""
     import torch
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ids = sorted((x for x in ids if x), key=len)
-    pad = next((p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
+    ids = sorted((x for x in windows if x), key=len)
     for i in range(0, len(ids), batch_size):
         chunk = ids[i:i + batch_size]
         n = max(map(len, chunk))
@@ -180,10 +213,12 @@ def activation_stats(model, tokenizer, anatomy, texts, batch_size: int = 8, max_
                      fingerprint: str | None = None) -> ActivationStats:
     """Count each routed expert's top-k selections over calibration text.
 
-    texts: list[str] or {domain: list[str]} (a list is one domain "all"). Each text is tokenized with truncation
-    to ``max_length`` tokens; batches of ``batch_size`` are right-padded and padding is masked out.
-    progress(done_texts, total_texts) after each batch. With ``fingerprint`` (LoadedModel.fingerprint) the result is
-    cached under ``cache_dir`` (default ``cache/activation``) as ``<sha256>.npz``; without it nothing is cached.
+    texts: list[str] or {domain: list[str]} (a list is one domain "all"). Each text is tokenized whole and cut into
+    consecutive windows of ``max_length`` tokens (every token counts; a window's tokens attend only within it);
+    batches of ``batch_size`` windows are right-padded and padding is masked out.
+    progress(done_windows, total_windows) after each batch. With ``fingerprint`` (LoadedModel.fingerprint) the result is
+    cached under ``cache_dir`` (default ``cache/activation``) as ``<sha256>.npz`` (SHIPPED_CACHE is read too);
+    without it nothing is cached.
     Source: Activation Frequency / Activation Weight baselines of arXiv 2603.02633.
     Raises ValueError for empty text, batch_size/max_length < 1, or a router whose output is not
     (logits, top_k_weights, top_k_index).
@@ -196,8 +231,9 @@ def activation_stats(model, tokenizer, anatomy, texts, batch_size: int = 8, max_
     if fingerprint:
         key = hashlib.sha256(f"{fingerprint}|{calibration_hash(domains, max_length)}".encode()).hexdigest()[:32]
         path = Path(cache_dir or DEFAULT_CACHE) / f"{key}.npz"
-        if path.exists():
-            return ActivationStats.load(path)
+        for p in (path, SHIPPED_CACHE / f"{key}.npz"):
+            if p.exists():
+                return ActivationStats.load(p)
     layers = anatomy.moe_layers
     E = max(m.num_experts for m in layers)
     D, L = len(domains), len(layers)
@@ -223,14 +259,16 @@ def activation_stats(model, tokenizer, anatomy, texts, batch_size: int = 8, max_
 
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     device = next(model.parameters()).device
+    pad = next((p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
+    windows = {name: _windows(tokenizer, ts, max_length) for name, ts in domains.items()}
+    total, done = sum(map(len, windows.values())), 0
     handles = [m.router.register_forward_hook(hook(i, m)) for i, m in enumerate(layers)]
-    total, done = sum(map(len, domains.values())), 0
     was_training = model.training
     model.eval()
     try:
-        for d, (name, ts) in enumerate(domains.items()):
+        for d, name in enumerate(domains):
             state["d"] = d
-            for inp, mask in _batches(tokenizer, ts, batch_size, max_length):
+            for inp, mask in _batches(windows[name], pad, batch_size):
                 state["mask"] = mask.reshape(-1).bool().to(device)
                 tokens[d] += int(mask.sum())
                 with torch.no_grad():
@@ -238,7 +276,6 @@ def activation_stats(model, tokenizer, anatomy, texts, batch_size: int = 8, max_
                 done += inp.shape[0]
                 if progress:
                     progress(done, total)
-            done = sum(len(v) for v in list(domains.values())[:d + 1])
     finally:
         for h in handles:
             h.remove()

@@ -130,7 +130,7 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
         for s in strategies:
             calib = None
             if STRATEGIES[s].needs in ("stats", "measurement"):   # placed from calibration text: it enters the key
-                calib = calibration_hash or calibration_text()[1]
+                calib = calibration_hash or calibration_text(source)[1]
             specs += [RunSpec(task=t, strategy=s, budget=b, scope=scope, dense=dense_items, noise=noise, preset=p,
                               seed=seed, backend=backend, calibration=calib, **common)
                       for b in budgets for seed in seeds for t in refs]
@@ -163,11 +163,12 @@ def _check_grid(strategies, budgets, presets, seeds, backend, scope, batch_size,
 
 # ---------------------------------------------------------------------------------------------- calibration text
 
-def calibration_text() -> tuple[dict, str]:
-    """The default calibration text of the routing-statistics strategies (routing.default_calibration, the text
-    ``scores`` and ``place`` use) and its hash (routing.calibration_hash, max_length 256)."""
+def calibration_text(source: str | None = None) -> tuple[dict, str]:
+    """Calibration text of the Activation Frequency / Weight (and measured) strategies for model ``source``
+    (routing.default_calibration, the same text ``scores`` and ``place`` use: built-in sentences for ``tiny:``
+    models) and its hash (routing.calibration_hash, max_length 256)."""
     from .routing import calibration_hash, default_calibration as texts_of
-    texts, _ = texts_of()
+    texts, _ = texts_of(source)
     return texts, calibration_hash(texts, 256)
 
 

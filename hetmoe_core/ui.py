@@ -316,13 +316,15 @@ def expert_scores(fingerprint: str, dtype: str, _handle: ModelHandle):
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
-def calibration() -> tuple[dict | None, str | None, str]:
-    """(texts by domain, hash, message): the default calibration text (sweep.calibration_text), or (None, None,
-    why not) when its file is unreadable."""
+def calibration(source: str | None = None) -> tuple[dict | None, str | None, str]:
+    """(texts by domain, hash, message) for model ``source``: the default calibration text (sweep.calibration_text;
+    message: a note when it is the built-in tiny-model sentences, else ""), or (None, None, why not) when its
+    file is unreadable."""
     try:
+        from .routing import BUILTIN_NOTE, default_calibration as where_of, is_builtin
         from .sweep import calibration_text
-        texts, h = calibration_text()
-        return texts, h, ""
+        texts, h = calibration_text(source)
+        return texts, h, (f"Calibration: {BUILTIN_NOTE}." if is_builtin(where_of(source)[1]) else "")
     except (ValueError, OSError) as e:
         return None, None, str(e)
 
@@ -338,11 +340,13 @@ def activation_stats(fingerprint: str, calib_hash: str, _handle: ModelHandle, _t
 
 def stats_for(handle: ModelHandle, show: bool = True):
     """Activation statistics of the model on the default calibration text, or None (with an info message)."""
-    texts, h, why = calibration()
+    texts, h, why = calibration(handle.lm.source)
     if texts is None:
         if show:
             st.info(f"Activation frequency / weight are not available yet: {why}")
         return None
+    if why and show:
+        st.caption(why)
     if handle.lock.locked():
         if show:
             st.info("An evaluation is running on this model; activation statistics appear when it finishes.")
@@ -436,6 +440,66 @@ def scores(handle: ModelHandle | None = None):
             pass   # fall through: loading shows the error with what to do
     handle = handle or get_model()
     return None if handle is None else expert_scores(handle.lm.fingerprint, handle.lm.anatomy.dtype, handle)
+
+
+# ------------------------------------------------------------------------------------------- background validation
+class ValidationJob:
+    """A background ``sensitivity.validate`` (measured expert damage) with progress and cancel, like Job.
+
+    Lives in st.session_state; the Validate page polls it from an ``st.fragment(run_every=...)``. The thread takes
+    the model lock (noise is programmed into the weights while it measures) and never calls Streamlit. ``result``
+    is Validation.to_dict() once done; it is also kept in the store (examples.put_validation) for the next visit."""
+
+    def __init__(self, handle: ModelHandle, preset: str, seeds: int, tokens: int, store_path=None):
+        self.handle, self.preset, self.seeds, self.tokens, self.store_path = handle, preset, seeds, tokens, store_path
+        self.cancel = threading.Event()
+        self.done, self.total = 0, 0
+        self.status, self.error, self.result = "running", None, None
+        self.started = time.time()
+        self.finished: float | None = None
+        self.thread = threading.Thread(target=self._run, name="hetmoe-validate", daemon=True)
+        self.thread.start()
+
+    def _progress(self, done, total=None, *_):
+        self.done, self.total = int(done), int(total or 0)
+
+    def _run(self) -> None:
+        try:
+            from .examples import put_validation
+            from .routing import default_calibration
+            from .sensitivity import validate
+            from .store import Store
+            store = Store(self.store_path)
+            texts, _ = default_calibration(self.handle.lm.source)   # tiny: test models get the built-in sentences
+            with self.handle.lock:
+                v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=texts, tokens=self.tokens,
+                             store=store, progress=self._progress, cancel=self.cancel.is_set)
+            if self.cancel.is_set() or v is None:
+                self.status = "cancelled"
+            else:
+                self.result = v.to_dict()
+                put_validation(store, self.result)
+                self.status = "done"
+        except ImportError as e:
+            self.status, self.error = "error", f"measured sensitivity is not available in this install ({e})"
+        except ValueError as e:   # bad input; evaluate.Cancelled is not a ValueError and lands below
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else ("error", str(e))
+        except Exception as e:   # shown in the page as a message, never as a traceback
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else \
+                ("error", f"{type(e).__name__}: {e}")
+        self.finished = time.time()
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
 
 
 # ------------------------------------------------------------------------------------------- hardware constants

@@ -5,6 +5,7 @@ import streamlit as st
 
 from hetmoe_core import energy, figures, results, ui
 from hetmoe_core.hardware import HARDWARE
+from hetmoe_core.paired import paired_deltas, recovery_table
 from hetmoe_core.placement import SHARE_HELP
 from hetmoe_core.store import Store
 
@@ -22,6 +23,16 @@ st.caption(f"Store `{store.path}` · {len(summary)} summary rows (mean ± std ov
 if summary.empty:
     st.info("No results stored yet. Run an evaluation on the **Evaluate** page (or `python -m hetmoe_core`).")
     st.page_link("pages/evaluate.py", label="→ Evaluate")
+    from hetmoe_core.examples import EXAMPLES, load_examples
+    if EXAMPLES.is_file():
+        st.markdown("Or load the **example results** of the default model (every strategy × digital budgets "
+                    "0–100 % × two paper presets, per-domain perplexity; computed by scripts/example_results.py).")
+        if st.button("Load example results", type="primary", key="res_load_examples"):
+            try:
+                load_examples(store)
+                st.rerun()
+            except ValueError as e:
+                st.error(str(e))
     st.stop()
 
 # ---------------------------------------------------------------- filters
@@ -71,8 +82,9 @@ shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noi
 ideal, analog = results.references(s, shown)
 higher = results.higher_is_better(metric, s)
 
-st.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=higher),
-                key="res_chart")
+chart_l, chart_r = st.columns(2)
+chart_l.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=higher),
+                     key="res_chart")
 if noisy.empty:
     st.info(f"Only the ideal (all-digital) result is stored for {task} at limit {lim}: run a noisy evaluation with "
             "this limit on the **Evaluate** page.")
@@ -82,6 +94,30 @@ elif shown.empty:
             if empty else "No stored result matches these filters together; widen one of them.")
 elif not analog:
     st.caption("Run a budget of 0 % with these presets to draw the all-analog reference line.")
+
+# paired statistics: the same seeds for every strategy and budget (hetmoe_core.paired)
+runs = store.runs_frame({"model_fingerprint": model, "task": task})
+runs = results.at_limit(runs[runs.metric == metric], lim)
+runs = runs[(runs.strategy == "ideal") | (runs.preset.isin(presets) & runs.strategy.isin(strategies)
+                                          & runs.backend.isin(backends))]
+rec = recovery_table(runs)
+if len(rec):
+    chart_r.plotly_chart(figures.recovery_vs_budget(rec, f"Recovered fraction of the noise loss · {metric}"),
+                         key="res_recovery")
+    chart_r.caption("(A−X)/(A−I) per seed on the same seeds, mean with its 95% t interval over seeds (error bars); "
+                    "the hover adds the task's sampling error (lm-eval stderr ÷ noise loss). 0 = all routed experts "
+                    "analog (A), 1 = ideal all digital (I).")
+else:
+    chart_r.info("The recovered fraction needs the ideal result and a 0 % budget result on the same seeds.")
+pd_ = paired_deltas(runs)
+if len(pd_):
+    st.subheader("Paired differences between strategies")
+    st.caption("a − b on their common seeds (metric units), mean with 95% t interval; “no difference” when the "
+               "interval covers 0. sampling_se: lm-eval's stderr of one result, for scale.")
+    st.dataframe(pd_[["preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi", "delta_recovered",
+                      "sampling_se", "verdict"]], hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.4g")
+                                for c in ("delta", "delta_lo", "delta_hi", "delta_recovered", "sampling_se")})
 
 # ---------------------------------------------------------------- score vs energy per token (hetmoe_core.energy)
 st.subheader(f"{metric} vs energy per token")

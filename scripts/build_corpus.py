@@ -12,6 +12,7 @@ Outputs (all under the git-ignored data/ folder):
     data/corpus/{train,validation,test}.jsonl   {"domain","doc","text"} per document
     data/corpus/stats.json          documents / characters per domain and split
     data/tokenizer/                 tokenizer.json + tokenizer_config.json
+    hetmoe_core/assets/default/calibration.jsonl   shipped calibration text (validation documents, see below)
 
 Domains and their document unit (the split is BY DOCUMENT so no passage of a
 test document is ever seen in training):
@@ -300,14 +301,81 @@ def write_tasks(test_rows):
         print(f"tasks: hetmoe_{name}.jsonl {len(rows)} items")
 
 
+# ---------------------------------------------------------------- shipped calibration text
+# A sample of VALIDATION-split documents per domain (never test, never train), shipped as the default
+# calibration text of hetmoe (routing.default_calibration): Activation Frequency / Weight, sensitivity.
+CALIB = os.path.join(ROOT, "hetmoe_core/assets/default/calibration.jsonl")
+CALIB_TOKENS = 16_384   # per domain, default tokenizer: 7 x 16k = ~115k tokens, ~450 KB of text
+CALIB_DOC_TOKENS = 4_096   # at most this much of one document, so every domain has >= 4 documents
+
+
+def _head(text, tok, n):
+    """The start of ``text`` holding at most ``n`` tokens, cut at a line end (a word end if no line fits)."""
+    ids = tok(text)["input_ids"]
+    if len(ids) <= n:
+        return text
+    head = tok.decode(ids[:n])
+    while head and len(tok(head)["input_ids"]) > n:   # BPE merges across the cut can shift the count by a few
+        head = head[:-1]
+    cut = head.rfind("\n")
+    if cut < len(head) // 2:
+        cut = head.rfind(" ")
+    return head[:cut if cut > 0 else len(head)].rstrip() + "\n"
+
+
+def write_calibration(val_rows):
+    """Per domain (seeded order): whole validation documents, or the head of one (at most CALIB_DOC_TOKENS, and
+    the rest of the domain's CALIB_TOKENS for the last one), until the domain holds CALIB_TOKENS tokens."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "hetmoe_core/assets/default"))
+    rng = random.Random(SEED + 2)
+    by_dom = {}
+    for r in val_rows:
+        by_dom.setdefault(r["domain"], []).append(r)
+    out = []
+    for d in sorted(by_dom):
+        docs, total = list(by_dom[d]), 0
+        rng.shuffle(docs)
+        for r in docs:
+            room = CALIB_TOKENS - total
+            if room <= 0:
+                break
+            text = _head(r["text"], tok, min(room, CALIB_DOC_TOKENS))
+            n = len(tok(text)["input_ids"])
+            if n == 0:
+                continue
+            out.append({"domain": d, "doc": r["doc"], "whole": text == r["text"], "tokens": n, "text": text})
+            total += n
+        print(f"calibration {d:12s} {total} tokens from {sum(x['domain'] == d for x in out)} documents")
+    with open(CALIB, "w", encoding="utf-8") as f:
+        for r in out:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    print(f"calibration: {CALIB} {sum(r['tokens'] for r in out)} tokens, {os.path.getsize(CALIB) / 1e3:.0f} KB")
+    # Ship the default model's routing statistics on this text (a cache entry under the same key): a fresh install
+    # would otherwise spend minutes of CPU routing ~115k tokens before its first Activation Frequency heatmap.
+    sys.path.insert(0, ROOT)
+    from hetmoe_core.models import load_model
+    from hetmoe_core.routing import SHIPPED_CACHE, activation_stats, default_calibration
+    lm = load_model("default")
+    for old in glob.glob(os.path.join(SHIPPED_CACHE, "*.npz")):
+        os.remove(old)   # only the entry of the current text and weights is shipped
+    st = activation_stats(lm.model, lm.tokenizer, lm.anatomy, default_calibration("default")[0],
+                          cache_dir=SHIPPED_CACHE, fingerprint=lm.fingerprint)
+    print(f"activation statistics: {st.num_tokens} tokens -> {SHIPPED_CACHE}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-fetch", action="store_true", help="reuse the archives already in data/raw")
     ap.add_argument("--vocab", type=int, default=4096)  # small vocab: the LM head dominates CPU cost
     ap.add_argument("--tasks-only", action="store_true", help="only rewrite hetmoe_core/assets/tasks from data/corpus/test.jsonl")
+    ap.add_argument("--calibration-only", action="store_true",
+                    help="only rewrite hetmoe_core/assets/default/calibration.jsonl from data/corpus/validation.jsonl")
     a = ap.parse_args()
     if a.tasks_only:
         return write_tasks([json.loads(l) for l in open(os.path.join(OUT, "test.jsonl"), encoding="utf-8")])
+    if a.calibration_only:
+        return write_calibration([json.loads(l) for l in open(os.path.join(OUT, "validation.jsonl"), encoding="utf-8")])
     if not a.no_fetch:
         fetch()
     unpack()
@@ -323,6 +391,7 @@ def main():
     tok = train_tokenizer(splits["train"], os.path.join(DATA, "tokenizer"), a.vocab)
     print("tokenizer vocab", len(tok))
     write_tasks(splits["test"])
+    write_calibration(splits["validation"])
 
 
 if __name__ == "__main__":

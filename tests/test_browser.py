@@ -21,8 +21,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-PAGES = {"": "Model anatomy", "learn": "Learn", "sensitivity": "Expert sensitivity", "placement": "Digital placement",
-         "evaluate": "Noisy evaluation", "results": "Results", "share": "Share"}
+PAGES = {"": "Model anatomy", "learn": "Learn", "sensitivity": "Expert sensitivity", "validate": "Validate the criteria",
+         "placement": "Digital placement", "evaluate": "Noisy evaluation", "results": "Results", "share": "Share"}
 CHARTS = ("", "learn", "sensitivity", "placement")
 
 
@@ -187,6 +187,29 @@ def test_dashboard_in_chromium(server, page):
     pg.goto(report.as_uri())
     pg.wait_for_selector(".js-plotly-plot", timeout=30000)
     shot(pg, "report")
+
+    # Validate: a small measurement (2 seeds, 256 tokens), then the same request answered from the store
+    pg.goto(f"{base}/validate?model=default")
+    idle(pg)
+    seeds = pg.locator("input[aria-label='Seeds']")
+    seeds.fill("2")
+    seeds.press("Enter")
+    idle(pg)
+    pg.locator("[data-testid='stSelectbox']").filter(has_text="Tokens").click()
+    pg.get_by_role("option", name="256", exact=True).click()
+    idle(pg)
+    t_val = time.time()
+    pg.get_by_role("button", name="Measure").click()
+    pg.get_by_text("Measured in").wait_for(timeout=600000)
+    times.append(f"validate: {time.time() - t_val:.1f} s")
+    idle(pg)
+    no_errors(pg, "validate")
+    assert pg.locator(".js-plotly-plot").count() >= 5   # damage/MaxNNScore heatmaps, scatter, correlations, dense
+    shot(pg, "validate")
+    pg.get_by_role("button", name="Measure").click()
+    pg.get_by_text("From the store").wait_for(timeout=30000)
+    idle(pg)
+    no_errors(pg, "validate cached")
     times.append(f"end: {time.time() - t0:.1f} s")
     (ARTIFACTS / "timings.txt").write_text("\n".join(times) + "\n")
 

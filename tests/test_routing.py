@@ -66,7 +66,7 @@ def test_cache_roundtrip_and_key(tmp_path, tok):
     calls = []
     s1 = activation_stats(model, tok, a, TEXTS, batch_size=2, max_length=32, cache_dir=tmp_path, fingerprint="fp1",
                           progress=lambda d, t: calls.append((d, t)))
-    assert calls[-1] == (5, 5) and len(list(tmp_path.glob("*.npz"))) == 1
+    assert calls[-1] == (6, 6) and len(list(tmp_path.glob("*.npz"))) == 1   # 5 texts, one cut into two windows of 32
     s2 = activation_stats(None, None, a, TEXTS, max_length=32, cache_dir=tmp_path, fingerprint="fp1")  # from cache
     assert isinstance(s2, ActivationStats) and s2.domains == s1.domains
     np.testing.assert_array_equal(s1.counts, s2.counts)
@@ -105,4 +105,61 @@ def test_read_calibration_formats(tmp_path):
         (tmp_path / "e.csv").write_text("x")
         read_calibration(tmp_path / "e.csv")
     texts, where = default_calibration()
-    assert sum(map(len, texts.values())) > 0 and isinstance(where, str)
+    assert sum(map(len, texts.values())) > 0 and where.endswith("calibration.jsonl")
+    (tmp_path / "f.json").write_text('{"bible": "In the beginning", "code": ["x = 1"]}')   # one string, not a list
+    with pytest.raises(ValueError, match="'bible' must hold a list of texts"):
+        read_calibration(tmp_path / "f.json")
+
+
+def test_default_calibration_is_the_validation_split():
+    """The default model's calibration: >= 100k tokens of its validation split over the 7 domains; tiny models
+    alone get the built-in sentences."""
+    import json
+    from transformers import AutoTokenizer
+    from hetmoe_core.routing import ASSETS, BUILTIN_CALIBRATION, default_calibration, is_builtin
+    texts, where = default_calibration("default")
+    assert not is_builtin(where) and sorted(texts) == ["bible_en", "bible_es", "commentary", "pycode", "pydoc",
+                                                       "shakespeare", "sotu"]
+    tok = AutoTokenizer.from_pretrained(ASSETS / "default")
+    per = {d: sum(len(x) for x in tok(ts, verbose=False)["input_ids"]) for d, ts in texts.items()}
+    assert sum(per.values()) >= 100_000 and min(per.values()) >= 16_000, per
+    rows = [json.loads(ln) for ln in open(where, encoding="utf-8")]
+    assert sum(r["tokens"] for r in rows) == sum(per.values())   # the file's own counts are the tokenizer's
+    # never test text: no calibration document is one the held-out tasks were cut from
+    tasks = {json.loads(ln)["doc"] for ln in open(ASSETS / "tasks" / "hetmoe_ppl.jsonl", encoding="utf-8")}
+    assert tasks and not tasks & {r["doc"] for r in rows}
+    tiny, where = default_calibration("tiny:olmoe")
+    assert is_builtin(where) and tiny == BUILTIN_CALIBRATION
+    assert default_calibration()[1] == default_calibration("some/hub-model")[1] == str(ASSETS / "default" / "calibration.jsonl")
+
+
+def test_long_texts_are_windowed_not_truncated(tok):
+    """Every token of a text longer than max_length is routed (windows of max_length tokens)."""
+    model = tiny_model("olmoe", seed=1)
+    a = anatomy_of(model)
+    text = "abcdefghij " * 30   # 330 byte tokens
+    s = activation_stats(model, tok, a, [text], batch_size=2, max_length=64)
+    assert s.num_tokens == len(tok(text)["input_ids"]) == 330
+    k = [m.top_k for m in a.moe_layers]
+    assert s.counts.sum(axis=(0, 2)).tolist() == [330 * x for x in k]
+
+
+def test_shipped_statistics_of_the_default():
+    """The default's statistics on the shipped calibration ship as a cache entry: read, not recomputed, and
+    consistent (every calibration token routed top-k times per layer)."""
+    from hetmoe_core.routing import SHIPPED_CACHE, default_calibration
+    lm = load_model("default")
+    texts, _ = default_calibration("default")
+
+    def boom(*_a, **_k):
+        raise AssertionError("the shipped statistics were recomputed")
+    hook = lm.model.register_forward_pre_hook(boom)
+    try:
+        s = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, fingerprint=lm.fingerprint,
+                             cache_dir=SHIPPED_CACHE)
+    finally:
+        hook.remove()
+    per = [sum(len(x) for x in lm.tokenizer(texts[d], verbose=False)["input_ids"]) for d in s.domains]
+    assert s.tokens.tolist() == per and s.num_tokens >= 100_000
+    assert (s.counts.sum(2) == s.tokens[:, None] * 2).all()   # top-2 in every layer
+    assert (s.counts.sum(0) > 0).all()   # the balance phase left no dead expert (card: min 170 on 8k/domain)

@@ -1,0 +1,157 @@
+"""Validate page: measured expert sensitivity under a noise preset beside the criteria that claim to predict it."""
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from hetmoe_core import figures, ui
+
+ui.frame()
+st.title("Validate the criteria")
+st.caption("Does MaxNNScore find the experts that really suffer on AIMC? Each expert alone is put on analog tiles "
+           "(everything else digital) and the increase of the mean token NLL on calibration text is **measured**, "
+           "over several noise seeds (the same seeds and tokens for every expert, so differences are paired). "
+           "Then each criterion's rank correlation with that damage is given with a 95% bootstrap interval.")
+ss = st.session_state
+
+try:
+    from hetmoe_core.examples import EXAMPLES, load_examples, n_seeds, stored_validations
+    from hetmoe_core.noise import PRESETS
+    from hetmoe_core.store import Store
+    store = Store()
+except (ValueError, RuntimeError) as e:
+    st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
+             "holding it.")
+    st.stop()
+
+h = ui.require_model()
+fp = h.lm.fingerprint
+stored = stored_validations(store, fp)
+if not stored and EXAMPLES.is_file() and ss["source"] == "default":
+    st.info("No measured sensitivity of this model in the store yet. The example results hold it for both paper "
+            "presets (computed by scripts/example_results.py).")
+    if st.button("Load example results", key="val_load_examples"):
+        try:
+            load_examples(store)
+            st.rerun()
+        except ValueError as e:
+            st.error(str(e))
+
+# ---------------------------------------------------------------- request
+presets = [p for p in PRESETS if p != "ideal"]
+c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
+if ss.get("val_preset") not in presets:
+    ss["val_preset"] = ss.get("preset") if ss.get("preset") in presets else presets[0]
+preset = c1.selectbox("Noise preset", presets, key="val_preset")
+seeds = int(c2.number_input("Seeds", 1, 20, 5, key="val_seeds", help="noise seeds 0..N-1, the same for every expert"))
+tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, key="val_tokens",
+                          help="calibration tokens the damage is measured on (the default model's validation text)"))
+job = ss.get("val_job")
+running = job is not None and job.running
+if c4.button("Measure", type="primary", disabled=running, key="val_run",
+             help="Stored results come back at once; a new request runs in the background."):
+    ss["val_job"] = job = ui.ValidationJob(h, preset, seeds, tokens, store.path)
+    running = True
+
+
+@st.fragment(run_every=1.0 if running else None)
+def progress():
+    """Polls the background measurement once a second; only this fragment reruns while it runs."""
+    j = ss.get("val_job")
+    if j is None:
+        return
+    if j.running:
+        st.progress(j.fraction, text=f"measuring · {j.done} / {j.total or '?'} · {j.elapsed:.0f} s")
+        if st.button("Cancel", key="val_cancel"):
+            j.cancel.set()
+            st.toast("Cancelling at the next forward pass …")
+        return
+    if j.status == "done":
+        cached = (j.result or {}).get("cached")
+        st.success(f"{'From the store' if cached else 'Measured'} in {j.elapsed:.1f} s.")
+    elif j.status == "cancelled":
+        st.warning("Cancelled; nothing was stored for this request.")
+    else:
+        st.error(f"The measurement stopped: {j.error}")
+    if ss.get("_val_seen") is not j:      # just ended: refresh the whole page once (stops the polling)
+        ss["_val_seen"] = j
+        st.rerun(scope="app")
+
+
+progress()
+
+# ---------------------------------------------------------------- which result to show
+stored = stored_validations(store, fp)
+if job is not None and job.result is not None and job.result.get("model_fingerprint") == fp:
+    v = job.result
+else:
+    match = [d for d in stored.values() if (d["preset"], n_seeds(d["seeds"]), d["tokens"]) == (preset, seeds, tokens)]
+    same_preset = [d for d in stored.values() if d["preset"] == preset]
+    v = (match or same_preset or [None])[-1]
+if v is None:
+    st.info("Press **Measure** to measure each expert's damage under this preset"
+            + (" (stored results of other presets: " + ", ".join(sorted({d['preset'] for d in stored.values()}))
+               + ")." if stored else "."))
+    st.stop()
+nv = n_seeds(v["seeds"])
+if (v["preset"], nv, v["tokens"]) != (preset, seeds, tokens):
+    st.caption(f"Showing the stored measurement closest to the request: {v['preset']}, {nv} seeds, "
+               f"{v['tokens']:,} tokens.")
+
+cal = v.get("calibration") or {}
+best = v.get("best") or {}
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("clean NLL (nats/token)", f"{v['clean_nll']:.4f}")
+m2.metric("all routed experts analog", f"+{v['all_experts']['damage']:.4f} nats",
+          help=f"± {v['all_experts']['se'] or 0:.2g} (standard error over {nv} seeds)")
+m3.metric("best criterion", figures.STRATEGY_LABELS.get(best.get("criterion"), best.get("criterion") or "—"),
+          help="highest pooled Spearman correlation with the measured only-this damage")
+m4.metric("margin over the next", f"{best.get('margin', float('nan')):.3f}",
+          "significant" if best.get("significant") else "inside the noise", delta_color="off")
+st.caption(f"{nv} seeds × {v['tokens']:,} tokens of {cal.get('source', 'calibration text')} "
+           f"(hash {str(cal.get('hash', ''))[:12]}) · noise {v['preset']}.")
+
+# ---------------------------------------------------------------- heatmaps: measured vs MaxNNScore
+sc = ui.scores(h)
+layers = figures._decoder_layers(v["experts"])
+left, right = st.columns(2)
+left.plotly_chart(figures.damage_heatmap(v), key="val_heat_damage")
+if sc is not None:
+    right.plotly_chart(figures.expert_heatmap(sc.get("maxnn"), [ls.layer for ls in sc.layers], "MaxNNScore per expert",
+                                              "MaxNNScore", log=True), key="val_heat_maxnn")
+
+
+# ---------------------------------------------------------------- criterion vs damage
+def criterion_values(name: str):
+    """Per-layer arrays of a criterion's scores as the measurement saw them (experts' score_<name>), or None."""
+    if not all(f"score_{name}" in r for r in v["experts"]):
+        return None
+    return figures._per_layer(v["experts"], f"score_{name}")
+
+
+damage = figures._per_layer(v["experts"], "only_this")
+damage_se = figures._per_layer(v["experts"], "only_this_se")
+criteria = list(dict.fromkeys(r["criterion"] for r in v.get("correlations", [])))
+drawable = [c for c in criteria if criterion_values(c) is not None]
+st.subheader("Criterion vs measured damage")
+if drawable:
+    crit = st.selectbox("Criterion", drawable, key="val_criterion",
+                        format_func=lambda c: figures.STRATEGY_LABELS.get(c, c))
+    st.plotly_chart(figures.damage_scatter(criterion_values(crit), damage, damage_se, layers,
+                                           figures.STRATEGY_LABELS.get(crit, crit)), key="val_scatter")
+else:
+    st.info("No criterion of the correlation table can be drawn for this model.")
+
+st.subheader("Rank correlations (95% bootstrap CI over experts and seeds)")
+corr = pd.DataFrame(v.get("correlations", []))
+if len(corr):
+    scopes = [str(s) for s in dict.fromkeys(corr.scope)]
+    scope = st.selectbox("Scope", scopes, key="val_scope", help="pooled over all MoE layers, or one layer")
+    st.plotly_chart(figures.correlation_forest(v["correlations"], scope), key="val_forest")
+    st.dataframe(corr[corr.scope.astype(str) == scope], hide_index=True,
+                 column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                for c in corr.columns if c.startswith(("spearman", "kendall"))})
+
+st.subheader("Dense modules vs experts")
+st.plotly_chart(figures.dense_vs_experts(v), key="val_dense")
+if v.get("routing_drift"):
+    st.plotly_chart(figures.routing_drift(v), key="val_drift")

@@ -1,0 +1,106 @@
+"""Paired recovery statistics on real stored results: a tiny model's noisy evaluations in a real DuckDB file."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hetmoe_core.evaluate import evaluate_many
+from hetmoe_core.models import LoadedModel, load_model
+from hetmoe_core.paired import combined_deltas, combined_recovery, paired_deltas, recovery_table, t_interval
+from hetmoe_core.store import Store
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    lm = load_model("tiny:olmoe")
+    with torch.no_grad():   # random 0.05-scale weights predict near-uniformly; x10 makes the noise visible
+        for p in lm.model.parameters():
+            if p.dim() >= 2:
+                p.mul_(10)
+    lm = LoadedModel(lm.model, lm.tokenizer, lm.anatomy, "tiny-x10", "test:tiny-olmoe-x10")
+    db = tmp_path_factory.mktemp("paired") / "r.duckdb"
+    evaluate_many("tiny-x10", lm=lm, store=db, strategies=["maxnn", "router_norm"], budgets=[0.0, 0.5, 1.0],
+                  presets=["paper-pcm-c2.5"], seeds=2, tasks=["hetmoe_ppl_sotu", "hetmoe_ppl_pycode"], limit=1)
+    return Store(db, create=False).runs_frame().assign(_db=str(db))
+
+
+def test_all_digital_recovers_one_and_all_analog_zero(stored):
+    t = recovery_table(stored)
+    assert set(t.task) == {"hetmoe_ppl_sotu", "hetmoe_ppl_pycode"} and (t.n_seeds == 2).all()
+    assert (t.ideal != t.analog).all()                       # the noise costs something on every metric
+    b0, b1 = t[t.budget == 0], t[t.budget == 1]
+    assert len(b0) == len(b1) == 2 * 3 * 2                   # 2 tasks x 3 metrics x 2 strategies
+    assert (b0.recovered == 0).all() and (b0.recovered_sd == 0).all()
+    assert (b1.recovered == 1).all() and (b1.recovered_lo == 1).all() and (b1.recovered_hi == 1).all()
+    mid = t[t.budget == 0.5]
+    assert np.isfinite(mid.recovered).all() and not np.allclose(mid.recovered, 0)
+    assert (mid.recovered_lo < mid.recovered).all() and (mid.recovered < mid.recovered_hi).all()
+    # recomputed by hand for one cell, seed by seed
+    row = mid[(mid.task == "hetmoe_ppl_sotu") & (mid.metric == "bits_per_byte") & (mid.strategy == "maxnn")].iloc[0]
+    s = stored[(stored.task == "hetmoe_ppl_sotu") & (stored.metric == "bits_per_byte")]
+    ideal = s[s.strategy == "ideal"].value.iloc[0]
+    r = []
+    for seed in range(2):
+        a = s[(s.budget == 0) & (s.seed == seed) & (s.strategy == "maxnn")].value.iloc[0]
+        x = s[(s.budget == 0.5) & (s.seed == seed) & (s.strategy == "maxnn")].value.iloc[0]
+        r.append((a - x) / (a - ideal))
+    assert row.recovered == pytest.approx(np.mean(r), rel=1e-12)
+    from scipy import stats
+    h = stats.t.ppf(0.975, 1) * np.std(r, ddof=1) / math.sqrt(2)
+    assert (row.recovered_lo, row.recovered_hi) == pytest.approx((np.mean(r) - h, np.mean(r) + h), rel=1e-12)
+
+
+def test_combined_over_tasks_and_paired_deltas(stored):
+    c = combined_recovery(stored, metric="bits_per_byte")
+    assert (c.n_tasks == 2).all() and (c.n_seeds == 2).all()
+    assert (c[c.budget == 0].recovered == 0).all() and (c[c.budget == 1].recovered == 1).all()
+    cd = combined_deltas(stored, baseline="maxnn", metric="bits_per_byte")
+    assert len(cd) == 1 and (cd.a.iloc[0], cd.budget.iloc[0], cd.n_seeds.iloc[0], cd.n_tasks.iloc[0]) == \
+        ("router_norm", 0.5, 2, 2)
+    mid = c[c.budget == 0.5].set_index("strategy").recovered   # same seeds: mean of differences = difference of means
+    assert cd.delta.iloc[0] == pytest.approx(mid["router_norm"] - mid["maxnn"], abs=1e-12)
+    assert (cd.verdict.iloc[0] == "no difference") == (cd.delta_lo.iloc[0] <= 0 <= cd.delta_hi.iloc[0])
+    d = paired_deltas(stored)
+    assert set(d.budget) == {0.5} and set(zip(d.a, d.b)) == {("maxnn", "router_norm")}
+    for r in d.itertuples():
+        covers = r.delta_lo <= 0 <= r.delta_hi
+        assert (r.verdict == "no difference") == covers
+        if not covers:
+            lower_better = r.metric in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+            assert r.verdict == ("maxnn better" if (r.delta < 0) == lower_better else "router_norm better")
+    import pandas as pd
+    twin = stored[stored.strategy == "maxnn"].assign(strategy="twin")   # the same results under another name
+    same = paired_deltas(pd.concat([stored, twin]), baseline="maxnn")
+    same = same[same.a == "twin"]
+    assert len(same) == 2 * 3 and (same.delta == 0).all() and (same.verdict == "no difference").all()
+
+
+def test_report_and_cli_show_recovery_and_paired_deltas(stored, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from hetmoe_core.report import write_report
+    db = stored._db.iloc[0]
+    out = write_report(db, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert out["recovery_figures"] == 2 and out["paired"] == 2   # 2 tasks x word_perplexity (the headline metric)
+    assert "recovered fraction of the noise loss" in html and "Paired differences between strategies" in html
+    p = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--store", db, "--summary", "--json"],
+                       capture_output=True, text=True, check=True)
+    d = json.loads(p.stdout)
+    rec = {(r["task"], r["metric"], r["strategy"], r["budget"]): r["recovered"] for r in d["recovery"]}
+    assert rec[("hetmoe_ppl_sotu", "bits_per_byte", "maxnn", 0.0)] == 0.0
+    assert rec[("hetmoe_ppl_sotu", "bits_per_byte", "maxnn", 1.0)] == 1.0
+    assert {r["verdict"] for r in d["paired"]} <= {"no difference", "maxnn better", "router_norm better"}
+    text = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--store", db, "--summary"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "paired deltas a - b" in text and "recovered fraction" in text
+
+
+def test_t_interval_edge_cases():
+    assert all(math.isnan(v) for v in t_interval([]))
+    m, lo, hi, sd = t_interval([2.0])
+    assert m == 2.0 and math.isnan(lo) and math.isnan(sd)
+    m, lo, hi, sd = t_interval([1.0, 1.0, 1.0])
+    assert (m, lo, hi, sd) == (1.0, 1.0, 1.0, 0.0)

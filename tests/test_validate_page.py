@@ -1,0 +1,83 @@
+"""Validate page and example results through Streamlit's AppTest: real app, real default model, real measurement
+(256 tokens, 2 seeds), real DuckDB store in tmp."""
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture
+def store_env(tmp_path, monkeypatch):
+    path = tmp_path / "results.duckdb"
+    monkeypatch.setenv("HETMOE_STORE", str(path))
+    return path
+
+
+def open_page(name, model=None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"model": model} if model else {})
+    at.run()
+    at.switch_page(f"pages/{name}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _wait(at, timeout=900):
+    t0 = time.time()
+    while True:
+        job = at.session_state["val_job"]
+        if not job.running:
+            at.run()
+            return job
+        assert time.time() - t0 < timeout, "measurement did not finish"
+        time.sleep(0.5)
+
+
+def test_validate_measures_then_answers_from_the_store(store_env):
+    """On the default model (64 experts), 2 seeds x 256 tokens."""
+    from hetmoe_core.examples import stored_validations
+    from hetmoe_core.store import Store
+    n_experts = 64
+    at = open_page("validate")
+    assert at.title[0].value == "Validate the criteria"
+    at.number_input(key="val_seeds").set_value(2)
+    at.selectbox(key="val_tokens").set_value(256)
+    at.selectbox(key="val_preset").set_value("paper-pcm-c2.5").run()
+    at.button(key="val_run").click().run()
+    job = _wait(at)
+    assert job.status == "done", job.error
+    v = job.result
+    assert not v["cached"] and len(v["seeds"]) == 2 and v["tokens"] == 256 and len(v["experts"]) == n_experts
+    assert not at.exception and any(s.value.startswith("Measured in") for s in at.success)
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 5   # damage + MaxNNScore heatmaps, scatter, correlation forest, dense vs experts
+    assert {m.label for m in at.metric} >= {"clean NLL (nats/token)", "all routed experts analog", "best criterion"}
+    kept = stored_validations(Store(store_env), v["model_fingerprint"])
+    assert len(kept) == 1 and next(iter(kept.values()))["experts"] == v["experts"]
+    # the same request again: from the store at once, the same numbers
+    at.button(key="val_run").click().run()
+    job2 = _wait(at, timeout=60)
+    assert job2 is not job and job2.result["cached"] and job2.elapsed < 30
+    assert job2.result["experts"] == v["experts"]
+    assert any(s.value.startswith("From the store") for s in at.success)
+    # a fresh session shows the stored measurement without measuring
+    at2 = open_page("validate")
+    at2.number_input(key="val_seeds").set_value(2)
+    at2.selectbox(key="val_tokens").set_value(256)
+    at2.selectbox(key="val_preset").set_value("paper-pcm-c2.5").run()
+    assert "val_job" not in at2.session_state and len(at2.get("plotly_chart")) >= 5
+
+
+def test_empty_store_offers_the_example_results(store_env):
+    from hetmoe_core.examples import EXAMPLES
+    from hetmoe_core.store import Store
+    assert EXAMPLES.is_file(), "the example snapshot ships with the package"
+    at = open_page("results")
+    at.button(key="res_load_examples").click().run()
+    assert not at.exception
+    assert Store(store_env).counts()["runs"] > 0
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 2   # metric vs budget beside the recovered fraction
