@@ -37,7 +37,7 @@ be equal between the two orders; the paper presets have none.
 API contract (the Validate page and the example-results script build on it)::
 
     validate(source_or_lm, preset, *, seeds=5, texts=None, tokens=16384, store=None, progress=None,
-             cancel=None) -> Validation
+             cancel=None, executor=None) -> Validation
 
 ``progress(done, total)`` is called after each unit of work; ``cancel()`` returning True stops the measurement
 (``evaluate.Cancelled`` is raised). ``Validation.to_dict()`` is JSON with the keys: model_fingerprint, preset,
