@@ -416,15 +416,19 @@ def cmd_evaluate(args) -> dict:
     return _run_eval(args, bar=False)
 
 
-def add_sweep(p):
-    _eval_args(p, sweep=True)
+def _executor_args(p, what: str):
     p.add_argument("--executor", default="local", choices=["local", "ray"],
-                   help="local: this process (default); ray: one Ray actor per worker, results stored here")
+                   help=f"local: this process (default); ray: one Ray actor per worker, {what}")
     p.add_argument("--address", default=None, help="Ray cluster to join ('auto' = the one `ray start` made here, "
-                   "or host:6379); default: a private local Ray for this sweep")
+                   "or host:6379); default: a private local Ray for this run")
     p.add_argument("--workers", type=int, default=None, help="Ray actors, each loads the model once "
                    "(default: one per GPU, or one per driver-thread-count CPUs)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray actor (with --device cuda)")
+
+
+def add_sweep(p):
+    _eval_args(p, sweep=True)
+    _executor_args(p, "results stored here")
 
 
 def cmd_sweep(args) -> dict:
@@ -617,6 +621,7 @@ def add_validate(p):
     p.add_argument("--tokens", type=_int_at_least(1), default=16384,
                    help="calibration tokens measured (same for every expert)")
     p.add_argument("--bootstrap", type=_int_at_least(1), default=1000, help="bootstrap replicates of the correlation CIs")
+    _executor_args(p, "one seed per Ray unit, combined and stored here")
 
 
 def cmd_validate(args) -> dict:
@@ -634,9 +639,17 @@ def cmd_validate(args) -> dict:
         raise ValueError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.calib:
         read_calibration(args.calib)   # an empty or unreadable file is refused before the model loads
-    from .sensitivity import validate
-    v = validate(args.source, noise, seeds=args.seeds, texts=args.calib, tokens=args.tokens, store=args.store,
-                 n_boot=args.bootstrap, device=args.device, dtype=args.dtype)
+    from .validation import stored_validation
+    kw = dict(seeds=args.seeds, texts=args.calib, tokens=args.tokens, store=args.store, n_boot=args.bootstrap,
+              device=args.device, dtype=args.dtype)
+    v = stored_validation(args.source, noise, **kw)   # a stored request answers without torch
+    if v is None:
+        from .sensitivity import validate
+        if args.executor == "ray":
+            from .ray_executor import RayOptions
+            kw["executor"] = RayOptions(address=args.address, workers=args.workers,
+                                        gpus_per_worker=args.gpus_per_worker)
+        v = validate(args.source, noise, **kw)
     out = v.to_dict()
     if args.json:
         return out

@@ -37,7 +37,7 @@ be equal between the two orders; the paper presets have none.
 API contract (the Validate page and the example-results script build on it)::
 
     validate(source_or_lm, preset, *, seeds=5, texts=None, tokens=16384, store=None, progress=None,
-             cancel=None) -> Validation
+             cancel=None, executor=None) -> Validation
 
 ``progress(done, total)`` is called after each unit of work; ``cancel()`` returning True stops the measurement
 (``evaluate.Cancelled`` is raised). ``Validation.to_dict()`` is JSON with the keys: model_fingerprint, preset,
@@ -54,21 +54,20 @@ layers[] carry decoder_layer; routing_drift[] carries changed_share_se. Criteria
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from .analog import analog
-from .noise import NoiseConfig, get_preset
 from .replay import _Bank, _Engine, _LayerForward, _decoder, _dispatch, _sum, token_nll
+# the request key and the stored record need no torch (a cache-hit `validate` answers without it): validation.py
+from .validation import (SEQ_LEN, Validation, _VERSION, _check_noise, _clean, _se, _seeds, _texts,  # noqa: F401
+                         request_key)
 
 ORACLE_SEEDS, ORACLE_TOKENS = 5, 16384   # the oracle's measurement = validate()'s defaults (shares its cache)
-SEQ_LEN = 256            # tokens per calibration sequence (capped by the model's context)
 ROWS_PER_FORWARD = 8192  # tokens in one batched forward (R experts x sequences x positions), bounds memory
-_VERSION = 1             # bump when a measurement changes meaning (enters the store key)
 
 
 # ------------------------------------------------------------------------------------------ calibration tokens
@@ -123,25 +122,6 @@ class Measurement:
     load_ideal: np.ndarray
     load_noisy: np.ndarray
     forwards: int = 0
-
-
-def _check_noise(noise) -> NoiseConfig:
-    if isinstance(noise, str):
-        return get_preset(noise)
-    if not isinstance(noise, NoiseConfig):
-        raise ValueError(f"noise must be a preset name or a NoiseConfig, got {type(noise).__name__}")
-    return noise
-
-
-def _seeds(seeds) -> list[int]:
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1 (number of noise seeds), got {seeds}")
-        return list(range(seeds))
-    out = [int(s) for s in seeds]
-    if not out or any(s < 0 for s in out):
-        raise ValueError(f"seeds must be a count >= 1 or a list of seeds >= 0, got {seeds!r}")
-    return out
 
 
 def _bincount(topk: torch.Tensor, n: int) -> np.ndarray:
@@ -358,90 +338,80 @@ def routing_drift(lm, placement, noise, ids: torch.Tensor, seeds=1) -> list[dict
 
 # ------------------------------------------------------------------------------------------ validate
 
-def _se(x: np.ndarray) -> float | None:
-    x = np.asarray(x, dtype=np.float64)
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
-
-
-def _clean(obj):
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
+def join(parts: list[Measurement]) -> Measurement:
+    """One Measurement from measurements of disjoint seeds on the same model and tokens (in the given order):
+    per-seed arrays are stacked along the seed axis; clean NLL and the digital load come from the first part
+    (every part computes the same digital pass). Used to combine the per-seed units of ``validate`` on Ray."""
+    f = parts[0]
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    return Measurement(seeds=[s for p in parts for s in p.seeds], tokens=f.tokens, clean_nll=f.clean_nll,
+                       only_this=cat("only_this"), all_but_this=None if f.all_but_this is None else cat("all_but_this"),
+                       layers=cat("layers"), dense={k: np.concatenate([p.dense[k] for p in parts]) for k in f.dense},
+                       all_experts=cat("all_experts"), topk_changed=cat("topk_changed"), load_ideal=f.load_ideal,
+                       load_noisy=cat("load_noisy"), forwards=sum(p.forwards for p in parts))
 
 
 @dataclass
-class Validation:
-    """Measured sensitivity of a model under a noise preset and how well each criterion ranks it.
-
-    Field meanings and units: module docstring (API contract). ``to_dict()`` is the JSON the CLI prints and
-    the store keeps; ``cached`` says the result came from the store without any forward pass.
-    """
-    model_fingerprint: str
-    preset: str
-    noise: dict
-    seeds: list
+class SeedUnit:
+    """A Ray unit of ``validate``: the measurement under one noise seed (``measure`` with ``seeds=[seed]``), on a
+    worker that loads the model once; with ``criteria`` also the criterion scores and the model's MoE layout.
+    Returns {"fingerprint", "measurement", "criteria", "moe": [(index, decoder layer, experts)], "ids_shape"}."""
+    source: str
+    device: str
+    dtype: str
+    noise: object
+    seed: int
+    texts: dict
     tokens: int
-    calibration: dict
-    clean_nll: float
-    experts: list = field(default_factory=list)
-    layers: list = field(default_factory=list)
-    dense: list = field(default_factory=list)
-    all_experts: dict = field(default_factory=dict)
-    correlations: list = field(default_factory=list)
-    best: dict = field(default_factory=dict)
-    routing_drift: list = field(default_factory=list)
-    cached: bool = False
+    criteria: bool
 
-    def to_dict(self) -> dict:
-        from dataclasses import asdict
-        return _clean(asdict(self))
-
-    def only_this(self) -> list[np.ndarray]:
-        """Mean only-this damage per MoE layer: float64 ``[E]`` each (nats per token)."""
-        L = 1 + max(r["layer"] for r in self.experts)
-        out = [[] for _ in range(L)]
-        for r in sorted(self.experts, key=lambda r: (r["layer"], r["expert"])):
-            out[r["layer"]].append(r["only_this"])
-        return [np.asarray(v, dtype=np.float64) for v in out]
+    def __call__(self, cache: dict) -> dict:
+        from .evaluate import _get_model
+        lm = _get_model(self.source, self.device, self.dtype, None, False)
+        ids = calibration_tokens(lm.tokenizer, self.texts, self.tokens)
+        meas = measure(lm, self.noise, ids, seeds=[self.seed])
+        crit = None
+        if self.criteria:
+            from .criteria import criterion_scores
+            crit = criterion_scores(lm, self.texts, self.noise, ids)
+        return {"fingerprint": lm.fingerprint, "measurement": meas, "criteria": crit, "ids_shape": tuple(ids.shape),
+                "moe": [(m.index, m.layer, m.num_experts) for m in lm.anatomy.moe_layers]}
 
 
-def _texts(texts):
-    """(texts by domain, where they came from) from None (routing.default_calibration), a file path or texts."""
-    from pathlib import Path
-    from .routing import _as_domains, default_calibration, read_calibration
-    if texts is None:
-        return default_calibration()
-    if isinstance(texts, (str, Path)):
-        return read_calibration(texts), str(texts)
-    return _as_domains(texts), "given"
+def _measure_ray(source: str, noise, seeds: list, texts: dict, tokens: int, fp: str, device: str, dtype: str,
+                 options, progress, cancel):
+    """(Measurement, criteria, moe layout, ids shape) measured on Ray, one SeedUnit per seed; the driver combines
+    the parts in seed order (``join``), so the numbers are the local ``measure``'s."""
+    import threading
+    from .evaluate import Cancelled
+    from .ray_executor import run_units
+    units = [SeedUnit(source, device, dtype, noise, s, texts, tokens, i == 0) for i, s in enumerate(seeds)]
+    got, errors = {}, []
+    stop = threading.Event()
 
+    def on_result(unit, value):
+        if value["fingerprint"] != fp:
+            raise ValueError(f"the model {source!r} on a Ray worker has fingerprint {value['fingerprint']}, the "
+                             f"driver's is {fp}: put the same weights on every node")
+        got[unit.seed] = value
+        if progress:
+            progress(len(got), len(units))
+        if cancel is not None and cancel():
+            stop.set()
 
-def request_key(fingerprint: str, noise: NoiseConfig, texts: dict, tokens: int, seeds: list, dtype: str,
-                device: str, n_boot: int) -> tuple[str, dict]:
-    """(store key, full config) of a validation request: model fingerprint and dtype, device type, full noise
-    config, calibration hash, tokens, sequence length, seeds, bootstrap size and library versions."""
-    from .evaluate import library_versions
-    from .routing import calibration_hash
-    from .store import config_key
-    cfg = {"kind": "sensitivity", "v": _VERSION, "model": {"fingerprint": fingerprint, "dtype": dtype},
-           "device": device.split(":")[0], "noise": noise.to_dict(),
-           "calibration": calibration_hash(texts, SEQ_LEN), "tokens": tokens, "seq_len": SEQ_LEN,
-           "seeds": list(seeds), "n_boot": n_boot, "versions": library_versions()}
-    return config_key(cfg), cfg
+    run_units(units, on_result, lambda unit, why: errors.append(f"seed {unit.seed}: {why}"), options=options,
+              cancel=stop)
+    if stop.is_set():
+        raise Cancelled()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(units)} seeds failed on Ray, first: {errors[0]} (nothing stored)")
+    head = got[seeds[0]]
+    return join([got[s]["measurement"] for s in seeds]), head["criteria"], head["moe"], head["ids_shape"]
 
 
 def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, store=None,
              progress: Callable[[int, int], None] | None = None, cancel: Callable[[], bool] | None = None,
-             n_boot: int = 1000, device: str = "cpu", dtype: str = "float32") -> Validation:
+             n_boot: int = 1000, device: str = "cpu", dtype: str = "float32", executor=None) -> Validation:
     """Measure every expert's damage under ``preset`` and check each criterion against it (API contract in the
     module docstring). Cached in the store: the same request returns at once, without loading the model.
 
@@ -451,13 +421,19 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
         calibration text), a calibration file path, or {domain: [texts]} / [texts]. tokens: calibration tokens.
         store: a store.Store, a path, None (the default store) or False (no store).
         progress(done, total); cancel() -> True stops (evaluate.Cancelled). n_boot: bootstrap replicates.
-    Raises: ValueError for bad input (checked before any model work); evaluate.Cancelled.
+        executor: None measures here; a ray_executor.RayOptions measures one seed per Ray unit (``SeedUnit``,
+            the model loaded once per worker; source must be a string) and this process combines the seeds and
+            is the only store writer — the same numbers as here (test_ray_executor).
+    Raises: ValueError for bad input (checked before any model work); evaluate.Cancelled; RuntimeError when a
+    seed failed on Ray (nothing stored).
     """
-    from .criteria import correlate, criterion_scores
+    from .criteria import correlate
     from .store import Store
     noise, seeds = _check_noise(preset), _seeds(seeds)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
+    if executor is not None and not isinstance(source_or_lm, str):
+        raise ValueError("validate on Ray needs the model's source (a name, folder or hub id), not a loaded model")
     texts, where = _texts(texts)
     if isinstance(source_or_lm, str):
         from .models import source_fingerprint
@@ -472,30 +448,35 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
         hit = st.get_sensitivity(key)
         if hit is not None:
             return Validation(**{**hit, "cached": True})
-    if isinstance(source_or_lm, str):
-        from .evaluate import _get_model
-        lm = _get_model(source_or_lm, device, dtype, None, False)
+    if executor is not None:
+        meas, crit, moe, shape = _measure_ray(source_or_lm, noise, seeds, texts, tokens, fp, device, dtype, executor,
+                                              progress, cancel)
     else:
-        lm = source_or_lm
-    ids = calibration_tokens(lm.tokenizer, texts, tokens)
-    meas = measure(lm, noise, ids, seeds=seeds, progress=progress, cancel=cancel)
-    crit = criterion_scores(lm, texts, noise, ids)
+        from .criteria import criterion_scores
+        if isinstance(source_or_lm, str):
+            from .evaluate import _get_model
+            lm = _get_model(source_or_lm, device, dtype, None, False)
+        else:
+            lm = source_or_lm
+        ids = calibration_tokens(lm.tokenizer, texts, tokens)
+        meas = measure(lm, noise, ids, seeds=seeds, progress=progress, cancel=cancel)
+        crit = criterion_scores(lm, texts, noise, ids)
+        moe, shape = [(m.index, m.layer, m.num_experts) for m in lm.anatomy.moe_layers], tuple(ids.shape)
     corr, best = correlate(crit, meas.only_this, n_boot=n_boot)
-    a = lm.anatomy
-    experts = [{"layer": m.index, "decoder_layer": m.layer, "expert": e,
-                "only_this": float(meas.only_this[:, m.index, e].mean()), "only_this_se": _se(meas.only_this[:, m.index, e]),
-                "all_but_this": float(meas.all_but_this[:, m.index, e].mean()),
-                "all_but_this_se": _se(meas.all_but_this[:, m.index, e]),
-                "only_this_seeds": meas.only_this[:, m.index, e].tolist(),
-                **{f"score_{k}": float(v[m.index][e]) for k, v in crit.items()}}
-               for m in a.moe_layers for e in range(m.num_experts)]
+    experts = [{"layer": i, "decoder_layer": d, "expert": e,
+                "only_this": float(meas.only_this[:, i, e].mean()), "only_this_se": _se(meas.only_this[:, i, e]),
+                "all_but_this": float(meas.all_but_this[:, i, e].mean()),
+                "all_but_this_se": _se(meas.all_but_this[:, i, e]),
+                "only_this_seeds": meas.only_this[:, i, e].tolist(),
+                **{f"score_{k}": float(v[i][e]) for k, v in crit.items()}}
+               for i, d, n in moe for e in range(n)]
     v = Validation(
         model_fingerprint=fp, preset=noise.name, noise=noise.to_dict(), seeds=seeds, tokens=meas.tokens,
         calibration={"source": where, "hash": cfg["calibration"], "tokens": meas.tokens,
-                     "sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1])},
+                     "sequences": int(shape[0]), "seq_len": int(shape[1])},
         clean_nll=meas.clean_nll, experts=experts,
-        layers=[{"layer": m.index, "decoder_layer": m.layer, "damage": float(meas.layers[:, m.index].mean()),
-                 "se": _se(meas.layers[:, m.index])} for m in a.moe_layers],
+        layers=[{"layer": i, "decoder_layer": d, "damage": float(meas.layers[:, i].mean()),
+                 "se": _se(meas.layers[:, i])} for i, d, _ in moe],
         dense=[{"kind": k, "damage": float(x.mean()), "se": _se(x)} for k, x in meas.dense.items()],
         all_experts={"damage": float(meas.all_experts.mean()), "se": _se(meas.all_experts)},
         correlations=corr, best=best,

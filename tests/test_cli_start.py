@@ -70,3 +70,19 @@ def test_cache_hit_evaluate_without_deep_learning_stack(store):
     assert rc == 0 and heavy == [] and (res["computed"], res["cached"]) == (0, 3)
     (maxnn,) = [r for r in res["summary"] if r["strategy"] == "maxnn"]
     assert maxnn["mean"] == pytest.approx(0.6875) and maxnn["n_seeds"] == 2
+
+
+def test_cache_hit_validate_without_deep_learning_stack(tmp_path):
+    """The first call measures (tiny model, 128 tokens, 2 seeds); the same request again answers from the store
+    with the same numbers and imports none of the heavy modules."""
+    args = ("validate", "tiny:olmoe", "--store", str(tmp_path / "v.duckdb"), "--preset", "paper-pcm-c2.5",
+            "--seeds", "2", "--tokens", "128", "--bootstrap", "50", "--json")
+    rc, out, heavy = run_cli(*args)
+    first = json.loads(out)
+    assert rc == 0 and "torch" in heavy and first["cached"] is False
+    rc, out, heavy = run_cli(*args)
+    again = json.loads(out)
+    assert rc == 0 and heavy == [] and again["cached"] is True
+    assert {**again, "cached": False} == first
+    assert len(first["experts"]) == 16 and first["seeds"] == [0, 1]
+    assert any(a != b for a, b in (r["only_this_seeds"] for r in first["experts"]))   # measured, not zeros

@@ -159,3 +159,19 @@ def test_measured_strategy_on_ray_same_numbers(tmp_path, ray_local):
     remote = evaluate_many_ray("tiny:olmoe", store=tmp_path / "b.duckdb", options=RayOptions(workers=1), **kw)
     assert [r["key"] for r in remote] == [r["key"] for r in local] and len(local) == 1
     assert remote[0]["metrics"] == local[0]["metrics"] and remote[0]["digital_share"] == local[0]["digital_share"]
+
+
+def test_ray_validate_equals_local(tmp_path, ray_local):
+    """validate with one seed per Ray unit (2 workers) gives the local validate's numbers, bit for bit."""
+    from hetmoe_core.ray_executor import RayOptions as Opts
+    from hetmoe_core.sensitivity import validate
+    kw = dict(seeds=2, tokens=128, n_boot=50)
+    local = validate("tiny:olmoe", "paper-pcm-c2.5", store=tmp_path / "l.duckdb", **kw).to_dict()
+    seen = []
+    remote = validate("tiny:olmoe", "paper-pcm-c2.5", store=tmp_path / "r.duckdb", executor=Opts(workers=2),
+                      progress=lambda d, t: seen.append((d, t)), **kw).to_dict()
+    assert remote == local and not remote["cached"] and sorted(seen) == [(1, 2), (2, 2)]
+    per_seed = [r["only_this_seeds"] for r in local["experts"]]
+    assert len(per_seed) == 16 and any(a != b for a, b in per_seed)   # the seeds really differ
+    again = validate("tiny:olmoe", "paper-pcm-c2.5", store=tmp_path / "r.duckdb", executor=Opts(workers=2), **kw)
+    assert again.cached and {**again.to_dict(), "cached": False} == remote   # the driver stored it

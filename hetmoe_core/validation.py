@@ -1,0 +1,134 @@
+"""The stored record of a sensitivity validation and its store key, without torch.
+
+``sensitivity.validate`` measures; this module holds what a cache hit needs — the request's key (model
+fingerprint, full noise config, calibration hash, tokens, seeds, bootstrap size, library versions) and the
+``Validation`` record the store returns — so ``python -m hetmoe_core validate`` answers a stored request without
+importing torch, transformers, aihwkit or lm-eval (same pattern as ``fingerprints`` for cache-hit ``evaluate``).
+Field meanings and units: ``sensitivity`` module docstring (API contract).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .noise import NoiseConfig, get_preset
+
+SEQ_LEN = 256            # tokens per calibration sequence (capped by the model's context)
+_VERSION = 1             # bump when a measurement changes meaning (enters the store key)
+
+
+def _check_noise(noise) -> NoiseConfig:
+    if isinstance(noise, str):
+        return get_preset(noise)
+    if not isinstance(noise, NoiseConfig):
+        raise ValueError(f"noise must be a preset name or a NoiseConfig, got {type(noise).__name__}")
+    return noise
+
+
+def _seeds(seeds) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1 (number of noise seeds), got {seeds}")
+        return list(range(seeds))
+    out = [int(s) for s in seeds]
+    if not out or any(s < 0 for s in out):
+        raise ValueError(f"seeds must be a count >= 1 or a list of seeds >= 0, got {seeds!r}")
+    return out
+
+
+def _se(x: np.ndarray) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
+
+
+def _clean(obj):
+    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+@dataclass
+class Validation:
+    """Measured sensitivity of a model under a noise preset and how well each criterion ranks it.
+
+    Field meanings and units: ``sensitivity`` module docstring (API contract). ``to_dict()`` is the JSON the CLI
+    prints and the store keeps; ``cached`` says the result came from the store without any forward pass.
+    """
+    model_fingerprint: str
+    preset: str
+    noise: dict
+    seeds: list
+    tokens: int
+    calibration: dict
+    clean_nll: float
+    experts: list = field(default_factory=list)
+    layers: list = field(default_factory=list)
+    dense: list = field(default_factory=list)
+    all_experts: dict = field(default_factory=dict)
+    correlations: list = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    routing_drift: list = field(default_factory=list)
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+    def only_this(self) -> list[np.ndarray]:
+        """Mean only-this damage per MoE layer: float64 ``[E]`` each (nats per token)."""
+        L = 1 + max(r["layer"] for r in self.experts)
+        out = [[] for _ in range(L)]
+        for r in sorted(self.experts, key=lambda r: (r["layer"], r["expert"])):
+            out[r["layer"]].append(r["only_this"])
+        return [np.asarray(v, dtype=np.float64) for v in out]
+
+
+def _texts(texts):
+    """(texts by domain, where they came from) from None (routing.default_calibration), a file path or texts."""
+    from pathlib import Path
+    from .routing import _as_domains, default_calibration, read_calibration
+    if texts is None:
+        return default_calibration()
+    if isinstance(texts, (str, Path)):
+        return read_calibration(texts), str(texts)
+    return _as_domains(texts), "given"
+
+
+def request_key(fingerprint: str, noise: NoiseConfig, texts: dict, tokens: int, seeds: list, dtype: str,
+                device: str, n_boot: int) -> tuple[str, dict]:
+    """(store key, full config) of a validation request: model fingerprint and dtype, device type, full noise
+    config, calibration hash, tokens, sequence length, seeds, bootstrap size and library versions."""
+    from .evaluate import library_versions
+    from .routing import calibration_hash
+    from .store import config_key
+    cfg = {"kind": "sensitivity", "v": _VERSION, "model": {"fingerprint": fingerprint, "dtype": dtype},
+           "device": device.split(":")[0], "noise": noise.to_dict(),
+           "calibration": calibration_hash(texts, SEQ_LEN), "tokens": tokens, "seq_len": SEQ_LEN,
+           "seeds": list(seeds), "n_boot": n_boot, "versions": library_versions()}
+    return config_key(cfg), cfg
+
+
+def stored_validation(source: str, preset, *, seeds=5, texts=None, tokens: int = 16384, store=None,
+                      n_boot: int = 1000, device: str = "cpu", dtype: str = "float32") -> Validation | None:
+    """The stored ``Validation`` of a request (``sensitivity.validate``'s arguments, source given as a string),
+    or None when it is not stored. Loads no model and imports no torch: the key comes from the request and the
+    weights' file hash (``fingerprints.source_fingerprint``). Raises ValueError for bad input."""
+    from .fingerprints import source_fingerprint
+    from .store import Store
+    noise, seeds = _check_noise(preset), _seeds(seeds)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
+    key, _ = request_key(source_fingerprint(source), noise, _texts(texts)[0], tokens, seeds, dtype, device, n_boot)
+    st = store if isinstance(store, Store) else Store(store)
+    hit = st.get_sensitivity(key)
+    return None if hit is None else Validation(**{**hit, "cached": True})
