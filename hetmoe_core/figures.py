@@ -431,6 +431,7 @@ def routing_drift(validation: dict) -> go.Figure:
     fig.update_layout(title="Routing drift under noise", height=340, yaxis=dict(title=dict(text="share"),
                       tickformat=".0%"), yaxis2=dict(title=dict(text="max/mean expert load"), overlaying="y",
                       side="right"), legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------- energy (energy.py)
