@@ -1,0 +1,191 @@
+"""Commands that only read or move stored results: ``runs``, ``export``, ``import``, ``report``, ``presets``.
+
+They import no torch, transformers, aihwkit or lm-eval (the answer is in the DuckDB store or in the noise
+presets), so they start in a fraction of the time of a command that loads a model. Registered in ``cli.COMMANDS``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from .cli_args import _int_at_least
+
+
+def _store_arg(p):
+    p.add_argument("--store", default=None, help="results store (DuckDB file; default cache/results.duckdb)")
+
+
+def add_runs(p):
+    _store_arg(p)
+    p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]",
+                   help="filter, e.g. --where strategy=maxnn --where task=paper_piqa --where status=error (repeatable)")
+    p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric, "
+                   "with the recovered fraction of the noise loss and paired deltas between strategies (95%% CIs)")
+    p.add_argument("--max-rows", type=_int_at_least(1), default=200, help="rows to print (>= 1)")
+
+
+def _filters(where: list[str]) -> dict:
+    out = {}
+    for w in where:
+        if "=" not in w:
+            raise ValueError(f"--where {w!r} must look like column=value")
+        k, v = (x.strip() for x in w.split("=", 1))
+        vals = []
+        for x in v.split(","):
+            try:
+                vals.append(float(x) if k in ("budget", "limit") else int(x) if k in ("seed", "batch_size", "num_fewshot") else x)
+            except ValueError:
+                raise ValueError(f"--where {k}: {x!r} is not a number") from None
+        out[k] = vals
+    return out
+
+
+def _records(df) -> list[dict]:
+    """Rows as JSON-able dicts with full float precision (pandas' to_json rounds to 10 digits)."""
+    import pandas as pd
+
+    def plain(v):
+        if isinstance(v, (list, tuple)) or hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
+            v = v.tolist() if hasattr(v, "tolist") else list(v)
+            return [plain(x) for x in v] if isinstance(v, list) else v
+        if isinstance(v, pd.Timestamp):
+            return v.isoformat()
+        if isinstance(v, float) and v != v:
+            return None
+        return None if v is pd.NaT or v is None or (not isinstance(v, (str, list)) and pd.isna(v)) else v
+    return [{k: plain(v) for k, v in r.items()} for r in df.to_dict("records")]
+
+
+def cmd_runs(args) -> dict:
+    from .store import Store
+    st = Store(args.store, create=False, read_only=True)
+    filters = _filters(args.where)
+    if args.summary:
+        df = st.summary_frame(filters)
+    else:
+        df = st.runs_frame(filters).drop(columns=["config", "versions"] + ([] if "status" in filters else ["error"]))
+    shown = df.head(args.max_rows)
+    rec = paired = None
+    if args.summary:   # paired statistics on the same seeds (hetmoe_core.paired)
+        from .paired import paired_deltas, recovery_table
+        runs = st.runs_frame(filters)
+        rec, paired = recovery_table(runs), paired_deltas(runs)
+    if not args.json:
+        import pandas as pd
+        if args.summary:
+            cols = ["task", "metric", "strategy", "budget", "preset", "backend", "batch_size", "dtype", "mean",
+                    "spread", "n_seeds", "origins"]
+            shown = shown.assign(spread=["deterministic" if d else "" if s != s else f"± {s:.3g}"
+                                         for d, s in zip(shown.deterministic, shown["std"])])
+        else:
+            cols = ["task", "metric", "strategy", "budget", "preset", "backend", "seed", "value", "stderr", "limit",
+                    "status", "origin", "key"]
+            shown = shown.assign(key=shown.key.str[:12])
+        with pd.option_context("display.width", 240, "display.max_columns", 20, "display.max_colwidth", 60):
+            print(shown[[c for c in cols if c in shown]].to_string(index=False) if len(df)
+                  else "no stored results match")
+        if len(df) > len(shown):
+            print(f"({len(df) - len(shown)} more rows: raise --max-rows or narrow with --where)")
+        _print_paired(rec, paired, args.max_rows)
+        return None
+    out = {"store": str(st.path), "count": len(df), "rows": _records(shown)}
+    if args.summary:
+        out["recovery"], out["paired"] = _records(rec.head(args.max_rows)), _records(paired.head(args.max_rows))
+    return out
+
+
+def _print_paired(rec, paired, max_rows: int) -> None:
+    """The recovered fraction and the paired deltas of ``runs --summary`` as text tables."""
+    import pandas as pd
+    with pd.option_context("display.width", 240, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        if rec is not None and len(rec):
+            print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
+                  "sampling = lm-eval stderr / |A-I|")
+            print(rec.head(max_rows)[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered",
+                                      "recovered_lo", "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
+        if paired is not None and len(paired):
+            print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
+            print(paired.head(max_rows)[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta",
+                                         "delta_lo", "delta_hi", "sampling_se", "verdict"]].to_string(index=False))
+
+
+def add_export(p):
+    _store_arg(p)
+    p.add_argument("out", help="snapshot file to write (.zip); never overwritten without --force")
+    p.add_argument("--keys", default=None, help="comma-separated run keys (default: all matching --where)")
+    p.add_argument("--where", action="append", default=[], metavar="COL=V[,V2]", help="filter as in `runs`")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists (never the store itself)")
+
+
+def cmd_export(args) -> dict:
+    from .snapshot import export_snapshot
+    from .store import Store
+    keys = [k for k in args.keys.split(",") if k] if args.keys else None
+    man = export_snapshot(Store(args.store, create=False, read_only=True), args.out, keys=keys,
+                          filters=_filters(args.where), overwrite=args.force)
+    return {"path": args.out, **man}
+
+
+def add_import(p):
+    _store_arg(p)
+    p.add_argument("snapshot", help="snapshot file (.zip) written by `export`")
+
+
+def cmd_import(args) -> dict:
+    from .snapshot import import_snapshot, read_snapshot
+    from .store import Store
+    read_snapshot(args.snapshot)   # validate before the store file is even created
+    return import_snapshot(args.snapshot, Store(args.store))
+
+
+def add_report(p):
+    p.add_argument("source", help="snapshot (.zip) or store (.duckdb) to report")
+    p.add_argument("--out", default="report.html", help="HTML file to write; never overwritten without --force")
+    p.add_argument("--title", default="hetmoe results")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists (never the source itself)")
+
+
+def cmd_report(args) -> dict:
+    from .report import write_report
+    return write_report(args.source, args.out, title=args.title, overwrite=args.force)
+
+
+# ---- presets: every noise parameter with its unit, source and allowed range (noise.NoiseConfig field metadata)
+def add_presets(p):
+    p.add_argument("name", nargs="?", default=None, help="a preset (default: list them all)")
+
+
+def _allowed(d: dict) -> str:
+    a = d.get("allowed")
+    if a is None:
+        return ""
+    text = ", ".join(a) if isinstance(a[0], str) else "true | false" if isinstance(a[0], bool) else f"[{a[0]:g}, {a[1]:g}]"
+    return text + (f" or None ({d['optional']})" if d.get("optional") else "")
+
+
+def cmd_presets(args) -> dict:
+    from .noise import PRESET_DOCS, PRESETS, field_docs, get_preset
+    docs = field_docs()
+    names = [args.name] if args.name else list(PRESETS)
+    presets = {n: get_preset(n) for n in names}   # ValueError names the choices for an unknown preset
+    out = {n: {"doc": PRESET_DOCS[n], "parameters": {
+        f: {"value": v, "unit": docs[f]["unit"], "allowed": _allowed(docs[f]), "source": docs[f]["source"],
+            "help": docs[f]["help"], "default": docs[f]["default"]}
+        for f, v in p.to_dict().items() if f != "name"}} for n, p in presets.items()}
+    if args.json:
+        return out
+    for n, d in out.items():
+        print(f"{n}: {d['doc']}")
+        if args.name:
+            for f, x in d["parameters"].items():
+                print(f"  {f:<19} {str(x['value']):<10} {x['unit']:<26} allowed {x['allowed']:<28} {x['source']}")
+                print(f"  {'':<19} {x['help']}")
+        else:
+            changed = {f: x["value"] for f, x in d["parameters"].items() if x["value"] != x["default"]}
+            print("  " + (", ".join(f"{f}={v}" for f, v in changed.items()) or "all defaults"))
+    if not args.name:
+        print("`presets NAME` prints every parameter with its unit, allowed range and source; "
+              "`evaluate --set NAME=VALUE` overrides one.")
+    return None
