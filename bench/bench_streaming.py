@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-H, E, I, V, LAYERS = 2048, 64, 1024, 50304, 2
+H, E, I, V = 2048, 64, 1024, 50304
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -35,7 +35,8 @@ sys.path.insert(0, sys.argv[2])
 import torch, safetensors
 from hetmoe_core.scores import stream_scores, _plan, _shards
 from pathlib import Path
-torch.set_num_threads(int(sys.argv[3]))
+if int(sys.argv[3]):
+    torch.set_num_threads(int(sys.argv[3]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 s = stream_scores(sys.argv[1], threads=int(sys.argv[4]) or None)
@@ -47,7 +48,7 @@ print(json.dumps({"seconds": dt, "bytes": sum(p.nbytes for p in plan), "largest_
 """
 
 
-def generate(folder: Path, layout: str, dtype: str) -> None:
+def generate(folder: Path, layout: str, dtype: str, layers: int) -> None:
     """Write the checkpoint (run in a subprocess by main so its memory never meets the measured processes)."""
     import torch
     from safetensors.torch import save_file
@@ -57,24 +58,34 @@ def generate(folder: Path, layout: str, dtype: str) -> None:
     def rnd(*shape, scale=0.02):
         return (torch.randn(*shape, generator=g) * scale).to(dt)
 
+    def tiled(rows, cols):   # embeddings / LM head: read by cat only, so a tiled random block is enough
+        return rnd(1024, cols).repeat(-(-rows // 1024), 1)[:rows].contiguous()
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "olmoe", "hidden_size": H, "num_experts": E,
-                                                    "intermediate_size": I, "num_hidden_layers": LAYERS}))
-    save_file({"model.embed_tokens.weight": rnd(V, H), "lm_head.weight": rnd(V, H),
+                                                    "intermediate_size": I, "num_hidden_layers": layers}))
+    save_file({"model.embed_tokens.weight": tiled(V, H), "lm_head.weight": tiled(V, H),
                "model.norm.weight": torch.ones(H, dtype=dt)}, str(folder / "model-embed.safetensors"))
-    for layer in range(LAYERS):
+    for layer in range(layers):
         p = f"model.layers.{layer}."
         sd = {p + f"self_attn.{n}_proj.weight": rnd(H, H) for n in "qkvo"}
         sd |= {p + f"self_attn.{n}_norm.weight": torch.ones(H, dtype=dt) for n in "qk"}
         sd |= {p + n: torch.ones(H, dtype=dt) for n in ("input_layernorm.weight", "post_attention_layernorm.weight")}
         sd[p + "mlp.gate.weight"] = rnd(E, H)
+        # experts: one random draw per projection and layer, scaled per expert (1 + e/E) so MaxNNScores differ;
+        # drawing 64 x 3 fresh matrices per layer made generation dominate the bench's time
+        base = {n: torch.randn(*shape, generator=g) * 0.02 for n, shape in
+                (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))}
+        experts = {n: [(b * (1 + e / E)).to(dt) for e in range(E)] for n, b in base.items()}
         if layout == "hub":
             for e in range(E):
-                for n, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
-                    sd[p + f"mlp.experts.{e}.{n}.weight"] = rnd(*shape, scale=0.02 * (1 + e / E))
+                for n in base:
+                    sd[p + f"mlp.experts.{e}.{n}.weight"] = experts[n][e]
         else:
-            sd[p + "mlp.experts.gate_up_proj"] = rnd(E, 2 * I, H)
-            sd[p + "mlp.experts.down_proj"] = rnd(E, H, I)
+            sd[p + "mlp.experts.gate_up_proj"] = torch.cat([torch.stack(experts["gate_proj"]),
+                                                            torch.stack(experts["up_proj"])], dim=1)
+            sd[p + "mlp.experts.down_proj"] = torch.stack(experts["down_proj"])
+        del experts
         save_file(sd, str(folder / f"model-{layer:05d}.safetensors"))
         del sd
 
@@ -139,22 +150,24 @@ def main() -> None:
     ap.add_argument("--layout", default="both", choices=["hub", "fused", "both"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads in the streaming process (on a busy "
-                    "2-core machine 2 threads oversubscribe and run ~10x slower)")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers (OLMoE-1B-7B has 16; each adds 0.8 GB)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the streaming process (0: torch's "
+                    "default, what the CLI gets; stream_scores' workers run torch single-threaded anyway)")
     ap.add_argument("--workers", type=int, default=0, help="stream_scores worker threads (0: its default, "
-                    "min(4, CPUs)); 1 = the single-threaded reader")
+                    "the usable CPUs, at most 8)")
     ap.add_argument("--generate", default=None, help=argparse.SUPPRESS)   # internal: generator subprocess
     args = ap.parse_args()
     if args.generate:
         layout, folder = args.generate.split(":", 1)
-        generate(Path(folder), layout, args.dtype)
+        generate(Path(folder), layout, args.dtype, args.layers)
         return
     layouts = ["hub", "fused"] if args.layout == "both" else [args.layout]
     with tempfile.TemporaryDirectory(prefix="hetmoe-bench-") as tmp:
         for layout in layouts:
             folder = Path(tmp) / layout
             t = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--generate", f"{layout}:{folder}"],
+            subprocess.run([sys.executable, __file__, "--dtype", args.dtype, "--layers", str(args.layers),
+                            "--generate", f"{layout}:{folder}"],
                            check=True)
             gen = time.perf_counter() - t
             r = bench(folder, args.repeat, args.threads, args.workers)
