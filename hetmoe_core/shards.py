@@ -118,26 +118,46 @@ def _plan(files: list[Path]) -> list[_Tensor]:
     return sorted(plan, key=lambda p: (str(p.file), p.offset))
 
 
-class _Job(NamedTuple):
-    """One unit of work: a whole tensor, or a slice of experts of a fused tensor (its bytes are contiguous)."""
+class _Piece(NamedTuple):
+    """A whole tensor, or a slice of experts of a fused tensor (its bytes are contiguous)."""
     t: _Tensor
-    start: int           # absolute byte offset of the slice
+    start: int           # absolute byte offset
     nbytes: int
     shape: tuple
     last: bool           # the last slice of its tensor
 
 
+class _Job(NamedTuple):
+    """Pieces that lie together in one file, mapped at once: [start, start + nbytes) covers them all."""
+    file: Path
+    start: int
+    nbytes: int
+    pieces: tuple
+
+
 def _jobs(plan: list[_Tensor], chunk_bytes: int) -> list[_Job]:
-    jobs = []
+    """Fused tensors cut into slices of experts of ~chunk_bytes; neighbouring pieces of a file (gaps under
+    64 KiB) grouped into jobs of up to ~chunk_bytes, so per-expert checkpoints do not pay a mapping and a
+    queue round trip per 4 MiB tensor."""
+    pieces = []
     for t in plan:
         if t.kind != "fused" or not t.shape or t.shape[0] == 0:
-            jobs.append(_Job(t, t.offset, t.nbytes, t.shape, True))
+            pieces.append(_Piece(t, t.offset, t.nbytes, t.shape, True))
             continue
         row = t.nbytes // t.shape[0]
         step = max(1, chunk_bytes // max(1, row))
         for e0 in range(0, t.shape[0], step):
             n = min(step, t.shape[0] - e0)
-            jobs.append(_Job(t, t.offset + e0 * row, n * row, (n,) + t.shape[1:], e0 + n == t.shape[0]))
+            pieces.append(_Piece(t, t.offset + e0 * row, n * row, (n,) + t.shape[1:], e0 + n == t.shape[0]))
+    jobs, group = [], []
+    for pc in pieces + [None]:
+        if group and (pc is None or pc.t.file != group[0].t.file or pc.start - end > 64 << 10
+                      or pc.start + pc.nbytes - group[0].start > chunk_bytes):
+            jobs.append(_Job(group[0].t.file, group[0].start, end - group[0].start, tuple(group)))
+            group = []
+        if pc is not None:
+            group.append(pc)
+            end = pc.start + pc.nbytes
     return jobs
 
 
@@ -159,7 +179,7 @@ class _Files:
         while hasattr(os, "posix_fadvise") and self.next < len(self.jobs) and \
                 self.cum[self.next] - self.cum[i] < self.window:
             j = self.jobs[self.next]
-            os.posix_fadvise(self.fd(j.t.file), j.start, j.nbytes, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(self.fd(j.file), j.start, j.nbytes, os.POSIX_FADV_WILLNEED)
             self.next += 1
 
     def close(self) -> None:
@@ -167,24 +187,23 @@ class _Files:
             os.close(fd)
 
 
-_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if os.uname().sysname == "Linux" else None) \
-    if hasattr(os, "uname") else None
-
-
-def _mapped(fd: int, j: _Job) -> tuple[mmap.mmap | None, torch.Tensor]:
-    """A zero-copy tensor over the job's bytes: a private mapping of just those pages (never written), so the
-    pages count in RSS only while the job holds them; the caller drops the tensor, then closes the mapping."""
+def _mapped(fd: int, j: _Job) -> mmap.mmap | None:
+    """A private mapping of just the job's pages (never written; ``None`` for an empty job): pages count in RSS
+    only while the job holds them. Views come from :func:`_view`; drop them before closing the mapping."""
     if j.nbytes == 0:
-        return None, torch.empty(j.shape, dtype=j.t.dtype)
+        return None
     base = j.start - j.start % mmap.ALLOCATIONGRANULARITY
-    mm = mmap.mmap(fd, j.start + j.nbytes - base, offset=base, access=mmap.ACCESS_COPY)
-    if _POPULATE_READ is not None:   # map all pages in one call instead of one page fault per 64 KiB
-        try:
-            mm.madvise(_POPULATE_READ)
-        except OSError:              # kernels before 5.14
-            pass
-    w = torch.frombuffer(mm, dtype=torch.uint8, count=j.nbytes, offset=j.start - base)
-    return mm, w.view(j.t.dtype).view(j.shape)
+    # pages are faulted in by the reduction itself, with the GIL released (mmap.madvise(MADV_POPULATE_READ) would
+    # hold the GIL through a cold read, and costs more CPU than the kernel's 64 KiB fault-around)
+    return mmap.mmap(fd, j.start + j.nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+
+
+def _view(mm: mmap.mmap | None, j: _Job, pc: _Piece) -> torch.Tensor:
+    """Zero-copy tensor of one piece inside its job's mapping."""
+    if pc.nbytes == 0:
+        return torch.empty(pc.shape, dtype=pc.t.dtype)
+    at = pc.start - (j.start - j.start % mmap.ALLOCATIONGRANULARITY)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=pc.nbytes, offset=at).view(pc.t.dtype).view(pc.shape)
 
 
 def _collect(per_layer: dict, t: _Tensor, res, parts: list, last: bool, done: int, total: int, progress) -> int:
@@ -269,28 +288,35 @@ def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: boo
     files = _Files(jobs)
     local, torch_threads = threading.local(), torch.get_num_threads()
 
-    def reduce(j: _Job, fd: int):
+    def norms(pc: _Piece, w: torch.Tensor, scratch):
+        t = pc.t
+        if t.kind == "router":
+            return _norms(w, 1, scratch)              # router [E, H]: rows
+        if t.kind != "fused":                         # gate/up [I, H]: rows; down [H, I]: columns
+            return _norms(w, 0 if t.role == "down" else 1, scratch)
+        if t.role == "down":
+            return {"down": down_norms(w, transposed=transposed, scratch=scratch)}
+        return gate_up_norms(w, gated=gated and t.role == "gate_up", transposed=transposed,
+                             interleaved=interleaved, scratch=scratch)
+
+    def reduce(j: _Job, fd: int) -> list:
         if not hasattr(local, "scratch"):
             local.scratch = _Scratch()
             torch.set_num_threads(1)          # this worker's ops only (OpenMP's setting is per thread)
-        t, scratch = j.t, local.scratch
-        mm, w = _mapped(fd, j)
+        mm = _mapped(fd, j)
         try:
-            if t.kind == "router":
-                return _norms(w, 1, scratch)              # router [E, H]: rows
-            if t.kind != "fused":                         # gate/up [I, H]: rows; down [H, I]: columns
-                return _norms(w, 0 if t.role == "down" else 1, scratch)
-            if t.role == "down":
-                return {"down": down_norms(w, transposed=transposed, scratch=scratch)}
-            return gate_up_norms(w, gated=gated and t.role == "gate_up", transposed=transposed,
-                                 interleaved=interleaved, scratch=scratch)
-        finally:
-            del w                                         # the tensor pins the mapping: drop it, then unmap
+            return [norms(pc, _view(mm, j, pc), local.scratch) for pc in j.pieces]
+        finally:                              # views are gone with the frames: unmap
             if mm is not None:
                 try:
                     mm.close()
-                except BufferError:                       # views still held by a traceback: unmapped with them
+                except BufferError:           # views still held by a traceback: unmapped with them
                     pass
+
+    def collect(j: _Job, fut, done: int) -> int:
+        for pc, res in zip(j.pieces, fut.result()):
+            done = _collect(per_layer, pc.t, res, parts, pc.last, done, total, progress)
+        return done
 
     pending, parts = collections.deque(), []
     try:
@@ -298,13 +324,11 @@ def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: boo
             try:
                 for i, j in enumerate(jobs):
                     files.advise(i)
-                    pending.append((j, pool.submit(reduce, j, files.fd(j.t.file))))
+                    pending.append((j, pool.submit(reduce, j, files.fd(j.file))))
                     while len(pending) > 2 * threads or (pending and pending[0][1].done()):
-                        j, fut = pending.popleft()
-                        done = _collect(per_layer, j.t, fut.result(), parts, j.last, done, total, progress)
+                        done = collect(*pending.popleft(), done)
                 while pending:
-                    j, fut = pending.popleft()
-                    done = _collect(per_layer, j.t, fut.result(), parts, j.last, done, total, progress)
+                    done = collect(*pending.popleft(), done)
             except BaseException:
                 for _, fut in pending:
                     fut.cancel()
