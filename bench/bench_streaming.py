@@ -1,7 +1,7 @@
 """Streaming MaxNNScore / Router Norm from safetensors: throughput vs `cat FILES > /dev/null`, peak RSS vs tensor size.
 
 Checkpoint: OLMoE-1B-7B's real shapes (hidden 2048, 64 experts, expert intermediate 1024, vocab 50304, 16 heads)
-for two decoder layers, generated into a temp dir in the hub's per-expert layout (``mlp.experts.E.gate_proj``) and/or
+for --layers decoder layers (default 2; the real model has 16), generated into a temp dir in the hub's per-expert layout (``mlp.experts.E.gate_proj``) and/or
 transformers 5's fused layout (``mlp.experts.gate_up_proj`` [64, 2048, 2048]), one shard per layer plus one for
 embeddings / LM head. Fairness:
   * throughput = bytes of the tensors each reader reads / seconds; streaming reads expert and router tensors only,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,21 +31,29 @@ ROOT = Path(__file__).resolve().parent.parent
 H, E, I, V = 2048, 64, 1024, 50304
 
 _CHILD = r"""
-import json, resource, sys, time
+import hashlib, inspect, json, resource, sys, time
 sys.path.insert(0, sys.argv[2])
 import torch, safetensors
-from hetmoe_core.scores import stream_scores, _plan, _shards
+from hetmoe_core.scores import stream_scores
+from hetmoe_core.shards import _jobs, _plan, _shards
 from pathlib import Path
 if int(sys.argv[3]):
     torch.set_num_threads(int(sys.argv[3]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 s = stream_scores(sys.argv[1], threads=int(sys.argv[4]) or None)
-dt = time.perf_counter() - t
+dt, cpu = time.perf_counter() - t, time.process_time() - c
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 plan = _plan(_shards(Path(sys.argv[1])))
-print(json.dumps({"seconds": dt, "bytes": sum(p.nbytes for p in plan), "largest_read": max(p.nbytes for p in plan),
-                  "rss_base": base, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "layers": len(s.layers), "maxnn0": float(s.layers[0].maxnn[0])}))
+jobs = _jobs(plan, inspect.signature(stream_scores).parameters["chunk_bytes"].default)
+h = hashlib.sha256()
+for ls in s.layers:
+    for p in sorted(ls.neuron_norms):
+        h.update(ls.neuron_norms[p].tobytes())
+    h.update(ls.router_norm.tobytes())
+print(json.dumps({"seconds": dt, "cpu_s": cpu, "bytes": sum(p.nbytes for p in plan),
+                  "largest_job": max(j.nbytes for j in jobs), "rss_base": base, "rss_peak": peak,
+                  "layers": len(s.layers), "digest": h.hexdigest()[:16]}))
 """
 
 
@@ -100,10 +109,12 @@ def evict(files) -> None:
             os.close(fd)
 
 
-def run_cat(files) -> float:
-    t = time.perf_counter()
+def run_cat(files) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of `cat FILES > /dev/null`."""
+    r0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - t
+    dt, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return dt, (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
 
 
 def run_stream(folder: Path, threads: int, workers: int) -> dict:
@@ -133,13 +144,16 @@ def bench(folder: Path, repeat: int, threads: int, workers: int) -> dict:
             cats.append(run_cat(files))
             (evict(files) if mode == "cold" else run_cat(files))
             streams.append(run_stream(folder, threads, workers))
-        st = min(streams, key=lambda r: r["seconds"])
-        cat_bps, st_bps = total / min(cats), st["bytes"] / st["seconds"]
-        res[mode] = {"cat_s": min(cats), "cat_GBps": cat_bps / 1e9, "stream_s": st["seconds"],
-                     "stream_bytes": st["bytes"], "stream_GBps": st_bps / 1e9, "ratio": st_bps / cat_bps}
+        st, cat = min(streams, key=lambda r: r["seconds"]), min(cats)
+        cat_bps, st_bps = total / cat[0], st["bytes"] / st["seconds"]
+        res[mode] = {"cat_s": cat[0], "cat_GBps": cat_bps / 1e9, "stream_s": st["seconds"],
+                     "stream_bytes": st["bytes"], "stream_GBps": st_bps / 1e9, "ratio": st_bps / cat_bps,
+                     "cat_cpu_s_per_GB": min(c for _, c in cats) / (total / 1e9),
+                     "stream_cpu_s_per_GB": min(r["cpu_s"] for r in streams) / (st["bytes"] / 1e9),
+                     "digests": sorted({r["digest"] for r in streams})}
         res["rss"] = {"base_MB": st["rss_base"] / 2**20, "peak_MB": st["rss_peak"] / 2**20,
                       "increment_MB": (st["rss_peak"] - st["rss_base"]) / 2**20,
-                      "largest_read_MB": st["largest_read"] / 2**20, "largest_tensor_MB": largest / 2**20,
+                      "largest_job_MB": st["largest_job"] / 2**20, "largest_tensor_MB": largest / 2**20,
                       "increment_over_largest": (st["rss_peak"] - st["rss_base"]) / largest,
                       "peak_over_largest": st["rss_peak"] / largest}
     return res
@@ -162,6 +176,7 @@ def main() -> None:
         generate(Path(folder), layout, args.dtype, args.layers)
         return
     layouts = ["hub", "fused"] if args.layout == "both" else [args.layout]
+    digests = {}
     with tempfile.TemporaryDirectory(prefix="hetmoe-bench-") as tmp:
         for layout in layouts:
             folder = Path(tmp) / layout
@@ -179,14 +194,19 @@ def main() -> None:
                 m = r[mode]
                 print(f"  {mode}: cat {m['cat_GBps']:.2f} GB/s ({m['cat_s']:.2f} s), stream {m['stream_GBps']:.2f} "
                       f"GB/s ({m['stream_bytes'] / 1e9:.2f} GB in {m['stream_s']:.2f} s) -> ratio {m['ratio']:.2f} "
-                      f"(goal >= 0.8)")
+                      f"(goal >= 0.8: {'met' if m['ratio'] >= 0.8 else 'NOT met'}); CPU s/GB: cat "
+                      f"{m['cat_cpu_s_per_GB']:.3f}, stream {m['stream_cpu_s_per_GB']:.3f}")
             q = r["rss"]
-            print(f"  RSS: after imports {q['base_MB']:.0f} MB, peak {q['peak_MB']:.0f} MB, increment "
-                  f"{q['increment_MB']:.0f} MB; largest tensor {q['largest_tensor_MB']:.0f} MB (largest read "
-                  f"{q['largest_read_MB']:.0f} MB) -> increment/largest {q['increment_over_largest']:.2f} "
-                  f"(goal <= 2), peak/largest {q['peak_over_largest']:.2f}")
+            print(f"  RSS: peak {q['peak_MB']:.0f} MB = {q['peak_over_largest']:.2f} x largest tensor "
+                  f"({q['largest_tensor_MB']:.0f} MB) (goal <= 2: {'met' if q['peak_over_largest'] <= 2 else 'NOT met'}"
+                  f"); after imports {q['base_MB']:.0f} MB, increment {q['increment_MB']:.0f} MB = "
+                  f"{q['increment_over_largest']:.2f} x largest tensor; largest job mapped {q['largest_job_MB']:.0f} MB")
+            digests[layout] = {d for m in ("cold", "warm") for d in r[m]["digests"]}
             print("  json:", json.dumps({"layout": layout, "dtype": args.dtype, **r}))
             shutil.rmtree(folder)
+    same = len(set().union(*digests.values())) == 1
+    print(f"same numbers (digest of every norm) across runs{' and layouts' if len(digests) > 1 else ''}: "
+          f"{'yes' if same else 'NO'} ({', '.join(sorted(set().union(*digests.values())))})")
 
 
 if __name__ == "__main__":

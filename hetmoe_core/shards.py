@@ -228,7 +228,7 @@ def _collect(per_layer: dict, t: _Tensor, res, parts: list, last: bool, done: in
 
 @torch.no_grad()
 def stream_scores(folder: str | Path, *, transposed: bool | None = None, interleaved: bool | None = None,
-                  gated: bool | None = None, chunk_bytes: int = 16 << 20,
+                  gated: bool | None = None, chunk_bytes: int = 32 << 20,
                   progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> ExpertScores:
     """MaxNNScore and Router Norm straight from a folder of safetensors shards, without building the model.
 
