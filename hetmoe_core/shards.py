@@ -179,8 +179,20 @@ class _Files:
         while hasattr(os, "posix_fadvise") and self.next < len(self.jobs) and \
                 self.cum[self.next] - self.cum[i] < self.window:
             j = self.jobs[self.next]
-            os.posix_fadvise(self.fd(j.file), j.start, j.nbytes, os.POSIX_FADV_WILLNEED)
+            if not self._cached(self.fd(j.file), j):   # WILLNEED on cached pages still walks them: ~1 ms / 32 MiB
+                os.posix_fadvise(self.fd(j.file), j.start, j.nbytes, os.POSIX_FADV_WILLNEED)
             self.next += 1
+
+    _probe = bytearray(1)
+
+    def _cached(self, fd: int, j: _Job) -> bool:
+        """Whether the job's first and last bytes are in the page cache (preadv with RWF_NOWAIT fails otherwise)."""
+        if not hasattr(os, "RWF_NOWAIT") or j.nbytes == 0:
+            return False
+        try:
+            return all(os.preadv(fd, [self._probe], at, os.RWF_NOWAIT) == 1 for at in (j.start, j.start + j.nbytes - 1))
+        except OSError:            # BlockingIOError: not cached; EOPNOTSUPP: filesystem without RWF_NOWAIT
+            return False
 
     def close(self) -> None:
         for fd in self.fds.values():
