@@ -93,7 +93,9 @@ class ExpertScores:
 
 # ---------------------------------------------------------------- norms from fused / per-expert tensors
 
-_BLOCK = 1 << 18   # float32 elements per block (1 MiB): upcast copy and accumulator stay in L2 cache together
+# float32 elements per block: rows of 2 MiB (upcast copy alone in L2 cache); for column sums 1 MiB (copy and
+# accumulator together in L2). Big enough that Python's share of a block (two torch calls holding the GIL) stays ~5%
+_ROWS_BLOCK, _COLS_BLOCK = 1 << 19, 1 << 18
 
 
 class _Scratch:
@@ -109,42 +111,42 @@ class _Scratch:
         return self.bufs[which][:n].view(shape)
 
 
-def _f32(blk: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-    """``blk`` as float32: itself, or upcast into the scratch buffer (bf16/fp16 -> fp32 is exact)."""
-    return blk if blk.dtype == torch.float32 else scratch(blk.shape).copy_(blk)
-
-
 def _norms(w: torch.Tensor, dim: int, scratch: _Scratch | None = None) -> torch.Tensor:
     """float32 L2 norms of ``w`` along ``dim`` (any rank, any float dtype), accumulated in float32.
 
-    bf16/fp16 are upcast block by block (~``_BLOCK`` elements) into a reused float32 buffer that stays in L2
-    cache, so no float32 copy of the tensor is ever made and each element is read from memory once. Last dim:
-    blocks of whole rows, torch.linalg.vector_norm per row (one fused pass). Another dim: each matrix [R, C]
-    behind the leading dims (R reduced) is walked in blocks of ``s`` rows, the squares added into a float32
-    accumulator [s, C] (addcmul_, one fused pass; a reduction over a strided dim is ~5x slower on CPU), whose
-    rows are summed at the end. The arithmetic of every norm depends only on its own row/matrix shape, so a
-    tensor reduced whole (in memory) or sliced by expert (streaming) gives the same bits. Single-threaded in
-    effect: streaming reduces several tensors at once for parallelism. Relative error vs float64 ~3e-7.
+    bf16/fp16 are upcast block by block into a reused float32 buffer that stays in L2 cache (exact), so no
+    float32 copy of the tensor is ever made and each element is read from memory once. Last dim: blocks of whole
+    rows, torch.linalg.vector_norm per row (one fused pass). Another dim: each matrix [R, C] behind the leading
+    dims (R reduced) is walked in blocks of ``s`` rows whose squares are added into a float32 accumulator [s, C]
+    (addcmul_, one fused pass; a reduction over a strided dim is ~5x slower on CPU), summed over its rows at the
+    end. The arithmetic of every norm depends only on its own row/matrix shape, so a tensor reduced whole (in
+    memory) or sliced by expert (streaming) gives the same bits. Single-threaded in effect: streaming reduces
+    several tensors at once for parallelism. Relative error vs float64 ~3e-7.
     """
     dim = dim % w.dim()
     scratch = scratch or _Scratch()
+    upcast = w.dtype != torch.float32
     if dim == w.dim() - 1:
         flat = w.reshape(-1, w.shape[-1])
         out = torch.empty(flat.shape[0])
-        step = max(1, _BLOCK // max(1, flat.shape[1]))
-        for r in range(0, flat.shape[0], step):
-            torch.linalg.vector_norm(_f32(flat[r:r + step], scratch), dim=1, out=out[r:r + step])
+        step = max(1, _ROWS_BLOCK // max(1, flat.shape[1]))
+        buf = scratch((min(step, flat.shape[0]), flat.shape[1])) if upcast else None
+        for blk, o in zip(flat.split(step), out.split(step)):
+            x = (buf if blk.shape[0] == buf.shape[0] else buf[:blk.shape[0]]).copy_(blk) if upcast else blk
+            torch.linalg.vector_norm(x, dim=1, out=o)
         return out.view(w.shape[:-1])
     m = w.reshape(math.prod(w.shape[:dim]), w.shape[dim], math.prod(w.shape[dim + 1:]))
     out = torch.empty(m.shape[0], m.shape[2])
-    step = max(1, min(m.shape[1], _BLOCK // max(1, m.shape[2])))
+    step = max(1, min(m.shape[1], _COLS_BLOCK // max(1, m.shape[2])))
     acc = scratch((step, m.shape[2]), 1)
-    for i in range(m.shape[0]):
+    buf = scratch((step, m.shape[2])) if upcast else None
+    for mat, o in zip(m.unbind(0), out.unbind(0)):
         acc.zero_()
-        for r in range(0, m.shape[1], step):
-            x = _f32(m[i, r:r + step], scratch)
-            acc[:x.shape[0]].addcmul_(x, x)
-        torch.sum(acc, 0, out=out[i])
+        for blk in mat.split(step):
+            n = blk.shape[0]
+            x = (buf if n == step else buf[:n]).copy_(blk) if upcast else blk
+            (acc[:n] if n != step else acc).addcmul_(x, x)
+        torch.sum(acc, 0, out=o)
     return out.view(w.shape[:dim] + w.shape[dim + 1:]).sqrt_()
 
 
