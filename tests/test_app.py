@@ -4,17 +4,9 @@ import time
 import zipfile
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-
-
-@pytest.fixture
-def store_env(tmp_path, monkeypatch):
-    path = tmp_path / "results.duckdb"
-    monkeypatch.setenv("HETMOE_STORE", str(path))
-    return path
 
 
 def app(query=None) -> AppTest:
