@@ -244,13 +244,14 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
                   progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> ExpertScores:
     """MaxNNScore and Router Norm straight from a folder of safetensors shards, without building the model.
 
-    Only expert and router tensors are touched, in file order: each job (one tensor, or a slice of ~``chunk_bytes``
-    of experts of a fused tensor) maps its bytes zero-copy (mmap, no read into a buffer, no float32 copy) and
-    reduces them on one of ``threads`` workers (default: the usable CPUs, at most 8) into [I] norm vectors,
-    upcasting bf16/fp16 in L2-cache-sized blocks and accumulating in float32; the kernel reads the next 128 MiB
-    ahead (posix_fadvise), so a cold read keeps the disk busy. Memory above the interpreter's stays about
-    ``threads`` x (largest job + 1 MiB), whatever the checkpoint size. Workers run torch single-threaded (they
-    are the parallelism; the process's torch thread count is restored after). The result does not depend on
+    Only expert and router tensors are touched, in file order: each job (neighbouring tensors, or a slice of experts
+    of a fused tensor, ~``chunk_bytes`` in all) maps its bytes zero-copy (mmap: no read into a buffer, no float32
+    copy) and reduces them on one of ``threads`` workers (default: the usable CPUs, at most 8) into [I] norm
+    vectors, upcasting bf16/fp16 in L2-cache-sized blocks and accumulating in float32; the kernel reads the next
+    128 MiB ahead (posix_fadvise WILLNEED, skipped for pages already cached), so a cold read keeps the disk busy.
+    Memory above the interpreter's stays about ``threads`` x (largest job + 2 MiB), whatever the checkpoint size.
+    Workers run torch single-threaded (they are the parallelism); the torch thread count that threads started
+    meanwhile inherit, and MKL's, read 1 during the call and are restored after. The result does not depend on
     ``threads`` or ``chunk_bytes`` (same bits), and equals :func:`expert_scores` on the built model bit for bit
     when the model holds the same dtype. Key layouts understood:
     fused ``...layers.L.mlp.experts.gate_up_proj`` / ``down_proj`` (transformers 5; GPT-OSS transposed and
