@@ -95,10 +95,7 @@ class _FastExperts:
 
     def _dac(self, xt, rows, dtype):
         """DAC codes of one input tile's rows (x's dtype) and their ranges ``a [S, 1]`` float32 (per-token abs-max)."""
-        # abs-max as max(-min, max): two fast reductions, no |x| copy; in x's own dtype (a max is
-        # exact in any float format), only the [S, 1] result in float32
-        a = torch.maximum(xt.amax(-1, keepdim=True), xt.amin(-1, keepdim=True).neg_()).float().clamp_(
-            min=torch.finfo(torch.float32).tiny)
+        a = _row_absmax(xt).float().clamp_(min=torch.finfo(torch.float32).tiny)
         d = (a * self.step_in).to(xt.dtype)   # [S, 1] range of one DAC step
         # x is this forward's own gathered copy: its rows are coded in place (fresh large CPU
         # tensors cost page faults); digital rows keep their values
@@ -181,6 +178,17 @@ class _FastExperts:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
         return y[inv].view(N, K, H).sum(1).to(hidden_states.dtype)
+
+
+def _row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-row abs-max ``[S, I]`` -> ``[S, 1]`` in x's dtype, exact (a max is exact in any float format).
+
+    float32: max(max, -min), two vectorised reductions and no |x| copy. 2-byte floats: the max of the bit
+    patterns with the sign bit cleared (an IEEE float's magnitude orders as those bits), as CPU reductions of
+    bfloat16 / float16 are not vectorised (measured 8x faster than amax + amin)."""
+    if x.element_size() == 2:
+        return (x.view(torch.int16) & 0x7FFF).amax(-1, keepdim=True).view(x.dtype)
+    return torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
 
 
 class _Rows:
