@@ -96,10 +96,12 @@ class _FastExperts:
     def _dac(self, xt, rows, dtype):
         """DAC codes of one input tile's rows (x's dtype) and their ranges ``a [S, 1]`` float32 (per-token abs-max)."""
         a = _row_absmax(xt).float().clamp_(min=torch.finfo(torch.float32).tiny)
-        d = (a * self.step_in).to(xt.dtype)   # [S, 1] range of one DAC step
+        d = a * self.step_in   # [S, 1] range of one DAC step
         # x is this forward's own gathered copy: its rows are coded in place (fresh large CPU
         # tensors cost page faults); digital rows keep their values
-        if rows.analog is None:
+        if xt.dtype != torch.float32:
+            xin = _codes_in_blocks(xt, d, rows.analog)
+        elif rows.analog is None:
             xin = xt.div_(d).round_()
         else:
             xin = torch.where(rows.analog, torch.div(xt, d).round_(), xt)
@@ -178,6 +180,24 @@ class _FastExperts:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
         return y[inv].view(N, K, H).sum(1).to(hidden_states.dtype)
+
+
+_BLOCK_ELEMS = 1 << 20   # float32 work space of the low-precision DAC: 4 MiB, whatever the batch
+
+
+def _codes_in_blocks(x: torch.Tensor, d: torch.Tensor, analog: torch.Tensor | None) -> torch.Tensor:
+    """DAC codes round(x / d) of a bfloat16 / float16 ``x [S, I]``, written into x (``d [S, 1]`` float32).
+
+    The quotient is formed in float32, a block of rows at a time: bf16's 8-bit mantissa holds a code of 8-bit
+    DAC (up to 127) but not the quotient to half a step, so rounding a bf16 quotient would shift ~10% of the
+    codes by one (measured); blocks bound the float32 work space to ``_BLOCK_ELEMS`` (no float32 copy of the
+    whole tensor). ``analog [S, 1]``: rows to code (None: all); other rows keep their values."""
+    step = max(1, _BLOCK_ELEMS // max(1, x.shape[-1]))
+    for r0 in range(0, x.shape[0], step):
+        xb = x[r0:r0 + step]
+        q = xb.float().div_(d[r0:r0 + step]).round_()
+        xb.copy_(q if analog is None else torch.where(analog[r0:r0 + step], q, xb.float()))
+    return x
 
 
 def _row_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -273,14 +273,16 @@ def test_calibrated_adc_bounds_used_by_both_backends(equiv_setup):
 
 
 @torch.no_grad()
-def test_bfloat16_fast_path_matches_float32_within_bf16_rounding(equiv_setup):
-    """The bf16 experts forward computes DAC/ADC in bf16 (no float32 copy of a whole [S, O] tensor) and gives
-    the float32 path's outputs on the same bf16-representable weights up to bf16 rounding. Converter codes of
-    magnitude >= 32 round twice in bf16 (its 8-bit mantissa), so they can differ by one step from float32's:
-    measured 0.36x the analog noise itself (programming noise c=1.5 + 8-bit DAC/ADC); a lost scale, tile or
-    expert would be of the noise's order or larger."""
+def test_bfloat16_fast_path_matches_float32_within_bf16_rounding(equiv_setup, monkeypatch):
+    """The bf16 experts forward keeps whole tensors in bf16 (float32 only for [S, 1] factors and the DAC's
+    bounded block of rows) and gives the float32 path's outputs on the same bf16-representable weights up to
+    bf16 rounding. The ADC reads the bf16 matmul output, so ADC codes of magnitude >= 32 can differ by one step
+    from float32's: measured 0.33x the analog noise itself (programming noise c=1.5 + 8-bit DAC/ADC); a lost
+    scale, tile or expert would be of the noise's order or larger."""
     import copy
     from torch.utils._python_dispatch import TorchDispatchMode
+    from hetmoe_core import fast_backend
+    monkeypatch.setattr(fast_backend, "_BLOCK_ELEMS", 1024)   # DAC float32 work space: 1024 values at a time
     model, a, inputs, _ = equiv_setup
     m32 = copy.deepcopy(model)
     for p in m32.parameters():
@@ -316,4 +318,4 @@ def test_bfloat16_fast_path_matches_float32_within_bf16_rounding(equiv_setup):
             noise = ((y32[i] - clean[i]).norm() / clean[i].norm()).item()
             err = ((y16[i].float() - y32[i]).norm() / y32[i].norm()).item()
             assert noise > 0.02 and err < 0.5 * noise, (i, err, noise)
-        assert sizes.largest <= S, sizes.largest                # float32 only for [S, 1] factors
+        assert sizes.largest <= max(S, 1024), sizes.largest     # float32: [S, 1] factors, one DAC block
