@@ -68,9 +68,11 @@ class _FastExperts:
         rows: a plain matmul. ``rows``: the forward's ``_Rows`` (which rows are analog, of which expert).
         Every step is one whole-tensor operation (no loop over experts): on a shared CPU each
         parallel op costs a thread hand-over, and a loop over 16 experts' rows multiplied them.
-        float32: every element gets the same operations as in a per-expert loop (bit for bit);
-        other dtypes compute in the model's dtype (as aihwkit's tiles do for such a model), with
-        only ``[S, 1]`` / ``[E, O]`` factors in float32 before their cast.
+        float32: every element gets the same operations as in a per-expert loop (bit for bit).
+        bfloat16 / float16: whole tensors stay in the model's dtype; DAC codes come from a float32
+        quotient a bounded block of rows at a time (``_codes_in_blocks``); the ADC rounds the matmul
+        output, which is in the model's dtype (CPU grouped_mm has no float32 output), so ADC codes of
+        magnitude >= 32 can differ by one step from float32's (bf16 holds 8 significant bits).
         Returns (y, row_scale): with ``defer_row_scale`` (all rows analog, one input tile) the
         per-row factor is left to the caller (folded into the routing weights), else None.
         """
