@@ -11,7 +11,7 @@ measured on its own; the programming-noise step alone is also timed against aihw
 indexing, is shown apart). At --limit 1 the default model's one forward takes ~0.05 s while programming its 6.3M
 analog weights draws ~25M Gaussian numbers from torch's (serial) CPU generator, ~0.1 s alone: the goal needs
 larger limits there. OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set), as in
-scripts/example_results.py: busy-waiting threads made programming 5-15x slower on the shared CPU.
+scripts/example_results.py: busy-waiting threads made programming 5-10x slower on the shared CPU.
 """
 import argparse
 import os
