@@ -121,10 +121,24 @@ def higher_is_better(metric: str) -> bool | None:
     return is_higher_better(metric.split("[", 1)[0])
 
 
+def _env_info_once() -> None:
+    """Compute torch's environment report once per process.
+
+    ``lm_eval.simple_evaluate`` adds ``torch.utils.collect_env.get_pretty_env_info()`` to every result it
+    returns; that report runs pip, conda, nvidia-smi, ... as subprocesses (1.2 s on this machine, more than a
+    task at ``--limit 1``) and cannot change while the process runs. hetmoe stores its own library versions
+    and never reads the report, so the first one is kept for the rest of the process."""
+    import functools
+    import torch.utils.collect_env as ce
+    if not hasattr(ce.get_pretty_env_info, "cache_info"):
+        ce.get_pretty_env_info = functools.cache(ce.get_pretty_env_info)
+
+
 def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:
     """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr, higher_is_better}]
     (the direction as the task's results declare it, ``results["higher_is_better"][task]``)."""
     import lm_eval
+    _env_info_once()
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
     try:
