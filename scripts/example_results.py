@@ -98,7 +98,9 @@ def export(a, store) -> dict:
     keys = None
     if a.strategies != "all":
         filters["strategy"] = strategies(a.strategies) + ["ideal"]
-    m = export_snapshot(store, a.out, keys=keys, filters=filters)
+    out = Path(a.out).resolve()
+    m = export_snapshot(store, out, keys=keys, filters=filters,   # the shipped snapshot is this script's own output
+                        overwrite=a.force or out == SNAPSHOT.resolve())
     log(f"snapshot {a.out}: {Path(a.out).stat().st_size / 1e3:.0f} KB, "
         + ", ".join(f"{t} {v['rows']} rows" for t, v in m["tables"].items()))
     return m
@@ -233,6 +235,8 @@ def main() -> int:
     ap.add_argument("--only-seeds", default="", help="e.g. 4,3: this worker's seeds, in this order (a second "
                     "worker on the same store shares the work; the store's locks keep both safe)")
     ap.add_argument("--export-only", action="store_true", help="only write the snapshot of what is stored")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file (the shipped snapshot, "
+                    "the default --out, is always rewritten: the script owns it)")
     ap.add_argument("--no-validate", action="store_true")
     ap.add_argument("--validate-tokens", type=int, default=VALIDATE_TOKENS, help="calibration tokens of each "
                     "validation (16384 = the oracle strategy's own measurement, which it then reuses)")
