@@ -437,7 +437,7 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
         raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
     if executor is not None and not isinstance(source_or_lm, str):
         raise ValueError("validate on Ray needs the model's source (a name, folder or hub id), not a loaded model")
-    texts, where = _texts(texts)
+    texts, where = _texts(texts, source_or_lm if isinstance(source_or_lm, str) else source_or_lm.source)
     if isinstance(source_or_lm, str):
         from .models import source_fingerprint
         fp = source_fingerprint(source_or_lm)
@@ -504,6 +504,6 @@ def measured_scores(lm, strategy: str, noise, *, store=None, texts=None, seeds=O
                         cancel=cancel).only_this()
     if strategy == "local_error":
         from .criteria import LOCAL_ERROR_TOKENS, local_error_scores
-        ids = calibration_tokens(lm.tokenizer, _texts(texts)[0], LOCAL_ERROR_TOKENS)
+        ids = calibration_tokens(lm.tokenizer, _texts(texts, lm.source)[0], LOCAL_ERROR_TOKENS)
         return local_error_scores(lm, noise, ids)
     raise ValueError(f"strategy {strategy!r} is not measured; measured strategies are oracle, local_error")

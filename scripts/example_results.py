@@ -90,7 +90,9 @@ def run_validations(a, store) -> None:
 
 def export(a, store) -> dict:
     from hetmoe_core.evaluate import task_aliases
+    from hetmoe_core.examples import sync_validations
     from hetmoe_core.snapshot import export_snapshot
+    sync_validations(store)   # every measured sensitivity travels with its store key (load_examples restores it)
     filters = {"model_source": ["default"], "preset": list(PRESETS) + ["ideal"], "task": task_aliases()["ppl"],
                "limit": [float(a.limit)], "seed": list(range(a.seeds)), "batch_size": [BATCH]}
     keys = None
@@ -188,7 +190,8 @@ def card_section(a, store) -> str:
                              for b in budgets if (x.budget == b).any()]
                 out.append(f"- {what}: " + "; ".join(parts))
             out.append("")
-    vals = stored_validations(store)
+    vals = {n: v for n, v in stored_validations(store).items()   # the script's own request only
+            if v["tokens"] == a.validate_tokens and n_seeds(v["seeds"]) == a.seeds}
     if vals:
         out.append("Measured sensitivity (`validate`, only-this damage of each of the 64 experts on "
                    "calibration text): pooled rank correlation of each criterion with the measured damage, "

@@ -4,17 +4,9 @@ import time
 import zipfile
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-
-
-@pytest.fixture
-def store_env(tmp_path, monkeypatch):
-    path = tmp_path / "results.duckdb"
-    monkeypatch.setenv("HETMOE_STORE", str(path))
-    return path
 
 
 def app(query=None) -> AppTest:
@@ -158,7 +150,7 @@ def test_share_imports_a_valid_snapshot_and_rejects_garbage(store_env, tmp_path,
     export_snapshot(src, tmp_path / "snap.zip")
     at = page(app(), "share")
     at.file_uploader(key="share_upload").set_value(("bad.zip", b"not a zip", "application/zip")).run()
-    assert not at.exception and "not a valid hetmoe snapshot" in at.error[0].value
+    assert not at.exception and at.error[0].value == "bad.zip is not a hetmoe snapshot (not a zip archive)"
     assert Store(store_env).counts()["runs"] == 0
     at.file_uploader(key="share_upload").set_value(
         ("snap.zip", (tmp_path / "snap.zip").read_bytes(), "application/zip")).run()
@@ -173,6 +165,7 @@ def test_share_imports_a_valid_snapshot_and_rejects_garbage(store_env, tmp_path,
         z.writestr("../evil.py", "print('x')")
     at.file_uploader(key="share_upload").set_value(("evil.zip", buf.getvalue(), "application/zip")).run()
     assert "not a valid hetmoe snapshot" in at.error[0].value and Store(store_env).counts()["runs"] == 1
+    assert "upload.zip" not in at.error[0].value   # no server temp path in a message
 
 
 def test_cancel_stops_a_running_sweep(store_env):

@@ -3,17 +3,9 @@
 import time
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-
-
-@pytest.fixture
-def store_env(tmp_path, monkeypatch):
-    path = tmp_path / "results.duckdb"
-    monkeypatch.setenv("HETMOE_STORE", str(path))
-    return path
 
 
 def open_page(name, model=None) -> AppTest:
