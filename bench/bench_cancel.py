@@ -1,6 +1,6 @@
 """How fast Cancel stops a running evaluation / validation (prints figures; never a test).
 
-    python bench/bench_cancel.py [--cancels 5] [--validate 3] [--browser 2] [--seed 0]
+    python bench/bench_cancel.py [--cancels 5] [--validate 3] [--browser 3 [--sweeps 2]] [--seed 0]
 
 Core: the dashboard's own background jobs (``ui.Job``, ``ui.ValidationJob``) on the default model, each on a fresh
 store; cancel() at a random moment (seeded) and the time until the job reports stopped (its thread ended, status
@@ -12,7 +12,9 @@ Overhead of the fine-grained checks: one forward of 32 x 256 tokens with and wit
 decoder layer (interleaved repetitions; median ratio, 1.00 = no cost).
 
 Browser (``--browser N``): ``streamlit run app.py`` and headless Chromium; Run, then Cancel at a random moment;
-times from the click to the toast, to the "Cancelled" message, and to Run being enabled again.
+times from the click to the toast, to the "Cancelled" message, and to Run being enabled again. Then the cost of the
+page's polling (every 0.5 s while a job runs; --sweeps, slow): whole sweeps run from the page vs. the same sweep as a job of this
+process without a page, alternating (the server is another process on the same cores).
 
 The goal: the page answers within 2 s of the click. Run it on a quiet machine (``/work/quiet.sh`` here).
 """
@@ -91,8 +93,9 @@ def core(n_eval: int, n_val: int, rng: random.Random) -> list[float]:
     return lat
 
 
-def overhead(reps: int = 7) -> float:
-    """Median time ratio of one 32 x 256-token forward with / without the per-layer cancel pre-hooks."""
+def overhead(reps: int = 15) -> tuple[float, float]:
+    """Time ratio of one 32 x 256-token forward with / without the per-layer cancel pre-hooks: (median, spread as
+    the half-width of the middle 50% of the per-pair ratios). Pairs alternate which one runs first."""
     import torch
     from hetmoe_core.evaluate import cancel_hooks
     from hetmoe_core.models import load_model
@@ -100,46 +103,53 @@ def overhead(reps: int = 7) -> float:
     ids = torch.randint(0, lm.model.config.vocab_size, (32, 256))
     ev = threading.Event()
 
-    def fwd():
-        t = time.perf_counter()
-        with torch.no_grad():
+    def fwd(hooked: bool) -> float:
+        with cancel_hooks(lm.model, lm.anatomy, ev.is_set if hooked else None), torch.no_grad():
+            t = time.perf_counter()
             lm.model(input_ids=ids, use_cache=False)
-        return time.perf_counter() - t
-    fwd()
+            return time.perf_counter() - t
+    fwd(False)
     ratios = []
-    for _ in range(reps):
-        a = fwd()
-        with cancel_hooks(lm.model, lm.anatomy, ev.is_set):
-            b = fwd()
+    for i in range(reps):
+        a, b = (fwd(False), fwd(True)) if i % 2 else (lambda b, a: (a, b))(fwd(True), fwd(False))
         ratios.append(b / a)
-    return statistics.median(ratios)
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), (q[2] - q[0]) / 2
 
 
-def browser(n: int, rng: random.Random) -> list[dict]:
-    """End-to-end in Chromium: seconds from the Cancel click to the toast, the Cancelled message, Run enabled."""
+def _fill(pg, budgets: str) -> None:
+    from test_browser import idle
+    pg.get_by_role("heading", level=1).filter(has_text="Noisy evaluation").wait_for(timeout=60000)
+    idle(pg)
+    for label, value in (("Limit (documents per task, 0 = all)", "4"), ("Seeds", "3"), ("Digital budgets (%)", budgets)):
+        box = pg.locator(f"input[aria-label='{label}']")
+        box.fill(value)
+        box.press("Enter")
+        idle(pg)
+
+
+def browser(n: int, rng: random.Random, sweeps: int) -> tuple[list[dict], list[tuple[float, float]]]:
+    """End-to-end in Chromium: seconds from the Cancel click to the toast, the Cancelled message, Run enabled;
+    then ``sweeps`` whole sweeps run through the page (polled every 0.5 s) and, alternating, the same sweep as
+    a job of this process with no page at all: (page s, no-page s) pairs."""
+    import re
     sys.path.insert(0, str(ROOT / "tests"))
     from playwright.sync_api import sync_playwright
-    from test_browser import ARGS, CHROMIUM, _new_page, _serve, idle
-    out = []
+    from test_browser import ARGS, CHROMIUM, _new_page, _serve
+    from hetmoe_core import ui
+    out, pairs = [], []
+    budgets = lambda i: ", ".join(f"{x + i}" for x in (0, 25, 50, 75))  # noqa: E731  (nothing from the store)
     with tempfile.TemporaryDirectory() as tmp, _serve(Path(tmp) / "s.duckdb", "bench_cancel") as base, \
             sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         for i in range(n):
             pg = _new_page(b)
             pg.goto(f"{base}/evaluate?model=default")
-            pg.get_by_role("heading", level=1).filter(has_text="Noisy evaluation").wait_for(timeout=60000)
-            idle(pg)
-            # budgets shifted per run, so that nothing is answered from the store
-            for label, value in (("Limit (documents per task, 0 = all)", "4"), ("Seeds", "3"),
-                                 ("Digital budgets (%)", ", ".join(f"{x + i}" for x in (0, 25, 50, 75)))):
-                box = pg.locator(f"input[aria-label='{label}']")
-                box.fill(value)
-                box.press("Enter")
-                idle(pg)
+            _fill(pg, budgets(i))
             pg.get_by_role("button", name="Run").click()
             cancel = pg.get_by_role("button", name="Cancel")
             cancel.wait_for(timeout=60000)
-            pg.wait_for_timeout(int(rng.uniform(1.0, 6.0) * 1000))
+            pg.wait_for_timeout(int(rng.uniform(1.0, 5.0) * 1000))
             t0 = time.time()
             cancel.click()
             pg.locator("[data-testid='stToast']").filter(has_text="Cancelling").wait_for(timeout=30000)
@@ -153,8 +163,24 @@ def browser(n: int, rng: random.Random) -> list[dict]:
             out.append({"toast": toast, "stopped": stopped, "enabled": enabled})
             print(f"browser #{i}: toast {toast:.2f} s · 'Cancelled' {stopped:.2f} s · Run enabled {enabled:.2f} s")
             pg.context.close()
+        handle = ui.MODELS.hold(("default", "cpu", "float32"), "bench")
+        for k in range(sweeps):
+            pg = _new_page(b)
+            pg.goto(f"{base}/evaluate?model=default")
+            _fill(pg, budgets(n + k))
+            pg.get_by_role("button", name="Run").click()
+            done = pg.get_by_text(re.compile(r"^Done: \d+ results in"))
+            done.wait_for(timeout=180000)
+            page_s = float(re.search(r"in ([0-9.]+) s", done.inner_text()).group(1))
+            pg.context.close()
+            job = ui.Job(handle, source="default", store=str(Path(tmp) / f"core{k}.duckdb"),
+                         **{**SWEEP, "budgets": [(x + n + k) / 100 for x in (0, 25, 50, 75)]})
+            job.thread.join()
+            pairs.append((page_s, job.elapsed))
+            print(f"sweep #{k}: {page_s:.1f} s with the page polling, {job.elapsed:.1f} s as a job without a page")
+        ui.MODELS.release("bench")
         b.close()
-    return out
+    return out, pairs
 
 
 def main():
@@ -162,6 +188,7 @@ def main():
     ap.add_argument("--cancels", type=int, default=5, help="evaluations started and cancelled")
     ap.add_argument("--validate", type=int, default=3, help="validations started and cancelled")
     ap.add_argument("--browser", type=int, default=0, help="cancels through Chromium (end to end)")
+    ap.add_argument("--sweeps", type=int, default=0, help="with --browser: whole sweeps with / without the page")
     ap.add_argument("--seed", type=int, default=0, help="seed of the cancel moments")
     a = ap.parse_args()
     rng = random.Random(a.seed)
@@ -169,12 +196,17 @@ def main():
     if lat:
         print(f"core: median {statistics.median(lat) * 1e3:.0f} ms, max {max(lat) * 1e3:.0f} ms from cancel() to "
               f"stopped over {len(lat)} cancels (goal: the page answers within {GOAL_S:g} s)")
-    print(f"cancel pre-hooks on every decoder layer: forward time x{overhead():.3f} (1.000 = no cost)")
+    ratio, spread = overhead()
+    print(f"cancel pre-hooks on every decoder layer, MoE block and LM head: forward time x{ratio:.3f} ± {spread:.3f} "
+          "(1.000 = no cost)")
     if a.browser:
-        rows = browser(a.browser, rng)
+        rows, pairs = browser(a.browser, rng, a.sweeps)
         for k in ("toast", "stopped", "enabled"):
-            print(f"browser {k}: median {statistics.median(r[k] for r in rows):.2f} s")
+            print(f"browser {k}: median {statistics.median(r[k] for r in rows):.2f} s, max {max(r[k] for r in rows):.2f} s")
         print(f"goal: 'Cancelled' shown and Run enabled within {GOAL_S:g} s of the click")
+        if pairs:
+            print(f"whole sweep with the page polling / without a page: x{statistics.median(p / q for p, q in pairs):.2f}"
+                  f" (median of {len(pairs)} alternating pairs; includes the page's own reruns)")
 
 
 if __name__ == "__main__":

@@ -411,7 +411,7 @@ class _BackgroundJob:
         return min(1.0, self.done / self.total) if self.total else 0.0
 
 
-def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note: str, poll_s: float = 0.25,
+def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note: str, poll_s: float = 0.5,
                  wait_s: float = 1.0) -> None:
     """The progress panel of the background job kept in ``st.session_state[key]`` (a ``_BackgroundJob``).
 
@@ -419,7 +419,9 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
     ``running_text(job)`` and a Cancel button (widget key ``cancel_key``) whose click sets the job's cancel event
     and shows the toast ``cancel_note`` at once. The job then stops within one layer's forward (the core's cancel
     checks); meanwhile the panel waits for its thread up to ``wait_s`` seconds per run instead of the next poll, so
-    the outcome shows as soon as it stops. Once the job has ended, ``ended(job)`` draws its outcome and the whole
+    the outcome shows as soon as it stops (so the answer to Cancel does not wait for a poll, and the poll can stay
+    slow enough to cost the computation nothing: every fragment run is a script run, which Streamlit ends with a
+    full garbage collection under the GIL). Once the job has ended, ``ended(job)`` draws its outcome and the whole
     page reruns once: buttons disabled during the run are enabled again and the polling stops."""
     ss = st.session_state
     job = ss.get(key)
