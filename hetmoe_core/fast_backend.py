@@ -330,6 +330,7 @@ class FastBackend(AnalogBackend):
             g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
             chunk = max(1, _CHUNK_ELEMS // (O * I))
             for c0 in range(0, len(ids), chunk):
+                self.check()
                 sub = ids[c0:c0 + chunk]
                 if nm is not None:
                     nz = noise if not (adc_bounds and noise.adc_bits and not state.recorder) else \

@@ -122,16 +122,26 @@ def higher_is_better(metric: str) -> bool | None:
 
 
 def _env_info_once() -> None:
-    """Compute torch's environment report once per process.
+    """Make lm-eval collect its environment report once per process, not after every task.
 
-    ``lm_eval.simple_evaluate`` adds ``torch.utils.collect_env.get_pretty_env_info()`` to every result it
-    returns; that report runs pip, conda, nvidia-smi, ... as subprocesses (1.2 s on this machine, more than a
-    task at ``--limit 1``) and cannot change while the process runs. hetmoe stores its own library versions
-    and never reads the report, so the first one is kept for the rest of the process."""
-    import functools
-    import torch.utils.collect_env as ce
-    if not hasattr(ce.get_pretty_env_info, "cache_info"):
-        ce.get_pretty_env_info = functools.cache(ce.get_pretty_env_info)
+    ``simple_evaluate`` ends every call with ``add_env_info``, which runs torch's ``collect_env`` (``pip list``,
+    ``lsb_release``, ... as subprocesses): about 1 s per task, measured, more than a small task's forwards, and
+    a stretch no Cancel can interrupt (``bench/bench_cancel.py`` found most slow cancels there). hetmoe never reads
+    that report (every result stores its own library versions), so later calls get a copy of the first one.
+    The official route without it, ``lm_eval.evaluator.evaluate``, would mean re-typing simple_evaluate's seeding
+    and few-shot set-up, which must stay lm-eval's own so that the numbers are lm-eval's."""
+    import copy
+    from lm_eval import evaluator
+    if getattr(evaluator.add_env_info, "hetmoe_once", False):
+        return
+    collect, first = evaluator.add_env_info, {}
+
+    def add_env_info(storage: dict) -> None:
+        if not first:
+            collect(first)
+        storage.update(copy.deepcopy(first))
+    add_env_info.hetmoe_once = True
+    evaluator.add_env_info = add_env_info
 
 
 def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:

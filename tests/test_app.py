@@ -178,10 +178,13 @@ def test_cancel_stops_a_running_sweep(store_env):
     assert any(m.value.startswith("**10 results**") for m in at.markdown)     # ideal + 3 budgets x 3 seeds
     at.button(key="ev_run").click().run()
     assert at.get("progress"), "one progress bar while the job runs"
+    assert at.button(key="ev_run").disabled, "Run is disabled while the job runs"
     at.button(key="ev_cancel").click().run()
+    assert any(t.value.startswith("Cancelling") for t in at.toast), "Cancel answers with a toast at once"
     job = _wait(at)
     assert job.status == "cancelled" and len(job.results) < 10
     assert any("Cancelled after" in w.value for w in at.warning)
+    assert not at.button(key="ev_run").disabled, "Run is enabled again once the job has stopped"
     assert Store(store_env).counts()["runs"] == len(job.results)   # what finished is stored, nothing else
 
 

@@ -63,6 +63,27 @@ def test_validate_measures_then_answers_from_the_store(store_env):
     assert "val_job" not in at2.session_state and len(at2.get("plotly_chart")) >= 5
 
 
+def test_validate_cancel_answers_and_enables_measure(store_env):
+    """Cancel during a measurement: a toast at once, the job stops (status cancelled, nothing stored), the page
+    says so and Measure is enabled again (it is disabled while the job runs)."""
+    from hetmoe_core.examples import stored_validations
+    from hetmoe_core.fingerprints import source_fingerprint
+    from hetmoe_core.store import Store
+    at = open_page("validate")
+    at.number_input(key="val_seeds").set_value(3)
+    at.selectbox(key="val_tokens").set_value(4096).run()
+    at.button(key="val_run").click().run()
+    job = at.session_state["val_job"]
+    assert job.running and at.button(key="val_run").disabled, "Measure is disabled while the job runs"
+    at.button(key="val_cancel").click().run()
+    assert any(t.value.startswith("Cancelling") for t in at.toast)
+    job = _wait(at, timeout=120)
+    assert job.status == "cancelled" and job.result is None
+    assert any(w.value.startswith("Cancelled") for w in at.warning) and not at.exception
+    assert not at.button(key="val_run").disabled, "Measure is enabled again once the job has stopped"
+    assert stored_validations(Store(store_env), source_fingerprint("default")) == {}
+
+
 def test_empty_store_offers_the_example_results(store_env):
     from hetmoe_core.examples import EXAMPLES
     from hetmoe_core.store import Store
