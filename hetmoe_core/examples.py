@@ -40,6 +40,9 @@ def put_validation(store, validation: dict) -> str:
     row = store.query("SELECT key, config FROM sensitivity WHERE model_fingerprint = ? AND result = ?",
                       [validation["model_fingerprint"], canonical_json(result)])
     kept = dict(result)
+    if c.get("source") and Path(str(c["source"])).is_absolute():   # a shipped text: no machine's path in a snapshot
+        from .routing import shipped_name
+        kept["calibration"] = {**c, "source": shipped_name(c["source"])}
     if len(row):
         kept.update(store_key=row.key.iloc[0], store_config=json.loads(row.config.iloc[0]))
     store.put_expert_stats(validation["model_fingerprint"], name, kept)
