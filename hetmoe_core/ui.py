@@ -445,10 +445,10 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
                 st.progress(j.fraction, text=running_text(j))
                 st.button("Cancel", key=cancel_key, on_click=cancel, args=(j,))
             return
-        ended(j)
-        if ss.get(f"_{key}_seen") is not j:      # the job just ended: rerun the whole page once
-            ss[f"_{key}_seen"] = j
+        if ss.get(f"_{key}_seen") is not j:      # the job just ended: rerun the whole page once, which draws
+            ss[f"_{key}_seen"] = j                # the outcome (drawn here too, it would show twice meanwhile)
             st.rerun(scope="app")
+        ended(j)
     panel()
 
 
