@@ -370,8 +370,8 @@ def damage_scatter(criterion, damage, damage_se, layers, criterion_name: str, lo
     fig.update_layout(title=f"Measured damage vs {criterion_name}{note}", xaxis_title=criterion_name,
                       yaxis_title="only-this damage (nats)", height=380, **_LAYOUT)
     if log:
-        fig.update_xaxes(type="log")
-        fig.update_yaxes(type="log")
+        fig.update_xaxes(**LOG_AXIS)
+        fig.update_yaxes(**LOG_AXIS)
     return fig
 
 

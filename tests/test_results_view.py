@@ -94,6 +94,8 @@ def test_layer_colours_distinct_and_log_ticks_full_numbers():
     fig = figures.score_scatter([np.ones(3)] * 12, [np.ones(3)] * 12, list(range(12)), "a", "b")
     assert len({t.marker.color for t in fig.data}) == 12
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.tickformat == "~g"
+    fig = figures.damage_scatter([np.array([0.5, 2.0])], [np.array([1e-3, 2e-3])], [np.array([1e-4, 1e-4])], [0], "c")
+    assert {fig.layout.xaxis.tickformat, fig.layout.yaxis.tickformat} == {"~g"}   # Validate: "0.4", not "4"
 
 
 def test_toy_at_zero_noise_draws_points_and_lesson_follows_numbers():
