@@ -153,9 +153,10 @@ _n = digital_count
 
 
 def budgets_from_percent(text: str) -> list[float]:
-    """Budgets typed in percent ("0, 12.5; 25") as fractions in [0, 1], in the order given.
+    """Budgets typed in percent ("0, 12.5; 25") as fractions in [0, 1], in the order given, each once.
 
-    Raises ValueError in percent terms (the field's unit): "'abc' is not a number", "150 % is outside 0-100 %"."""
+    Raises ValueError in percent terms (the field's unit): "'abc' is not a number", "150 % is outside 0-100 %",
+    and when no budget is given."""
     out = []
     for part in text.replace(";", ",").split(","):
         part = part.strip().rstrip("%").strip()
@@ -168,7 +169,10 @@ def budgets_from_percent(text: str) -> list[float]:
                 from None
         if not (math.isfinite(v) and 0.0 <= v <= 100.0):
             raise ValueError(f"{part} % is outside 0-100 %: a digital budget is a percentage of the routed experts")
-        out.append(v / 100.0)
+        if v / 100.0 not in out:
+            out.append(v / 100.0)
+    if not out:
+        raise ValueError("no budget given: type one or more percentages between 0 and 100, e.g. 0, 12.5, 25")
     return out
 
 

@@ -27,6 +27,9 @@ def test_learn_page_uses_placement_rounding():
 
 def test_budgets_in_percent_with_errors_in_percent():
     assert budgets_from_percent("0, 12.5; 25 %") == [0.0, 0.125, 0.25]
+    assert budgets_from_percent("12.5, 12.5,25, 12.5%") == [0.125, 0.25]   # each budget once
+    with pytest.raises(ValueError, match="no budget given"):
+        budgets_from_percent(" , ")
     with pytest.raises(ValueError, match=r"150 % is outside 0-100 %"):
         budgets_from_percent("12.5, 150")
     with pytest.raises(ValueError, match="'abc' is not a number"):
