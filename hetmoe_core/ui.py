@@ -270,6 +270,14 @@ MODELS = ModelCache(_load, on_release=_after_release)
 evaluation holds it (see hetmoe_core.modelcache)."""
 
 
+def _count(n: int) -> str:
+    """A parameter count in words: 41.2 k, 8.41 M, 6.92 B."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g} {unit}"
+    return str(n)
+
+
 def get_model(show_errors: bool = True) -> ModelHandle | None:
     """The model chosen in the sidebar, held until this script run ends (loaded once per source/device/dtype).
 
@@ -283,7 +291,7 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
         a, slot = h.lm.anatomy, getattr(_RUN, "slot", None)
         if slot is not None:
             slot.caption(f"**{a.model_class}** · {len(a.moe_layers)} MoE layers · {a.moe_layers[0].num_experts} "
-                         f"experts · top-{a.moe_layers[0].top_k} · {a.total_params / 1e6:.1f} M params  \n"
+                         f"experts · top-{a.moe_layers[0].top_k} · {_count(a.total_params)} params  \n"
                          f"`{h.lm.fingerprint}`")
         return h
     except (ValueError, OSError) as e:
