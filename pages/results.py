@@ -44,7 +44,9 @@ names = {f: ", ".join(summary[summary.model_fingerprint == f].model_source.uniqu
 model = c1.selectbox("Model", models, index=models.index(cur) if cur in models else 0, key="res_model",
                      format_func=lambda f: f"{names[f]} ({f[:20]})")
 s = summary[summary.model_fingerprint == model]
-task = c2.selectbox("Task", sorted(s.task.unique()), key="res_task")
+tasks = sorted(s.task.unique())
+most = s.groupby("task").size().idxmax()   # first shown: the task with the most results, not the first by name
+task = c2.selectbox("Task", tasks, index=tasks.index(most), key="res_task")
 s = s[s.task == task]
 metrics = sorted(s.metric.unique())
 prefer = [m for m in ("acc", "acc_norm", "word_perplexity", "perplexity") if m in metrics]

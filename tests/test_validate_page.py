@@ -94,3 +94,19 @@ def test_empty_store_offers_the_example_results(store_env):
     assert Store(store_env).counts()["runs"] > 0
     charts = at.get("plotly_chart")
     assert len(charts) >= 2   # metric vs budget beside the recovered fraction
+
+
+def test_results_first_shows_the_task_with_the_most_results(store_env):
+    """One stray result of another task (a cancelled run at limit 1) must not hide the example curves."""
+    from hetmoe_core.examples import load_examples
+    from hetmoe_core.fingerprints import source_fingerprint
+    from hetmoe_core.store import Store
+    st = Store(store_env)
+    load_examples(st)
+    st.put_result("stray", {"model_source": "default", "model_fingerprint": source_fingerprint("default"),
+                            "strategy": "maxnn", "budget": 0.125, "preset": "paper-pcm-c1.5", "seed": 0,
+                            "task": "hetmoe_cloze", "limit": 1.0, "scope": "layer", "backend": "fast"},
+                  [{"task": "hetmoe_cloze", "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": 0}])
+    at = open_page("results")
+    assert at.selectbox(key="res_task").value.startswith("hetmoe_ppl_")
+    assert len(at.get("plotly_chart")) >= 2
