@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -369,6 +370,31 @@ def stats_for(handle: ModelHandle, show: bool = True):
 
 
 # ------------------------------------------------------------------------------------------- background jobs
+_JOBS: dict = {}
+"""Recent background jobs by (session-state key, job id): a reloaded page is a new session, and finds its job again
+through the id its URL carries (``page_job``)."""
+
+
+def page_job(key: str):
+    """The page's background job: this session's ``st.session_state[key]``, or, after a reload of the page (a new
+    session), the job whose id the URL names (``?<key>=<id>``), so a running job never drops out of view with
+    its Cancel button. Writes the current job's id into the URL. Returns the ``_BackgroundJob`` or None."""
+    ss = st.session_state
+    job = ss.get(key)
+    if job is None and st.query_params.get(key):
+        job = _JOBS.get((key, st.query_params[key]))
+        if job is not None:
+            ss[key] = job
+    if job is not None and st.query_params.get(key) != job.id:
+        _JOBS[(key, job.id)] = job
+        st.query_params[key] = job.id
+    now = time.time()
+    for k, j in list(_JOBS.items()):   # keep running jobs and those ended within the hour
+        if not j.running and now - (j.finished or now) > 3600:
+            del _JOBS[k]
+    return job
+
+
 class _BackgroundJob:
     """A thread doing one long piece of work for a page, with progress, cancel and a final status.
 
@@ -386,6 +412,7 @@ class _BackgroundJob:
         self.status, self.error = "running", None
         self.started = time.time()
         self.finished: float | None = None
+        self.id = secrets.token_hex(4)   # names the job in its page's URL (page_job)
         self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.thread.start()
 

@@ -112,7 +112,7 @@ except ValueError as e:
 st.markdown(f"**{len(specs)} results** in this sweep (ideal references included): "
             f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
 
-job = ss.get("eval_job")
+job = ui.page_job("eval_job")   # after a reload: the job the URL names
 
 
 def _start(source, kw):

@@ -45,7 +45,7 @@ preset = c1.selectbox("Noise preset", presets, key="val_preset")
 seeds = int(c2.number_input("Seeds", 1, 20, 5, key="val_seeds", help="noise seeds 0..N-1, the same for every expert"))
 tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, key="val_tokens",
                           help="calibration tokens the damage is measured on (the default model's validation text)"))
-job = ss.get("val_job")
+job = ui.page_job("val_job")   # after a reload: the job the URL names
 running = job is not None and job.running
 
 

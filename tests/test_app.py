@@ -276,3 +276,23 @@ def test_evaluate_noise_widgets_come_from_the_field_metadata(store_env):
     # an edit within the range changes the configuration; the field's own range check stays the judge
     at.number_input(key=f"nz_{preset}_tile_size").set_value(256).run()
     assert not at.exception and any("tile_size = 256" in c.value for c in at.caption)
+
+
+def test_a_reloaded_evaluate_page_finds_its_running_job_and_cancels_it(store_env):
+    """A reload is a new session: the URL's job id brings back the progress bar and Cancel of the running job."""
+    at = page(app(), "evaluate")
+    at.multiselect(key="ev_tasks").set_value([eval_task()])
+    at.number_input(key="ev_limit").set_value(4)
+    at.number_input(key="ev_seeds").set_value(3)
+    at.text_input(key="ev_budgets").set_value("0, 25, 50").run()
+    at.button(key="ev_run").click().run()
+    job = at.session_state["eval_job"]
+    assert job.id in str(at.query_params["eval_job"])        # the job's id is in the page's URL
+    again = page(app({"eval_job": job.id}), "evaluate")     # the reloaded tab: same URL, new session
+    assert again.session_state["eval_job"] is job and again.get("progress")
+    assert again.button(key="ev_run").disabled
+    again.button(key="ev_cancel").click().run()
+    job.thread.join(120)
+    assert job.status == "cancelled"
+    fresh = page(app(), "evaluate")                           # another browser without the id sees no job
+    assert "eval_job" not in fresh.session_state
