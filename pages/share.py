@@ -53,6 +53,19 @@ def _report(_source: str, signature: str) -> bytes:
         return (Path(d) / "report.html").read_bytes()
 
 
+def _report_wanted(col, signature: str, key: str) -> bool:
+    """True once the user asked for the HTML report of this content (a report of thousands of results takes tens of
+    seconds, so it is built on request, not whenever the page is drawn); stays True until the content changes."""
+    ss = st.session_state
+    if ss.get(key) == signature:
+        return True
+    if col.button("Build the HTML report", key=key + "_btn", help="Tables and figures of every result in one "
+                  "self-contained page; seconds to a minute for thousands of results."):
+        ss[key] = signature
+        return True
+    return False
+
+
 # bytes are made when the page is drawn (cached), not on click: a deferred download callable can be dropped by
 # Streamlit's media-file cleanup when another session of the server ends between the drawing and the click
 sig = store.signature()
@@ -61,9 +74,11 @@ if n:
     c1.download_button("Download snapshot (.zip)", _snapshot(str(store.path), sig, filters and h.lm.fingerprint),
                        "hetmoe_snapshot.zip", "application/zip", key="dl_snapshot",
                        help="Parquet tables + manifest; no code, no pickle.")
-    c2.download_button("Download HTML report", _report(str(store.path), f"{store.path}|{sig}"), "hetmoe_report.html", "text/html",
-                       key="dl_report",
-                       help="One self-contained page (plotly.js embedded): tables and figures of every stored result.")
+    if _report_wanted(c2, f"{store.path}|{sig}", "share_build_report"):
+        c2.download_button("Download HTML report", _report(str(store.path), f"{store.path}|{sig}"),
+                           "hetmoe_report.html", "text/html", key="dl_report",
+                           help="One self-contained page (plotly.js embedded): tables and figures of every stored "
+                                "result.")
 if n == 0:
     st.info("Nothing to export yet: run an evaluation first.")
 
@@ -100,7 +115,8 @@ if up is not None:
             except (SnapshotError, ValueError) as e:
                 st.error(f"Import failed, the store is unchanged: {str(e).replace(str(path), up.name)}")
         try:
-            c2.download_button("HTML report of this snapshot", _report(str(path), manifest_sig(manifest)),
-                               "hetmoe_snapshot_report.html", "text/html", key="dl_upload_report")
+            if _report_wanted(c2, manifest_sig(manifest), "share_build_upload_report"):
+                c2.download_button("HTML report of this snapshot", _report(str(path), manifest_sig(manifest)),
+                                   "hetmoe_snapshot_report.html", "text/html", key="dl_upload_report")
         except ValueError as e:
             c2.info(f"No report: {e}")

@@ -155,6 +155,9 @@ def test_share_imports_a_valid_snapshot_and_rejects_garbage(store_env, tmp_path,
     at.file_uploader(key="share_upload").set_value(
         ("snap.zip", (tmp_path / "snap.zip").read_bytes(), "application/zip")).run()
     assert not at.error and any("Valid snapshot" in s.value for s in at.success)
+    assert not at.get("download_button")                      # the HTML report is built on request only
+    at.button(key="share_build_upload_report_btn").click().run()
+    assert not at.exception and len(at.get("download_button")) == 1
     at.button(key="share_import").click().run()
     imported = [s.value for s in at.success if "Imported" in s.value]
     assert imported and imported[0].startswith("Imported 1 result and 1 metric value") and "{" not in imported[0]

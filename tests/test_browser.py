@@ -178,6 +178,8 @@ def test_dashboard_in_chromium(server, page):
     snap = ARTIFACTS / "snapshot.zip"
     d.value.save_as(snap)
     assert "manifest.json" in zipfile.ZipFile(snap).namelist()
+    pg.get_by_role("button", name="Build the HTML report").click()   # built on request: seconds for many results
+    pg.get_by_role("button", name="Download HTML report").wait_for(timeout=120000)
     with pg.expect_download() as d:
         pg.get_by_role("button", name="Download HTML report").click()
     report = ARTIFACTS / "report.html"
