@@ -300,9 +300,13 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
     ss = st.session_state
     if getattr(_RUN, "owner", None) is None:    # a run that did not go through frame() (a fragment)
         _begin_run()
+    key = (ss["source"], ss["device"], ss["dtype"])
     try:
-        with st.spinner(f"Loading {ss['source']} …"):
-            h = MODELS.hold((ss["source"], ss["device"], ss["dtype"]), _RUN.owner)
+        if key in MODELS:      # no spinner when loaded: st.spinner starts a timer thread, on every slider move
+            h = MODELS.hold(key, _RUN.owner)
+        else:
+            with st.spinner(f"Loading {ss['source']} …"):
+                h = MODELS.hold(key, _RUN.owner)
         a, slot = h.lm.anatomy, getattr(_RUN, "slot", None)
         if slot is not None:
             slot.caption(f"**{a.model_class}** · {len(a.moe_layers)} MoE layers · {a.moe_layers[0].num_experts} "

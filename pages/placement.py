@@ -1,7 +1,10 @@
 """Placement page: choose the digital budget, strategy, scope and dense modules; see which experts stay digital.
 
-Everything below the title is one fragment (ui.fragment): a control moved here reruns only the page's view, not
-app.py and the sidebar, and the limits expander computes its table and figure only while it is open."""
+The settings a budget move does not change (strategy, scope, dense modules, hardware constants) come first and run
+with the page; the budget slider and everything it changes are one fragment (ui.fragment), so a slider move reruns
+only that view, not app.py, the sidebar or the settings. The limits expander builds its table and figure only while
+it is open."""
+import pyarrow as pa
 import streamlit as st
 
 from hetmoe_core import energy, figures, ui
@@ -14,7 +17,7 @@ st.title("Digital placement")
 st.caption("The **digital budget** is the share of routed experts that run on digital hardware; the strategy ranks "
            "experts and the top ones get the digital slots. Every other routed expert runs on analog (AIMC) tiles.")
 ss = st.session_state
-ui.require_model()            # loads the model (or stops with the error) before the view's first run
+h = ui.require_model()        # loads the model (or stops with the error) before the view's first run
 label = figures.STRATEGY_LABELS.get
 
 
@@ -22,28 +25,37 @@ def needs_stats(strategy):
     return get_strategy(strategy).needs == "stats"      # the registry says what each strategy needs
 
 
+# the settings a slider move does not change: outside the view, drawn once per full run (a change reruns the page)
+c1, c2 = st.columns(2)
+c1.selectbox("Strategy", STRATEGIES, key="strategy", persist_state="session", format_func=label,
+             help="MaxNNScore (paper), Activation frequency / weight (from calibration text), Router norm, Random.")
+c2.radio("Scope", ["layer", "global"], key="scope", persist_state="session", horizontal=True,
+         help="layer: the budget applies within each MoE layer (paper); global: one ranking over all experts.")
+c1, c2 = st.columns(2)
+with c1.expander("Dense modules (digital when ticked — the paper keeps all of them digital)"):
+    cols = st.columns(3)
+    for i, k in enumerate(DENSE_KINDS):
+        c = cols[i % 3]
+        ss.setdefault(f"dense_{k}", True)
+        c.toggle(figures.KIND_LABELS[k], key=f"dense_{k}", persist_state="session",
+                 disabled=not h.lm.anatomy.modules.get(k),
+                 help=None if h.lm.anatomy.modules.get(k) else "this model has none")
+with c2:
+    hardware = ui.hardware_editor()
+
+
 @ui.fragment
-def view():
+def view(hw):
+    """The budget slider and everything it changes: a move reruns only this (not app.py, the sidebar, the settings
+    above); ``hw`` is the hardware of the last full run."""
     h = ui.require_model()
     a = h.lm.anatomy
     sc = ui.scores(h)
     layers = [m.layer for m in a.moe_layers]
-    c1, c2, c3 = st.columns([3, 2, 2])
-    c1.slider("Digital budget (% of routed experts)", 0.0, 100.0, step=0.5, key="budget_pct",
+    st.slider("Digital budget (% of routed experts)", 0.0, 100.0, step=0.5, key="budget_pct",
               persist_state="session", format="%.1f%%",
               help="Paper: 12.5% and 25%. Per-layer scope gives every MoE layer round(budget × E) digital experts.")
-    c2.selectbox("Strategy", STRATEGIES, key="strategy", persist_state="session", format_func=label,
-                 help="MaxNNScore (paper), Activation frequency / weight (from calibration text), Router norm, "
-                      "Random.")
-    c3.radio("Scope", ["layer", "global"], key="scope", persist_state="session", horizontal=True,
-             help="layer: the budget applies within each MoE layer (paper); global: one ranking over all experts.")
-    ui.sync_query_params()      # budget and strategy in the URL (this run may be the fragment's alone)
-    with st.expander("Dense modules (digital when ticked — the paper keeps all of them digital)"):
-        cols = st.columns(len(DENSE_KINDS))
-        for c, k in zip(cols, DENSE_KINDS):
-            ss.setdefault(f"dense_{k}", True)
-            c.toggle(figures.KIND_LABELS[k], key=f"dense_{k}", persist_state="session",
-                     disabled=not a.modules.get(k), help=None if a.modules.get(k) else "this model has none")
+    ui.sync_query_params()      # the budget in the URL (this run may be the fragment's alone)
     dense = DensePolicy(**{k: bool(ss[f"dense_{k}"]) for k in DENSE_KINDS})
 
     def placement_of(strategy, stats):
@@ -56,7 +68,17 @@ def view():
     p = placement_of(ss["strategy"], stats)
     share = digital_share(p, a)
 
-    m = st.columns(4)
+    # the heatmap is sent first, though drawn below the metrics and the energy block: it is what a move is watched for
+    metrics_box, cost_box, energy_row = st.container(), st.container(), st.container()
+    shown_strategy = ss["strategy"] if ss["strategy"] != "random" else "maxnn"     # random scores mean nothing
+    values = strategy_scores(shown_strategy, num_experts=list(p.num_experts), scores=sc, stats=stats)
+    vname = label(ss["strategy"]) if ss["strategy"] != "random" else "MaxNNScore"
+    extra = {"MaxNNScore": sc.get("maxnn")} if vname != "MaxNNScore" else None
+    st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname} — red squares: digital experts", vname,
+                                           digital=p.digital, extra=extra,
+                                           log=ss["strategy"] in ("maxnn", "router_norm", "random")),
+                    key="placement_heat")
+    m = metrics_box.columns(4)
     m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}", help=share["help"]["digital_share"])
     m[1].metric("Digital routed experts", f"{sum(share['per_layer_digital'])} / {sum(share['per_layer_experts'])}",
                 help=f"routed_digital_share {share['routed_digital_share']:.1%}: "
@@ -66,16 +88,13 @@ def view():
     m[3].metric("Per layer", " ".join(str(x) for x in share["per_layer_digital"]), help="digital experts per MoE layer")
 
     # ------------------------------------------------------------ what the placement costs (hetmoe_core.energy)
-    cost_box = st.container()
-    c1, c2 = st.columns([2, 3])
+    c1, c2 = energy_row.columns(2)
     batch = c1.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="energy_batch",
                              help="Paper: 32. At batch 1 the digital part is memory-bound: every weight fetched "
                                   "from HBM serves one token.")
-    measured = c1.toggle("Measured routing frequencies", key="energy_measured",
+    measured = c2.toggle("Measured routing frequencies", key="energy_measured",
                          help="Weight each expert by the share of calibration tokens routed to it (else uniform "
                               "top-k/E).")
-    with c2:
-        hw = ui.hardware_editor()
     e_stats = (stats or ui.stats_for(h)) if measured else None
     shapes = ui.shapes(h)
     refs = {"this placement": p, **{energy.REFERENCE_LABELS[k]: q
@@ -94,15 +113,6 @@ def view():
                     f"{hw.analog.tiles_per_chip}; {c.tile_utilization:.0%} of their cells hold weights.")
         e[3].metric("Digital weight memory", f"{c.digital_bytes / 1e6:,.1f} MB",
                     help=f"bf16 weights held by the digital accelerator(s): {c.accelerators} × {hw.digital.name}.")
-
-    shown_strategy = ss["strategy"] if ss["strategy"] != "random" else "maxnn"     # random scores mean nothing
-    values = strategy_scores(shown_strategy, num_experts=list(p.num_experts), scores=sc, stats=stats)
-    vname = label(ss["strategy"]) if ss["strategy"] != "random" else "MaxNNScore"
-    extra = {"MaxNNScore": sc.get("maxnn")} if vname != "MaxNNScore" else None
-    st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname} — red squares: digital experts", vname,
-                                           digital=p.digital, extra=extra,
-                                           log=ss["strategy"] in ("maxnn", "router_norm", "random")),
-                    key="placement_heat")
 
     left, right = st.columns([3, 2])
     with left:
@@ -123,9 +133,9 @@ def view():
                       help="Experts both strategies keep digital at this budget")
             st.caption(f"Jaccard overlap {o['jaccard']:.0%} (intersection / union of the two digital sets)."
                        if o["jaccard"] is not None else "No digital experts at this budget.")
-            st.dataframe({"MoE layer": [f"L{l}" for l in layers],
-                          label(ss["strategy"]): [", ".join(map(str, d)) for d in p.digital],
-                          label(sb): [", ".join(map(str, d)) for d in q.digital]}, hide_index=True)
+            st.dataframe(pa.table({"MoE layer": [f"L{l}" for l in layers],     # arrow: no pandas conversion
+                                   label(ss["strategy"]): [", ".join(map(str, d)) for d in p.digital],
+                                   label(sb): [", ".join(map(str, d)) for d in q.digital]}), hide_index=True)
 
     # ------------------------------------------------------------ the cost beside its limits, against batch size
     with st.expander("Compared with the limits, and against batch size", key="limits_open",
@@ -143,4 +153,4 @@ def view():
                        "`hetmoe_core/energy.py`.")
 
 
-view()
+view(hardware)
