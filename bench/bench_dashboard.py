@@ -188,7 +188,7 @@ def redraw(n_moves: int):
                 pg.wait_for_timeout(100)
                 pg.evaluate("() => { window.__t0 = 0; }")
                 pg.keyboard.press("Enter")
-                sens_ms.append(redraw_ms(pg, HIST_JS, i % 16))
+                sens_ms.append(redraw_ms(pg, HIST_JS, [i % 16]))
                 pg.wait_for_timeout(150)
             out["Sensitivity (expert choice)"] = (sens_ms, meter.per_move(n_moves))
             browser.close()
@@ -216,7 +216,7 @@ def main():
                   f"{statistics.median(t) / 300:.2f}), p90 {pct(t, 0.9):.0f} ms over {len(t)} moves")
             print(f"    per move: server CPU {c.pop('server'):.0f} ms, websocket {c.pop('ws_kb'):.1f} kB received, "
                   "Chromium CPU " + ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(c.items())) +
-                  " (CPU: load-independent)")
+                  " (CPU time: less load-dependent than wall time)")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

@@ -165,7 +165,7 @@ def main():
             t = moves([one], args.moves)
             cpu = (cpu_s(proc) - cpu0) / len(t) * 1e3
             print(f"1 session : click -> redraw median {statistics.median(t):.0f} ms, p90 {pct(t, 0.9):.0f} ms "
-                  f"over {len(t)} moves (goal < 300 ms); server CPU {cpu:.0f} ms per move (load-independent); "
+                  f"over {len(t)} moves (goal < 300 ms); server CPU {cpu:.0f} ms per move; "
                   f"RSS {rss_mib(proc):.0f} MiB")
             pages = [one] + [open_session(browser, base, m) for m in MODELS[1:]]
             print(f"3 sessions open: RSS {rss_mib(proc):.0f} MiB")
