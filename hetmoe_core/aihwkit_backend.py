@@ -94,6 +94,7 @@ class AihwkitBackend(AnalogBackend):
         ex = m.experts
         lins = {}
         for e in ids:
+            self.check()
             w_in = _w_in(m)[e]
             w_in = w_in.T if m.transposed else w_in                                    # [O, I]
             w_dn = m.experts.down_proj[e]
@@ -127,6 +128,7 @@ class AihwkitBackend(AnalogBackend):
         noise = self.noise
         if noise.weight_noise:
             for name, alin in self.analog_lins:
+                self.check()
                 with _seeded_global_rng(_derive_seed(self.seed, name), self.device):
                     alin.program_analog_weights()
                     if noise.drifts:

@@ -105,7 +105,7 @@ def _check_inputs(model, anatomy, placement, noise, seed, backend):
 
 @contextmanager
 def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, backend: str = "fast",
-           calibration=None, memory_limit: int | None = None):
+           calibration=None, memory_limit: int | None = None, check=None):
     """Run ``model`` with the placement's analog part on simulated AIMC tiles; restore on exit.
 
     Args:
@@ -119,6 +119,8 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
             calibration *text* of the routing statistics.)
         memory_limit: bytes the simulation may add (default: 90% of the available memory,
             psutil on CPU, ``torch.cuda.mem_get_info`` on GPU).
+        check: None, or a callable run between programmed pieces (each MoE layer, chunk of experts, dense unit);
+            whatever it raises (e.g. ``evaluate.Cancelled``) stops the programming, and the model is restored.
     Yields:
         ``CoverageReport`` (every module analog/digital; raises RuntimeError on a mismatch).
     Raises:
@@ -148,6 +150,7 @@ def analog(model: nn.Module, anatomy, placement, noise: NoiseConfig, seed: int, 
     rep.calibration_key = calibration.key if calibration is not None and not calibration.recording else ""
     with ExitStack() as stack:
         moe_dispatch.install(stack, anatomy)
-        rep.clean_copy_bytes = backend_class(backend)(model, anatomy, noise, seed, device, calibration).program(
-            stack, placement, dense_units)
+        be = backend_class(backend)(model, anatomy, noise, seed, device, calibration)
+        be.check = check or be.check
+        rep.clean_copy_bytes = be.program(stack, placement, dense_units)
         yield rep

@@ -33,6 +33,10 @@ class AnalogBackend:
     """
     name = ""
 
+    @staticmethod
+    def check() -> None:
+        """Called between programmed pieces; ``analog(check=...)`` replaces it (a raise stops, e.g. on cancel)."""
+
     def __init__(self, model, anatomy, noise, seed: int, device, adc_bounds=None):
         self.model, self.anatomy, self.noise, self.seed = model, anatomy, noise, seed
         self.device, self.adc_bounds = device, adc_bounds
@@ -43,8 +47,10 @@ class AnalogBackend:
         for m in self.anatomy.moe_layers:
             ids = list(placement.analog_experts(m.index))
             if ids:
+                self.check()
                 clean += self.experts(stack, m, ids)
         for uname, kind, unit in dense_units:
+            self.check()
             clean += self.dense(stack, uname, kind, unit)
         return clean + self.finish(stack)
 

@@ -469,6 +469,16 @@ def _print(out, as_json: bool):
         print(f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
 
 
+def _quiet_progress_bars() -> None:
+    """--json: no progress bars on stderr (transformers' "Loading weights", hub downloads). transformers reads
+    HF_HUB_DISABLE_PROGRESS_BARS when first imported (huggingface_hub.utils.are_progress_bars_disabled); an already
+    imported one is switched off directly."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     parser = _Parser(prog="python -m hetmoe_core", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -480,6 +490,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:   # a bad flag (one line already printed) or --help: an exit code, also in-process
         return e.code if isinstance(e.code, int) else 2
+    if args.json:
+        _quiet_progress_bars()
     try:
         out = COMMANDS[args.command][1](args)
     except (ValueError, FileNotFoundError) as e:

@@ -44,6 +44,32 @@ class Cancelled(Exception):
     """Raised inside a model forward when the caller's cancel event is set."""
 
 
+@contextlib.contextmanager
+def cancel_hooks(model, anatomy, cancelled: Callable[[], bool] | None):
+    """Within the block, every decoder layer, MoE experts block and the LM head check ``cancelled()`` before they
+    run and raise :class:`Cancelled` when it returns True, so a cancel stops a forward pass within one layer (a
+    check on the whole model waits for a full lm-eval batch). ``cancelled`` None: no hooks. The hooks are removed
+    on exit; a check costs one Python call per module (``bench/bench_cancel.py`` times the forward with and
+    without: no measurable cost)."""
+    if cancelled is None:
+        yield
+        return
+
+    def guard(_module, _args):
+        if cancelled():
+            raise Cancelled()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    modules = [model, *getattr(decoder, "layers", ()), *(m.experts for m in anatomy.moe_layers)]
+    if model.get_output_embeddings() is not None:
+        modules.append(model.get_output_embeddings())
+    hooks = [m.register_forward_pre_hook(guard) for m in dict.fromkeys(modules)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 # ---------------------------------------------------------------------------------------------- versions, keys
 
 _VERSIONS: dict | None = None
@@ -224,8 +250,9 @@ def _unit_placement(lm, store: Store, head: RunSpec, calib_text, measured: dict)
                  seed=head.seed, stats=stats, measured=measured.get((head.strategy, head.noise)))
 
 
-def _unit_model(lm, state: dict, head: RunSpec, placement):
-    """(lm-eval HFLM of the batch size, context that makes the model noisy for this unit)."""
+def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
+    """(lm-eval HFLM of the batch size, context that makes the model noisy for this unit; ``check()`` runs between
+    the programmed layers and may raise Cancelled)."""
     from .tasks import quiet_hflm
     bs = head.batch_size
     if bs not in state["hflm"]:
@@ -235,7 +262,7 @@ def _unit_model(lm, state: dict, head: RunSpec, placement):
     from .analog import analog
     from .noise import NoiseConfig
     return state["hflm"][bs], analog(lm.model, lm.anatomy, placement, NoiseConfig(**dict(head.noise)),
-                                     seed=head.seed, backend=head.backend)
+                                     seed=head.seed, backend=head.backend, check=check)
 
 
 def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text, memo: dict, measured: dict):
@@ -282,27 +309,31 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
             pending.append(spec)
     if not pending:
         return
-    hflm, ctx = _unit_model(lm, state, head, placement)
+    cancelled = cancel.is_set if cancel is not None else None
+    check = _raiser(cancelled)
+    check()
+    hflm, ctx = _unit_model(lm, state, head, placement, check)
+    with cancel_hooks(lm.model, lm.anatomy, cancelled), ctx:
+        for spec in pending:
+            check()
+            started, t0 = datetime.now(timezone.utc).replace(tzinfo=None), time.perf_counter()
+            try:
+                metrics = _run_task(hflm, spec.task, spec)
+            except (ValueError, Cancelled):
+                raise
+            except Exception as e:
+                store.put_failure(spec.key, spec.row(), f"{type(e).__name__}: {e}")
+                raise
+            memo[comp(spec)] = (spec.key, metrics)
+            yield save(spec, metrics, started, time.perf_counter() - t0)
 
-    def guard(_m, _a):
-        if cancel is not None and cancel.is_set():
+
+def _raiser(cancelled: Callable[[], bool] | None) -> Callable[[], None]:
+    """A check to call between pieces of work: raises :class:`Cancelled` once ``cancelled()`` is True."""
+    def check():
+        if cancelled is not None and cancelled():
             raise Cancelled()
-    hook = lm.model.register_forward_pre_hook(guard)
-    try:
-        with ctx:
-            for spec in pending:
-                started, t0 = datetime.now(timezone.utc).replace(tzinfo=None), time.perf_counter()
-                try:
-                    metrics = _run_task(hflm, spec.task, spec)
-                except (ValueError, Cancelled):
-                    raise
-                except Exception as e:
-                    store.put_failure(spec.key, spec.row(), f"{type(e).__name__}: {e}")
-                    raise
-                memo[comp(spec)] = (spec.key, metrics)
-                yield save(spec, metrics, started, time.perf_counter() - t0)
-    finally:
-        hook.remove()
+    return check
 
 
 def _activation_stats(lm, store: Store, calib_text: dict | None):

@@ -4,7 +4,9 @@ store so the Results and Validate pages show curves at once.
 
 Measured sensitivities (``sensitivity.validate``) travel in the snapshot as expert statistics named
 ``validation:<preset>:s<seeds>:t<tokens>:<calibration hash[:12]>`` (the snapshot format carries the expert_stats
-table), so the Validate page can show them without recomputing.
+table), so the Validate page can show them without recomputing. Each also carries the key and full config of its
+row in the store's ``sensitivity`` table (``store_key``, ``store_config``); loading the examples puts that row back,
+so the same ``validate`` request, and the ``oracle`` strategy that asks it, answer from the store at once.
 """
 from __future__ import annotations
 
@@ -26,11 +28,34 @@ def validation_name(preset: str, seeds, tokens: int, calibration_hash: str) -> s
 
 
 def put_validation(store, validation: dict) -> str:
-    """Keep a Validation.to_dict() as expert statistics of its model; returns the name used."""
+    """Keep a Validation.to_dict() as expert statistics of its model; returns the name used.
+
+    When the store's ``sensitivity`` table holds this very result (``sensitivity.validate`` stored it), its key and
+    full config are kept with it (``store_key``, ``store_config``) so that ``load_examples`` can restore the row.
+    """
+    from .store import canonical_json
     c = validation.get("calibration") or {}
     name = validation_name(validation["preset"], validation["seeds"], validation["tokens"], c.get("hash", ""))
-    store.put_expert_stats(validation["model_fingerprint"], name, validation)
+    result = {k: v for k, v in validation.items() if k not in ("cached", "store_key", "store_config")}
+    row = store.query("SELECT key, config FROM sensitivity WHERE model_fingerprint = ? AND result = ?",
+                      [validation["model_fingerprint"], canonical_json(result)])
+    kept = dict(result)
+    if c.get("source") and Path(str(c["source"])).is_absolute():   # a shipped text: no machine's path in a snapshot
+        from .routing import shipped_name
+        kept["calibration"] = {**c, "source": shipped_name(c["source"])}
+    if len(row):
+        kept.update(store_key=row.key.iloc[0], store_config=json.loads(row.config.iloc[0]))
+    store.put_expert_stats(validation["model_fingerprint"], name, kept)
     return name
+
+
+def sync_validations(store, fingerprint: str | None = None) -> list[str]:
+    """Keep every stored ``sensitivity`` measurement (of one model if ``fingerprint``) as expert statistics
+    (``put_validation``), so a snapshot of the store carries it. Returns the names written."""
+    sql, params = "SELECT result FROM sensitivity", []
+    if fingerprint:
+        sql, params = sql + " WHERE model_fingerprint = ?", [fingerprint]
+    return [put_validation(store, json.loads(r)) for r in store.query(sql + " ORDER BY created_at", params).result]
 
 
 def stored_validations(store, fingerprint: str | None = None) -> dict[str, dict]:
@@ -46,9 +71,18 @@ def stored_validations(store, fingerprint: str | None = None) -> dict[str, dict]
 
 def load_examples(store, path: str | Path = EXAMPLES) -> dict:
     """Merge the shipped example snapshot into ``store`` (snapshot.import_snapshot: validated, idempotent, one
-    transaction). Returns its counts. Raises ValueError if the snapshot is missing (a broken install: reinstall, or
-    run scripts/example_results.py) or invalid."""
+    transaction) and put each validation it carries back into the ``sensitivity`` table (append-only), so
+    ``validate`` and the ``oracle`` strategy answer those requests from the store. Returns the import's counts
+    plus ``sensitivity`` (rows restored). Raises ValueError if the snapshot is missing (a broken install:
+    reinstall, or run scripts/example_results.py) or invalid."""
     from .snapshot import import_snapshot
     if not Path(path).is_file():
         raise ValueError(f"no example results at {path}; reinstall hetmoe or run scripts/example_results.py")
-    return import_snapshot(path, store)
+    counts = import_snapshot(path, store)
+    restored = 0
+    for v in stored_validations(store).values():
+        if v.get("store_key") and v.get("store_config"):
+            result = {k: x for k, x in v.items() if k not in ("store_key", "store_config")}
+            restored += store.put_sensitivity(v["store_key"], v["model_fingerprint"], v["preset"],
+                                              v["store_config"], result)
+    return {**counts, "sensitivity": restored}

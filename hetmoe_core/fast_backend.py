@@ -58,24 +58,21 @@ class _FastExperts:
         """Factor stored weights are multiplied by, per unit of 1 / scale (see class doc)."""
         return (self.step_in or 1.0) / self.s_out(key) if self.io_out else 1.0
 
-    def _adc(self, z, a, key, t, e, noise_scale):
-        """Output noise, ADC and digital rescale of one expert's rows ``z`` (in place)."""
-        if noise_scale:
-            z += noise_scale * torch.randn(z.shape, generator=self.gen, device=z.device)
-        if self.levels is not None:
-            z.round_().clamp_(-self.levels, self.levels)
-        z *= self.g_out[key][t, e]
-        if a is not None:
-            z *= a
-
-    def proj(self, x, w, segs, offs, key, defer_row_scale=False):
-        """One grouped projection of expert-sorted rows ``x [S, I]`` -> ``[S, O]`` (float32).
+    def proj(self, x, w, rows, offs, key, defer_row_scale=False):
+        """One grouped projection of expert-sorted rows ``x [S, I]`` -> ``[S, O]`` (x's dtype).
 
         Analog rows: the DAC maps each tile's input to integer codes round(x / (a * step_in)),
         a = the row's abs-max over the tile (aihwkit NoiseManagementType.ABS_MAX); the tile's
         normalised output gets output noise and the ADC (round to step_out, clip at ±out_bound,
         aihwkit UniformQuantize grid); the digital periphery rescales by scale * a. Digital
-        rows: a plain matmul. ``segs``: (expert, start, end) of the analog experts' rows.
+        rows: a plain matmul. ``rows``: the forward's ``_Rows`` (which rows are analog, of which expert).
+        Every step is one whole-tensor operation (no loop over experts): on a shared CPU each
+        parallel op costs a thread hand-over, and a loop over 16 experts' rows multiplied them.
+        float32: every element gets the same operations as in a per-expert loop (bit for bit).
+        bfloat16 / float16: whole tensors stay in the model's dtype; DAC codes come from a float32
+        quotient a bounded block of rows at a time (``_codes_in_blocks``); the ADC rounds the matmul
+        output, which is in the model's dtype (CPU grouped_mm has no float32 output), so ADC codes of
+        magnitude >= 32 can differ by one step from float32's (bf16 holds 8 significant bits).
         Returns (y, row_scale): with ``defer_row_scale`` (all rows analog, one input tile) the
         per-row factor is left to the caller (folded into the routing weights), else None.
         """
@@ -87,73 +84,73 @@ class _FastExperts:
         for t, ni in enumerate(sizes):
             xt = x[:, i0:i0 + ni] if len(sizes) > 1 else x
             wt = (w[:, i0:i0 + ni] if tr else w[..., i0:i0 + ni]) if len(sizes) > 1 else w
-            xin, a = self._dac(xt, segs, w.dtype) if self.step_in is not None else (xt, None)
-            y = grouped_matmul(xin, wt, offs, tr).float()
+            xin, a = self._dac(xt, rows, w.dtype) if self.step_in is not None else (xt, None)
+            y = grouped_matmul(xin, wt, offs, tr)
             if self.recorder is not None:
                 self._record(y, key)
-            y, row_scale = self._readout(y, a, segs, key, t, noise_scale, defer_row_scale and len(sizes) == 1)
+            y, row_scale = self._readout(y, a, rows, key, t, noise_scale, defer_row_scale and len(sizes) == 1)
             if row_scale is not None:
                 return y, row_scale
             out = y if out is None else out + y
             i0 += ni
         return out, None
 
-    def _dac(self, xt, segs, dtype):
-        """DAC codes of one input tile's rows and their ranges ``a [S, 1]`` (per-token abs-max)."""
-        # abs-max as max(-min, max): two fast reductions, no |x| copy; in x's own dtype (a max is
-        # exact in any float format), only the [S, 1] result in float32
-        a = torch.maximum(xt.amax(-1, keepdim=True), xt.amin(-1, keepdim=True).neg_()).float().clamp_(
-            min=torch.finfo(torch.float32).tiny)
-        # x is this forward's own gathered copy: float32 rows are coded in place (no allocation:
-        # fresh large CPU tensors cost page faults); other dtypes get one float32 temporary (the
-        # division promotes), rounded in place, then cast back
-        inplace = xt.dtype == torch.float32
-        if self.all_analog:
-            xin = xt.div_(a * self.step_in).round_() if inplace else \
-                torch.div(xt, a * self.step_in).round_().to(dtype)
+    def _dac(self, xt, rows, dtype):
+        """DAC codes of one input tile's rows (x's dtype) and their ranges ``a [S, 1]`` float32 (per-token abs-max)."""
+        a = _row_absmax(xt).float().clamp_(min=torch.finfo(torch.float32).tiny)
+        d = a * self.step_in   # [S, 1] range of one DAC step
+        # x is this forward's own gathered copy: its rows are coded in place (fresh large CPU
+        # tensors cost page faults); digital rows keep their values
+        if xt.dtype != torch.float32:
+            xin = _codes_in_blocks(xt, d, rows.analog)
+        elif rows.analog is None:
+            xin = xt.div_(d).round_()
         else:
-            xin = xt if inplace else xt.to(dtype, copy=True)
-            for _, s0, s1 in segs:
-                xin[s0:s1] = torch.div(xt[s0:s1], a[s0:s1] * self.step_in).round_()
-        return xin, a
+            xin = torch.where(rows.analog, torch.div(xt, d).round_(), xt)
+        return (xin if xin.dtype == dtype else xin.to(dtype)), a
 
     def _record(self, y, key) -> None:
         """ADC-bound calibration: keep the largest batch quantile of |normalised tile output|."""
-        v = y.abs().flatten()
+        v = y.abs().flatten().float()
         v = v[torch.randperm(v.numel(), generator=self.gen)[:1 << 22]] if v.numel() > 1 << 22 else v
         q = torch.quantile(v, self.recorder.quantile).item() if v.numel() else 0.0
         k = (self.layer.index, key)
         self.recorder.bounds[k] = max(self.recorder.bounds.get(k, 0.0), q)
 
-    def _readout(self, y, a, segs, key, t, noise_scale, defer):
-        """Output noise, ADC and digital rescale of one tile's output ``y`` (in place).
+    def _readout(self, y, a, rows, key, t, noise_scale, defer):
+        """Output noise, ADC and digital rescale of one tile's output ``y`` (in place where all rows are analog).
 
         Returns (y, row_scale): row_scale is the per-row factor left to the caller when ``defer``, else None."""
+        dt = y.dtype
         if self.io_out:
-            if not self.all_analog:
-                for e, s0, s1 in segs:
-                    self._adc(y[s0:s1], None if a is None else a[s0:s1], key, t, e, noise_scale)
-                return y, None
+            z = y if rows.analog is None else y.clone()
             if noise_scale:
-                y += noise_scale * torch.randn(y.shape, generator=self.gen, device=y.device)
+                if rows.analog is None:
+                    z += noise_scale * torch.randn(z.shape, generator=self.gen, device=z.device, dtype=dt)
+                else:  # one draw per analog expert's rows, in expert order
+                    for _, s0, s1 in rows.segs:
+                        z[s0:s1] += noise_scale * torch.randn(z[s0:s1].shape, generator=self.gen,
+                                                              device=z.device, dtype=dt)
             if self.levels is not None:
-                y.round_().clamp_(-self.levels, self.levels)
-            for e, s0, s1 in segs:
-                y[s0:s1] *= self.g_out[key][t, e]
+                z.round_().clamp_(-self.levels, self.levels)
+            z *= rows.expand(self.g_out[key][t], dt)
+            if rows.analog is not None:
+                if a is not None:
+                    z *= a.to(dt)
+                return torch.where(rows.analog, z, y), None
             if a is not None:
                 if defer:
-                    return y, a
-                y *= a
-            return y, None
+                    return z, a
+                z *= a.to(dt)
+            return z, None
         if a is None:
             return y, None
-        if self.all_analog:  # DAC only: codes back to input units
+        if rows.analog is None:  # DAC only: codes back to input units
             if defer:
                 return y, a * self.step_in
-            y *= a * self.step_in
-        else:
-            for _, s0, s1 in segs:
-                y[s0:s1] *= a[s0:s1] * self.step_in
+            y *= (a * self.step_in).to(dt)
+        else:  # digital rows times exactly 1
+            y *= (a * self.step_in).masked_fill_(~rows.analog, 1.0).to(dt)
         return y, None
 
     def forward(self, mod, hidden_states, top_k_index, top_k_weights):
@@ -166,24 +163,73 @@ class _FastExperts:
         w_route = top_k_weights.reshape(-1)[perm]
         counts = torch.bincount(eids_g, minlength=self.layer.num_experts)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        ends = offs.tolist()
-        segs = [(e, s1 - c, s1) for e, (c, s1) in enumerate(zip(counts.tolist(), ends)) if c and self.analog_list[e]]
+        rows = _Rows(self, eids_g, counts, offs)
         gated = getattr(mod, "has_gate", True)
-        h, _ = self.proj(x, mod.gate_up_proj if gated else mod.up_proj, segs, offs, "in")
+        h, _ = self.proj(x, mod.gate_up_proj if gated else mod.up_proj, rows, offs, "in")
         if getattr(mod, "has_bias", False):
             h = h + (mod.gate_up_proj_bias if gated else mod.up_proj_bias)[eids_g]
         h = apply_gate(mod, h) if gated else mod.act_fn(h)
         plain = not (getattr(mod, "has_bias", False) or getattr(mod, "has_post_expert_norm", False))
-        y, row_scale = self.proj(h, mod.down_proj, segs, offs, "down", defer_row_scale=plain)
+        y, row_scale = self.proj(h, mod.down_proj, rows, offs, "down", defer_row_scale=plain)
         if getattr(mod, "has_bias", False):
             y = y + mod.down_proj_bias[eids_g]
         if getattr(mod, "has_post_expert_norm", False):
             y = mod.post_expert_norm(y)
         w_route = w_route.unsqueeze(-1)
-        y = y * (w_route if row_scale is None else w_route * row_scale)
+        if row_scale is not None:
+            w_route = w_route * row_scale if y.dtype == torch.float32 else (w_route * row_scale).to(y.dtype)
+        y = y * w_route
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
         return y[inv].view(N, K, H).sum(1).to(hidden_states.dtype)
+
+
+_BLOCK_ELEMS = 1 << 20   # float32 work space of the low-precision DAC: 4 MiB, whatever the batch
+
+
+def _codes_in_blocks(x: torch.Tensor, d: torch.Tensor, analog: torch.Tensor | None) -> torch.Tensor:
+    """DAC codes round(x / d) of a bfloat16 / float16 ``x [S, I]``, written into x (``d [S, 1]`` float32).
+
+    The quotient is formed in float32, a block of rows at a time: bf16's 8-bit mantissa holds a code of 8-bit
+    DAC (up to 127) but not the quotient to half a step, so rounding a bf16 quotient would shift ~10% of the
+    codes by one (measured); blocks bound the float32 work space to ``_BLOCK_ELEMS`` (no float32 copy of the
+    whole tensor). ``analog [S, 1]``: rows to code (None: all); other rows keep their values."""
+    step = max(1, _BLOCK_ELEMS // max(1, x.shape[-1]))
+    for r0 in range(0, x.shape[0], step):
+        xb = x[r0:r0 + step]
+        q = xb.float().div_(d[r0:r0 + step]).round_()
+        xb.copy_(q if analog is None else torch.where(analog[r0:r0 + step], q, xb.float()))
+    return x
+
+
+def _row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-row abs-max ``[S, I]`` -> ``[S, 1]`` in x's dtype, exact (a max is exact in any float format).
+
+    float32: max(max, -min), two vectorised reductions and no |x| copy. 2-byte floats: the max of the bit
+    patterns with the sign bit cleared (an IEEE float's magnitude orders as those bits), as CPU reductions of
+    bfloat16 / float16 are not vectorised (measured 8x faster than amax + amin)."""
+    if x.element_size() == 2:
+        return (x.view(torch.int16) & 0x7FFF).amax(-1, keepdim=True).view(x.dtype)
+    return torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_())
+
+
+class _Rows:
+    """Which expert-sorted rows of one experts forward are analog: ``analog [S, 1]`` bool (None when all are),
+    ``segs`` [(expert, start, end)] of the analog experts' rows, and per-row copies of per-expert factors."""
+
+    def __init__(self, state, eids_g, counts, offs):
+        self.eids_g = eids_g
+        self.analog = None if state.all_analog else state.analog[eids_g].unsqueeze(-1)
+        self._segs = (state.analog_list, counts, offs)
+
+    @property
+    def segs(self):
+        analog, counts, offs = self._segs
+        return [(e, s1 - c, s1) for e, (c, s1) in enumerate(zip(counts.tolist(), offs.tolist())) if c and analog[e]]
+
+    def expand(self, per_expert: torch.Tensor, dtype) -> torch.Tensor:
+        """``[E, O]`` factors -> ``[S, O]``, row s holding its expert's factors (in ``dtype``)."""
+        return per_expert.to(dtype).index_select(0, self.eids_g)
 
 
 class _DenseUnit:
@@ -284,6 +330,7 @@ class FastBackend(AnalogBackend):
             g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
             chunk = max(1, _CHUNK_ELEMS // (O * I))
             for c0 in range(0, len(ids), chunk):
+                self.check()
                 sub = ids[c0:c0 + chunk]
                 if nm is not None:
                     nz = noise if not (adc_bounds and noise.adc_bits and not state.recorder) else \

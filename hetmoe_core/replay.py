@@ -35,7 +35,8 @@ class _Bank:
     with the seed ``analog()`` uses when e is the only analog expert of the layer.
     """
 
-    def __init__(self, m, noise: NoiseConfig, seed: int, nm):
+    def __init__(self, m, noise: NoiseConfig, seed: int, nm, check=None):
+        """``check()``, when given, runs before each expert is programmed (it raises to stop, e.g. on cancel)."""
         self.m, self.noise, self.seed = m, noise, seed
         dev = m.experts.down_proj.device
         probe = _FastExperts(m, noise, [], torch.Generator(device=dev), None)  # converter grids, fold factors
@@ -54,6 +55,8 @@ class _Bank:
             noisy = torch.empty_like(p.data)
             fold = probe.fold(key)
             for e in range(m.num_experts):   # one noise stream per expert (see module docstring)
+                if check is not None:
+                    check()
                 if nm is not None:
                     w, sc = program_weights(logical[[e]], noise, nm, sizes, split_sizes(O, ts),
                                             _derive_seed(seed, f"{m.experts_name}.{key}:{e}-{e}"), dev)

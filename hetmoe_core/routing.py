@@ -146,10 +146,17 @@ def default_calibration(source: str | None = None) -> tuple[dict[str, list[str]]
     if source is not None and str(source).startswith("tiny:"):
         return {k: list(v) for k, v in BUILTIN_CALIBRATION.items()}, BUILTIN_NOTE
     for p in CALIBRATION_FILES:
-        if p.exists():
-            return read_calibration(p), str(p)
+        if p.exists():   # named relative to the install, so a stored result does not carry this machine's path
+            return read_calibration(p), shipped_name(p)
     raise ValueError(f"the shipped calibration text {CALIBRATION_FILES[0]} is missing (reinstall hetmoe or rebuild "
                      "it with scripts/build_corpus.py --calibration-only); or give your own with --calib FILE")
+
+
+def shipped_name(path) -> str:
+    """A file shipped inside hetmoe named relative to the install (``hetmoe_core/assets/...``); other paths as given."""
+    mark = "/" + ASSETS.parent.name + "/" + ASSETS.name + "/"          # "/hetmoe_core/assets/", in any checkout
+    text = Path(path).as_posix()
+    return text[text.index(mark) + 1:] if Path(path).is_absolute() and mark in text else str(path)
 
 
 def is_builtin(where: str) -> bool:

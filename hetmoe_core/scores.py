@@ -93,51 +93,61 @@ class ExpertScores:
 
 # ---------------------------------------------------------------- norms from fused / per-expert tensors
 
-_BLOCK = 8 << 20   # bytes of float32 scratch per block: small enough to stay in cache between copy, square and sum
+# float32 elements per block: rows of 2 MiB (upcast copy alone in L2 cache); for column sums 1 MiB (copy and
+# accumulator together in L2). Big enough that Python's share of a block (two torch calls holding the GIL) stays ~5%
+_ROWS_BLOCK, _COLS_BLOCK = 1 << 19, 1 << 18
 
 
 class _Scratch:
-    """A reusable float32 buffer. Fresh per-tensor temporaries fragment the heap: streaming OLMoE shards with them
-    grew RSS to ten times the largest tensor."""
+    """Reusable float32 buffers of one reducing thread: an upcast copy and an accumulator. Fresh per-tensor
+    temporaries fragment the heap: streaming OLMoE shards with them grew RSS to ten times the largest tensor."""
     def __init__(self):
-        self.buf = torch.empty(0)
+        self.bufs = [torch.empty(0), torch.empty(0)]
 
-    def __call__(self, shape) -> torch.Tensor:
+    def __call__(self, shape, which: int = 0) -> torch.Tensor:
         n = math.prod(shape)
-        if self.buf.numel() < n:
-            self.buf = torch.empty(n)
-        return self.buf[:n].view(shape)
-
-
-def _squares(blk: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
-    x = scratch(blk.shape)
-    if blk.dtype == torch.float32:
-        return torch.mul(blk, blk, out=x)
-    return x.copy_(blk).mul_(x)
+        if self.bufs[which].numel() < n:
+            self.bufs[which] = torch.empty(n)
+        return self.bufs[which][:n].view(shape)
 
 
 def _norms(w: torch.Tensor, dim: int, scratch: _Scratch | None = None) -> torch.Tensor:
-    """float32 L2 norms of ``w`` along ``dim`` (any rank), accumulated in float32 whatever w's dtype.
+    """float32 L2 norms of ``w`` along ``dim`` (any rank, any float dtype), accumulated in float32.
 
-    float32 along the last dim: torch.linalg.vector_norm, no copy. Otherwise blocks of ~8 MiB — rows of all experts
-    at once for the last dim, slices of the reduced dim for another — are squared into a reused float32 buffer and
-    summed (vector_norm over a strided dim is ~10x slower on CPU, and a whole-tensor float32 copy costs memory)."""
+    bf16/fp16 are upcast block by block into a reused float32 buffer that stays in L2 cache (exact), so no
+    float32 copy of the tensor is ever made and each element is read from memory once. Last dim: blocks of whole
+    rows, torch.linalg.vector_norm per row (one fused pass). Another dim: each matrix [R, C] behind the leading
+    dims (R reduced) is walked in blocks of ``s`` rows whose squares are added into a float32 accumulator [s, C]
+    (addcmul_, one fused pass; a reduction over a strided dim is ~5x slower on CPU), summed over its rows at the
+    end. The arithmetic of every norm depends only on its own row/matrix shape, so a tensor reduced whole (in
+    memory) or sliced by expert (streaming) gives the same bits. Single-threaded in effect: streaming reduces
+    several tensors at once for parallelism. Relative error vs float64 ~3e-7.
+    """
     dim = dim % w.dim()
-    if w.dtype == torch.float32 and dim == w.dim() - 1:
-        return torch.linalg.vector_norm(w, dim=dim)
     scratch = scratch or _Scratch()
+    upcast = w.dtype != torch.float32
     if dim == w.dim() - 1:
         flat = w.reshape(-1, w.shape[-1])
         out = torch.empty(flat.shape[0])
-        step = max(1, _BLOCK // (4 * flat.shape[1]))
-        for r in range(0, flat.shape[0], step):
-            torch.sum(_squares(flat[r:r + step], scratch), 1, out=out[r:r + step])
-        return out.view(w.shape[:-1]).sqrt_()
-    out = torch.zeros(w.shape[:dim] + w.shape[dim + 1:])
-    step = max(1, _BLOCK // (4 * (w.numel() // max(1, w.shape[dim]))))
-    for r in range(0, w.shape[dim], step):
-        out += _squares(w.narrow(dim, r, min(step, w.shape[dim] - r)), scratch).sum(dim)
-    return out.sqrt_()
+        step = max(1, _ROWS_BLOCK // max(1, flat.shape[1]))
+        buf = scratch((min(step, flat.shape[0]), flat.shape[1])) if upcast else None
+        for blk, o in zip(flat.split(step), out.split(step)):
+            x = (buf if blk.shape[0] == buf.shape[0] else buf[:blk.shape[0]]).copy_(blk) if upcast else blk
+            torch.linalg.vector_norm(x, dim=1, out=o)
+        return out.view(w.shape[:-1])
+    m = w.reshape(math.prod(w.shape[:dim]), w.shape[dim], math.prod(w.shape[dim + 1:]))
+    out = torch.empty(m.shape[0], m.shape[2])
+    step = max(1, min(m.shape[1], _COLS_BLOCK // max(1, m.shape[2])))
+    acc = scratch((step, m.shape[2]), 1)
+    buf = scratch((step, m.shape[2])) if upcast else None
+    for mat, o in zip(m.unbind(0), out.unbind(0)):
+        acc.zero_()
+        for blk in mat.split(step):
+            n = blk.shape[0]
+            x = (buf if n == step else buf[:n]).copy_(blk) if upcast else blk
+            (acc[:n] if n != step else acc).addcmul_(x, x)
+        torch.sum(acc, 0, out=o)
+    return out.view(w.shape[:dim] + w.shape[dim + 1:]).sqrt_()
 
 
 def gate_up_norms(gate_up: torch.Tensor, *, gated: bool = True, transposed: bool = False,

@@ -157,7 +157,7 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
     Returns: Measurement. Raises ValueError for bad seeds/noise/ids; evaluate.Cancelled when cancelled.
     Cost: per seed about (L-l) decoder layers + LM head per expert of MoE layer l, in batched forwards.
     """
-    from .evaluate import Cancelled
+    from .evaluate import Cancelled, cancel_hooks
     from .placement import DensePolicy, Placement
     noise, seeds = _check_noise(noise), _seeds(seeds)
     if ids.dim() != 2 or ids.numel() == 0 or ids.shape[1] < 2:
@@ -170,9 +170,12 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
              if a.modules.get(k) and (a.param_counts.get(k, 0) or k == "lm_head")] if dense else []
     counter = {"done": 0, "forwards": 0}
 
-    def check():
+    def stop():
         if cancel is not None and cancel():
             raise Cancelled()
+
+    def check():
+        stop()
         counter["forwards"] += 1
 
     B = min(B, ids.shape[0])
@@ -198,11 +201,11 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
     changed, load_noisy, load_ideal = np.zeros((S, L)), np.zeros((S, L, E)), np.zeros((L, E))
     clean_sum = 0.0
     nm = noise.build_noise_model() if noise.weight_noise else None
-    with _lock(lm):
+    with _lock(lm), cancel_hooks(lm.model, a, cancel):   # a cancel stops within one layer's forward
         for si, seed in enumerate(seeds):
             clean_nll = []
             with _dispatch(a):
-                banks = {m.index: _Bank(m, noise, seed, nm) for m in a.moe_layers}
+                banks = {m.index: _Bank(m, noise, seed, nm, stop) for m in a.moe_layers}
                 noisy_states = {i: _LayerForward(b, "noisy", gen_seed=seed) for i, b in banks.items()}
                 for chunk in eng.chunks:
                     clean = eng.base_pass(chunk, None, routes=True)
@@ -239,7 +242,7 @@ def measure(lm, noise, ids: torch.Tensor, *, seeds=5, all_but_this: bool = True,
                 full = Placement.all_digital(a)
                 pl = Placement(f"dense:{kind}", 1.0, "layer", 0, full.num_experts, full.digital,
                                DensePolicy(**{kind: False}))
-                with analog(lm.model, a, pl, noise, seed=seed):
+                with analog(lm.model, a, pl, noise, seed=seed, check=stop):
                     for chunk, ref in zip(eng.chunks, clean_nll):
                         check()
                         h = eng.dec(input_ids=chunk, use_cache=False).last_hidden_state
@@ -434,7 +437,7 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
         raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
     if executor is not None and not isinstance(source_or_lm, str):
         raise ValueError("validate on Ray needs the model's source (a name, folder or hub id), not a loaded model")
-    texts, where = _texts(texts)
+    texts, where = _texts(texts, source_or_lm if isinstance(source_or_lm, str) else source_or_lm.source)
     if isinstance(source_or_lm, str):
         from .models import source_fingerprint
         fp = source_fingerprint(source_or_lm)
@@ -460,7 +463,9 @@ def validate(source_or_lm, preset, *, seeds=5, texts=None, tokens: int = 16384, 
             lm = source_or_lm
         ids = calibration_tokens(lm.tokenizer, texts, tokens)
         meas = measure(lm, noise, ids, seeds=seeds, progress=progress, cancel=cancel)
-        crit = criterion_scores(lm, texts, noise, ids)
+        from .evaluate import cancel_hooks
+        with cancel_hooks(lm.model, lm.anatomy, cancel):
+            crit = criterion_scores(lm, texts, noise, ids)
         moe, shape = [(m.index, m.layer, m.num_experts) for m in lm.anatomy.moe_layers], tuple(ids.shape)
     corr, best = correlate(crit, meas.only_this, n_boot=n_boot)
     experts = [{"layer": i, "decoder_layer": d, "expert": e,
@@ -499,6 +504,6 @@ def measured_scores(lm, strategy: str, noise, *, store=None, texts=None, seeds=O
                         cancel=cancel).only_this()
     if strategy == "local_error":
         from .criteria import LOCAL_ERROR_TOKENS, local_error_scores
-        ids = calibration_tokens(lm.tokenizer, _texts(texts)[0], LOCAL_ERROR_TOKENS)
+        ids = calibration_tokens(lm.tokenizer, _texts(texts, lm.source)[0], LOCAL_ERROR_TOKENS)
         return local_error_scores(lm, noise, ids)
     raise ValueError(f"strategy {strategy!r} is not measured; measured strategies are oracle, local_error")

@@ -1,13 +1,16 @@
 """Streaming expert tensors straight from safetensors shards: MaxNNScore without building the model.
 
 The safetensors header (8-byte length + JSON) gives every tensor's byte range, so only expert and router tensors are
-queued in file order, with the kernel reading ahead (posix_fadvise), and reduced on worker threads by the same
-norm kernels ``scores`` uses on a built model (imported at call time: ``scores`` re-exports ``stream_scores``).
+mapped (zero-copy mmap), in file order, with the kernel reading ahead (posix_fadvise), and reduced on worker
+threads by the same norm kernels ``scores`` uses on a built model (imported at call time: ``scores`` re-exports
+``stream_scores``).
 """
 from __future__ import annotations
 
 import collections
 import json
+import math
+import mmap
 import os
 import re
 import threading
@@ -48,6 +51,10 @@ class _Tensor(NamedTuple):
     nbytes: int
     offset: int          # absolute byte offset in the file
     shape: tuple
+    dtype: torch.dtype
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 def _damaged(f: Path, why: str) -> ValueError:
@@ -77,49 +84,138 @@ def _plan(files: list[Path]) -> list[_Tensor]:
     plan, unsupported = [], []
     for f in files:
         header, n = _header(f)
+        size = f.stat().st_size
         for key, info in header.items():
             if key == "__metadata__":
                 continue
             try:
                 start, end = (int(x) for x in info["data_offsets"])
-                at = (end - start, 8 + n + start, tuple(int(x) for x in info["shape"]))
+                shape = tuple(int(x) for x in info["shape"])
+                at = (end - start, 8 + n + start, shape, _DTYPES.get(info["dtype"]))
             except (KeyError, TypeError, ValueError):
-                raise _damaged(f, f"tensor {key!r} has no valid data_offsets/shape") from None
-            if not 0 <= start <= end or 8 + n + end > f.stat().st_size:
+                raise _damaged(f, f"tensor {key!r} has no valid data_offsets/shape/dtype") from None
+            if not 0 <= start <= end or 8 + n + end > size:
                 raise _damaged(f, f"tensor {key!r} lies outside the file (truncated?)")
+            if at[3] is not None and end - start != math.prod(shape) * at[3].itemsize:
+                raise _damaged(f, f"tensor {key!r} holds {end - start} bytes, not {shape} x {info['dtype']}")
             if (mt := _PER_EXPERT.search(key)):
-                plan.append(_Tensor(f, key, "expert", int(mt[1]), int(mt[2]), _ROLE[mt[3]], *at))
+                t = _Tensor(f, key, "expert", int(mt[1]), int(mt[2]), _ROLE[mt[3]], *at)
             elif (mt := _FUSED.search(key)):
-                plan.append(_Tensor(f, key, "fused", int(mt[1]), None, _ROLE[mt[2] or mt[3]], *at))
+                t = _Tensor(f, key, "fused", int(mt[1]), None, _ROLE[mt[2] or mt[3]], *at)
             elif (mt := _ROUTER.search(key)):
-                plan.append(_Tensor(f, key, "router", int(mt[1]), None, "router", *at))
-            elif re.search(r"experts.*(_blocks|_scales|scale_inv|qweight)$", key):
-                unsupported.append(key)
+                t = _Tensor(f, key, "router", int(mt[1]), None, "router", *at)
+            else:
+                if re.search(r"experts.*(_blocks|_scales|scale_inv|qweight)$", key):
+                    unsupported.append(key)
+                continue
+            if t.dtype is None:
+                raise ValueError(f"{f.name}: {key} is stored as {info['dtype']}; streaming reads BF16, F16, F32 and "
+                                 "F64 tensors: use a bf16/fp16/fp32 checkpoint")
+            plan.append(t)
     if unsupported and not any(p.kind != "router" for p in plan):
         raise ValueError(f"quantized expert weights ({unsupported[0]}, ...) are not supported for streaming; "
-                         "use a bf16/fp32 checkpoint")
+                         "use a bf16/fp16/fp32 checkpoint")
     return sorted(plan, key=lambda p: (str(p.file), p.offset))
 
 
-class _Readahead:
-    """Asks the kernel (posix_fadvise WILLNEED) to read the next ~``window`` bytes of expert tensors while the
-    current one is reduced, so disk reads overlap compute (skipped tensors such as embeddings are never read)."""
-    def __init__(self, plan: list[_Tensor], window: int = 128 << 20):
-        self.plan, self.window, self.next, self.fds = plan, window, 0, {}
-        self.cum = np.cumsum([0] + [t.nbytes for t in plan])
+class _Piece(NamedTuple):
+    """A whole tensor, or a slice of experts of a fused tensor (its bytes are contiguous)."""
+    t: _Tensor
+    start: int           # absolute byte offset
+    nbytes: int
+    shape: tuple
+    last: bool           # the last slice of its tensor
+
+
+class _Job(NamedTuple):
+    """Pieces that lie together in one file, mapped at once: [start, start + nbytes) covers them all."""
+    file: Path
+    start: int
+    nbytes: int
+    pieces: tuple
+
+
+def _jobs(plan: list[_Tensor], chunk_bytes: int) -> list[_Job]:
+    """Fused tensors cut into slices of experts of ~chunk_bytes; neighbouring pieces of a file (gaps under
+    64 KiB) grouped into jobs of up to ~chunk_bytes, so per-expert checkpoints do not pay a mapping and a
+    queue round trip per 4 MiB tensor."""
+    pieces = []
+    for t in plan:
+        if t.kind != "fused" or not t.shape or t.shape[0] == 0:
+            pieces.append(_Piece(t, t.offset, t.nbytes, t.shape, True))
+            continue
+        row = t.nbytes // t.shape[0]
+        step = max(1, chunk_bytes // max(1, row))
+        for e0 in range(0, t.shape[0], step):
+            n = min(step, t.shape[0] - e0)
+            pieces.append(_Piece(t, t.offset + e0 * row, n * row, (n,) + t.shape[1:], e0 + n == t.shape[0]))
+    jobs, group = [], []
+    for pc in pieces + [None]:
+        if group and (pc is None or pc.t.file != group[0].t.file or pc.start - end > 64 << 10
+                      or pc.start + pc.nbytes - group[0].start > chunk_bytes):
+            jobs.append(_Job(group[0].t.file, group[0].start, end - group[0].start, tuple(group)))
+            group = []
+        if pc is not None:
+            group.append(pc)
+            end = pc.start + pc.nbytes
+    return jobs
+
+
+class _Files:
+    """Read-only descriptors of the shards (opened once), and the kernel's read-ahead: posix_fadvise(WILLNEED) on
+    the next ~``window`` bytes of jobs, so disk reads overlap the reductions (tensors no job needs, such as
+    embeddings, are never read)."""
+    def __init__(self, jobs: list[_Job], window: int = 128 << 20):
+        self.jobs, self.window, self.next, self.fds = jobs, window, 0, {}
+        self.cum = np.cumsum([0] + [j.nbytes for j in jobs])
+
+    def fd(self, f: Path) -> int:
+        if f not in self.fds:
+            self.fds[f] = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        return self.fds[f]
 
     def advise(self, i: int) -> None:
-        while hasattr(os, "posix_fadvise") and self.next < len(self.plan) and \
+        """Call (from one thread) before job i is queued."""
+        while hasattr(os, "posix_fadvise") and self.next < len(self.jobs) and \
                 self.cum[self.next] - self.cum[i] < self.window:
-            t = self.plan[self.next]
-            if t.file not in self.fds:
-                self.fds[t.file] = os.open(t.file, os.O_RDONLY)
-            os.posix_fadvise(self.fds[t.file], t.offset, t.nbytes, os.POSIX_FADV_WILLNEED)
+            j = self.jobs[self.next]
+            if not self._cached(self.fd(j.file), j):   # WILLNEED on cached pages still walks them: ~1 ms / 32 MiB
+                os.posix_fadvise(self.fd(j.file), j.start, j.nbytes, os.POSIX_FADV_WILLNEED)
             self.next += 1
+
+    _probe = bytearray(1)
+
+    def _cached(self, fd: int, j: _Job) -> bool:
+        """Whether the job's first and last bytes are in the page cache (preadv with RWF_NOWAIT fails otherwise)."""
+        if not hasattr(os, "RWF_NOWAIT") or j.nbytes == 0:
+            return False
+        try:
+            return all(os.preadv(fd, [self._probe], at, os.RWF_NOWAIT) == 1 for at in (j.start, j.start + j.nbytes - 1))
+        except OSError:            # BlockingIOError: not cached; EOPNOTSUPP: filesystem without RWF_NOWAIT
+            return False
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
+
+
+def _mapped(fd: int, j: _Job) -> mmap.mmap | None:
+    """A private mapping of just the job's pages (never written; ``None`` for an empty job): pages count in RSS
+    only while the job holds them. Views come from :func:`_view`; drop them before closing the mapping."""
+    if j.nbytes == 0:
+        return None
+    base = j.start - j.start % mmap.ALLOCATIONGRANULARITY
+    # pages are faulted in by the reduction itself, with the GIL released (mmap.madvise(MADV_POPULATE_READ) would
+    # hold the GIL through a cold read, and costs more CPU than the kernel's 64 KiB fault-around)
+    return mmap.mmap(fd, j.start + j.nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+
+
+def _view(mm: mmap.mmap | None, j: _Job, pc: _Piece) -> torch.Tensor:
+    """Zero-copy tensor of one piece inside its job's mapping."""
+    if pc.nbytes == 0:
+        return torch.empty(pc.shape, dtype=pc.t.dtype)
+    at = pc.start - (j.start - j.start % mmap.ALLOCATIONGRANULARITY)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=pc.nbytes, offset=at).view(pc.t.dtype).view(pc.shape)
 
 
 def _collect(per_layer: dict, t: _Tensor, res, parts: list, last: bool, done: int, total: int, progress) -> int:
@@ -144,25 +240,28 @@ def _collect(per_layer: dict, t: _Tensor, res, parts: list, last: bool, done: in
 
 @torch.no_grad()
 def stream_scores(folder: str | Path, *, transposed: bool | None = None, interleaved: bool | None = None,
-                  gated: bool | None = None, chunk_bytes: int = 64 << 20,
+                  gated: bool | None = None, chunk_bytes: int = 32 << 20,
                   progress: Callable[[int, int], None] | None = None, threads: int | None = None) -> ExpertScores:
     """MaxNNScore and Router Norm straight from a folder of safetensors shards, without building the model.
 
-    ``threads`` workers (default min(4, CPUs)) each read one tensor at a time through safetensors' memory-mapped
-    ``safe_open`` (fused tensors in slices of experts of about ``chunk_bytes``; a handle is dropped after
-    ~``chunk_bytes`` so mapped pages do not pile up), reduce it into their own reused float32 buffer and keep only
-    the [I] norm vectors; the kernel is asked to read the next 128 MiB ahead (posix_fadvise). Tensors other than
-    experts and routers are never read. Memory above the interpreter's stays about (2 threads + 1) x
-    ``chunk_bytes`` (at most that many tensors or slices read or mapped) + 8 MiB per thread, whatever the checkpoint
-    size. The result does not depend on ``threads`` (same bits). Key layouts understood:
+    Only expert and router tensors are touched, in file order: each job (neighbouring tensors, or a slice of experts
+    of a fused tensor, ~``chunk_bytes`` in all) maps its bytes zero-copy (mmap: no read into a buffer, no float32
+    copy) and reduces them on one of ``threads`` workers (default: the usable CPUs, at most 8) into [I] norm
+    vectors, upcasting bf16/fp16 in L2-cache-sized blocks and accumulating in float32; the kernel reads the next
+    128 MiB ahead (posix_fadvise WILLNEED, skipped for pages already cached), so a cold read keeps the disk busy.
+    Memory above the interpreter's stays about ``threads`` x (largest job + 2 MiB), whatever the checkpoint size.
+    Workers run torch single-threaded (they are the parallelism); the torch thread count that threads started
+    meanwhile inherit, and MKL's, read 1 during the call and are restored after. The result does not depend on
+    ``threads`` or ``chunk_bytes`` (same bits), and equals :func:`expert_scores` on the built model bit for bit
+    when the model holds the same dtype. Key layouts understood:
     fused ``...layers.L.mlp.experts.gate_up_proj`` / ``down_proj`` (transformers 5; GPT-OSS transposed and
     interleaved, detected from config.json ``model_type`` unless given), per-expert
     ``...layers.L.mlp.experts.E.{gate,up,down}_proj.weight`` (OLMoE hub), Mixtral's
     ``block_sparse_moe.experts.E.{w1,w3,w2}.weight``, Granite's ``block_sparse_moe.{input,output}_linear.weight``;
     routers ``...layers.L.mlp.gate.weight`` / ``router.weight`` / ``router.layer.weight``. MoE layers are numbered
     in decoder order (moe_index). progress(done_bytes, total_bytes) is called after each tensor.
-    Raises ValueError when the folder holds no expert tensors, the shapes disagree, or experts are quantized.
-    Equal (to float32 rounding) to :func:`expert_scores` on the built model.
+    Raises ValueError when the folder holds no expert tensors, the shapes disagree, a shard is damaged, or experts
+    are quantized.
     """
     from .scores import ExpertScores
     folder = Path(folder)
@@ -182,41 +281,28 @@ def stream_scores(folder: str | Path, *, transposed: bool | None = None, interle
     return ExpertScores(_assemble(per_layer), source=str(folder))
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: bool, chunk_bytes: int,
             progress, threads: int | None = None) -> dict[int, dict]:
-    """Read the planned tensors in order and keep only their norms: {layer: {"router": [E], "experts": {...}}}."""
-    from safetensors import safe_open
+    """Reduce the planned tensors and keep only their norms: {layer: {"router": [E], "experts": {...}}}.
+
+    Jobs go to ``threads`` workers, each with its own scratch buffers; at most 2 x threads are queued, results are
+    collected in plan order, and a job's arithmetic does not depend on which worker ran it, so the numbers are the
+    same bit for bit for any thread count. The mapped pages' reads (page-cache faults or disk) overlap the other
+    workers' reductions: torch releases the GIL."""
     from .scores import _Scratch, _norms, down_norms, gate_up_norms
     per_layer: dict[int, dict] = {}
     total, done = sum(p.nbytes for p in plan), 0
-    threads = max(1, threads or min(4, os.cpu_count() or 1))
-    # Jobs (one tensor, or one slice of experts of a fused tensor) are reduced by `threads` workers, each with its
-    # own scratch buffer and its own short-lived safe_open handle, at most threads + 1 in flight (memory stays
-    # bounded); results are collected in plan order, and each job's arithmetic does not depend on the thread count,
-    # so the numbers are the same bit for bit. Reading a job's pages (the copy out of the page cache, or the disk
-    # read) overlaps the other workers' reductions: torch releases the GIL.
-    local = threading.local()
+    threads = max(1, threads or min(8, _cpus()))
+    jobs = _jobs(plan, chunk_bytes)
+    files = _Files(jobs)
+    local, torch_threads = threading.local(), torch.get_num_threads()
 
-    def job(t: _Tensor, e0: int | None, step: int):
-        try:
-            return _job(t, e0, step)
-        except Exception as e:   # safetensors' SafetensorError (a header that lies about its data) derives from Exception
-            if "Safetensor" not in type(e).__name__:
-                raise
-            raise _damaged(t.file, str(e)) from None
-
-    def _job(t: _Tensor, e0: int | None, step: int):
-        scratch = local.__dict__.setdefault("scratch", _Scratch())
-        if e0 is None:   # a thread keeps its handle for ~chunk_bytes of tensors, then reopens (mapped pages go)
-            fh, fh_file, fh_bytes = local.__dict__.get("fh", (None, None, 0))
-            if fh is None or fh_file != t.file or fh_bytes >= chunk_bytes:
-                fh = fh_bytes = None
-                fh, fh_bytes = safe_open(str(t.file), framework="pt"), 0
-            w = fh.get_tensor(t.key)
-            local.fh = (fh, t.file, fh_bytes + t.nbytes)
-        else:
-            with safe_open(str(t.file), framework="pt") as h:
-                w = h.get_slice(t.key)[e0:e0 + step]
+    def norms(pc: _Piece, w: torch.Tensor, scratch):
+        t = pc.t
         if t.kind == "router":
             return _norms(w, 1, scratch)              # router [E, H]: rows
         if t.kind != "fused":                         # gate/up [I, H]: rows; down [H, I]: columns
@@ -226,39 +312,43 @@ def _reduce(plan: list[_Tensor], gated: bool, transposed: bool, interleaved: boo
         return gate_up_norms(w, gated=gated and t.role == "gate_up", transposed=transposed,
                              interleaved=interleaved, scratch=scratch)
 
-    def release():   # each worker drops its handle before the pool ends
-        local.__dict__.pop("fh", None)
-        barrier.wait()
+    def reduce(j: _Job, fd: int) -> list:
+        if not hasattr(local, "scratch"):
+            local.scratch = _Scratch()
+            torch.set_num_threads(1)          # this worker's ops only (OpenMP's setting is per thread)
+        mm = _mapped(fd, j)
+        try:
+            return [norms(pc, _view(mm, j, pc), local.scratch) for pc in j.pieces]
+        finally:                              # views are gone with the frames: unmap
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:           # views still held by a traceback: unmapped with them
+                    pass
 
-    def jobs():
-        for i, t in enumerate(plan):
-            ahead.advise(i)
-            if t.kind != "fused":
-                yield t, None, 0, True
-                continue
-            step = max(1, int(chunk_bytes // max(1, t.nbytes // t.shape[0])))
-            starts = range(0, t.shape[0], step)
-            for e0 in starts:
-                yield t, e0, step, e0 == starts[-1]
+    def collect(j: _Job, fut, done: int) -> int:
+        for pc, res in zip(j.pieces, fut.result()):
+            done = _collect(per_layer, pc.t, res, parts, pc.last, done, total, progress)
+        return done
 
-    ahead = _Readahead(plan)
-    pending, parts, barrier = collections.deque(), [], threading.Barrier(threads)
+    pending, parts = collections.deque(), []
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="hetmoe-scores") as pool:
             try:
-                for t, e0, step, last in jobs():
-                    pending.append((t, last, pool.submit(job, t, e0, step)))
-                    while len(pending) > threads:
-                        t, last, fut = pending.popleft()
-                        done = _collect(per_layer, t, fut.result(), parts, last, done, total, progress)
+                for i, j in enumerate(jobs):
+                    files.advise(i)
+                    pending.append((j, pool.submit(reduce, j, files.fd(j.file))))
+                    while len(pending) > 2 * threads or (pending and pending[0][1].done()):
+                        done = collect(*pending.popleft(), done)
                 while pending:
-                    t, last, fut = pending.popleft()
-                    done = _collect(per_layer, t, fut.result(), parts, last, done, total, progress)
-            finally:
-                for f in [pool.submit(release) for _ in range(threads)]:
-                    f.result()
+                    done = collect(*pending.popleft(), done)
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
     finally:
-        ahead.close()
+        files.close()
+        torch.set_num_threads(torch_threads)   # what new threads inherit (and MKL's, global) as it was
     return per_layer
 
 

@@ -317,24 +317,31 @@ class Store:
         a previous failed row for ``key`` is replaced.
         """
         run = {"origin": "computed", **run, "key": key, "status": "ok", "created_at": _now()}
+        with self._append_once("SELECT 1 FROM runs WHERE key=? AND status='ok'", [key]) as con:
+            if con is None:
+                return False
+            con.execute("DELETE FROM runs WHERE key=?", [key])
+            con.execute("DELETE FROM metrics WHERE key=?", [key])
+            _insert(con, "runs", run)
+            for m in metrics:
+                _insert(con, "metrics", {"key": key, **m})
+            if placement is not None:
+                _insert(con, "placements", {**placement, "created_at": _now()}, ignore=True)
+        return True
+
+    @contextlib.contextmanager
+    def _append_once(self, exists_sql: str, params: list):
+        """One write transaction for an append-only table: yields the connection, or None (and changes nothing)
+        when ``exists_sql`` finds a row; commits when the body ends, rolls back when it raises."""
         with self._connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
             try:
-                if con.execute("SELECT 1 FROM runs WHERE key=? AND status='ok'", [key]).fetchone():
-                    con.execute("ROLLBACK")
-                    return False
-                con.execute("DELETE FROM runs WHERE key=?", [key])
-                con.execute("DELETE FROM metrics WHERE key=?", [key])
-                _insert(con, "runs", run)
-                for m in metrics:
-                    _insert(con, "metrics", {"key": key, **m})
-                if placement is not None:
-                    _insert(con, "placements", {**placement, "created_at": _now()}, ignore=True)
-                con.execute("COMMIT")
+                fresh = con.execute(exists_sql, params).fetchone() is None
+                yield con if fresh else None
+                con.execute("COMMIT" if fresh else "ROLLBACK")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        return True
 
     def get_computed(self, compute_key: str) -> tuple[str, list[dict]] | None:
         """(key, metrics) of a successful result computed (not itself shared) for the computation ``compute_key``,
@@ -414,20 +421,13 @@ class Store:
     def put_sensitivity(self, key: str, model_fingerprint: str, preset: str, config: dict, result: dict) -> bool:
         """Store one sensitivity measurement (its full config and JSON result) in one transaction.
         Append-only: returns False and changes nothing if ``key`` is already stored."""
-        with self._connect(write=True) as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                if con.execute("SELECT 1 FROM sensitivity WHERE key=?", [key]).fetchone():
-                    con.execute("ROLLBACK")
-                    return False
-                _insert(con, "sensitivity", {"key": key, "model_fingerprint": model_fingerprint, "preset": preset,
-                                             "config": canonical_json(config),
-                                             "versions": canonical_json(config.get("versions", {})),
-                                             "result": canonical_json(result), "created_at": _now()})
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self._append_once("SELECT 1 FROM sensitivity WHERE key=?", [key]) as con:
+            if con is None:
+                return False
+            _insert(con, "sensitivity", {"key": key, "model_fingerprint": model_fingerprint, "preset": preset,
+                                         "config": canonical_json(config),
+                                         "versions": canonical_json(config.get("versions", {})),
+                                         "result": canonical_json(result), "created_at": _now()})
         return True
 
     def get_sensitivity(self, key: str) -> dict | None:

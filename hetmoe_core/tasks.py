@@ -121,10 +121,34 @@ def higher_is_better(metric: str) -> bool | None:
     return is_higher_better(metric.split("[", 1)[0])
 
 
+def _env_info_once() -> None:
+    """Make lm-eval collect its environment report once per process, not after every task.
+
+    ``simple_evaluate`` ends every call with ``add_env_info``, which runs torch's ``collect_env`` (``pip list``,
+    ``lsb_release``, ... as subprocesses): about 1 s per task, measured, more than a small task's forwards, and
+    a stretch no Cancel can interrupt (``bench/bench_cancel.py`` found most slow cancels there). hetmoe never reads
+    that report (every result stores its own library versions), so later calls get a copy of the first one.
+    The official route without it, ``lm_eval.evaluator.evaluate``, would mean re-typing simple_evaluate's seeding
+    and few-shot set-up, which must stay lm-eval's own so that the numbers are lm-eval's."""
+    import copy
+    from lm_eval import evaluator
+    if getattr(evaluator.add_env_info, "hetmoe_once", False):
+        return
+    collect, first = evaluator.add_env_info, {}
+
+    def add_env_info(storage: dict) -> None:
+        if not first:
+            collect(first)
+        storage.update(copy.deepcopy(first))
+    add_env_info.hetmoe_once = True
+    evaluator.add_env_info = add_env_info
+
+
 def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:
     """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr, higher_is_better}]
     (the direction as the task's results declare it, ``results["higher_is_better"][task]``)."""
     import lm_eval
+    _env_info_once()
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
     try:

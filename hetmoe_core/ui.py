@@ -452,6 +452,47 @@ class _BackgroundJob:
         return min(1.0, self.done / self.total) if self.total else 0.0
 
 
+def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note: str, poll_s: float = 0.5,
+                 wait_s: float = 1.0) -> None:
+    """The progress panel of the background job kept in ``st.session_state[key]`` (a ``_BackgroundJob``).
+
+    An ``st.fragment`` that reruns alone every ``poll_s`` seconds while the job runs: a progress bar captioned
+    ``running_text(job)`` and a Cancel button (widget key ``cancel_key``) whose click sets the job's cancel event
+    and shows the toast ``cancel_note`` at once. The job then stops within one layer's forward (the core's cancel
+    checks); meanwhile the panel waits for its thread up to ``wait_s`` seconds per run instead of the next poll, so
+    the outcome shows as soon as it stops (so the answer to Cancel does not wait for a poll, and the poll can stay
+    slow enough to cost the computation nothing: every fragment run is a script run, which Streamlit ends with a
+    full garbage collection under the GIL). Once the job has ended, ``ended(job)`` draws its outcome and the whole
+    page reruns once: buttons disabled during the run are enabled again and the polling stops."""
+    ss = st.session_state
+    job = ss.get(key)
+
+    def cancel(j):
+        j.cancel.set()
+        j.cancelled_at = time.time()
+        st.toast(cancel_note, icon="⏹️")
+
+    @st.fragment(run_every=poll_s if job is not None and job.running else None)
+    def panel():
+        j = ss.get(key)
+        if j is None:
+            return
+        if j.running and j.cancel.is_set():
+            j.thread.join(wait_s)
+        if j.running:
+            if j.cancel.is_set():
+                st.progress(j.fraction, text=f"Cancelling … {running_text(j)}")
+            else:
+                st.progress(j.fraction, text=running_text(j))
+                st.button("Cancel", key=cancel_key, on_click=cancel, args=(j,))
+            return
+        ended(j)
+        if ss.get(f"_{key}_seen") is not j:      # the job just ended: rerun the whole page once
+            ss[f"_{key}_seen"] = j
+            st.rerun(scope="app")
+    panel()
+
+
 class Job(_BackgroundJob):
     """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result."""
     name = "hetmoe-eval"

@@ -93,12 +93,13 @@ class Validation:
         return [np.asarray(v, dtype=np.float64) for v in out]
 
 
-def _texts(texts):
-    """(texts by domain, where they came from) from None (routing.default_calibration), a file path or texts."""
+def _texts(texts, source: str | None = None):
+    """(texts by domain, where they came from) from None (``routing.default_calibration(source)``: the built-in
+    sentences for ``tiny:`` models, else the shipped validation text), a file path or texts."""
     from pathlib import Path
     from .routing import _as_domains, default_calibration, read_calibration
     if texts is None:
-        return default_calibration()
+        return default_calibration(source)
     if isinstance(texts, (str, Path)):
         return read_calibration(texts), str(texts)
     return _as_domains(texts), "given"
@@ -128,7 +129,7 @@ def stored_validation(source: str, preset, *, seeds=5, texts=None, tokens: int =
     noise, seeds = _check_noise(preset), _seeds(seeds)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
         raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
-    key, _ = request_key(source_fingerprint(source), noise, _texts(texts)[0], tokens, seeds, dtype, device, n_boot)
+    key, _ = request_key(source_fingerprint(source), noise, _texts(texts, source)[0], tokens, seeds, dtype, device, n_boot)
     st = store if isinstance(store, Store) else Store(store)
     hit = st.get_sensitivity(key)
     return None if hit is None else Validation(**{**hit, "cached": True})

@@ -1,6 +1,4 @@
 """Evaluate page: a noise preset (every parameter editable), strategies, budgets, seeds, tasks; run in background."""
-import time
-
 import streamlit as st
 
 from hetmoe_core import evaluate as ev
@@ -122,13 +120,6 @@ def _start(source, kw):
     ss["eval_job"] = ui.Job(h, source=source, store=None, **kw)
 
 
-def _cancel(j):
-    """Cancel's callback: the job stops at its next forward pass; the answer is immediate."""
-    j.cancel.set()
-    j.cancelled_at = time.time()
-    st.toast("Cancelling: the evaluation stops at its next forward pass; finished results stay stored.")
-
-
 running = job is not None and job.running
 b1, b2 = st.columns([1, 5])
 b1.button("Run", type="primary", disabled=running or not specs, key="ev_run", on_click=_start,
@@ -137,22 +128,14 @@ if running:
     b2.caption("An evaluation is running: Run is disabled until it ends or is cancelled.")
 
 
-@st.fragment(run_every=0.5 if running else None)
-def progress():
-    """Polls the background job twice a second; only this fragment reruns while the job runs."""
-    j = ss.get("eval_job")
-    if j is None:
-        return
-    if j.running:
-        last = j.results[-1] if j.results else None
-        what = (f"last: {last['task']} · {last['strategy']} · {last['budget'] * 100:g}%"
-                f"{' (cached)' if last['cached'] else ''}") if last else "loading the model and the tasks"
-        if j.cancel.is_set():
-            st.progress(j.fraction, text=f"Cancelling … {j.done} / {j.total or '?'} results kept")
-        else:
-            st.progress(j.fraction, text=f"{j.done} / {j.total or '?'} results · {what} · {j.elapsed:.0f} s")
-            st.button("Cancel", key="ev_cancel", on_click=_cancel, args=(j,))
-        return
+def running_text(j) -> str:
+    last = j.results[-1] if j.results else None
+    what = (f"last: {last['task']} · {last['strategy']} · {last['budget'] * 100:g}%"
+            f"{' (cached)' if last['cached'] else ''}") if last else "loading the model and the tasks"
+    return f"{j.done} / {j.total or '?'} results · {what} · {j.elapsed:.0f} s"
+
+
+def ended(j) -> None:
     if j.status == "done":
         st.success(f"Done: {len(j.results)} results in {j.elapsed:.1f} s "
                    f"({sum(r['cached'] for r in j.results)} from the cache).")
@@ -160,14 +143,13 @@ def progress():
         st.warning(f"Cancelled after {len(j.results)} results (those are stored).")
     else:
         st.error(f"The evaluation stopped: {j.error}")
-    if ss.get("_job_seen") is not j:      # the job just ended: refresh the whole page once (stops the polling)
-        ss["_job_seen"] = j
-        st.rerun(scope="app")
     if j.results:
         st.dataframe(results.result_rows(j.results), hide_index=True)
 
 
-progress()
+ui.job_progress("eval_job", running_text, ended, cancel_key="ev_cancel",
+                cancel_note="Cancelling: the evaluation stops within one layer's forward; finished results stay "
+                            "stored.")
 if (job is None or not job.running) and have and (job is None or job.kwargs != {"source": ss["source"],
                                                                                    "store": None, **kw}):
     st.markdown("**Cached results of this configuration** (shown without running):")

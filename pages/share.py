@@ -88,7 +88,8 @@ if up is not None:
         try:
             manifest, tables = read_snapshot(path)
         except (SnapshotError, ValueError) as e:
-            st.error(f"{up.name} is not a valid hetmoe snapshot: {e}")
+            why = str(e).replace(str(path), up.name)   # the server's temporary path means nothing to the user
+            st.error(why if why.startswith(up.name) else f"{up.name} is not a valid hetmoe snapshot: {why}")
             st.stop()
         st.success(f"Valid snapshot from hetmoe {manifest.get('hetmoe_version', '?')}, created "
                    f"{manifest.get('created_at', '?')}: {results.snapshot_contents(tables)}.")
@@ -97,7 +98,7 @@ if up is not None:
             try:
                 st.success(results.import_message(import_snapshot(path, store)) + " See the Results page.")
             except (SnapshotError, ValueError) as e:
-                st.error(f"Import failed, the store is unchanged: {e}")
+                st.error(f"Import failed, the store is unchanged: {str(e).replace(str(path), up.name)}")
         try:
             c2.download_button("HTML report of this snapshot", _report(str(path), manifest_sig(manifest)),
                                "hetmoe_snapshot_report.html", "text/html", key="dl_upload_report")

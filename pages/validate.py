@@ -47,24 +47,19 @@ tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, ke
                           help="calibration tokens the damage is measured on (the default model's validation text)"))
 job = ss.get("val_job")
 running = job is not None and job.running
-if c4.button("Measure", type="primary", disabled=running, key="val_run",
-             help="Stored results come back at once; a new request runs in the background."):
-    ss["val_job"] = job = ui.ValidationJob(h, preset, seeds, tokens, store.path)
-    running = True
 
 
-@st.fragment(run_every=1.0 if running else None)
-def progress():
-    """Polls the background measurement once a second; only this fragment reruns while it runs."""
-    j = ss.get("val_job")
-    if j is None:
-        return
-    if j.running:
-        st.progress(j.fraction, text=f"measuring · {j.done} / {j.total or '?'} · {j.elapsed:.0f} s")
-        if st.button("Cancel", key="val_cancel"):
-            j.cancel.set()
-            st.toast("Cancelling at the next forward pass …")
-        return
+def _start():
+    """Measure's callback: the job starts before the page is drawn, so Measure is drawn disabled while it runs."""
+    ss["val_job"] = ui.ValidationJob(h, ss["val_preset"], int(ss["val_seeds"]), int(ss["val_tokens"]), store.path)
+
+
+c4.button("Measure", type="primary", disabled=running, key="val_run", on_click=_start,
+          help="Disabled while a measurement runs." if running else
+          "Stored results come back at once; a new request runs in the background.")
+
+
+def ended(j) -> None:
     if j.status == "done":
         cached = (j.result or {}).get("cached")
         st.success(f"{'From the store' if cached else 'Measured'} in {j.elapsed:.1f} s.")
@@ -72,12 +67,11 @@ def progress():
         st.warning("Cancelled; nothing was stored for this request.")
     else:
         st.error(f"The measurement stopped: {j.error}")
-    if ss.get("_val_seen") is not j:      # just ended: refresh the whole page once (stops the polling)
-        ss["_val_seen"] = j
-        st.rerun(scope="app")
 
 
-progress()
+ui.job_progress("val_job", lambda j: f"measuring · {j.done} / {j.total or '?'} · {j.elapsed:.0f} s", ended,
+                cancel_key="val_cancel",
+                cancel_note="Cancelling: the measurement stops within one layer's forward; nothing is stored.")
 
 # ---------------------------------------------------------------- which result to show
 stored = stored_validations(store, fp)

@@ -90,13 +90,17 @@ def run_validations(a, store) -> None:
 
 def export(a, store) -> dict:
     from hetmoe_core.evaluate import task_aliases
+    from hetmoe_core.examples import sync_validations
     from hetmoe_core.snapshot import export_snapshot
+    sync_validations(store)   # every measured sensitivity travels with its store key (load_examples restores it)
     filters = {"model_source": ["default"], "preset": list(PRESETS) + ["ideal"], "task": task_aliases()["ppl"],
                "limit": [float(a.limit)], "seed": list(range(a.seeds)), "batch_size": [BATCH]}
     keys = None
     if a.strategies != "all":
         filters["strategy"] = strategies(a.strategies) + ["ideal"]
-    m = export_snapshot(store, a.out, keys=keys, filters=filters)
+    out = Path(a.out).resolve()
+    m = export_snapshot(store, out, keys=keys, filters=filters,   # the shipped snapshot is this script's own output
+                        overwrite=a.force or out == SNAPSHOT.resolve())
     log(f"snapshot {a.out}: {Path(a.out).stat().st_size / 1e3:.0f} KB, "
         + ", ".join(f"{t} {v['rows']} rows" for t, v in m["tables"].items()))
     return m
@@ -188,7 +192,8 @@ def card_section(a, store) -> str:
                              for b in budgets if (x.budget == b).any()]
                 out.append(f"- {what}: " + "; ".join(parts))
             out.append("")
-    vals = stored_validations(store)
+    vals = {n: v for n, v in stored_validations(store).items()   # the script's own request only
+            if v["tokens"] == a.validate_tokens and n_seeds(v["seeds"]) == a.seeds}
     if vals:
         out.append("Measured sensitivity (`validate`, only-this damage of each of the 64 experts on "
                    "calibration text): pooled rank correlation of each criterion with the measured damage, "
@@ -230,6 +235,8 @@ def main() -> int:
     ap.add_argument("--only-seeds", default="", help="e.g. 4,3: this worker's seeds, in this order (a second "
                     "worker on the same store shares the work; the store's locks keep both safe)")
     ap.add_argument("--export-only", action="store_true", help="only write the snapshot of what is stored")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file (the shipped snapshot, "
+                    "the default --out, is always rewritten: the script owns it)")
     ap.add_argument("--no-validate", action="store_true")
     ap.add_argument("--validate-tokens", type=int, default=VALIDATE_TOKENS, help="calibration tokens of each "
                     "validation (16384 = the oracle strategy's own measurement, which it then reuses)")

@@ -414,6 +414,7 @@ def test_info_and_weight_scores_need_no_tokenizer(ckpt, capsys):
     assert rc == 0 and json.loads(out)["family"] == "mixtral", err
     rc, out, err = _cli(capsys, "scores", ckpt, "--no-activation", "--json")
     assert rc == 0 and len(json.loads(out)["layers"][0]["maxnn"]) == 4, err   # tiny Mixtral: 4 experts
+    assert "Loading weights" not in err and "%|" not in err   # --json: no progress bars on stderr either
     rc, _, err = _cli(capsys, "scores", ckpt)                                    # frequency/weight tokenize text
     assert rc == 2 and "needs tokenizer.json" in err.splitlines()[-1]
 

@@ -171,6 +171,8 @@ def test_ray_validate_equals_local(tmp_path, ray_local):
     remote = validate("tiny:olmoe", "paper-pcm-c2.5", store=tmp_path / "r.duckdb", executor=Opts(workers=2),
                       progress=lambda d, t: seen.append((d, t)), **kw).to_dict()
     assert remote == local and not remote["cached"] and sorted(seen) == [(1, 2), (2, 2)]
+    from hetmoe_core.routing import is_builtin   # a tiny: model measures on the built-in sentences, as the UI does
+    assert is_builtin(local["calibration"]["source"]) and local["calibration"]["tokens"] == 128
     per_seed = [r["only_this_seeds"] for r in local["experts"]]
     assert len(per_seed) == 16 and any(a != b for a, b in per_seed)   # the seeds really differ
     again = validate("tiny:olmoe", "paper-pcm-c2.5", store=tmp_path / "r.duckdb", executor=Opts(workers=2), **kw)

@@ -1,4 +1,6 @@
 """MaxNNScore / Router Norm: in-memory vs an independent per-expert loop, streaming vs in-memory."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,42 @@ def test_streaming_threads_give_the_same_bits(models, family, tmp_path):
                 assert np.array_equal(x.neuron_norms[p], y.neuron_norms[p])
             assert np.array_equal(x.router_norm, y.router_norm)
         _assert_same(three, expert_scores(anatomy_of(models[family])))
+
+
+def test_streaming_equals_in_memory_bit_for_bit_at_real_widths(tmp_path):
+    """bf16 OLMoE with rows of 512 and 256 (blocks above torch's parallel grain, so the in-memory reduction runs
+    on 2 threads while streaming workers run 1): per-expert and fused files give exactly the in-memory numbers,
+    which match float64 norms of the bf16 weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("olmoe", vocab_size=64, hidden_size=512, intermediate_size=256, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 + 0.02 * torch.rand(p.shape[:1], generator=g)
+                                                          ).view(-1, *[1] * (p.dim() - 1)))
+    model.save_pretrained(tmp_path / "hub")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "fused.safetensors"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = expert_scores(anatomy_of(model)).layers[0]
+    finally:
+        torch.set_num_threads(threads)
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused.safetensors").rename(tmp_path / "fused" / "model.safetensors")
+    for s in (stream_scores(tmp_path / "hub", threads=2), stream_scores(tmp_path / "fused", threads=3,
+                                                                          chunk_bytes=300_000)):
+        got = s.layers[0]
+        for p in ("gate", "up", "down"):
+            assert np.array_equal(got.neuron_norms[p], ref.neuron_norms[p]), p
+        assert np.array_equal(got.router_norm, ref.router_norm) and np.array_equal(got.maxnn, ref.maxnn)
+    seen = []                                                        # the workers' setting did not leak into
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))   # threads started later
+    t.start(), t.join()
+    assert seen == [threads]
+    m = anatomy_of(model).moe_layers[0]
+    down = m.experts.down_proj.detach().double()                     # [E, H, I]: a neuron's output is a column
+    np.testing.assert_allclose(ref.neuron_norms["down"], down.norm(dim=1).numpy(), rtol=1e-6)
+    assert ref.maxnn.max() > 1.2 * ref.maxnn.min()

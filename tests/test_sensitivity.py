@@ -176,3 +176,26 @@ def test_validate_reports_progress_and_cancels_without_storing(lm, tmp_path):
                    progress=lambda done, total: seen.append((done, total)), cancel=lambda: len(seen) >= 3)
     assert [d for d, _ in seen] == [1, 2, 3] and seen[0][1] > 3
     assert Store(tmp_path / "c.duckdb").sensitivity_frame().empty
+
+
+def test_example_snapshot_restores_the_stored_measurement(tmp_path):
+    """A validation travels in a snapshot with its store key: loading it makes the same request a cache hit."""
+    from hetmoe_core.evaluate import evaluate_many
+    from hetmoe_core.examples import load_examples, stored_validations, sync_validations
+    from hetmoe_core.snapshot import export_snapshot
+    from hetmoe_core.store import Store
+    from hetmoe_core.validation import stored_validation
+    a, b = Store(tmp_path / "a.duckdb"), Store(tmp_path / "b.duckdb")
+    kw = dict(seeds=2, tokens=128, n_boot=50)
+    v = S.validate("tiny:olmoe", "paper-pcm-c2.5", store=a, **kw)
+    evaluate_many("tiny:olmoe", store=a, strategies=["maxnn"], budgets=[0.25], presets=["paper-pcm-c2.5"], seeds=1,
+                  tasks=["hetmoe_cloze"], limit=1, batch_size=4, include_ideal=False)
+    assert len(sync_validations(a)) == 1
+    export_snapshot(a, tmp_path / "x.zip")
+    assert stored_validation("tiny:olmoe", "paper-pcm-c2.5", store=b, **kw) is None
+    assert load_examples(b, tmp_path / "x.zip")["sensitivity"] == 1
+    hit = stored_validation("tiny:olmoe", "paper-pcm-c2.5", store=b, **kw)
+    assert hit is not None and hit.cached and hit.experts == v.experts and hit.best == v.best
+    kept = next(iter(stored_validations(b).values()))
+    assert kept["store_key"] and kept["experts"] == v.experts
+    assert load_examples(b, tmp_path / "x.zip")["sensitivity"] == 0   # idempotent

@@ -3,17 +3,9 @@
 import time
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-
-
-@pytest.fixture
-def store_env(tmp_path, monkeypatch):
-    path = tmp_path / "results.duckdb"
-    monkeypatch.setenv("HETMOE_STORE", str(path))
-    return path
 
 
 def open_page(name, model=None) -> AppTest:
@@ -69,6 +61,27 @@ def test_validate_measures_then_answers_from_the_store(store_env):
     at2.selectbox(key="val_tokens").set_value(256)
     at2.selectbox(key="val_preset").set_value("paper-pcm-c2.5").run()
     assert "val_job" not in at2.session_state and len(at2.get("plotly_chart")) >= 5
+
+
+def test_validate_cancel_answers_and_enables_measure(store_env):
+    """Cancel during a measurement: a toast at once, the job stops (status cancelled, nothing stored), the page
+    says so and Measure is enabled again (it is disabled while the job runs)."""
+    from hetmoe_core.examples import stored_validations
+    from hetmoe_core.fingerprints import source_fingerprint
+    from hetmoe_core.store import Store
+    at = open_page("validate")
+    at.number_input(key="val_seeds").set_value(3)
+    at.selectbox(key="val_tokens").set_value(4096).run()
+    at.button(key="val_run").click().run()
+    job = at.session_state["val_job"]
+    assert job.running and at.button(key="val_run").disabled, "Measure is disabled while the job runs"
+    at.button(key="val_cancel").click().run()
+    assert any(t.value.startswith("Cancelling") for t in at.toast)
+    job = _wait(at, timeout=120)
+    assert job.status == "cancelled" and job.result is None
+    assert any(w.value.startswith("Cancelled") for w in at.warning) and not at.exception
+    assert not at.button(key="val_run").disabled, "Measure is enabled again once the job has stopped"
+    assert stored_validations(Store(store_env), source_fingerprint("default")) == {}
 
 
 def test_empty_store_offers_the_example_results(store_env):

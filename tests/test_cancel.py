@@ -1,0 +1,76 @@
+"""Cancel stops a running evaluation / validation within one layer's forward: the dashboard's own background jobs
+(ui.Job, ui.ValidationJob) on the real default model and a real DuckDB store in tmp, cancelled from this thread
+while the job's thread is inside a forward pass. Bounds are ratios to work timed in the same test, never seconds
+(bench/bench_cancel.py measures the latency itself)."""
+import threading
+import time
+
+import pytest
+import torch
+
+from hetmoe_core import ui
+
+
+@pytest.fixture(scope="module")
+def handle():
+    h = ui.MODELS.hold(("default", "cpu", "float32"), "test_cancel")
+    yield h
+    ui.MODELS.release("test_cancel")
+
+
+def _cancel_inside_forward(model, start, armed) -> tuple:
+    """Start a job; once ``armed(job)`` holds, cancel it from this thread as soon as its thread enters decoder
+    layer 0 of a forward. Returns (job, seconds from cancel to the job's thread ending, seconds from the first
+    entry into layer 0 to the armed one)."""
+    inside, box, seen = threading.Event(), {}, []
+
+    def hook(_m, _a):
+        seen.append(time.perf_counter())
+        if "job" in box and armed(box["job"]) and not inside.is_set():
+            box["inside"] = seen[-1]
+            inside.set()
+    h = model.get_decoder().layers[0].register_forward_pre_hook(hook)
+    try:
+        job = box["job"] = start()
+        assert inside.wait(300), f"the job never reached a forward after arming (status {job.status}: {job.error})"
+        t0 = time.perf_counter()
+        job.cancel.set()
+        job.thread.join(300)
+        return job, time.perf_counter() - t0, box["inside"] - seen[0]
+    finally:
+        h.remove()
+
+
+def test_evaluate_cancel_stops_within_a_fraction_of_one_result(handle, tmp_path):
+    """Cancelled in the middle of a noisy task's forward: stopped in under half the time one computed result took
+    in the same job (before: the check ran once per full forward, and the task's lm-eval bookkeeping, the next
+    unit's noise programming and lm-eval's environment report ran unchecked: about one result's time)."""
+    from hetmoe_core.store import Store
+    store = tmp_path / "r.duckdb"
+    clean = {n: p.detach().clone() for n, p in handle.lm.model.named_parameters()}
+    job, latency, _ = _cancel_inside_forward(
+        handle.lm.model,
+        lambda: ui.Job(handle, source="default", store=str(store), strategies=["maxnn"], budgets=[0.0, 0.25, 0.5],
+                       presets=["paper-pcm-c1.5"], seeds=2, tasks=["hetmoe_cloze"], limit=4, batch_size=8,
+                       backend="fast", scope="layer"),
+        armed=lambda j: j.done >= 3)         # the ideal reference and two noisy results are stored
+    assert job.status == "cancelled", job.error
+    unit = min(r["duration_s"] for r in job.results if not r["cached"] and r["duration_s"])
+    assert 3 <= len(job.results) < 7
+    assert latency < 0.5 * unit, f"cancel took {latency:.3f} s, one result {unit:.3f} s"
+    assert Store(store).counts()["runs"] == len(job.results)      # what finished stays stored, nothing else
+    assert all(torch.equal(p, clean[n]) for n, p in handle.lm.model.named_parameters())   # restored bit for bit
+
+
+def test_validate_cancel_stops_within_a_fraction_of_one_pass(handle, tmp_path):
+    """Cancelled inside the noisy base pass: stopped in under half the time of one base pass, timed in the same
+    job from the clean pass's entry into decoder layer 0 to the noisy pass's (before: the check ran once per
+    pass, so the rest of the pass, LM head and NLL included, ran after the cancel)."""
+    lm = handle.lm
+    clean = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    job, latency, one_pass = _cancel_inside_forward(
+        lm.model, lambda: ui.ValidationJob(handle, "paper-pcm-c1.5", 2, 1024, tmp_path / "v.duckdb"),
+        armed=lambda j: j.done >= 1)         # the clean base pass is done: this is the noisy one
+    assert job.status == "cancelled" and job.result is None, job.error
+    assert latency < 0.5 * one_pass, f"cancel took {latency:.3f} s, one base pass {one_pass:.3f} s"
+    assert all(torch.equal(p, clean[n]) for n, p in lm.model.named_parameters())   # restored bit for bit
