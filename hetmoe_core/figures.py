@@ -73,12 +73,23 @@ def expert_heatmap(values, layers, title: str, value_name: str, digital=None, ex
                   xaxis=dict(title=dict(text="routed expert"), dtick=ticks, range=[-0.5, z.shape[1] - 0.5]),
                   yaxis=dict(title=dict(text="MoE layer"), autorange="reversed", type="category"))
     if digital is not None:
-        xs = [e for d in digital for e in d]
-        ys = [rows[i] for i, d in enumerate(digital) for _ in d]
-        data.append(dict(type="scatter", x=xs, y=ys, mode="markers", name="digital", hoverinfo="skip",
-                         marker=dict(symbol="square-open", size=14, color="#e45756", line=dict(width=3))))
+        data.append(_outlines(digital))
+        layout["yaxis2"] = dict(overlaying="y", range=[len(rows) - 0.5, -0.5], visible=False, fixedrange=True)
         layout["legend"] = dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom")
     return go.Figure(dict(data=data, layout=layout))
+
+
+def _outlines(digital, inset: float = 0.12) -> dict:
+    """One line trace drawing a square around every digital cell (row = MoE layer index, column = expert).
+
+    One SVG path for all of them: a marker per expert (up to every routed expert at a 100 % budget) costs the
+    browser one element each, redrawn on every budget-slider move. Drawn on a hidden numeric y axis (``y2``)
+    laid over the heatmap's category rows (row i at position i)."""
+    sq = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1], [-1, -1], [np.nan, np.nan]]) * [0.5 - inset, 0.5 - inset]
+    cells = np.array([(e, i) for i, d in enumerate(digital) for e in d], dtype=float).reshape(-1, 2)
+    pts = (cells[:, None, :] + sq[None]).reshape(-1, 2)
+    return dict(type="scatter", x=pts[:, 0], y=pts[:, 1], yaxis="y2", mode="lines", name="digital",
+                hoverinfo="skip", connectgaps=False, line=dict(color="#e45756", width=3, simplify=False))
 
 
 def layer_colors(n: int) -> list[str]:

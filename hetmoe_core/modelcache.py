@@ -121,6 +121,11 @@ class ModelCache:
         self._free(evicted)
         return h
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` is loaded now (it may still leave before a later ``hold``)."""
+        with self._lock:
+            return key in self._entries
+
     def acquire(self, handle: ModelHandle, owner: Hashable) -> None:
         """One more hold on an entry already held by the caller (e.g. a background job started from a run).
         Raises ValueError when the entry has left the cache."""

@@ -6,6 +6,7 @@ store). Importing this module imports streamlit.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import secrets
@@ -127,6 +128,28 @@ def page_run():
         if getattr(_RUN, "owner", None) is not None:
             MODELS.release(_RUN.owner)
             _RUN.owner = None
+
+
+def fragment(func):
+    """``st.fragment`` for a page's interactive part: a widget inside it reruns only that function, not app.py,
+    the sidebar or the rest of the page (a budget-slider move redraws its charts without the whole app).
+
+    A rerun of the fragment alone is a script run of its own (no ``frame()``/``page_run()`` around it): the
+    models it holds (``get_model``) are given back when it ends, and it never writes to the sidebar. When the
+    fragment runs as part of the full page run, the page run's holds apply."""
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+        ctx = get_script_run_ctx()
+        if not (ctx is not None and ctx.fragment_ids_this_run):
+            return func(*args, **kwargs)
+        _begin_run()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            MODELS.release(_RUN.owner)
+            _RUN.owner = None
+    return st.fragment(run)
 
 
 _NAV_FLAG_CHECKED = ((1, 36), (1, 67))
@@ -286,9 +309,13 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
     ss = st.session_state
     if getattr(_RUN, "owner", None) is None:    # a run that did not go through frame() (a fragment)
         _begin_run()
+    key = (ss["source"], ss["device"], ss["dtype"])
     try:
-        with st.spinner(f"Loading {ss['source']} …"):
-            h = MODELS.hold((ss["source"], ss["device"], ss["dtype"]), _RUN.owner)
+        if key in MODELS:      # no spinner when loaded: st.spinner starts a timer thread, on every slider move
+            h = MODELS.hold(key, _RUN.owner)
+        else:
+            with st.spinner(f"Loading {ss['source']} …"):
+                h = MODELS.hold(key, _RUN.owner)
         a, slot = h.lm.anatomy, getattr(_RUN, "slot", None)
         if slot is not None:
             slot.caption(f"**{a.model_class}** · {len(a.moe_layers)} MoE layers · {a.moe_layers[0].num_experts} "
@@ -316,7 +343,10 @@ def require_model() -> ModelHandle:
 
 
 # ------------------------------------------------------------------------------------------- cached data
-@st.cache_data(max_entries=8, show_spinner=False)
+# st.cache_resource, not st.cache_data: these are read-only, and cache_data unpickles a fresh copy on every call
+# (every rerun: the calibration text, every expert's neuron norms). Keys are fingerprints and short strings;
+# the model handle is never hashed (leading underscore).
+@st.cache_resource(max_entries=8, show_spinner=False)
 def expert_scores(fingerprint: str, dtype: str, _handle: ModelHandle):
     """scores.ExpertScores of the loaded model (cached by weights fingerprint and dtype; read under the model lock)."""
     from .scores import expert_scores as compute
@@ -324,7 +354,7 @@ def expert_scores(fingerprint: str, dtype: str, _handle: ModelHandle):
         return compute(_handle.lm.anatomy)
 
 
-@st.cache_data(max_entries=4, show_spinner=False)
+@st.cache_resource(max_entries=4, show_spinner=False)
 def calibration(source: str | None = None) -> tuple[dict | None, str | None, str]:
     """(texts by domain, hash, message) for model ``source``: the default calibration text (sweep.calibration_text;
     message: a note when it is the built-in tiny-model sentences, else ""), or (None, None, why not) when its
@@ -338,7 +368,7 @@ def calibration(source: str | None = None) -> tuple[dict | None, str | None, str
         return None, None, str(e)
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
+@st.cache_resource(max_entries=8, show_spinner=False)
 def activation_stats(fingerprint: str, calib_hash: str, _handle: ModelHandle, _texts: dict):
     """routing.ActivationStats on the calibration text (also cached on disk by routing)."""
     from .routing import activation_stats as compute
@@ -367,6 +397,17 @@ def stats_for(handle: ModelHandle, show: bool = True):
             if show:
                 st.warning(f"Activation statistics failed: {e}")
             return None
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _shapes(fingerprint: str, source: str, _handle: ModelHandle):
+    from .energy import shapes_of
+    return shapes_of(_handle.lm.model, _handle.lm.anatomy, source)
+
+
+def shapes(handle: ModelHandle):
+    """energy.ModelShapes of the held model (cached by weights fingerprint: a rerun does not walk the modules)."""
+    return _shapes(handle.lm.fingerprint, handle.lm.source, handle)
 
 
 # ------------------------------------------------------------------------------------------- background jobs
@@ -506,7 +547,7 @@ class Job(_BackgroundJob):
 
 
 # ------------------------------------------------------------------------------------------- scores without a model
-@st.cache_data(max_entries=8, show_spinner=False)
+@st.cache_resource(max_entries=8, show_spinner=False)
 def _streamed_scores(fingerprint: str, folder: str):
     from .scores import stream_scores
     return stream_scores(folder)

@@ -75,17 +75,25 @@ else:
     st.info("The scatter needs activation frequency (not available for this model yet).")
 
 st.subheader("Neuron norms of one expert")
-c1, c2 = st.columns(2)
-if ss.get("sens_layer") not in layers:
-    ss["sens_layer"] = layers[int(np.argmax([m.max() for m in maxnn]))]
-li = layers.index(c1.selectbox("MoE layer (decoder index)", layers, key="sens_layer", persist_state="session"))
-E = len(maxnn[li])
-if ss.get("sens_expert") not in range(E):
-    ss["sens_expert"] = int(np.argmax(maxnn[li]))
-e = c2.selectbox("Expert", list(range(E)), key="sens_expert", persist_state="session",
-                 format_func=lambda x: f"{x}  (MaxNNScore {maxnn[li][x]:.3g})")
-norms = {p: v[e] for p, v in sc.layers[li].neuron_norms.items()}
-st.plotly_chart(figures.neuron_histogram(norms, layers[li], e), key="hist")
-rank = int((maxnn[li] > maxnn[li][e]).sum()) + 1
-st.caption(f"Expert {e} ranks {rank} of {E} by MaxNNScore in layer {layers[li]}; its score is the product of the "
-           "three maxima in the legend.")
+
+
+@st.fragment
+def one_expert():
+    """Choosing a layer or an expert reruns only this section (the heatmaps and the scatter above stay)."""
+    c1, c2 = st.columns(2)
+    if ss.get("sens_layer") not in layers:
+        ss["sens_layer"] = layers[int(np.argmax([m.max() for m in maxnn]))]
+    li = layers.index(c1.selectbox("MoE layer (decoder index)", layers, key="sens_layer", persist_state="session"))
+    E = len(maxnn[li])
+    if ss.get("sens_expert") not in range(E):
+        ss["sens_expert"] = int(np.argmax(maxnn[li]))
+    e = c2.selectbox("Expert", list(range(E)), key="sens_expert", persist_state="session",
+                     format_func=lambda x: f"{x}  (MaxNNScore {maxnn[li][x]:.3g})")
+    norms = {p: v[e] for p, v in sc.layers[li].neuron_norms.items()}
+    st.plotly_chart(figures.neuron_histogram(norms, layers[li], e), key="hist")
+    rank = int((maxnn[li] > maxnn[li][e]).sum()) + 1
+    st.caption(f"Expert {e} ranks {rank} of {E} by MaxNNScore in layer {layers[li]}; its score is the product of the "
+               "three maxima in the legend.")
+
+
+one_expert()
