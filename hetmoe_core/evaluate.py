@@ -250,6 +250,29 @@ def _unit_placement(lm, store: Store, head: RunSpec, calib_text, measured: dict)
                  seed=head.seed, stats=stats, measured=measured.get((head.strategy, head.noise)))
 
 
+def spec_routing_drift(lm, spec: RunSpec, store: Store | str | None = None, *, tokens: int = 1024,
+                       calib_text: dict | None = None) -> list[dict]:
+    """Routing drift of one planned result: its placement (strategy, budget, scope, dense policy) under its noise
+    and seed vs the digital model, on ``tokens`` calibration tokens (``sensitivity.routing_drift`` rows per MoE
+    layer: changed_share = share of tokens whose top-k expert set changes, max/mean expert load ideal vs noisy).
+    ROMER (arXiv 2605.11800) reports that noise breaks expert load balance. Raises ValueError for the ideal
+    reference (nothing is noisy) and for the oracle without a stored measurement of this noise (measure it on
+    the Validate page or with ``validate`` first: it takes minutes, too long to start here)."""
+    from .noise import NoiseConfig
+    from .sensitivity import calibration_tokens, routing_drift
+    from .validation import _texts, stored_validation
+    st = store if isinstance(store, Store) else Store(store)
+    if spec.ideal:
+        raise ValueError("the ideal reference is all digital and noise-free: it has no routing drift")
+    noise = NoiseConfig(**dict(spec.noise))
+    if spec.strategy == "oracle" and stored_validation(lm.source, noise, texts=calib_text, store=st) is None:
+        raise ValueError(f"the oracle needs the measured damage under {noise.name}: measure it on the Validate page "
+                         "(or `python -m hetmoe_core validate`) first")
+    placement = _unit_placement(lm, st, spec, calib_text, _measured(lm, [spec], st, calib_text, None))
+    ids = calibration_tokens(lm.tokenizer, _texts(calib_text, lm.source)[0], tokens)
+    return routing_drift(lm, placement, noise, ids, seeds=[spec.seed])
+
+
 def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
     """(lm-eval HFLM of the batch size, context that makes the model noisy for this unit; ``check()`` runs between
     the programmed layers and may raise Cancelled)."""

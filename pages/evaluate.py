@@ -155,3 +155,25 @@ if (job is None or not job.running) and have and (job is None or job.kwargs != {
     st.markdown("**Cached results of this configuration** (shown without running):")
     st.dataframe(results.result_rows([results.stored_result(store, s.key) for s in specs if s.key in have]),
                  hide_index=True)
+
+# ---------------------------------------------------------------- routing drift of the placement
+noisy = [s for s in specs if not s.ideal]
+if noisy:
+    first = noisy[0]
+    with st.expander("Routing drift: does the noise change which experts the router picks?"):
+        st.caption(f"The sweep's first noisy result — {figures.STRATEGY_LABELS.get(first.strategy, first.strategy)}, "
+                   f"{first.budget * 100:g}% digital, {first.preset}, seed {first.seed} — against the digital "
+                   "model on 1,024 calibration tokens: per MoE layer, the share of tokens whose top-k expert set "
+                   "changes, and the max/mean expert load before and after (ROMER, arXiv 2605.11800, reports noise "
+                   "breaking expert load balance).")
+        if st.button("Measure routing drift", key="ev_drift", disabled=running,
+                     help="Waits for no run: disabled while an evaluation runs on this model."):
+            try:
+                with st.spinner("Routing the calibration tokens, digital and noisy …"):
+                    ss["ev_drift_rows"] = (first.key, ev.spec_routing_drift(h.lm, first, store))
+            except ValueError as e:
+                st.error(str(e))
+        got = ss.get("ev_drift_rows")
+        if got and got[0] == first.key:
+            st.plotly_chart(figures.routing_drift({"routing_drift": got[1]}), key="ev_drift_chart")
+            st.dataframe(got[1], hide_index=True)

@@ -299,3 +299,16 @@ def test_a_reloaded_evaluate_page_finds_its_running_job_and_cancels_it(store_env
     assert job.status == "cancelled"
     fresh = page(app(), "evaluate")                           # another browser without the id sees no job
     assert "eval_job" not in fresh.session_state
+
+
+def test_evaluate_measures_routing_drift_of_the_placement(store_env):
+    """Evaluate shows the routing drift of the sweep's first noisy placement: digital budget 0 under strong noise
+    changes some top-k sets in the later MoE layers, never in the first (its router sees only digital input)."""
+    at = page(app(), "evaluate")
+    at.text_input(key="ev_budgets").set_value("0").run()
+    at.button(key="ev_drift").click().run()
+    assert not at.exception and not at.error
+    rows = at.session_state["ev_drift_rows"][1]
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3] and rows[0]["changed_share"] == 0.0
+    assert 0 < max(r["changed_share"] for r in rows) < 1
+    assert at.get("plotly_chart")
