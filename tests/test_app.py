@@ -171,13 +171,18 @@ def test_share_imports_a_valid_snapshot_and_rejects_garbage(store_env, tmp_path,
     assert "upload.zip" not in at.error[0].value   # no server temp path in a message
 
 
-def test_cancel_stops_a_running_sweep(store_env):
-    from hetmoe_core.store import Store
+def sweep_of_ten() -> AppTest:
+    """The Evaluate page set for a 10-result sweep (ideal + budgets 0, 25, 50 % x 3 seeds, one task, limit 4)."""
     at = page(app(), "evaluate")
     at.multiselect(key="ev_tasks").set_value([eval_task()])
     at.number_input(key="ev_limit").set_value(4)
     at.number_input(key="ev_seeds").set_value(3)
-    at.text_input(key="ev_budgets").set_value("0, 25, 50").run()
+    return at.text_input(key="ev_budgets").set_value("0, 25, 50").run()
+
+
+def test_cancel_stops_a_running_sweep(store_env):
+    from hetmoe_core.store import Store
+    at = sweep_of_ten()
     assert any(m.value.startswith("**10 results**") for m in at.markdown)     # ideal + 3 budgets x 3 seeds
     at.button(key="ev_run").click().run()
     assert at.get("progress"), "one progress bar while the job runs"
@@ -283,11 +288,7 @@ def test_evaluate_noise_widgets_come_from_the_field_metadata(store_env):
 
 def test_a_reloaded_evaluate_page_finds_its_running_job_and_cancels_it(store_env):
     """A reload is a new session: the URL's job id brings back the progress bar and Cancel of the running job."""
-    at = page(app(), "evaluate")
-    at.multiselect(key="ev_tasks").set_value([eval_task()])
-    at.number_input(key="ev_limit").set_value(4)
-    at.number_input(key="ev_seeds").set_value(3)
-    at.text_input(key="ev_budgets").set_value("0, 25, 50").run()
+    at = sweep_of_ten()
     at.button(key="ev_run").click().run()
     job = at.session_state["eval_job"]
     assert job.id in str(at.query_params["eval_job"])        # the job's id is in the page's URL
