@@ -306,6 +306,7 @@ def test_evaluate_measures_routing_drift_of_the_placement(store_env):
     """Evaluate shows the routing drift of the sweep's first noisy placement: digital budget 0 under strong noise
     changes some top-k sets in the later MoE layers, never in the first (its router sees only digital input)."""
     at = page(app(), "evaluate")
+    assert {"Oracle (measured damage)", "Local output error"} <= set(at.multiselect(key="ev_strategies").options)
     at.text_input(key="ev_budgets").set_value("0").run()
     at.button(key="ev_drift").click().run()
     assert not at.exception and not at.error
