@@ -27,26 +27,48 @@ def validation_name(preset: str, seeds, tokens: int, calibration_hash: str) -> s
     return f"{PREFIX}{preset}:s{n_seeds(seeds)}:t{int(tokens)}:{str(calibration_hash)[:12]}"
 
 
+def validation_record(validation: dict, key: str | None = None, config: dict | None = None) -> tuple[str, dict]:
+    """(expert-statistics name, kept dict) of a Validation.to_dict(): the result, a shipped calibration file named
+    relative to the install, and the store key and full config of its ``sensitivity`` row when known."""
+    c = validation.get("calibration") or {}
+    name = validation_name(validation["preset"], validation["seeds"], validation["tokens"], c.get("hash", ""))
+    kept = {k: v for k, v in validation.items() if k not in ("cached", "store_key", "store_config")}
+    if c.get("source") and Path(str(c["source"])).is_absolute():   # a shipped text: no machine's path in a snapshot
+        from .routing import shipped_name
+        kept["calibration"] = {**c, "source": shipped_name(c["source"])}
+    if key:
+        kept.update(store_key=key, store_config=config)
+    return name, kept
+
+
 def put_validation(store, validation: dict) -> str:
     """Keep a Validation.to_dict() as expert statistics of its model; returns the name used.
 
     When the store's ``sensitivity`` table holds this very result (``sensitivity.validate`` stored it), its key and
-    full config are kept with it (``store_key``, ``store_config``) so that ``load_examples`` can restore the row.
+    full config are kept with it (``store_key``, ``store_config``) so that ``restore_measurements`` can put the row
+    back in another store.
     """
     from .store import canonical_json
-    c = validation.get("calibration") or {}
-    name = validation_name(validation["preset"], validation["seeds"], validation["tokens"], c.get("hash", ""))
     result = {k: v for k, v in validation.items() if k not in ("cached", "store_key", "store_config")}
     row = store.query("SELECT key, config FROM sensitivity WHERE model_fingerprint = ? AND result = ?",
                       [validation["model_fingerprint"], canonical_json(result)])
-    kept = dict(result)
-    if c.get("source") and Path(str(c["source"])).is_absolute():   # a shipped text: no machine's path in a snapshot
-        from .routing import shipped_name
-        kept["calibration"] = {**c, "source": shipped_name(c["source"])}
-    if len(row):
-        kept.update(store_key=row.key.iloc[0], store_config=json.loads(row.config.iloc[0]))
+    key, config = (row.key.iloc[0], json.loads(row.config.iloc[0])) if len(row) else (None, None)
+    name, kept = validation_record(result, key, config)
     store.put_expert_stats(validation["model_fingerprint"], name, kept)
     return name
+
+
+def restore_measurements(store) -> int:
+    """Put every validation kept as expert statistics with its store key back into the ``sensitivity`` table
+    (append-only), so ``validate`` and the ``oracle`` strategy answer those requests from the store. Returns the
+    rows added."""
+    restored = 0
+    for v in stored_validations(store).values():
+        if v.get("store_key") and v.get("store_config"):
+            result = {k: x for k, x in v.items() if k not in ("store_key", "store_config")}
+            restored += store.put_sensitivity(v["store_key"], v["model_fingerprint"], v["preset"],
+                                              v["store_config"], result)
+    return restored
 
 
 def sync_validations(store, fingerprint: str | None = None) -> list[str]:
@@ -71,18 +93,11 @@ def stored_validations(store, fingerprint: str | None = None) -> dict[str, dict]
 
 def load_examples(store, path: str | Path = EXAMPLES) -> dict:
     """Merge the shipped example snapshot into ``store`` (snapshot.import_snapshot: validated, idempotent, one
-    transaction) and put each validation it carries back into the ``sensitivity`` table (append-only), so
-    ``validate`` and the ``oracle`` strategy answer those requests from the store. Returns the import's counts
-    plus ``sensitivity`` (rows restored). Raises ValueError if the snapshot is missing (a broken install:
+    transaction; the measured sensitivities it carries go back into the ``sensitivity`` table, so ``validate``
+    and the ``oracle`` strategy answer those requests from the store). Returns the import's counts, with
+    ``added["sensitivity"]`` the measurements restored (absent when none). Raises ValueError if the snapshot is missing (a broken install:
     reinstall, or run scripts/example_results.py) or invalid."""
     from .snapshot import import_snapshot
     if not Path(path).is_file():
         raise ValueError(f"no example results at {path}; reinstall hetmoe or run scripts/example_results.py")
-    counts = import_snapshot(path, store)
-    restored = 0
-    for v in stored_validations(store).values():
-        if v.get("store_key") and v.get("store_config"):
-            result = {k: x for k, x in v.items() if k not in ("store_key", "store_config")}
-            restored += store.put_sensitivity(v["store_key"], v["model_fingerprint"], v["preset"],
-                                              v["store_config"], result)
-    return {**counts, "sensitivity": restored}
+    return import_snapshot(path, store)   # also restores the measurements it carries (restore_measurements)

@@ -118,7 +118,8 @@ def summary_table(rows: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
 
 _TABLE_WORDS = {"runs": ("result", "results"), "metrics": ("metric value", "metric values"),
                 "placements": ("placement", "placements"), "expert_stats": ("expert statistics table",
-                                                                        "expert statistics tables")}
+                                                                        "expert statistics tables"),
+                "sensitivity": ("measured sensitivity", "measured sensitivities")}
 
 
 def _count(n: int, table: str) -> str:

@@ -19,7 +19,7 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .store import (ADDED_COLUMNS, SCHEMA_VERSION, TABLES, V2_COLUMNS, Store, _where, atomic_write, metric_problem,
+from .store import (ADDED_COLUMNS, canonical_json, SCHEMA_VERSION, TABLES, V2_COLUMNS, Store, _where, atomic_write, metric_problem,
                     output_path)
 
 FORMAT = "hetmoe-snapshot"
@@ -77,6 +77,10 @@ def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: d
     }
     with store.read_connection() as con:
         tables = {t: con.sql(q, params=params).to_arrow_table() for t, q in queries.items()}
+        measured = con.sql(f"SELECT model_fingerprint, key, config, result, created_at FROM sensitivity WHERE "
+                           f"model_fingerprint IN (SELECT model_fingerprint FROM runs WHERE key IN ({sel})) "
+                           "ORDER BY created_at", params=params).fetchall()
+    tables["expert_stats"] = _with_measurements(tables["expert_stats"], measured)
     if tables["runs"].num_rows == 0:
         raise ValueError("no stored results match; check the keys/filters with `runs`")
     manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "hetmoe_version": __version__,
@@ -213,6 +217,24 @@ def _with_provenance(t: str, table, origin: str):
     return table.set_column(i, "origin", pc.cast(pa.array([origin] * table.num_rows), pa.string()))
 
 
+def _with_measurements(stats, measured: list) -> "pa.Table":
+    """The expert_stats table plus each measured sensitivity (rows of the store's ``sensitivity`` table) as a
+    validation entry with its store key (``examples.validation_record``), so a snapshot carries the measurements
+    and ``import_snapshot`` restores them; an entry of the same name is replaced."""
+    import pyarrow as pa
+    from .examples import validation_record
+    if not measured:
+        return stats
+    rows = {}
+    for fp, key, config, result, created in measured:
+        name, kept = validation_record(json.loads(result), key, json.loads(config))
+        rows[(fp, name)] = {"model_fingerprint": fp, "name": name, "stats": canonical_json(kept),
+                            "created_at": created}
+    old = [r for r in stats.to_pylist() if (r["model_fingerprint"], r["name"]) not in rows]
+    out = sorted(old + list(rows.values()), key=lambda r: (r["model_fingerprint"], r["name"]))
+    return pa.Table.from_pylist(out, schema=stats.schema)
+
+
 def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
     """Merge a snapshot into ``store`` in one transaction (idempotent); returns rows added per table.
 
@@ -246,4 +268,8 @@ def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
         unfit = f"snapshot rows do not fit the store: {e}"
     if unfit:
         raise SnapshotError(unfit)
+    from .examples import restore_measurements
+    restored = restore_measurements(store)   # measured sensitivities travel as expert statistics
+    if restored:
+        added["sensitivity"] = restored
     return {"added": added, "snapshot_rows": {t: manifest["tables"][t]["rows"] for t in TABLES}}

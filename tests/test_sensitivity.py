@@ -193,9 +193,18 @@ def test_example_snapshot_restores_the_stored_measurement(tmp_path):
     assert len(sync_validations(a)) == 1
     export_snapshot(a, tmp_path / "x.zip")
     assert stored_validation("tiny:olmoe", "paper-pcm-c2.5", store=b, **kw) is None
-    assert load_examples(b, tmp_path / "x.zip")["sensitivity"] == 1
+    assert load_examples(b, tmp_path / "x.zip")["added"]["sensitivity"] == 1
     hit = stored_validation("tiny:olmoe", "paper-pcm-c2.5", store=b, **kw)
     assert hit is not None and hit.cached and hit.experts == v.experts and hit.best == v.best
     kept = next(iter(stored_validations(b).values()))
     assert kept["store_key"] and kept["experts"] == v.experts
-    assert load_examples(b, tmp_path / "x.zip")["sensitivity"] == 0   # idempotent
+    assert "sensitivity" not in load_examples(b, tmp_path / "x.zip")["added"]   # idempotent
+    # any snapshot carries the measurements, even of a store that never kept them as statistics
+    c, d = Store(tmp_path / "c.duckdb"), Store(tmp_path / "d.duckdb")
+    S.validate("tiny:olmoe", "paper-pcm-c2.5", store=c, **kw)
+    evaluate_many("tiny:olmoe", store=c, strategies=["maxnn"], budgets=[0.25], presets=["paper-pcm-c2.5"], seeds=1,
+                  tasks=["hetmoe_cloze"], limit=1, batch_size=4, include_ideal=False)
+    assert not stored_validations(c)
+    assert cli.main(["export", str(tmp_path / "y.zip"), "--store", str(c.path)]) == 0
+    assert cli.main(["import", str(tmp_path / "y.zip"), "--store", str(d.path)]) == 0
+    assert stored_validation("tiny:olmoe", "paper-pcm-c2.5", store=d, **kw).experts == v.experts
