@@ -4,9 +4,9 @@ store so the Results and Validate pages show curves at once.
 
 Measured sensitivities (``sensitivity.validate``) travel in the snapshot as expert statistics named
 ``validation:<preset>:s<seeds>:t<tokens>:<calibration hash[:12]>`` (the snapshot format carries the expert_stats
-table), so the Validate page can show them without recomputing. Each also carries the key and full config of its
-row in the store's ``sensitivity`` table (``store_key``, ``store_config``); loading the examples puts that row back,
-so the same ``validate`` request, and the ``oracle`` strategy that asks it, answer from the store at once.
+table), so the Validate page can show them without recomputing. In a snapshot each also carries the key and full
+config of its row in the store's ``sensitivity`` table (``store_key``, ``store_config``); importing the snapshot puts
+that row back, so the same ``validate`` request, and the ``oracle`` strategy that asks it, answer from the store.
 """
 from __future__ import annotations
 
@@ -42,18 +42,9 @@ def validation_record(validation: dict, key: str | None = None, config: dict | N
 
 
 def put_validation(store, validation: dict) -> str:
-    """Keep a Validation.to_dict() as expert statistics of its model; returns the name used.
-
-    When the store's ``sensitivity`` table holds this very result (``sensitivity.validate`` stored it), its key and
-    full config are kept with it (``store_key``, ``store_config``) so that ``restore_measurements`` can put the row
-    back in another store.
-    """
-    from .store import canonical_json
-    result = {k: v for k, v in validation.items() if k not in ("cached", "store_key", "store_config")}
-    row = store.query("SELECT key, config FROM sensitivity WHERE model_fingerprint = ? AND result = ?",
-                      [validation["model_fingerprint"], canonical_json(result)])
-    key, config = (row.key.iloc[0], json.loads(row.config.iloc[0])) if len(row) else (None, None)
-    name, kept = validation_record(result, key, config)
+    """Keep a Validation.to_dict() as expert statistics of its model (the Validate page lists them); returns the
+    name used. A snapshot adds the store key of each measurement itself (``snapshot.export_snapshot``)."""
+    name, kept = validation_record(validation)
     store.put_expert_stats(validation["model_fingerprint"], name, kept)
     return name
 
@@ -69,15 +60,6 @@ def restore_measurements(store) -> int:
             restored += store.put_sensitivity(v["store_key"], v["model_fingerprint"], v["preset"],
                                               v["store_config"], result)
     return restored
-
-
-def sync_validations(store, fingerprint: str | None = None) -> list[str]:
-    """Keep every stored ``sensitivity`` measurement (of one model if ``fingerprint``) as expert statistics
-    (``put_validation``), so a snapshot of the store carries it. Returns the names written."""
-    sql, params = "SELECT result FROM sensitivity", []
-    if fingerprint:
-        sql, params = sql + " WHERE model_fingerprint = ?", [fingerprint]
-    return [put_validation(store, json.loads(r)) for r in store.query(sql + " ORDER BY created_at", params).result]
 
 
 def stored_validations(store, fingerprint: str | None = None) -> dict[str, dict]:

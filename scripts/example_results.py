@@ -90,9 +90,7 @@ def run_validations(a, store) -> None:
 
 def export(a, store) -> dict:
     from hetmoe_core.evaluate import task_aliases
-    from hetmoe_core.examples import sync_validations
     from hetmoe_core.snapshot import export_snapshot
-    sync_validations(store)   # every measured sensitivity travels with its store key (load_examples restores it)
     filters = {"model_source": ["default"], "preset": list(PRESETS) + ["ideal"], "task": task_aliases()["ppl"],
                "limit": [float(a.limit)], "seed": list(range(a.seeds)), "batch_size": [BATCH]}
     keys = None
