@@ -217,7 +217,7 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
     memo: dict = {}
     try:
         measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
-        for group in units(todo):
+        for group in _seed_major(units(todo)):
             if cancel is not None and cancel.is_set():
                 break
             with state["lock"]:
@@ -225,6 +225,16 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
                     report(spec, _result(spec, False, metrics, run))
     except Cancelled:
         pass
+
+
+def _seed_major(groups: list[list[RunSpec]]) -> list[list[RunSpec]]:
+    """Units ordered so that those sharing (noise, seed, backend) follow each other (else first-seen order): the
+    experts programmed for one seed are reused by every placement (``tiles.ProgrammedCache``) before the next seed
+    pushes them out of a bounded cache."""
+    first: dict = {}
+    for g in groups:
+        first.setdefault((g[0].noise, g[0].seed, g[0].backend), len(first))
+    return sorted(groups, key=lambda g: first[(g[0].noise, g[0].seed, g[0].backend)])
 
 
 def _measured(lm, specs, store, calib_text, cancel) -> dict:
@@ -310,7 +320,7 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
     cfg = head.config()
     ident = {"model": cfg["model"], "device": cfg["device"], "versions": cfg["versions"], "ideal": head.ideal,
              "digital": placement.digital, "dense": placement.dense, "noise": dict(head.noise),
-             "seed": None if same_any_seed else head.seed, "backend": head.backend}
+             "seed": None if same_any_seed else head.seed, "backend": head.backend, "draws": cfg.get("draws")}
 
     def comp(spec):
         return config_key({**ident, "task": [spec.task.name, spec.task.version], "limit": spec.limit,

@@ -1,8 +1,8 @@
 """The fast analog backend: programmed weights in place, converters inside a vectorised experts forward.
 
 Per seed, the analog expert slices of the fused expert tensors (``experts.gate_up_proj`` / ``down_proj``) and the
-analog dense weights are programmed once, in place, through aihwkit's noise-model functions, tile by tile
-(``tiles.program_weights``). DAC/ADC quantization (aihwkit ``UniformQuantize``) and output noise act inside an
+analog dense weights are programmed in place through aihwkit's noise-model functions, tile by tile
+(``tiles.program_weights``); each routed expert is its own draw, kept across placements (``tiles.ProgrammedCache``). DAC/ADC quantization (aihwkit ``UniformQuantize``) and output noise act inside an
 experts forward registered in transformers' ``ExpertsInterface`` (``moe_dispatch``; only analog experts' rows), and
 through forward hooks on analog dense modules. Clean copies of the changed slices are kept for an exact restore.
 """
@@ -14,8 +14,8 @@ from torch import nn
 from .backend import AnalogBackend
 from .moe_dispatch import apply_gate, grouped_matmul, set_state
 from .noise import NoiseConfig
-from .tiles import (_CHUNK_ELEMS, _channel_absmax, _cumstarts, _derive_seed, _quantize, _w_in, program_weights,
-                    split_sizes)
+from .tiles import (_CHUNK_ELEMS, ProgrammedCache, _channel_absmax, _cumstarts, _derive_seed, _quantize, _w_in,
+                    program_weights, split_sizes)
 
 
 class _FastExperts:
@@ -316,6 +316,9 @@ class FastBackend(AnalogBackend):
         clean_bytes, ts = 0, noise.tile_size
         gen = torch.Generator(device=device).manual_seed(_derive_seed(seed, m.experts_name + ":out"))
         state = _FastExperts(m, noise, ids, gen, adc_bounds)
+        cache = ProgrammedCache.of(self.model)
+        if nm is not None:
+            cache.check_clean((_w_in(m), m.experts.down_proj))
         idx = torch.tensor(ids, dtype=torch.long, device=device)
         for key, p in (("in", _w_in(m)), ("down", m.experts.down_proj)):
             fold = state.fold(key)
@@ -329,14 +332,17 @@ class FastBackend(AnalogBackend):
             stack.callback(lambda p=p, idx=idx, clean=clean: p.data.index_copy_(0, idx, clean))
             g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
             chunk = max(1, _CHUNK_ELEMS // (O * I))
+            nz = noise if not (nm is not None and adc_bounds and noise.adc_bits and not state.recorder) else \
+                noise.replace(out_bound=adc_bounds.bounds[(m.index, key)])  # drift readout's ADC
             for c0 in range(0, len(ids), chunk):
                 self.check()
                 sub = ids[c0:c0 + chunk]
-                if nm is not None:
-                    nz = noise if not (adc_bounds and noise.adc_bits and not state.recorder) else \
-                        noise.replace(out_bound=adc_bounds.bounds[(m.index, key)])  # drift readout's ADC
-                    w, sc = program_weights(logical[sub], nz, nm, sizes, split_sizes(O, ts),
-                                            _derive_seed(seed, f"{m.experts_name}.{key}:{sub[0]}-{sub[-1]}"), device)
+                if nm is not None:   # each expert its own draw, programmed once per (seed, noise): ProgrammedCache
+                    w, sc = (torch.cat(t) for t in zip(*(cache.expert(
+                        (seed, nz, m.experts_name, key, e),
+                        lambda e=e: program_weights(logical[e:e + 1], nz, nm, sizes, split_sizes(O, ts),
+                                                    _derive_seed(seed, f"{m.experts_name}.{key}:{e}-{e}"), device))
+                        for e in sub)))
                 else:
                     w, sc = logical[sub].float(), _channel_absmax(logical[sub], sizes)
                 if state.io_out:  # store in ADC steps per unit DAC code (see _FastExperts)

@@ -15,6 +15,10 @@ from .strategies import STRATEGIES, get_strategy
 from .tasks import TaskRef, resolve_tasks
 
 IDEAL = "ideal"                    # strategy / preset / backend name of the all-digital reference results
+DRAWS = "per-expert"
+"""How programming noise is drawn, in every analog result's key: each routed expert from its own seed
+(``tiles.ProgrammedCache``). Results stored before this field existed drew chunks of experts together and are
+never taken for today's computations."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class RunSpec:
                 "placement": {"strategy": self.strategy, "budget": self.budget, "scope": self.scope,
                               "dense": dict(self.dense), "seed": self.seed if self.strategy == "random" else 0,
                               "calibration": self.calibration},
-                "noise": dict(self.noise), "seed": self.seed, "backend": self.backend}
+                "noise": dict(self.noise), "seed": self.seed, "backend": self.backend, "draws": DRAWS}
 
     @property
     def key(self) -> str:

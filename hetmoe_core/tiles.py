@@ -137,3 +137,86 @@ def _cumstarts(sizes):
         out.append(s)
         s += n
     return out
+
+
+class ProgrammedCache:
+    """Programmed experts of one model, kept across placements: each expert is drawn once per (seed, noise).
+
+    Every routed expert's programming noise is seeded by itself (``_derive_seed(seed, "<experts>.<proj>:e-e")``,
+    the seed ``sensitivity`` measures each expert's damage with), so an expert's programmed weights do not depend
+    on which other experts are analog: a sweep over strategies and digital budgets at one seed programs each
+    expert once and every placement copies its analog experts' draws (speed), and the expert that the
+    sensitivity measurement saw is the very draw each evaluation uses (pairing).
+
+    Entries: ``(seed, NoiseConfig, experts module name, "in"|"down", expert) -> (w [1, O, I] float32 in the
+    weights' units, scales [1, O, T] float32)`` as :func:`program_weights` returns them, on the model's device.
+    Least recently used out first beyond ``max_bytes`` (default ``HETMOE_PROGRAM_CACHE_MB`` MiB, 512): the
+    default model holds ~30 MB per seed; an OLMoE-1B-7B-sized model (6.4 G expert weights, 26 GB per seed) keeps
+    none and programs each placement afresh with the same numbers. Lives on the model object (``of``), so it
+    goes with the model (a deep copy of the model starts empty); guarded by a lock (callers also hold the model's
+    lock while its weights are noisy). Entries are dropped when an expert weight tensor is replaced or edited in
+    place as a Parameter (its storage or autograd version changes: ``check_clean``); an edit through ``.data``
+    leaves no trace, so code that does one must call :meth:`clear`.
+    """
+
+    def __init__(self, max_bytes: int | None = None):
+        import os
+        import threading
+        from collections import OrderedDict
+        self.max_bytes = int(max_bytes if max_bytes is not None
+                             else float(os.environ.get("HETMOE_PROGRAM_CACHE_MB", "512")) * 2 ** 20)
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self.stamps: dict[int, tuple[int, int]] = {}
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo) -> "ProgrammedCache":
+        return type(self)(self.max_bytes)
+
+    def check_clean(self, params) -> None:
+        """Forget every entry unless each of ``params`` (torch Parameters) is the tensor, unedited, that the
+        entries were programmed from: same storage (``data_ptr``) and autograd version (``_version``)."""
+        with self.lock:
+            for p in params:
+                stamp = (p.data_ptr(), p._version)
+                if self.stamps.get(id(p), stamp) != stamp:
+                    self.entries.clear()
+                    self.bytes = 0
+                    self.stamps.clear()
+                self.stamps[id(p)] = stamp
+
+    @classmethod
+    def of(cls, model) -> "ProgrammedCache":
+        """The cache attached to ``model`` (created on first use)."""
+        cache = getattr(model, "_hetmoe_programmed", None)
+        if cache is None:
+            cache = cls()
+            model._hetmoe_programmed = cache
+        return cache
+
+    def expert(self, key: tuple, program) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entry under ``key``, else ``program()`` -> (w, scales), stored (if it fits) and returned."""
+        with self.lock:
+            got = self.entries.get(key)
+            if got is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return got
+        got = program()
+        size = sum(t.numel() * t.element_size() for t in got)
+        with self.lock:
+            self.misses += 1
+            if size <= self.max_bytes and key not in self.entries:
+                self.entries[key] = got
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, old = self.entries.popitem(last=False)
+                    self.bytes -= sum(t.numel() * t.element_size() for t in old)
+        return got
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.bytes = 0
+            self.stamps.clear()

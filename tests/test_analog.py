@@ -319,3 +319,40 @@ def test_bfloat16_fast_path_matches_float32_within_bf16_rounding(equiv_setup, mo
             err = ((y16[i].float() - y32[i]).norm() / y32[i].norm()).item()
             assert noise > 0.02 and err < 0.5 * noise, (i, err, noise)
         assert sizes.largest <= max(S, 1024), sizes.largest     # float32: [S, 1] factors, one DAC block
+
+
+def test_each_expert_is_its_own_draw_programmed_once_per_seed():
+    """An analog expert's programmed weights do not depend on which other experts are analog (its own seed, the one
+    the sensitivity measurement uses); a second placement at the same seed programs only the experts not seen yet
+    (tiles.ProgrammedCache) and gets the bits that programming afresh gives; editing a weight drops the cache."""
+    from hetmoe_core.tiles import ProgrammedCache
+    model = tiny_model("qwen2_moe")                            # 8 routed experts per MoE layer
+    a = anatomy_of(model)
+    m, cfg = a.moe_layers[0], get_preset("paper-pcm-c2.5")
+    half, full = place(a, "maxnn", 0.5), Placement.all_analog(a)
+    e = half.analog_experts(0)[0]
+    n_half = 2 * sum(len(half.analog_experts(i)) for i in range(len(a.moe_layers)))   # gate_up + down per expert
+    n_all = 2 * sum(len(full.analog_experts(i)) for i in range(len(a.moe_layers)))
+    cache = ProgrammedCache.of(model)
+    cache.clear()
+    h0, m0 = cache.hits, cache.misses
+    with analog(model, a, half, cfg, seed=3):
+        w_half = m.down(e).clone()
+    with analog(model, a, full, cfg, seed=3):
+        w_full = m.down(e).clone()
+    assert torch.equal(w_half, w_full)
+    assert (cache.hits - h0, cache.misses - m0) == (n_half, n_all)
+    cache.clear()
+    with analog(model, a, full, cfg, seed=3):
+        assert torch.equal(m.down(e), w_full)                  # a cache hit is the fresh draw, bit for bit
+    with analog(model, a, full, cfg, seed=4):
+        assert not torch.equal(m.down(e), w_full)
+    clean = m.experts.down_proj.detach().clone()
+    with torch.no_grad():                                      # an edited weight: programmed afresh
+        m.experts.down_proj.add_(0.01 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)))
+    m1 = cache.misses
+    with analog(model, a, half, cfg, seed=3):
+        assert not torch.equal(m.down(e), w_half)
+    assert cache.misses - m1 == n_half
+    with torch.no_grad():
+        m.experts.down_proj.copy_(clean)
