@@ -93,6 +93,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--strategy", default="maxnn")
     ap.add_argument("--budget", type=float, default=0.125)
+    ap.add_argument("--sweep", default="maxnn,frequency,weight,random:0.125,0.25,0.5",
+                    help="strategies:budgets of the sweep measured per seed (one process, one store, as a sweep "
+                         "runs); '' to skip")
     a = ap.parse_args()
     import logging
     for name in ("lm_eval", "datasets", "transformers"):
@@ -113,6 +116,17 @@ def main():
                 wall, fwd = time.perf_counter() - t0, clock.total - f0
                 assert not res["cached"]
                 rows[p].append((wall, fwd, clock.calls - c0, program_time(lm, p, r, a.strategy, a.budget)))
+        sweep = []
+        if a.sweep:   # a sweep at one seed: every placement reuses the seed's programmed experts, tasks are built once
+            strats, budgets = (x.split(",") for x in a.sweep.split(":"))
+            store = Path(d) / "sweep.duckdb"
+            for r in range(a.rounds + 1):
+                f0, t0 = clock.total, time.perf_counter()
+                res = evaluate_many(a.source, lm=lm, store=store, presets=list(rows), seeds=[100 + r], tasks=a.task,
+                                    limit=a.limit, strategies=strats, budgets=[float(b) for b in budgets],
+                                    include_ideal=False)
+                n = sum(not x["cached"] and not x.get("shared_from") for x in res)
+                sweep.append((time.perf_counter() - t0, clock.total - f0, len(res), n))
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     for p in rows:
         off, short = programming_shortcut(p)
@@ -125,6 +139,11 @@ def main():
         print(f"{p:<22} result {w:6.2f} s = forward {f:5.2f} s ({n:.0f} calls) + overhead {w - f:5.2f} s "
               f"(programming {g:5.2f} s); overhead/forward {(w - f) / max(f, 1e-9):6.2f} (goal <= 0.2); "
               f"first round {w0:.2f} s")
+    if sweep:
+        w, f, n, k = (statistics.median(x[i] for x in sweep[1:]) for i in range(4))
+        print(f"sweep of {n:.0f} results per seed ({k:.0f} computed, the rest shared), {a.sweep}, presets {a.presets}: "
+              f"{w:.2f} s = forward {f:.2f} s + overhead {w - f:.2f} s; per computed result {(w - f) / max(k, 1):.3f} s "
+              f"overhead vs {f / max(k, 1):.3f} s forward; overhead/forward {(w - f) / max(f, 1e-9):.2f} (goal <= 0.2)")
 
 
 if __name__ == "__main__":

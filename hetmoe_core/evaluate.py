@@ -113,7 +113,7 @@ def _get_model(source, device, dtype, revision, trust_remote_code):
 def _state(lm) -> dict:
     with _model_lock:
         if lm not in _per_model:
-            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}}
+            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}, "tasks": {}}   # tasks: tasks._built_tasks
         return _per_model[lm]
 
 
@@ -215,16 +215,55 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
         from .scores import expert_scores
         store.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
     memo: dict = {}
+    known = store.computed_keys(lm.fingerprint)   # computations stored before this call (one read)
+    writer = _Batched(store)
     try:
         measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
         for group in _seed_major(units(todo)):
             if cancel is not None and cancel.is_set():
                 break
             with state["lock"]:
-                for spec, metrics, run in _run_unit(lm, state, group, store, cancel, calib_text, memo, measured):
+                for spec, metrics, run in _run_unit(lm, state, group, writer, cancel, calib_text, memo, measured,
+                                                    known):
                     report(spec, _result(spec, False, metrics, run))
     except Cancelled:
         pass
+    finally:
+        writer.flush()
+
+
+class _Batched:
+    """The store as a sweep writes it: results are kept and written together (``Store.put_results``, one
+    connection) once ``max_n`` wait or ``max_s`` seconds passed since the last write, and whenever the sweep ends,
+    fails or is cancelled (``flush``). A killed process loses at most those seconds' results (the sweep resumes
+    there); everything else goes straight to the store. ``max_s`` defaults to ``HETMOE_WRITE_EVERY_S`` (2 s;
+    0 writes each result as it is done)."""
+
+    def __init__(self, store, max_n: int = 64, max_s: float | None = None):
+        import os
+        self.store, self.max_n = store, max_n
+        self.max_s = float(os.environ.get("HETMOE_WRITE_EVERY_S", "2")) if max_s is None else max_s
+        self.pending: list[tuple] = []
+        self.since = time.monotonic()
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def put_result(self, key, run, metrics, placement=None) -> bool:
+        self.pending.append((key, run, metrics, placement))
+        if len(self.pending) >= self.max_n or time.monotonic() - self.since >= self.max_s:
+            self.flush()
+        return True
+
+    def put_failure(self, key, run, error) -> None:
+        self.flush()
+        self.store.put_failure(key, run, error)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.store.put_results(self.pending)
+            self.pending.clear()
+        self.since = time.monotonic()
 
 
 def _seed_major(groups: list[list[RunSpec]]) -> list[list[RunSpec]]:
@@ -298,7 +337,8 @@ def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
                                      seed=head.seed, backend=head.backend, check=check)
 
 
-def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text, memo: dict, measured: dict):
+def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text, memo: dict, measured: dict,
+              known: set | None = None):
     """Build the placement and noisy model of one unit and run its tasks; yields (spec, metrics, run row).
 
     Identical work is done once. A computation is (weights, dtype, device, digital set, dense policy, noise,
@@ -307,7 +347,9 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
     same numbers); e.g. budget 0 gives every strategy the same all-analog placement. Its hash is stored with each
     result (``compute_key``); a result whose computation was already done, in this call (``memo``) or in the
     store, is stored under its own key without running the model, marked ``shared_from`` = the key of the result
-    that was computed, with duration_s 0.
+    that was computed, with duration_s 0. ``known``: the compute keys the store held when the sweep began
+    (``Store.computed_keys``; None: look every one up), so a unit reads the store only for a computation found
+    there (one computed meanwhile by another process is computed again: the same numbers, not marked shared).
     """
     from .placement import digital_share
     head = group[0]
@@ -333,8 +375,9 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
         store.put_result(spec.key, run, metrics, prow)
         return spec, metrics, run
     pending = []
+    found = store.get_computed_many(c for c in map(comp, group) if c not in memo and (known is None or c in known))
     for spec in group:
-        done = memo.get(comp(spec)) or store.get_computed(comp(spec))
+        done = memo.get(comp(spec)) or found.get(comp(spec))
         if done is not None:
             memo[comp(spec)] = done
             yield save(spec, done[1], datetime.now(timezone.utc).replace(tzinfo=None), 0.0, shared_from=done[0])
@@ -351,7 +394,7 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
             check()
             started, t0 = datetime.now(timezone.utc).replace(tzinfo=None), time.perf_counter()
             try:
-                metrics = _run_task(hflm, spec.task, spec)
+                metrics = _run_task(hflm, spec.task, spec, state["tasks"])
             except (ValueError, Cancelled):
                 raise
             except Exception as e:
@@ -375,8 +418,11 @@ def _activation_stats(lm, store: Store, calib_text: dict | None):
     texts = calib_text if calib_text is not None else calibration_text(lm.source)[0]
     stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, max_length=256, fingerprint=lm.fingerprint)
     name = f"activation:{calibration_hash(texts, 256)[:16]}"
-    if store.get_expert_stats(lm.fingerprint, name) is None:
-        store.put_expert_stats(lm.fingerprint, name, stats.to_dict())
+    seen = store.__dict__.setdefault("_activation_kept", set())   # one look-up per store object, not per unit
+    if (lm.fingerprint, name) not in seen:
+        if store.get_expert_stats(lm.fingerprint, name) is None:
+            store.put_expert_stats(lm.fingerprint, name, stats.to_dict())
+        seen.add((lm.fingerprint, name))
     return stats
 
 

@@ -331,22 +331,13 @@ class FastBackend(AnalogBackend):
             clean_bytes += clean.numel() * clean.element_size()
             stack.callback(lambda p=p, idx=idx, clean=clean: p.data.index_copy_(0, idx, clean))
             g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
-            chunk = max(1, _CHUNK_ELEMS // (O * I))
             nz = noise if not (nm is not None and adc_bounds and noise.adc_bits and not state.recorder) else \
                 noise.replace(out_bound=adc_bounds.bounds[(m.index, key)])  # drift readout's ADC
-            for c0 in range(0, len(ids), chunk):
+            for sub, w, sc in self._pieces(cache, m, key, logical, nz, sizes, ids):
                 self.check()
-                sub = ids[c0:c0 + chunk]
-                if nm is not None:   # each expert its own draw, programmed once per (seed, noise): ProgrammedCache
-                    w, sc = (torch.cat(t) for t in zip(*(cache.expert(
-                        (seed, nz, m.experts_name, key, e),
-                        lambda e=e: program_weights(logical[e:e + 1], nz, nm, sizes, split_sizes(O, ts),
-                                                    _derive_seed(seed, f"{m.experts_name}.{key}:{e}-{e}"), device))
-                        for e in sub)))
-                else:
-                    w, sc = logical[sub].float(), _channel_absmax(logical[sub], sizes)
                 if state.io_out:  # store in ADC steps per unit DAC code (see _FastExperts)
-                    w = w * torch.repeat_interleave(fold / sc, torch.tensor(sizes, device=device), dim=-1)
+                    w = w * (fold / sc if len(sizes) == 1 else
+                             torch.repeat_interleave(fold / sc, torch.tensor(sizes, device=device), dim=-1))
                     g_out[:, sub] = (sc * state.s_out(key)).permute(2, 0, 1)
                 p.data[sub] = (w.transpose(1, 2) if m.transposed else w).to(p.dtype)
             if state.io_out:
@@ -355,6 +346,25 @@ class FastBackend(AnalogBackend):
         if noise.io_active or state.recorder is not None:  # programmed weights alone need no special forward
             set_state(m.experts, state)
         return clean_bytes
+
+    def _pieces(self, cache, m, key, logical, nz, sizes, ids):
+        """(expert ids, tile weights ``[n, O, I]`` float32, scales ``[n, O, T]``) of the analog experts ``ids``.
+
+        With weight noise: one expert at a time, each its own draw (seed ``<experts>.<proj>:e-e``), programmed once
+        per (seed, noise) and then taken from the model's ``ProgrammedCache``. Without: the clean weights and
+        their per-channel abs-max, a bounded chunk of experts at a time."""
+        O, I = logical.shape[1:]
+        if self.nm is None:
+            chunk = max(1, _CHUNK_ELEMS // (O * I))
+            for c0 in range(0, len(ids), chunk):
+                sub = ids[c0:c0 + chunk]
+                yield sub, logical[sub].float(), _channel_absmax(logical[sub], sizes)
+            return
+        out_sizes = split_sizes(O, nz.tile_size)
+        for e in ids:
+            name = f"{m.experts_name}.{key}:{e}-{e}"
+            yield ([e], *cache.expert((self.seed, nz, m.experts_name, key, e), lambda: program_weights(
+                logical[e:e + 1], nz, self.nm, sizes, out_sizes, _derive_seed(self.seed, name), self.device)))
 
     def dense(self, stack, uname, kind, unit) -> int:
         noise, seed, device, nm = self.noise, self.seed, self.device, self.nm

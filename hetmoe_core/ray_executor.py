@@ -229,10 +229,10 @@ class _Outbox:
         self.writes.append(("result", key, run, metrics, placement))
         return True
 
-    def get_computed(self, compute_key):
+    def get_computed_many(self, compute_keys):
         # A worker cannot read the driver's store: identical work done earlier in this worker is reused through
         # evaluate's memo; work done elsewhere is recomputed here (same numbers), stored without ``shared_from``.
-        return None
+        return {}
 
     def put_failure(self, key, run, error) -> None:
         self.writes.append(("failure", key, run, error))

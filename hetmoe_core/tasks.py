@@ -122,7 +122,7 @@ def higher_is_better(metric: str) -> bool | None:
 
 
 def _env_info_once() -> None:
-    """Make lm-eval collect its environment report once per process, not after every task.
+    """Make lm-eval collect its environment report (and its git hash) once per process, not after every task.
 
     ``simple_evaluate`` ends every call with ``add_env_info``, which runs torch's ``collect_env`` (``pip list``,
     ``lsb_release``, ... as subprocesses): about 1 s per task, measured, more than a small task's forwards, and
@@ -135,25 +135,49 @@ def _env_info_once() -> None:
     if getattr(evaluator.add_env_info, "hetmoe_once", False):
         return
     collect, first = evaluator.add_env_info, {}
+    git_hash, commit = evaluator.get_git_commit_hash, []
 
     def add_env_info(storage: dict) -> None:
         if not first:
             collect(first)
         storage.update(copy.deepcopy(first))
+
+    def get_git_commit_hash():   # likewise `git describe` in a subprocess per task (~20 ms, measured): once
+        if not commit:
+            commit.append(git_hash())
+        return commit[0]
     add_env_info.hetmoe_once = True
-    evaluator.add_env_info = add_env_info
+    evaluator.add_env_info, evaluator.get_git_commit_hash = add_env_info, get_git_commit_hash
 
 
-def _run_task(hflm, ref: TaskRef, spec) -> list[dict]:
+def _built_tasks(tm, ref: TaskRef, num_fewshot, built: dict | None) -> list:
+    """What ``simple_evaluate`` gets as ``tasks``: the task's name, or with ``built`` (a dict the caller keeps, per
+    model and under its lock) the lm-eval Task / Group objects that lm-eval's ``TaskManager.load`` built for it
+    the first time, kept per (task, include path, few-shot count). Building a task reads its documents (~40 ms
+    for a local JSON task, measured), more than half of a one-document result's forward; ``simple_evaluate``
+    takes built objects as they are (``TaskManager.load`` passes Task and Group through), re-sets their few-shot
+    count and seed, and builds each call's requests afresh, so the numbers are those of a fresh build (test)."""
+    if built is None:
+        return [ref.name]
+    key = (ref.name, ref.include_path, num_fewshot)
+    if key not in built:
+        loaded = tm.load([ref.name])
+        built[key] = [loaded["groups"][ref.name]] if ref.name in loaded["groups"] else list(loaded["tasks"].values())
+    return list(built[key])
+
+
+def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]:
     """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr, higher_is_better}]
-    (the direction as the task's results declare it, ``results["higher_is_better"][task]``)."""
+    (the direction as the task's results declare it, ``results["higher_is_better"][task]``). ``built``: see
+    :func:`_built_tasks` (None: lm-eval builds the task from its name)."""
     import lm_eval
     _env_info_once()
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
+    tasks = _built_tasks(tm, ref, spec.num_fewshot, built)
     try:
         with contextlib.redirect_stdout(sys.stderr):   # lm-eval prints progress notes; stdout stays for --json
-            res = lm_eval.simple_evaluate(model=hflm, tasks=[ref.name], task_manager=tm, limit=limit,
+            res = lm_eval.simple_evaluate(model=hflm, tasks=tasks, task_manager=tm, limit=limit,
                                           num_fewshot=spec.num_fewshot, bootstrap_iters=BOOTSTRAP_ITERS,
                                           log_samples=False, verbosity="ERROR")
     except AssertionError:   # lm-eval asserts that every answer fits the model's context window

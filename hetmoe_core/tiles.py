@@ -23,10 +23,18 @@ def _derive_seed(seed: int, name: str) -> int:
 
 @contextmanager
 def _seeded_global_rng(seed: int, device: torch.device):
-    """aihwkit's noise models draw from torch's global RNG: fork it, seed it, restore it after."""
+    """aihwkit's noise models draw from torch's global RNG: fork it, seed it, restore it after.
+
+    Seeds the generator of ``device`` only (CPU's, plus the CUDA device's when there): ``torch.manual_seed``
+    would also queue a lazy seeding of CUDA, MTIA and XPU on a machine where they are not initialised, each
+    with a captured stack trace (~4 ms per call, measured, and a list that only grows), once per programmed
+    expert. The draws are the same: ``torch.manual_seed`` sets these very generators to ``seed``."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
         yield
 
 

@@ -205,3 +205,19 @@ def test_perplexity_tasks_noise_moves_scores_per_seed(tmp_path):
     assert set(ideal) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
     assert ideal["bits_per_byte"] > 0 and ideal["byte_perplexity"] > 1
     assert len({ideal["bits_per_byte"], s0["bits_per_byte"], s1["bits_per_byte"]}) == 3
+
+
+def test_built_tasks_give_the_numbers_of_a_fresh_build():
+    """lm-eval Task objects kept per model (tasks._built_tasks: no document reading per result) give the numbers of
+    a fresh build whatever ran on them before: another limit, another few-shot count."""
+    from types import SimpleNamespace
+    from hetmoe_core.tasks import _run_task, quiet_hflm, resolve_tasks
+    lm = load_model("tiny:olmoe")
+    hflm = quiet_hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    for name in ("paper_arc_easy", "hetmoe_choice"):
+        (ref,) = resolve_tasks([name])
+        built: dict = {}
+        for limit, shots in ((2, 0), (3, 1), (2, 0), (3, None)):
+            spec = SimpleNamespace(limit=limit, num_fewshot=shots)
+            assert _run_task(hflm, ref, spec, built) == _run_task(hflm, ref, spec), (name, limit, shots)
+        assert len(built) == 3 and all(len(v) == 1 for v in built.values())   # one build per few-shot count

@@ -160,7 +160,8 @@ def test_kill_9_leaves_whole_results_and_resume_runs_only_missing(tmp_path):
 
 def test_cli_sweep_killed_mid_way_then_resumed(tmp_path):
     """A real `sweep` process (tiny model, real lm-eval runs) killed with SIGKILL, then rerun: it completes,
-    only the missing results run, and no result is duplicated."""
+    only the missing results run, and no result is duplicated. Each result is written as it is done
+    (HETMOE_WRITE_EVERY_S=0; a sweep writes every 2 s by default, which the tiny sweep would not outlast)."""
     import json
     from hetmoe_core.evaluate import plan
     db = str(tmp_path / "r.duckdb")
@@ -170,7 +171,8 @@ def test_cli_sweep_killed_mid_way_then_resumed(tmp_path):
     keys = {x.key for x in plan("tiny:olmoe", strategies="maxnn,random", budgets="0,0.25", presets="paper-pcm-c1.5",
                                  seeds=1, tasks="paper_arc_easy", limit=2)}
     st = Store(db)
-    p = subprocess.Popen(sw, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(sw, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "HETMOE_WRITE_EVERY_S": "0"})
     deadline = time.time() + 240
     while len(st.existing_keys(keys)) < 2 and time.time() < deadline:   # the dashboard's kind of polling
         time.sleep(0.2)
@@ -193,3 +195,18 @@ def test_non_duckdb_file_or_folder_is_a_clear_error(tmp_path):
     assert bad.read_text() == "not a database"      # nothing overwritten
     with pytest.raises(ValueError, match="is a folder"):
         Store(tmp_path)
+
+
+def test_put_results_writes_many_at_once_and_never_twice(tmp_path):
+    """A sweep's batch of results goes in one transaction; a key already stored ok is left as it is (False), a
+    failed row is replaced, and every other result is stored whole."""
+    st = Store(tmp_path / "r.duckdb")
+    _put(st, "a", 0)
+    st.put_failure("b", {"task": "t", "seed": 1, "strategy": "maxnn"}, "boom")
+    row = lambda s: {"task": "t", "seed": s, "strategy": "maxnn", "budget": 0.25, "preset": "p"}
+    metric = lambda v: [{"task": "t", "metric": "acc", "value": v, "stderr": 0.1, "seed": 0}]
+    assert st.put_results([("a", row(0), metric(9.0), None), ("b", row(1), metric(1.5), None),
+                           ("c", row(2), metric(2.5), None), ("c", row(2), metric(7.0), None)]) == [False, True, True, False]
+    runs = st.runs_frame().set_index("key")
+    assert runs.loc["a", "value"] != 9.0 and runs.loc["b", "value"] == 1.5 and runs.loc["c", "value"] == 2.5
+    assert st.put_results([]) == [] and len(st.runs_frame(status=None)) == 3
