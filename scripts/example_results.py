@@ -135,7 +135,8 @@ def in_one_line(runs, tasks, lab) -> str:
     same = sorted(lab(s) for s in seen if lab(s) not in better and lab(s) not in worse)
     return (f"**In one line:** over both paper presets and budgets 12.5–50 % (5 seeds, paired, 95% CIs below), "
             f"MaxNNScore recovers significantly more of the noise loss than {where(better)}; significantly less than "
-            f"{where(worse)}; no difference is resolved against {', '.join(same) or 'none'} nor in any other cell. "
+            f"{where(worse)}; " + (f"no difference is resolved against {', '.join(same)} nor in any other cell. "
+                                   if same else "in every other cell the difference is inside the noise. ")
             + (f"The measured-damage oracle's largest headroom over MaxNNScore: {'; '.join(head)}. " if head else "")
             + "Its rank correlation with the measured damage is given at the end.")
 
