@@ -103,8 +103,14 @@ def _print_paired(rec, paired, max_rows: int) -> None:
         if rec is not None and len(rec):
             print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
                   "sampling = lm-eval stderr / |A-I|")
-            print(rec.head(max_rows)[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered",
-                                      "recovered_lo", "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
+            r = rec.head(max_rows)
+            fmt = lambda col: ["not shown" if n else "" if v != v else f"{v:.4g}" for v, n in
+                               zip(r[col], r.recovered_note)]
+            r = r.assign(**{c: fmt(c) for c in ("recovered", "recovered_lo", "recovered_hi", "sampling_se_recovered")})
+            print(r[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered", "recovered_lo",
+                     "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
+            for note, n in rec.recovered_note[rec.recovered_note != ""].value_counts().items():
+                print(f"{note}: recovered fraction not shown ({n} rows)")
         if paired is not None and len(paired):
             print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
             print(paired.head(max_rows)[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta",

@@ -16,6 +16,49 @@ KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared exp
 STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}   # from the strategy registry
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit themes charts (and templates cost ~15 ms)
 
+# One colour per strategy, the same on every chart (dashboard, report, energy plot); presets differ by dash and
+# marker. Colours from Vega's Tableau-10 palette; MaxNNScore (the paper's criterion) in red.
+STRATEGY_COLORS = {"maxnn": "#e45756", "frequency": "#4c78a8", "weight": "#72b7b2", "router_norm": "#f58518",
+                   "random": "#9d755d", "oracle": "#54a24b", "local_error": "#b279a2", "ideal": "#222222"}
+_EXTRA_COLORS = ("#eeca3b", "#ff9da6", "#bab0ac", "#17becf", "#bcbd22", "#8c564b")
+PRESET_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+PRESET_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star")
+NOT_RESOLVED = "noise loss inside the noise: recovered fraction not shown"
+
+
+def strategy_color(strategy: str) -> str:
+    """The strategy's colour (STRATEGY_COLORS); a strategy outside the registry gets a stable extra colour."""
+    if strategy in STRATEGY_COLORS:
+        return STRATEGY_COLORS[strategy]
+    return _EXTRA_COLORS[sum(map(ord, str(strategy))) % len(_EXTRA_COLORS)]
+
+
+def preset_index(preset) -> int:
+    """Stable style index of a noise preset: its place in noise.PRESETS (so a preset keeps its dash and marker on
+    every chart), a name outside the registry a fixed index from its characters."""
+    from .noise import PRESETS
+    names = [p for p in PRESETS if p != "ideal"]
+    return names.index(preset) if preset in names else sum(map(ord, str(preset)))
+
+
+def line_style(strategy: str, preset, variant: int = 0) -> dict:
+    """Scatter kwargs of one (strategy, preset) line: colour = strategy, dash and marker = the preset
+    (preset_index; ``variant`` shifts them for another config of the same preset, e.g. other ADC bits)."""
+    i = (preset_index(preset) + variant) % len(PRESET_DASHES)
+    c = strategy_color(strategy)
+    return dict(line=dict(color=c, dash=PRESET_DASHES[i], width=2),
+                marker=dict(color=c, symbol=PRESET_SYMBOLS[i], size=7))
+
+
+def legend_below(n_entries: int, plot_height: int = 300, per_row: int = 2) -> dict:
+    """Layout kwargs of a chart whose legend sits in rows below the plot and never covers it: the figure grows by
+    one row per ``per_row`` entries instead of squeezing the plot (``plot_height`` px of plotting area stays)."""
+    rows = -(-n_entries // per_row)
+    bottom = 60 + 21 * rows                     # x-axis ticks and title, then the legend rows
+    return dict(height=plot_height + 50 + bottom, margin=dict(l=10, r=10, t=64, b=bottom),
+                legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left"),
+                xaxis=dict(automargin=True), yaxis=dict(automargin=True))
+
 
 def _grid(values) -> np.ndarray:
     """list of per-layer [E_l] arrays -> float [L, max E] padded with NaN."""
@@ -177,7 +220,8 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
         std = g["std"].astype(float).fillna(0).to_numpy()
         fig.add_trace(go.Scatter(
             x=g["budget"] * 100, y=g["mean"], mode="lines+markers", name=f"{STRATEGY_LABELS.get(s, s)} · {p}",
-            error_y=dict(type="data", array=std, visible=True),
+            error_y=dict(type="data", array=std, visible=True, color=strategy_color(s), thickness=1),
+            **line_style(s, p),
             customdata=np.stack([std, g["n_seeds"].to_numpy()], axis=-1),
             hovertemplate=("budget %{x:.1f}%<br>" + metric + ": %{y:.4g} ± %{customdata[0]:.2g}"
                            "<br>%{customdata[1]} seed(s)<extra></extra>")))
@@ -189,9 +233,9 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
                                      line=dict(dash=dash, color="#555", width=1.5),
                                      hovertemplate=f"{name}: {y:.4g}<extra></extra>"))
     fig.update_layout(title=f"{metric} vs digital budget" + ("" if higher_is_better else " (lower is better)"),
-                      xaxis_title="digital budget (% of routed experts)", yaxis_title=metric, height=440,
-                      legend=dict(orientation="h", y=-0.2), **_LAYOUT)
-    fig.update_xaxes(range=[-3, 103])
+                      **legend_below(len(fig.data)))
+    fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
+    fig.update_yaxes(title_text=metric)
     return fig
 
 
@@ -306,12 +350,15 @@ def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss
     """Recovered fraction (A - X) / (A - I) against digital budget, one line per (strategy, preset).
 
     frame: paired.recovery_table (or combined_recovery) rows of one task/metric: strategy, preset, budget,
-    recovered, recovered_lo, recovered_hi, n_seeds, optionally sampling_se_recovered. Error bars = 95% t interval
-    over seeds (seed spread of the noise); the hover adds the task's sampling error in the same units.
-    0 = as bad as all routed experts analog, 1 = as good as all digital (dotted reference lines).
+    recovered, recovered_lo, recovered_hi, n_seeds, optionally sampling_se_recovered and recovered_note. Error bars
+    = 95% t interval over seeds (seed spread of the noise); the hover adds the task's sampling error in the same
+    units. 0 = as bad as all routed experts analog, 1 = as good as all digital (dotted reference lines). Rows
+    without a fraction (NaN: the noise loss is not resolved, paired.recovery_table's recovered_note) are not
+    drawn; when no row has one the chart says so in words (NOT_RESOLVED) instead of plotting noise.
     """
     fig = go.Figure()
-    for (s, p), g in frame.groupby(["strategy", "preset"], sort=True):
+    shown = frame[frame["recovered"].astype(float).notna()] if len(frame) else frame
+    for (s, p), g in shown.groupby(["strategy", "preset"], sort=True):
         g = g.sort_values("budget")
         m = g["recovered"].astype(float).to_numpy()
         up = np.nan_to_num(g["recovered_hi"].astype(float).to_numpy() - m)
@@ -320,18 +367,31 @@ def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss
                 else np.full(len(g), np.nan))
         fig.add_trace(go.Scatter(
             x=g["budget"] * 100, y=m, mode="lines+markers", name=f"{STRATEGY_LABELS.get(s, s)} · {p}",
-            error_y=dict(type="data", symmetric=False, array=up, arrayminus=down, visible=True),
+            error_y=dict(type="data", symmetric=False, array=up, arrayminus=down, visible=True,
+                         color=strategy_color(s), thickness=1),
+            **line_style(s, p),
             customdata=np.stack([g["recovered_lo"].astype(float), g["recovered_hi"].astype(float),
                                  g["n_seeds"].to_numpy(), samp], axis=-1),
             hovertemplate=("budget %{x:.1f}%<br>recovered %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}] "
                            "(95% CI over %{customdata[2]} seeds)<br>sampling error (lm-eval): ±%{customdata[3]:.3f}"
                            "<extra></extra>")))
-    for y, name in ((0, "all routed experts analog"), (1, "ideal (all digital)")):
-        fig.add_hline(y=y, line_dash="dot", line_color="#555", annotation_text=name, annotation_position="top left")
-    fig.update_layout(title=title, xaxis_title="digital budget (% of routed experts)",
-                      yaxis_title="recovered fraction (A−X)/(A−I)", height=440, legend=dict(orientation="h", y=-0.2),
-                      **_LAYOUT)
-    fig.update_xaxes(range=[-3, 103])
+    # labels on opposite sides of their lines, so they never collide however far the y axis stretches
+    fig.add_hline(y=1, line_dash="dot", line_color="#555", annotation_text="ideal (all digital)",
+                  annotation_position="top right")
+    fig.add_hline(y=0, line_dash="dot", line_color="#555", annotation_text="all routed experts analog",
+                  annotation_position="bottom left")
+    hidden = len(frame) - len(shown)
+    if len(frame) and not len(shown):
+        fig.add_annotation(text=NOT_RESOLVED, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                           font=dict(size=13, color="#555"))
+        fig.update_yaxes(range=[-0.25, 1.25])
+    elif hidden:
+        fig.add_annotation(text=f"{hidden} cell(s) not shown: {NOT_RESOLVED.split(':')[0]}", showarrow=False,
+                           xref="paper", yref="paper", x=1, y=1.0, xanchor="right", yanchor="bottom",
+                           font=dict(size=11, color="#555"))
+    fig.update_layout(title=title, **legend_below(len(fig.data)))
+    fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
+    fig.update_yaxes(title_text="recovered fraction (A−X)/(A−I)")
     return fig
 
 
@@ -448,18 +508,21 @@ def routing_drift(validation: dict) -> go.Figure:
 # ------------------------------------------------------------------------------------------- energy (energy.py)
 def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title: str | None = None) -> go.Figure:
     """Metric against energy per token, one point per configuration (``energy.config_points`` rows: strategy,
-    budget, preset, mean, std, n_seeds, energy_per_token_j), one colour per preset, error bars = std over seeds;
+    budget, preset, mean, std, n_seeds, energy_per_token_j), colour = strategy and marker = preset as on every chart
+    (line_style), error bars = std over seeds;
     the Pareto front (``energy.pareto_front``: no other configuration is cheaper and at least as good) drawn as a
     line. Hover names strategy, budget, preset and both values. x is logarithmic (J per token)."""
     from .energy import pareto_front
     fig = go.Figure()
-    for preset, g in points.groupby("preset", sort=True):
+    for (strategy, preset), g in points.groupby(["strategy", "preset"], sort=True):
         std = g["std"].astype(float).fillna(0).to_numpy()
-        labels = [STRATEGY_LABELS.get(s, s) for s in g.strategy]
+        label = STRATEGY_LABELS.get(strategy, strategy)
+        style = line_style(strategy, preset)["marker"]
         fig.add_trace(go.Scatter(
-            x=g.energy_per_token_j, y=g["mean"], mode="markers", name=str(preset), marker=dict(size=10),
-            error_y=dict(type="data", array=std, visible=True),
-            customdata=np.stack([labels, (g.budget * 100).round(2), [str(preset)] * len(g), std,
+            x=g.energy_per_token_j, y=g["mean"], mode="markers", marker=dict(style, size=10),
+            name=label if strategy == "ideal" else f"{label} · {preset}",
+            error_y=dict(type="data", array=std, visible=True, color=style["color"], thickness=1),
+            customdata=np.stack([[label] * len(g), (g.budget * 100).round(2), [str(preset)] * len(g), std,
                                  g.n_seeds.astype(int)], axis=-1),
             hovertemplate=("%{customdata[0]} · budget %{customdata[1]}% · %{customdata[2]}<br>"
                            "%{x:.3g} J/token<br>" + metric + " %{y:.4g} ± %{customdata[3]:.2g} "
@@ -470,9 +533,9 @@ def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title
                                  line=dict(dash="dash", color="#555"), hoverinfo="skip"))
     fig.update_layout(title=title or f"{metric} vs energy per token" + ("" if higher_is_better else
                                                                        " (lower is better)"),
-                      xaxis_title="energy per token (J, log scale)", yaxis_title=metric, height=420,
-                      legend=dict(orientation="h", y=-0.2), **_LAYOUT)
-    fig.update_xaxes(type="log")
+                      **legend_below(len(fig.data), per_row=3))
+    fig.update_xaxes(type="log", title_text="energy per token (J, log scale)")
+    fig.update_yaxes(title_text=metric)
     return fig
 
 

@@ -13,6 +13,10 @@ MaxNNScore or Activation Frequency put it on AIMC), so comparisons are made seed
   R = 1: all recovered (as ideal). The sign convention makes it valid for lower-is-better metrics (perplexity) and
   higher-is-better ones (accuracy) alike. A seed whose noise loss |A_s - I| is below ``min_loss`` (relative to
   |I|) gives no fraction (NaN): a ratio of two differences inside the rounding error is not a measurement.
+  Nor does a group whose noise loss is not *resolved* (``noise_loss``): the loss A_s - I, signed so that > 0 means
+  the noise made the metric worse, must have a 95% t interval over seeds above 0 (two or more seeds) or, with one
+  seed, exceed 1.96 x lm-eval's stderr of A (a z test); a loss <= 0 or inside the noise would divide by noise and
+  swing the fraction to any value (-25 was seen). Such rows have recovered = NaN and say why in recovered_note.
 * paired delta between strategies a and b at one budget: d_s = X_{a,s} - X_{b,s} (metric units) and
   R_{a,s} - R_{b,s} (fraction units).
 
@@ -35,6 +39,8 @@ import pandas as pd
 
 GROUP = ["model_fingerprint", "task", "metric", "preset", "backend", "scope", "limit"]
 LEVEL = 0.95
+INSIDE_NOISE = "noise loss inside the noise"
+NO_LOSS = "no noise loss (all routed experts analog is not worse than ideal)"
 
 
 def t_interval(x, level: float = LEVEL) -> tuple[float, float, float, float]:
@@ -50,6 +56,40 @@ def t_interval(x, level: float = LEVEL) -> tuple[float, float, float, float]:
     sd = float(x.std(ddof=1))
     h = float(stats.t.ppf(0.5 + level / 2, len(x) - 1)) * sd / math.sqrt(len(x))
     return m, m - h, m + h, sd
+
+
+def noise_loss(analog: dict, ideal: float, analog_se: dict | None = None, higher_is_better: bool = True,
+               level: float = LEVEL) -> str:
+    """Why the noise loss A - I of one group is not resolved, or "" when it is.
+
+    analog: {seed: all-routed-experts-analog value A_s}; ideal: the all-digital value I; analog_se: {seed: lm-eval
+    stderr of A_s (metric units) or None}. The signed loss l_s = I - A_s (higher-is-better metric) or A_s - I (lower
+    is better) is > 0 when the noise hurts. Not resolved: mean l <= 0 (NO_LOSS); with >= 2 seeds the 95% Student-t
+    interval of l over seeds (t_interval) reaches 0; with one seed l <= z_{0.975} x stderr (normal approximation of
+    lm-eval's sampling error, scipy.stats.norm) (INSIDE_NOISE). One seed without a stderr: resolved if l > 0.
+    """
+    from scipy import stats
+    seeds = sorted(analog)
+    loss = [(ideal - analog[s]) if higher_is_better else (analog[s] - ideal) for s in seeds]
+    m, lo, _hi, _sd = t_interval(loss, level)
+    if not m > 0:
+        return NO_LOSS
+    if len(loss) >= 2:
+        return INSIDE_NOISE if not lo > 0 else ""
+    se = (analog_se or {}).get(seeds[0])
+    if se is not None and se == se and m <= float(stats.norm.ppf(0.5 + level / 2)) * se:
+        return INSIDE_NOISE
+    return ""
+
+
+def _higher(g: pd.DataFrame, metric: str) -> bool:
+    """Direction of ``metric``: as stored with it (lm-eval's higher_is_better), else by name (report's list)."""
+    if "higher_is_better" in g:
+        hib = g["higher_is_better"].dropna()
+        if len(hib):
+            return bool(hib.iloc[0])
+    from .report import LOWER_IS_BETTER
+    return metric not in LOWER_IS_BETTER
 
 
 def _key(row) -> tuple:
@@ -74,15 +114,20 @@ def _ideal_values(f: pd.DataFrame) -> dict:
             for (m, t, me, lim), g in ideal.groupby(["model_fingerprint", "task", "metric", "limit"], dropna=False)}
 
 
-def _per_seed(f: pd.DataFrame, min_loss: float):
-    """Yield (group key, ideal, {(strategy, budget): {seed: (value, stderr, R)}}, {seed: analog value})."""
+def _per_seed(f: pd.DataFrame, min_loss: float, level: float = LEVEL):
+    """Yield (group key, ideal, {(strategy, budget): {seed: (value, stderr, R)}}, {seed: analog value}, note):
+    note = noise_loss's reason the group's loss is not resolved ("" when it is; R is still given per seed)."""
     ideals = _ideal_values(f)
     noisy = f[f.strategy != "ideal"]
     for key, g in noisy.groupby(GROUP, dropna=False):
         model, task, metric, lim = key[0], key[1], key[2], key[6]
         lim = None if (isinstance(lim, float) and math.isnan(lim)) else lim
         ideal = ideals.get((model, task, metric, lim))
-        analog = g[g.budget == 0].groupby("seed").value.mean().to_dict()   # every strategy: the same model
+        a0 = g[g.budget == 0]
+        analog = a0.groupby("seed").value.mean().to_dict()   # every strategy: the same model
+        note = noise_loss(analog, ideal, pd.to_numeric(a0.stderr, errors="coerce").groupby(a0.seed).mean()
+                          .to_dict(), _higher(g, metric), level) \
+            if ideal is not None and analog else ""
         cells = {}
         for (s, b), c in g.groupby(["strategy", "budget"]):
             per = {}
@@ -94,36 +139,42 @@ def _per_seed(f: pd.DataFrame, min_loss: float):
                         r = (analog[seed] - v) / loss
                 per[int(seed)] = (float(v), None if se is None or se != se else float(se), r)
             cells[(s, float(b))] = per
-        yield _key(key), ideal, cells, analog
+        yield _key(key), ideal, cells, analog, note
 
 
-def recovery_table(frame: pd.DataFrame, min_loss: float = 1e-6, level: float = LEVEL) -> pd.DataFrame:
+def recovery_table(frame: pd.DataFrame, min_loss: float = 1e-6, level: float = LEVEL,
+                   require_resolved: bool = True) -> pd.DataFrame:
     """Recovered fraction of the noise loss per (model, task, metric, preset, backend, scope, limit, strategy, budget).
 
     frame: Store.runs_frame() (one row per run and metric; ideal rows included). Columns of the result: the GROUP
     columns, strategy, budget, n_seeds, seeds, ideal, analog (mean all-analog value over the seeds), mean (the
     strategy's value), recovered, recovered_lo, recovered_hi (95% t interval over seeds), recovered_sd (seed spread),
-    sampling_se (lm-eval stderr, metric units, mean over seeds; NaN if the metric has none) and sampling_se_recovered
-    (= sampling_se / |analog - ideal|). Empty when there is no ideal or no budget-0 result to measure the loss from.
+    sampling_se (lm-eval stderr, metric units, mean over seeds; NaN if the metric has none), sampling_se_recovered
+    (= sampling_se / |analog - ideal|) and recovered_note: "" or why the fraction is not defined (noise_loss:
+    INSIDE_NOISE or NO_LOSS; recovered, recovered_lo/hi/sd and sampling_se_recovered are then NaN). Empty when there
+    is no ideal or no budget-0 result to measure the loss from. ``require_resolved=False`` gives the raw per-seed
+    ratios even where the loss is not resolved (recovered_note still says so).
     Raises ValueError if the frame lacks the store's columns.
     """
     rows = []
-    for key, ideal, cells, analog in _per_seed(_prepare(frame), min_loss):
+    for key, ideal, cells, analog, note in _per_seed(_prepare(frame), min_loss, level):
         if ideal is None or not analog:
             continue
         a_mean = float(np.mean(list(analog.values())))
         for (s, b), per in sorted(cells.items()):
             seeds = sorted(per)
-            m, lo, hi, sd = t_interval([per[x][2] for x in seeds], level)
+            hide = bool(note) and require_resolved
+            m, lo, hi, sd = t_interval([per[x][2] for x in seeds], level) if not hide else (math.nan,) * 4
             ses = [per[x][1] for x in seeds if per[x][1] is not None]
             se = float(np.mean(ses)) if ses else math.nan
-            loss = abs(a_mean - ideal)
+            loss = abs(a_mean - ideal) if not hide else 0.0
             rows.append({**dict(zip(GROUP, key)), "strategy": s, "budget": b, "n_seeds": len(seeds), "seeds": seeds,
                          "ideal": ideal, "analog": a_mean, "mean": float(np.mean([per[x][0] for x in seeds])),
                          "recovered": m, "recovered_lo": lo, "recovered_hi": hi, "recovered_sd": sd,
-                         "sampling_se": se, "sampling_se_recovered": se / loss if loss > 0 else math.nan})
+                         "sampling_se": se, "sampling_se_recovered": se / loss if loss > 0 else math.nan,
+                         "recovered_note": note})
     cols = GROUP + ["strategy", "budget", "n_seeds", "seeds", "ideal", "analog", "mean", "recovered", "recovered_lo",
-                    "recovered_hi", "recovered_sd", "sampling_se", "sampling_se_recovered"]
+                    "recovered_hi", "recovered_sd", "sampling_se", "sampling_se_recovered", "recovered_note"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -139,7 +190,7 @@ def _combined_per_seed(frame, tasks, metric, min_loss) -> dict:
     if metric is not None:
         f = f[f.metric == metric]
     acc: dict = {}
-    for key, _ideal, cells, _analog in _per_seed(f, min_loss):
+    for key, _ideal, cells, _analog, _note in _per_seed(f, min_loss):   # every task, resolved or not: as before
         k = dict(zip(GROUP, key))
         outer = (k["model_fingerprint"], k["metric"], k["preset"], k["backend"], k["scope"], k["limit"])
         for (s, b), per in cells.items():
@@ -200,12 +251,13 @@ def combined_deltas(frame: pd.DataFrame, baseline: str, tasks=None, metric: str 
 
 
 def paired_deltas(frame: pd.DataFrame, baseline: str | None = None, min_loss: float = 1e-6,
-                  level: float = LEVEL, higher_is_better: dict | None = None) -> pd.DataFrame:
+                  level: float = LEVEL, higher_is_better: dict | None = None,
+                  require_resolved: bool = True) -> pd.DataFrame:
     """Paired differences between strategies at the same budget, preset and task, on their common seeds.
 
     For each pair (a, b) (every pair, or every strategy against ``baseline``) at each 0 < budget < 1:
     delta = mean over common seeds of X_a - X_b (metric units) with its 95% t interval, the same for the recovered
-    fraction (delta_recovered), n_seeds, sampling_se (mean lm-eval stderr of the two results, metric units), and
+    fraction (delta_recovered; NaN where the noise loss is not resolved, see noise_loss), n_seeds, sampling_se (mean lm-eval stderr of the two results, metric units), and
     verdict: "no difference" when the interval of delta covers 0, else "<a> better" / "<b> better" (by the
     metric's direction: ``higher_is_better`` {metric: bool}, default report.LOWER_IS_BETTER names are lower-better).
     Budgets 0 and 1 are left out (every strategy places the same experts there).
@@ -213,7 +265,7 @@ def paired_deltas(frame: pd.DataFrame, baseline: str | None = None, min_loss: fl
     from .report import LOWER_IS_BETTER
     hib = dict(higher_is_better or {})
     rows = []
-    for key, _ideal, cells, _analog in _per_seed(_prepare(frame), min_loss):
+    for key, _ideal, cells, _analog, note in _per_seed(_prepare(frame), min_loss, level):
         k = dict(zip(GROUP, key))
         up = hib.get(k["metric"], k["metric"] not in LOWER_IS_BETTER)
         budgets = sorted({b for _, b in cells if 0 < b < 1})
@@ -228,7 +280,8 @@ def paired_deltas(frame: pd.DataFrame, baseline: str | None = None, min_loss: fl
                 if not common:
                     continue
                 d, lo, hi, sd = t_interval([pa[s][0] - pc[s][0] for s in common], level)
-                dr, rlo, rhi, _ = t_interval([pa[s][2] - pc[s][2] for s in common], level)
+                dr, rlo, rhi, _ = t_interval([pa[s][2] - pc[s][2] for s in common], level) \
+                    if not (note and require_resolved) else (math.nan,) * 4     # a fraction of an unresolved loss is not a measurement
                 ses = [x for s in common for x in (pa[s][1], pc[s][1]) if x is not None]
                 if not (lo <= 0 <= hi) and lo == lo:
                     verdict = f"{a} better" if (d > 0) == up else f"{c} better"

@@ -71,7 +71,7 @@ def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
             arrow = "higher is better" if higher else "lower is better"
             figs.append(figures.accuracy_vs_energy(
                 energy.config_points(g), metric, higher,
-                title=f"{task} — {metric} ({arrow}) vs energy per token · {limit_label(limit)} "
+                title=f"{task} — {metric} ({arrow}) vs energy per token · {limit_label(limit)}<br>"
                       f"({energy.DEFAULT_HARDWARE}, {note})"))
     return figs, notes
 
@@ -83,8 +83,8 @@ def _recovery_figures(runs) -> dict:
     from .paired import recovery_table
     from .results import chart_groups, limit_label
     rec = recovery_table(runs[runs.metric.isin(HEADLINE)])
-    return {(t, m, lim): recovery_vs_budget(g, f"{t} — recovered fraction of the noise loss ({m}) · "
-                                               f"{limit_label(lim)}")
+    return {(t, m, lim): recovery_vs_budget(g, f"{t} — recovered fraction of the noise loss<br>"
+                                               f"({m}) · {limit_label(lim)}")
             for t, m, lim, g in chart_groups(rec)}
 
 
@@ -112,6 +112,7 @@ def _figures(summary) -> list:
     """One figure per (task, headline metric, limit) (results.chart_groups): score vs digital budget in % of routed
     experts, as the dashboard draws it; the dashed ideal line is the all-digital result at the same limit."""
     import plotly.graph_objects as go
+    from .figures import STRATEGY_LABELS, legend_below, line_style
     from .results import chart_groups, limit_label
     figs = []
     for task, metric, limit, g in chart_groups(summary):
@@ -121,32 +122,85 @@ def _figures(summary) -> list:
         ideal = g[g.strategy == "ideal"]
         noisy = g[g.strategy != "ideal"]
         varied = [c for c in VARIANT_COLUMNS if noisy[c].nunique(dropna=False) > 1]   # never one line for two configs
+        variants = sorted({k[2:] for k in noisy.groupby(["strategy", "preset"] + varied, dropna=False).groups},
+                          key=str)   # strategy: colour; preset and variant: dash and marker
         for k, line in noisy.groupby(["strategy", "preset"] + varied, sort=True, dropna=False):
             line = line.sort_values("budget")
-            name = " · ".join([k[0], k[1]] + [f"{c}={v}" for c, v in zip(varied, k[2:])])
+            name = " · ".join([STRATEGY_LABELS.get(k[0], k[0]), k[1]] + [f"{c}={v}" for c, v in zip(varied, k[2:])])
+            style = line_style(k[0], k[1], variants.index(k[2:]))
             fig.add_trace(go.Scatter(
-                x=line.budget * 100, y=line["mean"], mode="lines+markers", name=name,
-                error_y=dict(type="data", array=line["std"].fillna(0).tolist(), visible=True),
+                x=line.budget * 100, y=line["mean"], mode="lines+markers", name=name, **style,
+                error_y=dict(type="data", array=line["std"].fillna(0).tolist(), visible=True,
+                             color=style["line"]["color"], thickness=1),
                 customdata=line[["n_seeds"]].to_numpy(),
                 hovertemplate="budget %{x:.1f}%<br>%{y:.4g} (n=%{customdata[0]} seeds)<extra></extra>"))
         if len(ideal):
             fig.add_hline(y=float(ideal["mean"].iloc[0]), line_dash="dash", line_color="black",
                           annotation_text="ideal (all digital)", annotation_position="top left")
         arrow = {True: "higher is better", False: "lower is better"}.get(_direction(metric, g), "direction unknown")
-        fig.update_layout(title=f"{task} — {metric} ({arrow}) vs digital budget · {limit_label(limit)}",
-                          template="plotly_white", xaxis_title="digital budget (% of routed experts)",
-                          yaxis_title=metric, height=420, legend_title="strategy · preset", showlegend=True)
-        fig.update_xaxes(range=[-3, 103], ticksuffix="%")   # budgets in percent, as on the dashboard
+        fig.update_layout(title=f"{task} — {metric} ({arrow})<br>vs digital budget · {limit_label(limit)}",
+                          showlegend=True, **legend_below(len(fig.data)))
+        fig.update_xaxes(range=[-3, 103], ticksuffix="%",    # budgets in percent, as on the dashboard
+                         title_text="digital budget (% of routed experts)")
+        fig.update_yaxes(title_text=metric)
         fig.update_layout(meta=[task, metric, limit])   # pairs the figure with its recovered-fraction figure
         figs.append(fig)
     return figs
 
 
+def _cell(v) -> str:
+    """Table text of one value: missing values (None, NaN) are an empty cell, never the word "None"."""
+    return "" if v is None or (isinstance(v, float) and v != v) else html.escape(str(v))
+
+
 def _table(df, cols) -> str:
+    """An HTML table; past 20 rows it scrolls inside a box of its own (the page stays short)."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>"
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(r[c])}</td>" for c in cols) + "</tr>"
                    for r in df.to_dict("records"))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return f"<div class='scroll'>{table}</div>" if len(df) > 20 else table
+
+
+def _paired_cells(deltas):
+    """The paired-differences table as text: numbers to 4 significant digits, budget in %."""
+    from .results import limit_label
+    return deltas.assign(**{c: deltas[c].map(lambda x: "" if x != x else f"{x:.4g}")
+                            for c in ("delta", "delta_lo", "delta_hi", "sampling_se")},
+                         limit=deltas["limit"].map(limit_label),
+                         **{"budget %": deltas.budget.map(lambda b: f"{b * 100:g}")})
+
+
+def _plotlyjs() -> str:
+    """plotly.js once for the whole page (offline), as plotly.py ships it."""
+    from plotly.offline import get_plotlyjs
+    return f"<script>{get_plotlyjs()}</script>"
+
+
+def _slot(fig, embedded: list) -> str:
+    """An empty div for ``fig``; its compact JSON (no per-figure template: one shared below) joins ``embedded``."""
+    from plotly.io.json import to_json_plotly
+    d = fig.to_plotly_json()
+    d["layout"].pop("template", None)
+    embedded.append(to_json_plotly(d))
+    return f"<div class='fig' id='fig{len(embedded) - 1}' style='height:{int(fig.layout.height or 450)}px'></div>"
+
+
+def _draw_script(embedded: list) -> str:
+    """One JSON block of every figure and one script that draws each as it scrolls near the viewport (a report
+    of 40 charts opens at once instead of drawing all of them first); the plotly_white template is shared."""
+    import plotly.io as pio
+    from plotly.io.json import to_json_plotly
+    template = to_json_plotly(pio.templates["plotly_white"].to_plotly_json())
+    data = ("[" + ",".join(embedded) + "]").replace("</", "<\\/")
+    return f"""<script type="application/json" id="figures">{data}</script>
+<script>(function(){{const F=JSON.parse(document.getElementById('figures').textContent),T={template};
+function draw(el){{const f=F[+el.id.slice(3)];f.layout.template=T;
+Plotly.newPlot(el,f.data,f.layout,{{responsive:true,displaylogo:false}});}}
+const els=document.querySelectorAll('.fig');
+if(!('IntersectionObserver' in window)){{els.forEach(draw);return;}}
+const io=new IntersectionObserver(es=>es.forEach(e=>{{if(e.isIntersecting){{io.unobserve(e.target);draw(e.target);}}}}),
+{{rootMargin:'600px 0px'}});els.forEach(el=>io.observe(el));}})();</script>"""
 
 
 def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, title: str = "hetmoe results",
@@ -169,16 +223,15 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     figs = _figures(summary)
     from .paired import paired_deltas
     rec_figs = _recovery_figures(runs)
+    embedded: list = []              # every figure's JSON, drawn by one script when it scrolls into view
     parts = []
-    for i, fig in enumerate(figs):
-        cell = fig.to_html(full_html=False, include_plotlyjs=(i == 0))
-        rf = rec_figs.get(tuple(fig.layout.meta or ()))
-        if rf is not None:   # metric vs budget beside its recovered fraction
-            cell = (f"<div class='pair'><div>{cell}</div><div>"
-                    f"{rf.to_html(full_html=False, include_plotlyjs=False)}</div></div>")
-        parts.append(cell)
+    for fig in figs:
+        rf = rec_figs.get(tuple(fig.layout.meta or ()))   # metric vs budget beside its recovered fraction
+        parts.append("<div class='pair'>" + "".join(_slot(f, embedded) for f in (fig, rf) if f is not None)
+                     + "</div>")
     deltas = paired_deltas(runs[runs.metric.isin(HEADLINE)])
-    eparts = [fig.to_html(full_html=False, include_plotlyjs=not parts and i == 0) for i, fig in enumerate(efigs)]
+    eparts = ["<div class='pair'>" + "".join(_slot(f, embedded) for f in efigs[i:i + 2]) + "</div>"
+              for i in range(0, len(efigs), 2)]
     enote = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in enotes)
     table = summary.assign(score=[_score(m, s, d) for m, s, d in zip(summary["mean"], summary["std"],
                                                                       summary["deterministic"])],
@@ -194,9 +247,12 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
         ptable = _table(p, ["key", "model_fingerprint", "strategy", "budget", "scope", "seed", "per_layer_digital"])
     note = f"<p class='note'>{html.escape(MISSING_NOTE)}</p>" if summary.task.isin(list(PAPER_TASKS)).any() else ""
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555}}
-.pair{{display:flex;gap:1em}}.pair>div{{flex:1;min-width:0}}</style>
+<style>body{{font-family:system-ui,sans-serif;margin:2em auto;padding:0 2em;max-width:1500px}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}
+th{{background:#f3f3f3;position:sticky;top:0}}.note{{color:#555}}
+.pair{{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1.5em;margin-bottom:1.5em}}
+.fig{{min-width:0;overflow:hidden}}.scroll{{max-height:32em;overflow:auto;border:1px solid #ddd;margin-bottom:1em}}
+</style>{_plotlyjs()}
 </head><body><h1>{html.escape(title)}</h1>
 <p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
 <h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
@@ -204,16 +260,15 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3
 experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error.</p>
 <h2>Paired differences between strategies</h2>
 <p class='note'>a − b on common seeds, mean [95% t interval]; “no difference” when the interval covers 0.</p>
-{_table(deltas.assign(**{c: deltas[c].map(lambda x: "" if x != x else f"{x:.4g}")
-                         for c in ("delta", "delta_lo", "delta_hi", "sampling_se")},
-                      limit=deltas["limit"].map(limit_label), **{"budget %": deltas.budget.map(lambda b: f"{b * 100:g}")}),
-        ["task", "metric", "limit", "preset", "budget %", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi",
-         "sampling_se", "verdict"]) if len(deltas) else "<p>no strategies to compare on common seeds</p>"}
+{_table(_paired_cells(deltas), ["task", "metric", "limit", "preset", "budget %", "a", "b", "n_seeds", "delta",
+                               "delta_lo", "delta_hi", "sampling_se", "verdict"]) if len(deltas) else
+ "<p>no strategies to compare on common seeds</p>"}
 <h2>Score vs energy per token</h2><p class='note'>One point per configuration; energy per token of its placement
 from hetmoe_core/energy.py (hardware figures and their sources: hetmoe_core/hardware.py); dashed: Pareto front.</p>
 {''.join(eparts) or '<p>no headline metric to plot</p>'}{enote}
 <h2>Scores</h2>{_table(table, cols)}
 <h2>Placements</h2>{ptable or '<p>none stored</p>'}
+{_draw_script(embedded)}
 </body></html>"""
     with atomic_write(out) as tmp:
         tmp.write_text(doc, encoding="utf-8")

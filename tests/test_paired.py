@@ -7,7 +7,8 @@ import torch
 
 from hetmoe_core.evaluate import evaluate_many
 from hetmoe_core.models import LoadedModel, load_model
-from hetmoe_core.paired import combined_deltas, combined_recovery, paired_deltas, recovery_table, t_interval
+from hetmoe_core.paired import (INSIDE_NOISE, NO_LOSS, combined_deltas, combined_recovery, noise_loss, paired_deltas,
+                                recovery_table, t_interval)
 from hetmoe_core.store import Store
 
 
@@ -25,8 +26,21 @@ def stored(tmp_path_factory):
     return Store(db, create=False).runs_frame().assign(_db=str(db))
 
 
-def test_all_digital_recovers_one_and_all_analog_zero(stored):
+def test_tiny_models_loss_is_inside_the_noise_so_no_fraction(stored):
+    """The tiny model's noise loss is ~1e-4 bits and changes sign between seeds: no fraction, a reason instead."""
     t = recovery_table(stored)
+    assert t.recovered.isna().all() and t.recovered_lo.isna().all() and set(t.recovered_note) <= {INSIDE_NOISE, NO_LOSS}
+    s = stored[(stored.task == "hetmoe_ppl_sotu") & (stored.metric == "bits_per_byte")]
+    ideal = s[s.strategy == "ideal"].value.iloc[0]
+    loss = [s[(s.budget == 0) & (s.seed == x) & (s.strategy == "maxnn")].value.iloc[0] - ideal for x in range(2)]
+    m, lo, hi, _ = t_interval(loss)           # lower is better: A - I > 0 is a loss
+    row = t[(t.task == "hetmoe_ppl_sotu") & (t.metric == "bits_per_byte")].iloc[0]
+    assert row.recovered_note == (NO_LOSS if m <= 0 else INSIDE_NOISE if lo <= 0 else "")
+    assert paired_deltas(stored).delta_recovered.isna().all()   # nor a difference of two such fractions
+
+
+def test_all_digital_recovers_one_and_all_analog_zero(stored):
+    t = recovery_table(stored, require_resolved=False)           # the raw per-seed ratios, arithmetic checked
     assert set(t.task) == {"hetmoe_ppl_sotu", "hetmoe_ppl_pycode"} and (t.n_seeds == 2).all()
     assert (t.ideal != t.analog).all()                       # the noise costs something on every metric
     b0, b1 = t[t.budget == 0], t[t.budget == 1]
@@ -89,13 +103,14 @@ def test_report_and_cli_show_recovery_and_paired_deltas(stored, tmp_path):
     p = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--store", db, "--summary", "--json"],
                        capture_output=True, text=True, check=True)
     d = json.loads(p.stdout)
-    rec = {(r["task"], r["metric"], r["strategy"], r["budget"]): r["recovered"] for r in d["recovery"]}
-    assert rec[("hetmoe_ppl_sotu", "bits_per_byte", "maxnn", 0.0)] == 0.0
-    assert rec[("hetmoe_ppl_sotu", "bits_per_byte", "maxnn", 1.0)] == 1.0
+    rec = {(r["task"], r["metric"], r["strategy"], r["budget"]): r for r in d["recovery"]}
+    cell = rec[("hetmoe_ppl_sotu", "bits_per_byte", "maxnn", 0.0)]    # the tiny model's loss is inside the noise
+    assert cell["recovered"] is None and cell["recovered_note"] in (INSIDE_NOISE, NO_LOSS)
     assert {r["verdict"] for r in d["paired"]} <= {"no difference", "maxnn better", "router_norm better"}
     text = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--store", db, "--summary"],
                           capture_output=True, text=True, check=True).stdout
     assert "paired deltas a - b" in text and "recovered fraction" in text
+    assert "recovered fraction not shown" in text and "not shown" in text.split("recovered fraction of the")[1]
 
 
 def test_t_interval_edge_cases():
@@ -104,3 +119,48 @@ def test_t_interval_edge_cases():
     assert m == 2.0 and math.isnan(lo) and math.isnan(sd)
     m, lo, hi, sd = t_interval([1.0, 1.0, 1.0])
     assert (m, lo, hi, sd) == (1.0, 1.0, 1.0, 0.0)
+
+
+def test_noise_loss_resolved_only_outside_the_noise():
+    """Seeds: the 95% t interval of the loss must stay above 0; one seed: above 1.96 x lm-eval's stderr."""
+    assert noise_loss({0: 0.50, 1: 0.52, 2: 0.48}, 0.70) == ""                 # accuracy down 0.2 on every seed
+    assert noise_loss({0: 0.71, 1: 0.68, 2: 0.70}, 0.70) == INSIDE_NOISE      # -0.01, +0.02, 0: interval covers 0
+    assert noise_loss({0: 0.72, 1: 0.73}, 0.70) == NO_LOSS                    # noise *raised* the accuracy
+    assert noise_loss({0: 0.68}, 0.70, {0: 0.015}) == INSIDE_NOISE            # 0.02 <= 1.96 x 0.015
+    assert noise_loss({0: 0.68}, 0.70, {0: 0.005}) == ""                      # 0.02 > 1.96 x 0.005
+    assert noise_loss({0: 0.68}, 0.70, {0: None}) == ""                       # no stderr: the sign decides
+    assert noise_loss({0: 262.0, 1: 263.0, 2: 262.5}, 260.0, higher_is_better=False) == ""   # perplexity up: a loss
+    assert noise_loss({0: 262.0, 1: 263.0}, 260.0, higher_is_better=False) == INSIDE_NOISE   # t(1 dof) = 12.7
+    assert noise_loss({0: 259.0}, 260.0, higher_is_better=False) == NO_LOSS
+
+
+def test_recovery_table_hides_unresolved_groups_in_a_real_store(tmp_path):
+    """Three presets of one task in a real DuckDB store: a resolved loss keeps its per-seed fraction; a loss that
+    changes sign between seeds, and one where the noise helps, give NaN and their reason."""
+    from hetmoe_core.evaluate import source_fingerprint
+    from hetmoe_core.sweep import plan
+    analog = {"paper-pcm-c2.5": [0.50, 0.52, 0.48], "paper-pcm-c1.5": [0.71, 0.68, 0.70],
+              "paper-dac-adc-8bit": [0.72, 0.72, 0.72]}
+    st = Store(tmp_path / "r.duckdb")
+    for s in plan("default", fingerprint=source_fingerprint("default"), budgets=(0.0, 0.5), seeds=3,
+                  presets=list(analog)):
+        a = analog.get(s.preset, [0.0] * 3)[s.seed]
+        value = 0.70 if s.ideal else a if s.budget == 0 else a + 0.1
+        st.put_result(s.key, {**s.row(), "duration_s": 1.0},
+                      [{"task": s.task.name, "metric": "acc", "value": value, "stderr": 0.01, "seed": s.seed,
+                        "higher_is_better": True}])
+    t = recovery_table(Store(tmp_path / "r.duckdb", create=False, read_only=True).runs_frame())
+    half = t[t.budget == 0.5].set_index("preset")
+    want = np.mean([0.1 / (0.70 - a) for a in analog["paper-pcm-c2.5"]])   # (A - X) / (A - I), X = A + 0.1
+    assert half.loc["paper-pcm-c2.5", "recovered"] == pytest.approx(want, rel=1e-9)
+    assert half.loc["paper-pcm-c2.5", "recovered_note"] == ""
+    assert math.isnan(half.loc["paper-pcm-c1.5", "recovered"]) and half.loc["paper-pcm-c1.5", "recovered_note"] == \
+        INSIDE_NOISE
+    assert math.isnan(half.loc["paper-dac-adc-8bit", "recovered"]) and \
+        half.loc["paper-dac-adc-8bit", "recovered_note"] == NO_LOSS
+    from hetmoe_core.figures import recovery_vs_budget
+    fig = recovery_vs_budget(t[t.preset == "paper-pcm-c1.5"])          # nothing resolved: words, not a line
+    assert len(fig.data) == 0 and "recovered fraction not shown" in fig.layout.annotations[-1].text
+    fig = recovery_vs_budget(t)
+    assert [tr.name for tr in fig.data] == ["MaxNNScore · paper-pcm-c2.5"]
+    assert list(fig.data[0].y) == pytest.approx([0.0, want])

@@ -26,10 +26,8 @@ def _put(st: Store, limit):
 
 def _figures(html: str) -> list[dict]:
     """The plotly figures embedded in the report ({"data", "layout"} each)."""
-    figs = []
-    for m in re.finditer(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*(\{.*?\}),\s*\{"responsive"', html, re.S):
-        figs.append({"data": json.loads(m.group(1)), "layout": json.loads(m.group(2))})
-    return figs
+    m = re.search(r'<script type="application/json" id="figures">(.*?)</script>', html, re.S)
+    return json.loads(m.group(1))
 
 
 def _values(a) -> list:
@@ -93,3 +91,69 @@ def test_energy_figures_are_split_by_limit_too(tmp_path):
     energy = [t for t in titles if "energy per token" in t]
     assert rep["figures"] == 2 and rep["energy_figures"] == 2 and len(energy) == 2
     assert any("4 documents per task" in t for t in energy) and any("all documents" in t for t in energy)
+
+
+def _put_two(st: Store):
+    """Ideal + MaxNNScore and Activation frequency at budgets 0 and 50 % under two presets, 3 seeds: paper-pcm-c2.5
+    loses 0.2 accuracy on every seed (resolved), paper-pcm-c1.5's loss changes sign between seeds (inside the noise)."""
+    from hetmoe_core.sweep import plan
+    analog = {"paper-pcm-c2.5": [0.50, 0.52, 0.48], "paper-pcm-c1.5": [0.71, 0.68, 0.70]}
+    for s in plan("default", fingerprint=FP, strategies=["maxnn", "frequency"], budgets=(0.0, 0.5), seeds=3,
+                  presets=list(analog)):
+        a = analog.get(s.preset, [0.0] * 3)[s.seed]
+        value = 0.70 if s.ideal else a if s.budget == 0 else a + (0.1 if s.strategy == "maxnn" else 0.05)
+        st.put_result(s.key, {**s.row(), "duration_s": 1.0, "digital_share": 0.2},
+                      [{"task": s.task.name, "metric": "acc", "value": value, "stderr": 0.01, "seed": s.seed,
+                        "higher_is_better": True}])
+
+
+def test_report_one_plotlyjs_strategy_colours_and_no_fraction_inside_the_noise(tmp_path):
+    from hetmoe_core.figures import NOT_RESOLVED, STRATEGY_COLORS
+    st = Store(tmp_path / "r.duckdb")
+    _put_two(st)
+    write_report(st, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    figs = _figures(html)
+    assert html.count("plotly.js v") == 1 and not any("template" in f["layout"] for f in figs)   # one library,
+    score, rec = figs[:2]                                                                         # one template
+    colour = {}
+    for tr in score["data"] + rec["data"]:       # colour = strategy on every chart, dash = preset
+        colour.setdefault(tr["name"].split(" · ")[0], set()).add(tr["line"]["color"])
+    assert colour == {"MaxNNScore": {STRATEGY_COLORS["maxnn"]}, "Activation frequency": {STRATEGY_COLORS["frequency"]}}
+    dashes = {tr["name"].split(" · ")[1]: tr["line"]["dash"] for tr in score["data"]}
+    assert dashes["paper-pcm-c1.5"] != dashes["paper-pcm-c2.5"]
+    # the recovered fraction: only the resolved preset is drawn, and the chart says why the other is not
+    assert sorted(tr["name"] for tr in rec["data"]) == ["Activation frequency · paper-pcm-c2.5",
+                                                        "MaxNNScore · paper-pcm-c2.5"]
+    mx = next(tr for tr in rec["data"] if tr["name"].startswith("MaxNNScore"))
+    assert _values(mx["y"]) == pytest.approx([0.0, np.mean([0.1 / (0.70 - a) for a in (0.50, 0.52, 0.48)])])
+    assert any(NOT_RESOLVED.split(":")[0] in a["text"] for a in rec["layout"]["annotations"])
+    # the legend sits below the plot and the figure grows for it instead of shrinking the plot
+    assert score["layout"]["legend"]["yref"] == "container" and score["layout"]["margin"]["b"] >= 60 + 21 * 2
+
+
+def test_report_charts_do_not_overlap_in_chromium(tmp_path):
+    """Rendered in headless Chromium at 1300 and 1920 px: every drawn chart keeps inside its own box."""
+    from playwright.sync_api import sync_playwright
+    st = Store(tmp_path / "r.duckdb")
+    _put_two(st)
+    write_report(st, tmp_path / "r.html")
+    js = """() => [...document.querySelectorAll('.fig')].filter(e => e.querySelector('.main-svg')).map(e => {
+        const r = e.querySelector('.main-svg').getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })"""
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            for width in (1300, 1920):
+                page = b.new_page(viewport={"width": width, "height": 1400})
+                page.goto((tmp_path / "r.html").as_uri())
+                page.wait_for_function("document.querySelectorAll('.fig .main-svg').length >= 2", timeout=30000)
+                boxes = page.evaluate(js)
+                assert len(boxes) >= 2
+                (l1, t1, r1, b1), (l2, t2, r2, b2) = boxes[:2]
+                assert abs(t1 - t2) < 1 and r1 <= l2 and r2 <= width     # side by side, no overlap, on screen
+                for i, (l, t, r, bt) in enumerate(boxes):
+                    for (l_, t_, r_, b_) in boxes[i + 1:]:
+                        assert r <= l_ + 1 or r_ <= l + 1 or bt <= t_ + 1 or b_ <= t + 1
+                page.close()
+        finally:
+            b.close()
