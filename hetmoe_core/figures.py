@@ -23,7 +23,7 @@ STRATEGY_COLORS = {"maxnn": "#e45756", "frequency": "#4c78a8", "weight": "#72b7b
 _EXTRA_COLORS = ("#eeca3b", "#ff9da6", "#bab0ac", "#17becf", "#bcbd22", "#8c564b")
 PRESET_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 PRESET_SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star")
-NOT_RESOLVED = "noise loss inside the noise: recovered fraction not shown"
+NOT_RESOLVED = "noise loss inside the noise: recovered fraction not shown"   # paired.INSIDE_NOISE + what we do
 
 
 def strategy_color(strategy: str) -> str:
@@ -54,9 +54,11 @@ def legend_below(n_entries: int, plot_height: int = 300, per_row: int = 2) -> di
     """Layout kwargs of a chart whose legend sits in rows below the plot and never covers it: the figure grows by
     one row per ``per_row`` entries instead of squeezing the plot (``plot_height`` px of plotting area stays)."""
     rows = -(-n_entries // per_row)
-    bottom = 60 + 21 * rows                     # x-axis ticks and title, then the legend rows
-    return dict(height=plot_height + 50 + bottom, margin=dict(l=10, r=10, t=64, b=bottom),
-                legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left"),
+    bottom = 62 + 21 * rows                     # x-axis ticks and title, then the legend rows
+    height = plot_height + 64 + bottom
+    return dict(height=height, margin=dict(l=10, r=10, t=64, b=bottom),   # legend's top just under the x title
+                legend=dict(orientation="h", yref="container", y=(bottom - 58) / height, yanchor="top", x=0,
+                            xanchor="left"),
                 xaxis=dict(automargin=True), yaxis=dict(automargin=True))
 
 
@@ -207,12 +209,13 @@ def share_bars(by_kind: dict, tied_lm_head: bool = False) -> go.Figure:
 
 
 def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog: dict | None = None,
-                     higher_is_better: bool = True) -> go.Figure:
+                     higher_is_better: bool = True, per_row: int = 2) -> go.Figure:
     """Metric against digital budget, one line per (strategy, preset) with mean ± std (over seeds) error bars.
 
     frame: store.Store.summary_frame rows of one task and metric (columns strategy, preset, budget, mean, std,
     n_seeds); ideal: the all-digital noise-free result (dashed line); all_analog: {preset: value} of the results
-    with every routed expert analog (budget 0; dotted lines). Reference lines are named in the legend.
+    with every routed expert analog (budget 0; dotted lines). Reference lines are named in the legend, which sits
+    below the plot in rows of ``per_row`` entries (legend_below). Colour = strategy, dash and marker = preset.
     """
     fig = go.Figure()
     for (s, p), g in frame.groupby(["strategy", "preset"], sort=True):
@@ -233,7 +236,7 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
                                      line=dict(dash=dash, color="#555", width=1.5),
                                      hovertemplate=f"{name}: {y:.4g}<extra></extra>"))
     fig.update_layout(title=f"{metric} vs digital budget" + ("" if higher_is_better else " (lower is better)"),
-                      **legend_below(len(fig.data)))
+                      **legend_below(len(fig.data), per_row=per_row))
     fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
     fig.update_yaxes(title_text=metric)
     return fig
@@ -346,7 +349,7 @@ def matrix_pair(clean, noisy, title: str) -> go.Figure:
 
 
 # ------------------------------------------------------------------------------------------- paired recovery
-def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss") -> go.Figure:
+def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss", per_row: int = 2) -> go.Figure:
     """Recovered fraction (A - X) / (A - I) against digital budget, one line per (strategy, preset).
 
     frame: paired.recovery_table (or combined_recovery) rows of one task/metric: strategy, preset, budget,
@@ -380,16 +383,19 @@ def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss
                   annotation_position="top right")
     fig.add_hline(y=0, line_dash="dot", line_color="#555", annotation_text="all routed experts analog",
                   annotation_position="bottom left")
-    hidden = len(frame) - len(shown)
-    if len(frame) and not len(shown):
-        fig.add_annotation(text=NOT_RESOLVED, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                           font=dict(size=13, color="#555"))
-        fig.update_yaxes(range=[-0.25, 1.25])
-    elif hidden:
-        fig.add_annotation(text=f"{hidden} cell(s) not shown: {NOT_RESOLVED.split(':')[0]}", showarrow=False,
-                           xref="paper", yref="paper", x=1, y=1.0, xanchor="right", yanchor="bottom",
-                           font=dict(size=11, color="#555"))
-    fig.update_layout(title=title, **legend_below(len(fig.data)))
+    hidden = frame[frame["recovered"].astype(float).isna()] if len(frame) else frame
+    if len(hidden):      # say which presets have no fraction and why (paired.noise_loss), never plot noise
+        notes = (hidden.groupby("preset")["recovered_note"].first() if "recovered_note" in hidden
+                 else hidden.groupby("preset").size().map(lambda _: ""))
+        text = "<br>".join(f"{p} — {n or 'no noise loss measured'}: recovered fraction not shown"
+                           for p, n in notes.items())
+        where = dict(x=0.5, y=0.5, xanchor="center", yanchor="middle") if not len(shown) else \
+            dict(x=0.99, y=0.03, xanchor="right", yanchor="bottom")
+        fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", align="left",
+                           bgcolor="rgba(255,255,255,0.85)", font=dict(size=12, color="#555"), **where)
+        if not len(shown):
+            fig.update_yaxes(range=[-0.25, 1.25])
+    fig.update_layout(title=title, **legend_below(len(fig.data), per_row=per_row))
     fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
     fig.update_yaxes(title_text="recovered fraction (A−X)/(A−I)")
     return fig

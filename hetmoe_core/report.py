@@ -210,6 +210,7 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     Returns {"path", "results" (summary rows), "figures", "placements"}. Raises ValueError when there is no result,
     or when ``out`` is a folder, exists and ``overwrite`` is False, or is the source itself (store.output_path).
     """
+    from .figures import NOT_RESOLVED
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
     from .results import limit_label
     out = output_path(out, overwrite, protect=[getattr(source, "path", source)])
@@ -257,7 +258,9 @@ th{{background:#f3f3f3;position:sticky;top:0}}.note{{color:#555}}
 <p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
 <h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
 <p class='note'>Right: recovered fraction of the noise loss (A−X)/(A−I) per seed on the same seeds (A = all routed
-experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error.</p>
+experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error. Where
+the noise loss A−I is not resolved (its 95% interval over seeds reaches 0, one seed within 1.96 × lm-eval's stderr, or
+no loss at all) the chart says “{html.escape(NOT_RESOLVED)}” instead of plotting a ratio of noise.</p>
 <h2>Paired differences between strategies</h2>
 <p class='note'>a − b on common seeds, mean [95% t interval]; “no difference” when the interval covers 0.</p>
 {_table(_paired_cells(deltas), ["task", "metric", "limit", "preset", "budget %", "a", "b", "n_seeds", "delta",

@@ -149,3 +149,41 @@ def snapshot_contents(tables: dict) -> str:
 
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+NA = "n/a"
+
+
+def as_text(frame: pd.DataFrame, formats: dict) -> pd.DataFrame:
+    """``frame`` with the columns of ``formats`` ({column: format spec, e.g. ".4g"}) as text, a missing value (None,
+    NaN) as NA — a table cell never shows the word "None" or "nan" where a number has no meaning."""
+    def fmt(v, spec):
+        return NA if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    return frame.assign(**{c: [fmt(v, f) for v in frame[c]] for c, f in formats.items() if c in frame})
+
+
+def paired_view(deltas: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """The Results page's paired-differences table (paired.paired_deltas rows) with numbers as text, and the notes
+    that say why a cell reads NA: no lm-eval stderr for ``metric``; a recovered fraction of a noise loss inside the
+    noise (paired.noise_loss)."""
+    cols = ["preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi", "delta_recovered",
+            "sampling_se", "verdict"]
+    view = as_text(deltas[cols], {c: ".4g" for c in ("delta", "delta_lo", "delta_hi", "delta_recovered",
+                                                     "sampling_se")})
+    notes = []
+    if deltas["sampling_se"].isna().any():
+        notes.append(f"sampling_se {NA}: lm-eval reports no standard error for {metric} (it does for accuracies "
+                     "and bits_per_byte, not for perplexities).")
+    if deltas["delta_recovered"].isna().any():
+        notes.append(f"delta_recovered {NA}: the noise loss (all routed experts analog − ideal) is inside the noise "
+                     "for that preset, so the recovered fraction is not defined.")
+    return view, notes
+
+
+def summary_view(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """summary_table's rows with mean, std and digital share as text (NA where missing) and why std is NA: one
+    result (the ideal all-digital result is deterministic and stored once) has no spread over seeds."""
+    view = as_text(table, {"mean": ".4f", "std": ".4f", "digital_share": ".3f"})
+    notes = [f"std {NA}: a single result — no spread over seeds (the ideal all-digital result is deterministic, "
+             "stored once)."] if table["std"].isna().any() else []
+    return view, notes

@@ -84,9 +84,9 @@ shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noi
 ideal, analog = results.references(s, shown)
 higher = results.higher_is_better(metric, s)
 
-chart_l, chart_r = st.columns(2)
-chart_l.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=higher),
-                     key="res_chart")
+# one chart per row: a legend of every strategy x preset fits below the plot instead of squeezing it
+st.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=higher, per_row=3),
+                key="res_chart")
 if noisy.empty:
     st.info(f"Only the ideal (all-digital) result is stored for {task} at limit {lim}: run a noisy evaluation with "
             "this limit on the **Evaluate** page.")
@@ -104,22 +104,24 @@ runs = runs[(runs.strategy == "ideal") | (runs.preset.isin(presets) & runs.strat
                                           & runs.backend.isin(backends))]
 rec = recovery_table(runs)
 if len(rec):
-    chart_r.plotly_chart(figures.recovery_vs_budget(rec, f"Recovered fraction of the noise loss · {metric}"),
-                         key="res_recovery")
-    chart_r.caption("(A−X)/(A−I) per seed on the same seeds, mean with its 95% t interval over seeds (error bars); "
+    st.plotly_chart(figures.recovery_vs_budget(rec, f"Recovered fraction of the noise loss · {metric}", per_row=3),
+                    key="res_recovery")
+    st.caption("(A−X)/(A−I) per seed on the same seeds, mean with its 95% t interval over seeds (error bars); "
                     "the hover adds the task's sampling error (lm-eval stderr ÷ noise loss). 0 = all routed experts "
-                    "analog (A), 1 = ideal all digital (I).")
+                    "analog (A), 1 = ideal all digital (I). Where the noise loss A−I is inside the noise (its 95% "
+                    "interval over seeds reaches 0, or one seed within 1.96 × lm-eval's stderr) the fraction "
+                    "would divide by noise: it is not drawn and the chart says so.")
 else:
-    chart_r.info("The recovered fraction needs the ideal result and a 0 % budget result on the same seeds.")
+    st.info("The recovered fraction needs the ideal result and a 0 % budget result on the same seeds.")
 pd_ = paired_deltas(runs)
 if len(pd_):
     st.subheader("Paired differences between strategies")
     st.caption("a − b on their common seeds (metric units), mean with 95% t interval; “no difference” when the "
                "interval covers 0. sampling_se: lm-eval's stderr of one result, for scale.")
-    st.dataframe(pd_[["preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi", "delta_recovered",
-                      "sampling_se", "verdict"]], hide_index=True,
-                 column_config={c: st.column_config.NumberColumn(format="%.4g")
-                                for c in ("delta", "delta_lo", "delta_hi", "delta_recovered", "sampling_se")})
+    view, notes = results.paired_view(pd_, metric)
+    st.dataframe(view, hide_index=True, key="res_paired")
+    for n in notes:
+        st.caption(n)
 
 # ---------------------------------------------------------------- score vs energy per token (hetmoe_core.energy)
 st.subheader(f"{metric} vs energy per token")
@@ -141,11 +143,12 @@ else:
                f"({note}); dashed: the Pareto front — no other configuration is cheaper and at least as good.")
 
 st.subheader("Table")
-st.dataframe(results.summary_table(s, shown), hide_index=True,
-             column_config={"mean": st.column_config.NumberColumn(format="%.4f"),
-                            "std": st.column_config.NumberColumn(format="%.4f"),
-                            "digital_share": st.column_config.NumberColumn("digital share", format="%.3f",
-                                                                           help=SHARE_HELP["digital_share"])})
+view, notes = results.summary_view(results.summary_table(s, shown))
+st.dataframe(view, hide_index=True, key="res_table",
+             column_config={"digital_share": st.column_config.TextColumn("digital share",
+                                                                         help=SHARE_HELP["digital_share"])})
+for n in notes:
+    st.caption(n)
 
 st.subheader("Download")
 runs = store.runs_frame({"model_fingerprint": model})

@@ -314,3 +314,35 @@ def test_evaluate_measures_routing_drift_of_the_placement(store_env):
     assert [r["layer"] for r in rows] == [0, 1, 2, 3] and rows[0]["changed_share"] == 0.0
     assert 0 < max(r["changed_share"] for r in rows) < 1
     assert at.get("plotly_chart")
+
+
+def test_results_after_example_results_read_well(store_env):
+    """After "Load example results": full-width charts whose legend sits below the plot, one colour per strategy
+    (Activation frequency and Router norm no longer share a blue), and table cells without a value read "n/a" with
+    a caption saying why, never "None"."""
+    import json
+    from hetmoe_core.figures import STRATEGY_COLORS
+    at = page(app(), "results")
+    at.button(key="res_load_examples").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    score, rec = (json.loads(c.proto.spec) for c in at.get("plotly_chart")[:2])
+    for fig in (score, rec):
+        lay = fig["layout"]
+        assert lay["legend"]["yref"] == "container" and lay["legend"]["yanchor"] == "top"
+        rows = -(-len(fig["data"]) // 3)
+        assert lay["margin"]["b"] >= 62 + 21 * rows and lay["height"] - lay["margin"]["b"] - lay["margin"]["t"] >= 300
+    colour = {}
+    for tr in score["data"]:
+        if " · " in tr["name"] and not tr["name"].startswith("all routed"):
+            colour.setdefault(tr["name"].split(" · ")[0], set()).add(tr["line"]["color"])
+    assert all(len(c) == 1 for c in colour.values()) and len(colour) >= 7      # one colour per strategy
+    assert colour["Activation frequency"] == {STRATEGY_COLORS["frequency"]} != colour["Router norm"]
+    assert len({next(iter(c)) for c in colour.values()}) == len(colour)        # and no two strategies share one
+    table = next(d.value for d in at.dataframe if "n_seeds" in d.value and "strategy" in d.value)
+    paired = next(d.value for d in at.dataframe if "sampling_se" in d.value)
+    assert set(paired.sampling_se) == {"n/a"}                                  # word_perplexity: no lm-eval stderr
+    ideal = table[table.strategy == "ideal"].iloc[0]
+    assert ideal["std"] == "n/a" and "None" not in table.to_string() and "None" not in paired.to_string()
+    captions = " ".join(c.value for c in at.caption)
+    assert "sampling_se n/a: lm-eval reports no standard error for word_perplexity" in captions
+    assert "std n/a: a single result" in captions
