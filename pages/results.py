@@ -85,7 +85,7 @@ ideal, analog = results.references(s, shown)
 higher = results.higher_is_better(metric, s)
 
 # one chart per row: a legend of every strategy x preset fits below the plot instead of squeezing it
-st.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=higher, per_row=3),
+st.plotly_chart(figures.metric_vs_budget(shown, metric, ideal, analog, higher_is_better=higher),
                 key="res_chart")
 if noisy.empty:
     st.info(f"Only the ideal (all-digital) result is stored for {task} at limit {lim}: run a noisy evaluation with "
@@ -104,7 +104,7 @@ runs = runs[(runs.strategy == "ideal") | (runs.preset.isin(presets) & runs.strat
                                           & runs.backend.isin(backends))]
 rec = recovery_table(runs)
 if len(rec):
-    st.plotly_chart(figures.recovery_vs_budget(rec, f"Recovered fraction of the noise loss · {metric}", per_row=3),
+    st.plotly_chart(figures.recovery_vs_budget(rec, f"Recovered fraction of the noise loss · {metric}"),
                     key="res_recovery")
     st.caption("(A−X)/(A−I) per seed on the same seeds, mean with its 95% t interval over seeds (error bars); "
                     "the hover adds the task's sampling error (lm-eval stderr ÷ noise loss). 0 = all routed experts "

@@ -329,7 +329,7 @@ def test_results_after_example_results_read_well(store_env):
     for fig in (score, rec):
         lay = fig["layout"]
         assert lay["legend"]["yref"] == "container" and lay["legend"]["yanchor"] == "top"
-        rows = -(-len(fig["data"]) // 3)
+        rows = -(-len(fig["data"]) // 2)
         assert lay["margin"]["b"] >= 62 + 21 * rows and lay["height"] - lay["margin"]["b"] - lay["margin"]["t"] >= 300
     colour = {}
     for tr in score["data"]:
