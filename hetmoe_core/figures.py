@@ -335,16 +335,22 @@ def matrix_pair(clean, noisy, title: str) -> go.Figure:
     clean, noisy = np.asarray(clean, float), np.asarray(noisy, float)
     err = noisy - clean
     ratio = float(np.sqrt((err ** 2).mean() / max((clean ** 2).mean(), 1e-30)))
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+    gap = 0.2          # room for the left colour bar and its tick labels before the right panel's y ticks
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=gap, subplot_titles=(
         "weights", f"programmed − weights (RMS {ratio:.1%} of the weights' RMS)"))
-    for i, z in enumerate((clean, err)):
+    right_edge = (1 - gap) / 2
+    for i, (z, name, bar) in enumerate(((clean, "weight", "weight"),
+                                        (err, "error", "error"))):
         lim = float(np.abs(z).max()) or 1.0
-        fig.add_trace(go.Heatmap(z=z, zmin=-lim, zmax=lim, colorscale="RdBu",
-                                 colorbar=dict(x=0.44 if i == 0 else 1.0, len=0.9),
-                                 hovertemplate="neuron %{y}, input %{x}<br>%{z:.4g}<extra></extra>"), 1, i + 1)
+        fig.add_trace(go.Heatmap(z=z, zmin=-lim, zmax=lim, colorscale="RdBu", name=name,
+                                 colorbar=dict(x=right_edge + 0.01 if i == 0 else 1.01, xanchor="left", len=0.9,
+                                               thickness=12, title=dict(text=bar, side="top")),
+                                 hovertemplate="neuron %{y}, input %{x}<br>" + name + " %{z:.4g}<extra></extra>"),
+                      1, i + 1)
+    fig.update_xaxes(title_text="input (column of up_proj)")
     fig.update_yaxes(autorange="reversed", title_text="neuron (row of up_proj)", row=1, col=1)
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(title=title, height=330, **_LAYOUT)
+    fig.update_layout(title=title, height=370, **{**_LAYOUT, "margin": dict(l=10, r=10, t=70, b=10)})
     return fig
 
 
@@ -422,7 +428,11 @@ def damage_heatmap(validation: dict, field: str = "only_this") -> go.Figure:
     ex = validation["experts"]
     layers = _decoder_layers(ex)
     name = "only-this damage (nats)" if field == "only_this" else "all-but-this recovery (nats)"
-    return expert_heatmap(_per_layer(ex, field), layers, f"Measured {name} · {validation['preset']}", name,
+    values = _per_layer(ex, field)
+    n_white = int(sum((np.asarray(v, float) <= 0).sum() for v in values))
+    note = (f"<br><sup>white: {n_white} expert(s) with a value ≤ 0 (no measurable damage; a log scale cannot show "
+            "them) — hover for the value</sup>") if n_white else ""
+    return expert_heatmap(values, layers, f"Measured {name} · {validation['preset']}{note}", name,
                           extra={"± se": _per_layer(ex, field + "_se")}, colorscale="Inferno", log=True)
 
 

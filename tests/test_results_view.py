@@ -117,3 +117,21 @@ def test_reference_lines_in_the_legend_not_overlapping_labels():
     assert not fig.layout.annotations
     names = [t.name for t in fig.data]
     assert "ideal (all digital, no noise): 0.61" in names and "all routed experts analog · p: 0.6" in names
+
+
+def test_learn_matrix_pair_colour_bar_clears_the_right_panel_and_axes_are_named():
+    w = np.random.default_rng(0).normal(0, 0.05, (16, 32))
+    fig = figures.matrix_pair(w, w + 0.01, "t")
+    left_bar = fig.data[0].colorbar
+    assert left_bar.x + 0.05 < fig.layout.xaxis2.domain[0]          # bar (12 px) and its ticks before the y ticks
+    assert left_bar.x >= fig.layout.xaxis.domain[1]                  # and not over the left heatmap
+    assert [fig.data[0].colorbar.title.text, fig.data[1].colorbar.title.text] == ["weight", "error"]
+    assert fig.layout.xaxis.title.text == fig.layout.xaxis2.title.text == "input (column of up_proj)"
+
+
+def test_damage_heatmap_says_what_white_cells_are():
+    experts = [{"layer": 0, "expert": e, "only_this": v, "only_this_se": 0.01}
+               for e, v in enumerate([0.2, -0.01, 0.0, 0.05])]
+    fig = figures.damage_heatmap({"experts": experts, "preset": "p"})
+    assert "white: 2 expert(s) with a value ≤ 0" in fig.layout.title.text
+    assert "white" not in figures.damage_heatmap({"experts": experts[:1], "preset": "p"}).layout.title.text
