@@ -113,8 +113,10 @@ def _print_paired(rec, paired, max_rows: int) -> None:
                 print(f"{note}: recovered fraction not shown ({n} rows)")
         if paired is not None and len(paired):
             print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
-            print(paired.head(max_rows)[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta",
-                                         "delta_lo", "delta_hi", "sampling_se", "verdict"]].to_string(index=False))
+            p = paired.head(max_rows)
+            p = p.assign(sampling_se=["n/a" if v != v else f"{v:.4g}" for v in p.sampling_se])   # no lm-eval stderr
+            print(p[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi",
+                     "sampling_se", "verdict"]].to_string(index=False))
 
 
 def add_export(p):
