@@ -549,7 +549,7 @@ def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title
                                  line=dict(dash="dash", color="#555"), hoverinfo="skip"))
     fig.update_layout(title=title or f"{metric} vs energy per token" + ("" if higher_is_better else
                                                                        " (lower is better)"),
-                      **legend_below(len(fig.data), per_row=3))
+                      **legend_below(len(fig.data)))
     fig.update_xaxes(type="log", title_text="energy per token (J, log scale)")
     fig.update_yaxes(title_text=metric)
     return fig

@@ -69,10 +69,12 @@ def _energy_figures(store: Store, summary) -> tuple[list, list[str]]:
                 continue
             higher = _direction(metric, summary[summary.metric == metric]) is not False
             arrow = "higher is better" if higher else "lower is better"
-            figs.append(figures.accuracy_vs_energy(
+            fig = figures.accuracy_vs_energy(
                 energy.config_points(g), metric, higher,
-                title=f"{task} — {metric} ({arrow}) vs energy per token · {limit_label(limit)}<br>"
-                      f"({energy.DEFAULT_HARDWARE}, {note})"))
+                title=f"{task} — {metric} ({arrow})<br>vs energy per token · {limit_label(limit)}<br>"
+                      f"<sup>{energy.DEFAULT_HARDWARE}, {note}</sup>")
+            fig.update_layout(margin_t=100, height=fig.layout.height + 36)   # three title lines
+            figs.append(fig)
     return figs, notes
 
 
