@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .store import Store, atomic_write, output_path
+from .store import Store, atomic_write, output_path, shown_path
 
 HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
 VARIANT_COLUMNS = ("backend", "dtype", "batch_size", "num_fewshot", "analog_dense")   # besides the preset; the limit
@@ -198,7 +198,7 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
 td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}th{{background:#f3f3f3}}.note{{color:#555}}
 .pair{{display:flex;gap:1em}}.pair>div{{flex:1;min-width:0}}</style>
 </head><body><h1>{html.escape(title)}</h1>
-<p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
+<p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(shown_path(getattr(source, 'path', source)))}.</p>{note}
 <h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
 <p class='note'>Right: recovered fraction of the noise loss (A−X)/(A−I) per seed on the same seeds (A = all routed
 experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error.</p>

@@ -37,6 +37,10 @@ def _from_query(name: str, raw: str):
         from .scores import STRATEGIES
         if raw not in STRATEGIES:
             raise ValueError
+    if name == "model" and raw.startswith("tiny:"):
+        from .models import TINY_FAMILIES
+        if raw[5:] not in TINY_FAMILIES:
+            raise ValueError(f"the tiny families are {', '.join(TINY_FAMILIES)}")
     if name == "preset":
         from .noise import PRESETS
         if raw not in PRESETS:
@@ -55,8 +59,10 @@ def init_state() -> None:
             if q in st.query_params:
                 try:
                     ss[key] = _from_query(q, st.query_params[q])
-                except ValueError:
-                    ss["_query_warning"] = f"ignored the link's {q}={st.query_params[q]!r}"
+                except ValueError as e:
+                    from .models import shorten
+                    why = f" ({e})" if str(e) and not str(e).startswith("could not convert") else ""
+                    ss["_query_warning"] = f"ignored the link's {q}={shorten(st.query_params[q])!r}{why}"
         ss["source_kind"] = source_kind(ss["source"])
         if ss["source"].startswith("tiny:"):
             ss["source_tiny"] = ss["source"][5:]
@@ -228,7 +234,8 @@ def _sidebar() -> None:
     ss["source"] = source     # empty: pages say what to enter
     # filled by get_model() when a page loads the model, so that the page's first chart need not wait for it
     _RUN.slot = st.empty()
-    _RUN.slot.caption("Enter a model source above." if not source else f"Model: `{source}`")
+    from .models import shorten
+    _RUN.slot.caption("Enter a model source above." if not source else f"Model: `{shorten(source, 60)}`")
     if (w := ss.pop("_query_warning", None)):
         st.warning(f"The link held an invalid value: {w}; the default is used instead.")
     _memory_panel()
@@ -311,10 +318,13 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
         _begin_run()
     key = (ss["source"], ss["device"], ss["dtype"])
     try:
+        if key not in MODELS:   # the sidebar says hub id or folder: check it as that before any loading
+            from .models import resolve_source
+            resolve_source(ss["source"], {"Hub id": "hub", "Local folder": "folder"}.get(ss.get("source_kind")))
         if key in MODELS:      # no spinner when loaded: st.spinner starts a timer thread, on every slider move
             h = MODELS.hold(key, _RUN.owner)
         else:
-            with st.spinner(f"Loading {ss['source']} …"):
+            with st.spinner(f"Loading {ss['source'][:60]} …"):
                 h = MODELS.hold(key, _RUN.owner)
         a, slot = h.lm.anatomy, getattr(_RUN, "slot", None)
         if slot is not None:
@@ -324,8 +334,7 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
         return h
     except (ValueError, OSError) as e:
         if show_errors:
-            what = f"**{ss['source']}**" if ss["source"] else "an empty source"
-            st.error(f"Could not load model {what}: {e}\n\nChoose *Default* in the sidebar, or give a "
+            st.error(f"Could not load model: {e}\n\nChoose *Default* in the sidebar, or give a "
                      "local folder with config.json and *.safetensors, or a Hugging Face hub id (org/name) when the "
                      "hub is reachable.")
     except ImportError as e:

@@ -1,0 +1,90 @@
+"""What a user of a shared server is told: no absolute server path, one clear line for a bad model source or link
+value, readable numbers on the cards — through Streamlit's AppTest and a real DuckDB store."""
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from hetmoe_core.models import TINY_FAMILIES, load_model, resolve_source
+from hetmoe_core.store import DEFAULT_PATH, Store, shown_path
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+def app(query=None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update(query or {})
+    return at.run()
+
+
+def texts(at) -> str:
+    """Every caption, markdown, error and warning of this run, as one string."""
+    out = []
+    for kind in ("caption", "markdown", "error", "warning", "info", "success"):
+        out += [str(e.value) for e in at.get(kind)]
+    return "\n".join(out)
+
+
+def test_store_is_named_by_file_name_or_app_relative_path(tmp_path):
+    assert shown_path(tmp_path / "cache" / "results.duckdb") == "results.duckdb"
+    assert shown_path(DEFAULT_PATH) == "cache/results.duckdb"
+
+
+def test_results_and_share_pages_hide_the_server_path(store_env):
+    at = app({"model": "tiny:olmoe"})
+    for name in ("results", "share"):
+        at.switch_page(f"pages/{name}.py").run()
+        assert not at.exception, [e.value for e in at.exception]
+        shown = texts(at)
+        assert "`results.duckdb`" in shown, (name, shown)
+        assert str(store_env.parent) not in shown and "/tmp" not in shown, (name, shown)
+
+
+def test_report_names_the_store_file_only(tmp_path):
+    from hetmoe_core.evaluate import plan, source_fingerprint
+    from hetmoe_core.report import write_report
+    st = Store(tmp_path / "deep" / "results.duckdb")
+    for s in plan("default", fingerprint=source_fingerprint("default"), tasks="hetmoe_cloze", budgets=(0.0,),
+                  limit=4):
+        st.put_result(s.key, {**s.row(), "duration_s": 1.0, "digital_share": 0.2},
+                      [{"task": s.task.name, "metric": "acc", "value": 0.5, "stderr": 0.01, "seed": s.seed}])
+    write_report(st, tmp_path / "r.html")
+    html = (tmp_path / "r.html").read_text()
+    assert "from results.duckdb." in html and str(tmp_path) not in html
+
+
+@pytest.mark.parametrize("source, expect, says", [
+    ("a" * 300 + "/" + "b" * 300, "hub", "'" + "a" * 40 + "…' is not a valid hub id"),
+    ("ü/ñ✓", "hub", "'ü/ñ✓' is not a valid hub id"),
+    ("../../etc/passwd", "hub", "is not a valid hub id"),
+    ("../../etc/passwd", None, "../../etc/passwd is not a folder with a model (config.json + *.safetensors)"),
+    ("~", "folder", "~ is not a folder with a model"),
+    ("/etc", None, "/etc is not a folder with a model"),
+    ("tiny:nosuchfamily", None, "olmoe, mixtral"),
+])
+def test_bad_sources_say_what_is_valid_in_one_short_line(source, expect, says):
+    with pytest.raises(ValueError) as e:
+        resolve_source(source, expect)   # what the sidebar checks first, then the load itself
+        load_model(source)
+    msg = str(e.value)
+    assert says in msg and "\n" not in msg and len(msg) < 260, msg
+    assert "owner/name" in msg or "not a folder" in msg or "tiny" in msg
+    for leak in ("/root", "Errno", "unreachable", "is a file", "holds no"):
+        assert leak not in msg, msg
+
+
+def test_sidebar_hub_id_is_validated_without_blaming_the_network(store_env):
+    at = app({"model": "a" * 300 + "/" + "b" * 300})
+    assert not at.exception and at.sidebar.radio(key="source_kind").value == "Hub id"
+    err = at.error[0].value
+    assert "is not a valid hub id" in err and "96 characters" in err and "a" * 41 not in err
+    assert "Errno" not in err and "unreachable" not in err
+
+
+def test_link_with_unknown_tiny_family_is_an_invalid_value_naming_the_families(store_env):
+    at = app({"model": "tiny:nosuchfamily"})
+    assert not at.exception
+    warning = " ".join(w.value for w in at.sidebar.warning)
+    assert "The link held an invalid value" in warning and "tiny:nosuchfamily" in warning
+    assert ", ".join(TINY_FAMILIES) in warning
+    assert at.sidebar.radio(key="source_kind").value == "Default"
