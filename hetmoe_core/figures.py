@@ -8,12 +8,11 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from .strategies import STRATEGIES
+from .criteria import CRITERION_LABELS as STRATEGY_LABELS   # the strategy registry's labels + projection criteria
 
 KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared experts", "router": "routers",
                "attention": "attention", "dense_mlp": "dense MLP", "lm_head": "LM head", "embeddings": "embeddings",
                "norms": "norms", "other": "other"}
-STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}   # from the strategy registry
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit themes charts (and templates cost ~15 ms)
 
 

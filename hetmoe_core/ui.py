@@ -602,13 +602,11 @@ class ValidationJob(_BackgroundJob):
 
     def _work(self) -> str | None:
         from .examples import put_validation
-        from .routing import default_calibration
         from .sensitivity import validate
         from .store import Store
         store = Store(self.store_path)
-        texts, _ = default_calibration(self.handle.lm.source)   # tiny: test models get the built-in sentences
-        with self.handle.lock:
-            v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=texts, tokens=self.tokens,
+        with self.handle.lock:   # texts=None: the model's default calibration, named in the result
+            v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=None, tokens=self.tokens,
                          store=store, progress=self._progress, cancel=self.cancel.is_set)
         if self.cancel.is_set() or v is None:
             return "cancelled"
