@@ -16,6 +16,21 @@ KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared exp
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit themes charts (and templates cost ~15 ms)
 
 
+def si(x: float, digits: int = 3) -> str:
+    """A number for a table cell with an SI prefix and ``digits`` significant digits: 4602219.19 -> '4.60 M',
+    0.0123 -> '12.3 m', 53.7 -> '53.7'; '—' for None/NaN."""
+    import math
+    if x is None or x != x:
+        return "—"
+    x = float(f"{x:.{digits}g}")   # rounded first, so 999960 reads 1.00 M, not 1000 k
+    if x == 0 or math.isinf(x):
+        return f"{x:g}"
+    e = max(-4, min(4, math.floor(math.log10(abs(x)) / 3)))
+    v = x / 1000.0 ** e
+    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}" + ("", " k", " M", " G", " T",
+                                                                              " p", " n", " µ", " m")[e]
+
+
 def _grid(values) -> np.ndarray:
     """list of per-layer [E_l] arrays -> float [L, max E] padded with NaN."""
     E = max(len(v) for v in values)

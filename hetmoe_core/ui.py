@@ -635,7 +635,8 @@ def hardware_editor(key: str = "hw"):
                     f"{f['name']} ({f['unit']})", value=v, min_value=1 if is_int else 1e-9,
                     step=1 if is_int else None, format=None if is_int else "%.4g",
                     key=f"{key}_{name}_{part}_{f['name']}",
-                    help=f"{f['help']} Unit: {f['unit']}. Source: {f['source']}")
+                    help=f"{f['help']} Unit: {f['unit']}. Allowed: {f['allowed'][0]:g} to {f['allowed'][1]:g}. "
+                         f"Source: {f['source']}")
                 if w != v:
                     changes[part][f["name"]] = int(w) if is_int else float(w)
         try:

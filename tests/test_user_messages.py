@@ -132,3 +132,36 @@ def test_validate_card_on_a_tiny_model_judges_no_criterion(store_env):
     assert any("no criterion can be judged" in w.value for w in at.warning)
     shown = texts(at)
     assert "of given" not in shown and "tokens of built-in sentences" in shown
+
+
+@pytest.mark.parametrize("part, name, says", [
+    ("digital", "mac_energy", "mac_energy=1e+30: allowed a number in [0.0001, 1000] pJ/MAC"),
+    ("digital", "weight_bytes", "weight_bytes=1e+30: allowed a number in [0.125, 8] bytes/weight"),
+    ("analog", "mvm_latency", "mvm_latency=1e+30: allowed a number in [0.01, 1e+07] ns"),
+])
+def test_hardware_constants_have_a_range_in_their_metadata(part, name, says):
+    import dataclasses
+    from hetmoe_core.hardware import HARDWARE, AnalogConfig, DigitalConfig, get_hardware
+    for cls in (DigitalConfig, AnalogConfig):
+        for f in dataclasses.fields(cls):
+            if f.name != "name":
+                lo, hi = f.metadata["allowed"]
+                assert all(lo <= getattr(getattr(hw, "digital" if cls is DigitalConfig else "analog"), f.name) <= hi
+                           for hw in HARDWARE.values()), f.name
+    with pytest.raises(ValueError) as e:
+        get_hardware("h100+pcm", **{part: {name: 1e30}})
+    assert says in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"tile_size=3.5: allowed an integer in \[8, 16384\]"):
+        get_hardware("h100+pcm", analog={"tile_size": 3.5})
+
+
+def test_placement_refuses_a_huge_constant_in_one_line_and_formats_the_limits(store_env):
+    from hetmoe_core.figures import si
+    assert (si(4602219.1855), si(0.0123), si(999960), si(53.7)) == ("4.60 M", "12.3 m", "1.00 M", "53.7")
+    at = app()
+    at.switch_page("pages/placement.py").run()
+    energy = next(m.value for m in at.metric if m.label == "Energy per token")
+    at.number_input(key="hw_h100+pcm_digital_mac_energy").set_value(1e30).run()
+    assert not at.exception
+    assert any("mac_energy=1e+30: allowed a number in [0.0001, 1000] pJ/MAC" in w.value for w in at.warning)
+    assert next(m.value for m in at.metric if m.label == "Energy per token") == energy   # the preset's values
