@@ -189,11 +189,13 @@ def cached_first(source: str, store, progress, cancel, calib_text: dict | None, 
 
 def _check_registry_tasks(todo: list[RunSpec]) -> None:
     """ValueError for task names that are neither hetmoe's nor lm-eval's, before any model is loaded."""
+    from .tasks import TASK_LISTING, lm_eval_may_know
     registry = sorted({s.task.name for s in todo if s.task.include_path is None})
     if registry:
-        unknown = [t for t in registry if t not in _task_manager((), True).all_tasks]
+        maybe = lm_eval_may_know(registry)    # names in no lm-eval file fail at once, without indexing lm-eval
+        unknown = [t for t in registry if t not in maybe or t not in _task_manager((), True).all_tasks]
         _check(not unknown, f"unknown task(s) {', '.join(unknown)}: not a hetmoe, paper ({', '.join(task_aliases())} "
-                            f"aliases) or lm-eval task")
+                            f"aliases) or lm-eval task; {TASK_LISTING}")
 
 
 def _model_for(todo: list[RunSpec], lm, source: str, plan_kw: dict, trust_remote_code: bool):

@@ -165,3 +165,23 @@ def test_placement_refuses_a_huge_constant_in_one_line_and_formats_the_limits(st
     assert not at.exception
     assert any("mac_energy=1e+30: allowed a number in [0.0001, 1000] pJ/MAC" in w.value for w in at.warning)
     assert next(m.value for m in at.metric if m.label == "Energy per token") == energy   # the preset's values
+
+
+def test_unknown_task_fails_before_lm_eval_indexes_its_tasks_and_says_how_to_list(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from hetmoe_core.tasks import lm_eval_may_know
+    assert lm_eval_may_know(["nosuchtask_xyz", "arc_easy"]) == ["arc_easy"]
+    code = ("from hetmoe_core import evaluate, tasks\n"
+            "specs = evaluate.plan('default', tasks='nosuchtask_xyz', budgets=(0.0,))\n"
+            "try:\n    evaluate._check_registry_tasks(specs)\nexcept ValueError as e:\n    print(e)\n"
+            "print('task managers built:', len(tasks._task_managers))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HETMOE_STORE": str(tmp_path / "s.duckdb")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=Path(APP).parent).stdout
+    assert "unknown task(s) nosuchtask_xyz" in out and "`python -m hetmoe_core tasks`" in out, out
+    assert "task managers built: 0" in out
+    listing = subprocess.run([sys.executable, "-m", "hetmoe_core", "tasks"], capture_output=True, text=True,
+                             env=env, timeout=120, cwd=Path(APP).parent).stdout
+    assert "local: hetmoe_choice, hetmoe_cloze" in listing and "paper: paper_arc_easy" in listing
