@@ -538,7 +538,8 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
 
 
 class Job(_BackgroundJob):
-    """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result."""
+    """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result, each
+    result written to the store as it is done (what the page shows as done is stored; a cancel has nothing to write)."""
     name = "hetmoe-eval"
 
     def __init__(self, handle: ModelHandle, **kwargs):
@@ -552,7 +553,8 @@ class Job(_BackgroundJob):
     def _work(self) -> None:
         from .evaluate import evaluate_many
         with self.handle.lock:
-            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, **self.kwargs)
+            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
+                          **self.kwargs)
 
 
 # ------------------------------------------------------------------------------------------- scores without a model
