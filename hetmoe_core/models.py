@@ -452,7 +452,7 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
                 use_safetensors=True, **kw)
     except OSError as e:
         offline = any(w in str(e).lower() for w in ("connect", "offline", "resolve host", "timed out"))
-        hint = (" (the Hugging Face hub is unreachable: download the model to a folder)" if offline else
+        hint = (" (the Hugging Face hub is unreachable offline: download the model to a folder)" if offline else
                 " (no such model on the hub, or it is private or gated)") if kind == "hub" else ""
         if kind == "folder":
             raise not_a_model_folder(source) from None
