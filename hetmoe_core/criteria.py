@@ -28,16 +28,6 @@ import torch
 from .scores import PROJECTIONS
 
 PAPER_CRITERIA = ("maxnn", "frequency", "weight", "router_norm") + tuple(f"{p}_max" for p in PROJECTIONS)
-
-
-def _labels() -> dict[str, str]:
-    from .strategies import STRATEGIES
-    return {**{n: s.label for n, s in STRATEGIES.items()},
-            **{f"{p}_max": f"Max neuron norm of {p}_proj" for p in PROJECTIONS}}
-
-
-CRITERION_LABELS = _labels()
-"""Display label of every criterion: the strategy registry's labels, plus the per-projection maxima of MaxNNScore."""
 LOCAL_ERROR_SEEDS = (0, 1, 2)
 LOCAL_ERROR_TOKENS = 4096
 N_BOOT = 1000

@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from .criteria import CRITERION_LABELS as STRATEGY_LABELS   # the strategy registry's labels + projection criteria
+from .strategies import criterion_labels
+
+STRATEGY_LABELS = criterion_labels()   # the strategy registry's labels + the per-projection criteria
 
 KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared experts", "router": "routers",
                "attention": "attention", "dense_mlp": "dense MLP", "lm_head": "LM head", "embeddings": "embeddings",

@@ -7,7 +7,7 @@ it is open."""
 import pyarrow as pa
 import streamlit as st
 
-from hetmoe_core import energy, figures, ui
+from hetmoe_core import energy, figures, strategies, ui
 from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, overlap, place
 from hetmoe_core.scores import STRATEGIES, strategy_scores
 from hetmoe_core.strategies import get_strategy
@@ -18,7 +18,7 @@ st.caption("The **digital budget** is the share of routed experts that run on di
            "experts and the top ones get the digital slots. Every other routed expert runs on analog (AIMC) tiles.")
 ss = st.session_state
 h = ui.require_model()        # loads the model (or stops with the error) before the view's first run
-label = figures.STRATEGY_LABELS.get
+label = strategies.label     # the live registry, the name itself for one it no longer holds
 
 
 def needs_stats(strategy):

@@ -160,6 +160,7 @@ def test_placement_refuses_a_huge_constant_in_one_line_and_formats_the_limits(st
     assert (si(4602219.1855), si(0.0123), si(999960), si(53.7)) == ("4.60 M", "12.3 m", "1.00 M", "53.7")
     at = app()
     at.switch_page("pages/placement.py").run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
     energy = next(m.value for m in at.metric if m.label == "Energy per token")
     at.number_input(key="hw_h100+pcm_digital_mac_energy").set_value(1e30).run()
     assert not at.exception
