@@ -19,18 +19,20 @@ _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit t
 
 
 def si(x: float, digits: int = 3) -> str:
-    """A number for a table cell with an SI prefix and ``digits`` significant digits: 4602219.19 -> '4.60 M',
-    0.0123 -> '12.3 m', 53.7 -> '53.7'; '—' for None/NaN."""
+    """A number for a table cell, ``digits`` significant digits, large ones with an SI prefix: 4602219.19 ->
+    '4.60 M', 53.7 -> '53.7', 0.605 -> '0.605', 2.2e-05 -> '2.2e-05' (the column header holds the unit, so a
+    prefix never stacks on it below 1); '—' for None/NaN."""
     import math
     if x is None or x != x:
         return "—"
     x = float(f"{x:.{digits}g}")   # rounded first, so 999960 reads 1.00 M, not 1000 k
     if x == 0 or math.isinf(x):
         return f"{x:g}"
-    e = max(-4, min(4, math.floor(math.log10(abs(x)) / 3)))
+    if abs(x) < 1e-3:
+        return f"{x:.{digits - 1}g}"
+    e = max(0, min(4, math.floor(math.log10(abs(x)) / 3)))
     v = x / 1000.0 ** e
-    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}" + ("", " k", " M", " G", " T",
-                                                                              " p", " n", " µ", " m")[e]
+    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}" + ("", " k", " M", " G", " T")[e]
 
 
 def _grid(values) -> np.ndarray:

@@ -157,7 +157,8 @@ def test_hardware_constants_have_a_range_in_their_metadata(part, name, says):
 
 def test_placement_refuses_a_huge_constant_in_one_line_and_formats_the_limits(store_env):
     from hetmoe_core.figures import si
-    assert (si(4602219.1855), si(0.0123), si(999960), si(53.7)) == ("4.60 M", "12.3 m", "1.00 M", "53.7")
+    assert [si(x) for x in (4602219.1855, 999960, 53.7, 0.605, 2.2e-5)] == ["4.60 M", "1.00 M", "53.7", "0.605",
+                                                                             "2.2e-05"]
     at = app()
     at.switch_page("pages/placement.py").run()
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
@@ -166,6 +167,10 @@ def test_placement_refuses_a_huge_constant_in_one_line_and_formats_the_limits(st
     assert not at.exception
     assert any("mac_energy=1e+30: allowed a number in [0.0001, 1000] pJ/MAC" in w.value for w in at.warning)
     assert next(m.value for m in at.metric if m.label == "Energy per token") == energy   # the preset's values
+    at.session_state["limits_open"] = True     # the limits table is built only while its expander is open
+    at.run()
+    table = next(d.value for d in at.dataframe if "tokens/s" in d.value.columns)
+    assert all(v.endswith((" k", " M", " G")) and len(v.split()[0]) <= 4 for v in table["tokens/s"]), table
 
 
 def test_unknown_task_fails_before_lm_eval_indexes_its_tasks_and_says_how_to_list(tmp_path):
