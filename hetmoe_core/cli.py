@@ -15,7 +15,7 @@ import sys
 from .backend import BACKENDS
 from .strategies import STRATEGIES, needs
 from .cli_store import (_store_arg, add_export, add_import, add_presets, add_report, add_runs,  # noqa: F401
-                        cmd_export, cmd_import, cmd_presets, cmd_report, cmd_runs)
+                        add_tasks, cmd_export, cmd_import, cmd_presets, cmd_report, cmd_runs, cmd_tasks)
 
 
 from .cli_args import _Parser, _int_at_least, _limit, _number, _set_arg, _setting, _share, _shares  # noqa: F401
@@ -458,6 +458,7 @@ COMMANDS = {
     "import": (add_import, cmd_import, "merge a snapshot into a store (idempotent, validated)"),
     "report": (add_report, cmd_report, "standalone HTML report (Plotly, offline) of a snapshot or store"),
     "presets": (add_presets, cmd_presets, "noise presets and every noise parameter: unit, allowed range, source"),
+    "tasks": (add_tasks, cmd_tasks, "hetmoe's evaluation tasks by alias (local, ppl, paper); lm-eval's work too"),
 }
 
 

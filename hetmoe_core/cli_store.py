@@ -1,4 +1,5 @@
-"""Commands that only read or move stored results: ``runs``, ``export``, ``import``, ``report``, ``presets``.
+"""Commands that only read or move stored results or list what there is: ``runs``, ``export``, ``import``,
+``report``, ``presets``, ``tasks``.
 
 They import no torch, transformers, aihwkit or lm-eval (the answer is in the DuckDB store or in the noise
 presets), so they start in a fraction of the time of a command that loads a model. Registered in ``cli.COMMANDS``.
@@ -196,4 +197,21 @@ def cmd_presets(args) -> dict:
     if not args.name:
         print("`presets NAME` prints every parameter with its unit, allowed range and source; "
               "`evaluate --set NAME=VALUE` overrides one.")
+    return None
+
+
+def add_tasks(p):
+    pass   # no options: lists hetmoe's tasks by alias
+
+
+def cmd_tasks(args) -> dict:
+    """hetmoe's own tasks by alias (``tasks.task_aliases``: the default model's "local", its "ppl" subset, the
+    paper's offline "paper" suite); any lm-eval task name works too (``lm-eval ls tasks`` lists them)."""
+    from .tasks import task_aliases
+    out = task_aliases()
+    if args.json:
+        return out
+    for alias, names in out.items():
+        print(f"{alias}: {', '.join(names) or '(none)'}")
+    print("Any lm-eval task name works too: `lm-eval ls tasks` lists them.")
     return None

@@ -131,13 +131,17 @@ def _result(spec: RunSpec, cached: bool, metrics: list[dict], run: dict | None =
 
 def evaluate_many(source: str = "default", *, store: Store | str | None = None, lm=None,
                   progress: Callable[[int, int, dict], None] | None = None, cancel: threading.Event | None = None,
-                  trust_remote_code: bool = False, calibration: dict | None = None, **plan_kw) -> list[dict]:
+                  trust_remote_code: bool = False, calibration: dict | None = None, write_every_s: float | None = None,
+                  **plan_kw) -> list[dict]:
     """Evaluate the product strategies × budgets × presets × seeds × tasks (see :func:`plan`), cache first.
 
     Cached results are reported at once (progress(done, total, result) with result["cached"] True) and the model is
     not loaded when everything is cached. Missing results are computed unit by unit (one placement + noise + seed
-    = one noisy model, all its tasks), each stored in its own transaction as soon as it is done, so a killed sweep
-    resumes where it stopped. ``lm``: an already loaded models.LoadedModel to use instead of loading ``source``
+    = one noisy model, all its tasks) and written to the store together every ``write_every_s`` seconds (default
+    ``HETMOE_WRITE_EVERY_S``, 2 s; one connection costs more than a small result's forward) and when the call ends,
+    is cancelled or fails, so a killed sweep resumes where it stopped, losing at most those seconds; 0 writes
+    each result as it is done (the dashboard's jobs: what a page shows as done is stored, and a cancel has
+    nothing left to write). ``lm``: an already loaded models.LoadedModel to use instead of loading ``source``
     (its fingerprint keys the results; ``source`` is then only a label). ``calibration``: calibration *text*
     {domain: [texts]} for the routing-statistics strategies (default: ``sweep.calibration_text()``).
     ``cancel``: a threading.Event; when set, the running forward raises and the call returns the results so far.
@@ -152,7 +156,7 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
                                                        **plan_kw)
     if todo:
         lm = _model_for(todo, lm, source, plan_kw, trust_remote_code)
-        _run_units(lm, todo, store, cancel, calibration, report)
+        _run_units(lm, todo, store, cancel, calibration, report, write_every_s)
     return [results[s.key] for s in specs if s.key in results]
 
 
@@ -189,11 +193,13 @@ def cached_first(source: str, store, progress, cancel, calib_text: dict | None, 
 
 def _check_registry_tasks(todo: list[RunSpec]) -> None:
     """ValueError for task names that are neither hetmoe's nor lm-eval's, before any model is loaded."""
+    from .tasks import TASK_LISTING, lm_eval_may_know
     registry = sorted({s.task.name for s in todo if s.task.include_path is None})
     if registry:
-        unknown = [t for t in registry if t not in _task_manager((), True).all_tasks]
+        maybe = lm_eval_may_know(registry)    # names in no lm-eval file fail at once, without indexing lm-eval
+        unknown = [t for t in registry if t not in maybe or t not in _task_manager((), True).all_tasks]
         _check(not unknown, f"unknown task(s) {', '.join(unknown)}: not a hetmoe, paper ({', '.join(task_aliases())} "
-                            f"aliases) or lm-eval task")
+                            f"aliases) or lm-eval task; {TASK_LISTING}")
 
 
 def _model_for(todo: list[RunSpec], lm, source: str, plan_kw: dict, trust_remote_code: bool):
@@ -208,7 +214,8 @@ def _model_for(todo: list[RunSpec], lm, source: str, plan_kw: dict, trust_remote
     return lm
 
 
-def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report) -> None:
+def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report,
+               write_every_s: float | None = None) -> None:
     """Compute the missing results unit by unit, each under the model's lock; stops quietly when cancelled."""
     state = _state(lm)
     if store.get_expert_stats(lm.fingerprint, "scores") is None:   # MaxNNScore / router norm, for the dashboard
@@ -216,7 +223,7 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
         store.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
     memo: dict = {}
     known = store.computed_keys(lm.fingerprint)   # computations stored before this call (one read)
-    writer = _Batched(store)
+    writer = _Batched(store, max_s=write_every_s)
     try:
         measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
         for group in _seed_major(units(todo)):

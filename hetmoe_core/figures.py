@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from .strategies import STRATEGIES
+from .strategies import criterion_labels
+
+STRATEGY_LABELS = criterion_labels()   # the strategy registry's labels + the per-projection criteria
 
 KIND_LABELS = {"routed_experts": "routed experts", "shared_experts": "shared experts", "router": "routers",
                "attention": "attention", "dense_mlp": "dense MLP", "lm_head": "LM head", "embeddings": "embeddings",
                "norms": "norms", "other": "other"}
-STRATEGY_LABELS = {name: s.label for name, s in STRATEGIES.items()}   # from the strategy registry
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10))   # no template: Streamlit themes charts (and templates cost ~15 ms)
 
 # One colour per strategy, the same on every chart (dashboard, report, energy plot); presets differ by dash and
@@ -60,6 +61,23 @@ def legend_below(n_entries: int, plot_height: int = 300, per_row: int = 2) -> di
                 legend=dict(orientation="h", yref="container", y=(bottom - 58) / height, yanchor="top", x=0,
                             xanchor="left"),
                 xaxis=dict(automargin=True), yaxis=dict(automargin=True))
+
+
+def si(x: float, digits: int = 3) -> str:
+    """A number for a table cell, ``digits`` significant digits, large ones with an SI prefix: 4602219.19 ->
+    '4.60 M', 53.7 -> '53.7', 0.605 -> '0.605', 2.2e-05 -> '2.2e-05' (the column header holds the unit, so a
+    prefix never stacks on it below 1); '—' for None/NaN."""
+    import math
+    if x is None or x != x:
+        return "—"
+    x = float(f"{x:.{digits}g}")   # rounded first, so 999960 reads 1.00 M, not 1000 k
+    if x == 0 or math.isinf(x):
+        return f"{x:g}"
+    if abs(x) < 1e-3:
+        return f"{x:.{digits - 1}g}"
+    e = max(0, min(4, math.floor(math.log10(abs(x)) / 3)))
+    v = x / 1000.0 ** e
+    return f"{v:.{max(0, digits - 1 - math.floor(math.log10(abs(v))))}f}" + ("", " k", " M", " G", " T")[e]
 
 
 def _grid(values) -> np.ndarray:

@@ -52,17 +52,20 @@ CORE_MVM_LATENCY_NS = 2 * _CORE * _CORE / (_TOPS / _CORES) * 1e9
 """Latency of one MVM on one core: 2·256² ops / (63.1 TOPS / 64 cores) = 132.9 ns (all cores busy at peak)."""
 
 
-def _f(default, unit: str, help: str, source: str):
-    return field(default=default, metadata={"unit": unit, "help": help, "source": source})
+def _f(default, unit: str, help: str, source: str, allowed: tuple):
+    """A hardware field documented in its metadata (unit, help, source) with its ``allowed`` (lo, hi) inclusive
+    range: wide enough for any real or projected part, narrow enough that a typo (1e30) is refused with one line
+    rather than turned into an energy of 1e30 µJ or a throughput of 0 tokens/s. Checked by ``_check``."""
+    return field(default=default, metadata={"unit": unit, "help": help, "source": source, "allowed": allowed})
 
 
-def _check_positive(obj, names) -> list[str]:
-    bad = []
-    for n in names:
-        v = getattr(obj, n)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-            bad.append(f"{n}={v!r}: must be a finite number > 0 ({obj.__dataclass_fields__[n].metadata['unit']})")
-    return bad
+def _check(obj) -> None:
+    """Raise ValueError (one line: each bad field with its allowed range and unit) unless every field with an
+    ``allowed`` range holds a number of the right kind inside it (noise.NoiseConfig's rule, ``noise._out_of_range``)."""
+    from .noise import _out_of_range
+    bad = [why for f in dataclasses.fields(obj) if (why := _out_of_range(f, getattr(obj, f.name)))]
+    if bad:
+        raise ValueError(f"invalid {type(obj).__name__}: " + "; ".join(bad))
 
 
 @dataclass(frozen=True)
@@ -77,35 +80,32 @@ class DigitalConfig:
     """Accelerator name (free text for custom values)."""
 
     hbm_bandwidth: float = _f(3.35, "TB/s", "Peak HBM bandwidth: weights stream from HBM at this rate.",
-                              H100_SRC + ": 3.35 TB/s HBM3")
+                              H100_SRC + ": 3.35 TB/s HBM3", (1e-3, 1e3))
     """Peak HBM bandwidth (TB/s = 1e12 bytes/s)."""
 
     hbm_energy: float = _f(3.97 * 8, "pJ/byte", "Energy to read one byte of weights from HBM.",
-                           OCONNOR + ": 3.97 pJ/bit x 8")
+                           OCONNOR + ": 3.97 pJ/bit x 8", (0.01, 1e4))
     """HBM read energy (pJ per byte): 3.97 pJ/bit x 8 = 31.76 pJ/byte (HBM2; no HBM3 figure was found)."""
 
     peak_tflops: float = _f(989.4, "TFLOP/s", "Peak dense bf16 tensor-core rate (1 MAC = 2 FLOP).",
-                            H100_SRC + ": 989.4 TFLOP/s dense bf16")
+                            H100_SRC + ": 989.4 TFLOP/s dense bf16", (1e-3, 1e6))
     """Peak dense bf16 rate (TFLOP/s, dense, no 2:4 sparsity); the peak MAC rate is half of it."""
 
     mac_energy: float = _f(1.5, "pJ/MAC", "Energy of one bf16 multiply-accumulate (operands in registers).",
-                           HOROWITZ + ": FP16 mult 1.1 pJ + FP16 add 0.4 pJ")
+                           HOROWITZ + ": FP16 mult 1.1 pJ + FP16 add 0.4 pJ", (1e-4, 1e3))
     """Energy of one 16-bit floating-point MAC (pJ): Horowitz's FP16 multiply 1.1 pJ + add 0.4 pJ at 45 nm.
     Cross-check: H100 TDP / peak MAC rate = 700 W / 494.7e12 MAC/s = 1.41 pJ/MAC, an upper bound that also pays
     for memory, so 1.5 pJ is the right order for a 4 nm part with its register and on-chip traffic."""
 
-    weight_bytes: float = _f(2.0, "bytes/weight", "Bytes per stored weight (bf16 = 2).", "bf16 storage")
+    weight_bytes: float = _f(2.0, "bytes/weight", "Bytes per stored weight (bf16 = 2).", "bf16 storage", (0.125, 8.0))
     """Bytes per weight in HBM (2 for bf16)."""
 
     memory_gb: float = _f(80.0, "GB", "HBM capacity of one accelerator (sets how many are needed).",
-                          H100_SRC + ": 80 GB")
+                          H100_SRC + ": 80 GB", (0.01, 1e5))
     """HBM capacity per accelerator (GB = 1e9 bytes)."""
 
     def __post_init__(self):
-        bad = _check_positive(self, ("hbm_bandwidth", "hbm_energy", "peak_tflops", "mac_energy", "weight_bytes",
-                                     "memory_gb"))
-        if bad:
-            raise ValueError("invalid DigitalConfig: " + "; ".join(bad))
+        _check(self)
 
     @property
     def peak_macs(self) -> float:
@@ -127,38 +127,33 @@ class AnalogConfig:
     """Chip name (free text for custom values)."""
 
     tile_size: int = _f(512, "rows = columns", "Largest tile: matrices split into ceil(size / tile) near-equal "
-                        "parts per dimension, as aihwkit's TileModuleArray.", PAPER)
+                        "parts per dimension, as aihwkit's TileModuleArray.", PAPER, (8, 16384))
     """Tile rows and columns (the paper's 512 x 512); the same rule as ``NoiseConfig.tile_size``."""
 
     mvm_energy: float = _f(4 * CORE_MVM_ENERGY_NJ, "nJ", "Energy of one full tile MVM with 8-bit DAC and ADC.",
-                           LE_GALLO + ": 2·256²/9.76 TOPS/W = 13.43 nJ per 256² core, x 4 cores per 512² tile")
+                           LE_GALLO + ": 2·256²/9.76 TOPS/W = 13.43 nJ per 256² core, x 4 cores per 512² tile",
+                           (1e-4, 1e5))
     """Energy of one MVM on a fully used tile (nJ), DAC/ADC conversions included. Derivation: a 512 x 512 tile
     is 2 x 2 cores of the 64-core chip, each core MVM costs 2·256² ops / 9.76 TOPS/W = 13.43 nJ, so 53.7 nJ
     (0.205 pJ per MAC)."""
 
     mvm_latency: float = _f(CORE_MVM_LATENCY_NS, "ns", "Time of one tile MVM, conversions included.",
-                            LE_GALLO + ": 2·256² ops / (63.1 TOPS / 64 cores) = 132.9 ns")
+                            LE_GALLO + ": 2·256² ops / (63.1 TOPS / 64 cores) = 132.9 ns", (0.01, 1e7))
     """Latency of one tile MVM (ns): 2·256² ops per core at 63.1 TOPS / 64 cores = 132.9 ns; the 2 x 2 cores of
     a 512-tile run in parallel, so the same time (the sum of their halves is the periphery's job)."""
 
     tiles_per_chip: int = _f(_CORES // 4, "tiles", "Tiles on one chip (sets how many chips a placement needs).",
-                             LE_GALLO + ": 64 cores of 256² = 16 tiles of 512²")
+                             LE_GALLO + ": 64 cores of 256² = 16 tiles of 512²", (1, 1_000_000))
     """Tiles per chip: 64 cores of 256 x 256 = 16 tiles of 512 x 512."""
 
     periphery_energy: float = _f(0.9, "pJ/output", "Digital periphery per tile output: adding partial sums "
-                                 "of input tiles (one FP32 add).", HOROWITZ + ": FP32 add 0.9 pJ")
+                                 "of input tiles (one FP32 add).", HOROWITZ + ": FP32 add 0.9 pJ", (1e-4, 1e4))
     """Digital periphery per tile output value (pJ): one FP32 add to accumulate the partial sums of the input
     tiles (Horowitz FP32 add 0.9 pJ). Per-channel affine scaling is done in the core's LDPU (HERMES-Core) and is
     in ``mvm_energy`` already."""
 
     def __post_init__(self):
-        bad = _check_positive(self, ("mvm_energy", "mvm_latency", "periphery_energy"))
-        for n in ("tile_size", "tiles_per_chip"):
-            v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad.append(f"{n}={v!r}: give an integer >= 1")
-        if bad:
-            raise ValueError("invalid AnalogConfig: " + "; ".join(bad))
+        _check(self)
 
     @property
     def mac_energy_pj(self) -> float:
@@ -196,7 +191,7 @@ class Hardware:
 
 
 def field_docs(cls) -> list[dict]:
-    """[{name, unit, help, source}] of a config class's numeric fields (the dashboard's editor reads these)."""
+    """[{name, unit, help, source, allowed}] of a config class's numeric fields (the dashboard's editor reads these)."""
     return [{"name": f.name, **f.metadata} for f in dataclasses.fields(cls) if f.metadata]
 
 

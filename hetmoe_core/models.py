@@ -341,24 +341,65 @@ def _check_device(device: str) -> None:
         raise ValueError("device cuda asked for, but this torch build or machine has no CUDA GPU; use --device cpu")
 
 
-def resolve_source(source: str) -> tuple[str, str | None]:
+def shorten(text: str, n: int = 40) -> str:
+    """``text`` cut to its first ``n`` characters (+ '…'), for echoing what a user typed in one line."""
+    return text if len(text) <= n else text[:n] + "…"
+
+
+HUB_ID_RULE = ("a Hugging Face hub id is owner/name with letters, digits, '-', '_' or '.' (no '--' or '..'), "
+               "at most 96 characters, e.g. allenai/OLMoE-1B-7B-0924")
+
+
+def check_hub_id(repo_id: str) -> None:
+    """Raise ValueError (one line: what a valid id looks like, the input truncated) unless ``repo_id`` is a valid
+    hub id of the form owner/name (rule: huggingface_hub.utils.validate_repo_id, plus exactly one '/')."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+        ok = repo_id.count("/") == 1
+    except HFValidationError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{shorten(repo_id)!r} is not a valid hub id: {HUB_ID_RULE}")
+
+
+def not_a_model_folder(source: str) -> ValueError:
+    """The one error for a local folder that cannot be used, whatever the reason (missing, a file, no config or
+    weights): it repeats only what the user typed, so a shared server reveals none of its paths or files."""
+    return ValueError(f"{shorten(source)} is not a folder with a model (config.json + *.safetensors)")
+
+
+def resolve_source(source: str, expect: str | None = None) -> tuple[str, str | None]:
     """Classify a model source: ("default"|"tiny"|"folder"|"hub", path or id).
 
-    Raises ValueError with what to type instead for an empty or malformed source."""
+    expect: "hub" or "folder" when the user said which it is (the sidebar's Hub id / Local folder): a hub id is
+    then validated without looking at the file system, a folder never goes to the hub.
+    Raises ValueError with what to type instead for an empty or malformed source, an unknown tiny family, an
+    invalid hub id (``check_hub_id``) or a path that is not a model folder (``not_a_model_folder``)."""
     source = (source or "").strip()
     if not source:
         raise ValueError("empty model source: give 'default', a Hugging Face hub id (org/name) or a local folder")
-    if source == "default":
+    if source == "default" and expect is None:
         return "default", str(DEFAULT_DIR)
-    if source.startswith("tiny:"):
+    if source.startswith("tiny:") and expect is None:
+        if source[5:] not in TINY_FAMILIES:
+            raise ValueError(f"unknown tiny family {shorten(source[5:])!r}; choose one of {', '.join(TINY_FAMILIES)}")
         return "tiny", source[5:]
-    p = Path(source).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ValueError(f"{source} is a file; give the folder holding config.json and *.safetensors")
+    if expect == "hub":
+        check_hub_id(source)
+        return "hub", source
+    try:
+        p = Path(source).expanduser()
+        is_dir, exists = p.is_dir(), p.exists()
+    except (OSError, RuntimeError):   # name too long, no home for '~user'
+        p, is_dir, exists = None, False, False
+    if is_dir:
         return "folder", str(p)
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ValueError(f"no folder {source!r} here and it is not a hub id of the form org/name")
+    if exists or expect == "folder" or source.startswith((".", "/", "~")):
+        raise not_a_model_folder(source)
+    if source.count("/") != 1:
+        raise ValueError(f"{shorten(source)!r} is neither a local folder nor a hub id: {HUB_ID_RULE}")
+    check_hub_id(source)
     return "hub", source
 
 
@@ -392,7 +433,9 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
                          "(or use 'tiny:olmoe' for a random toy model)")
     if kind in ("default", "folder"):
         if not list(Path(where).glob("*.safetensors")):
-            raise ValueError(f"{where} holds no *.safetensors weights (pickled .bin files are never loaded)")
+            if kind == "folder":   # pickled .bin files are never loaded
+                raise not_a_model_folder(source)
+            raise ValueError("the embedded default model holds no *.safetensors weights; reinstall hetmoe")
         fingerprint = weights_fingerprint(where)
     else:
         fingerprint = f"hub:{where}@{revision or 'main'}"
@@ -408,16 +451,22 @@ def load_model(source: str = "default", device: str = "cpu", dtype: str = "float
                 where, config=AutoConfig.from_pretrained(where, **kw), dtype=_DTYPES[dtype],
                 use_safetensors=True, **kw)
     except OSError as e:
-        hint = " (the Hugging Face hub is unreachable offline: download the model to a folder)" \
-            if kind == "hub" else ""
-        raise ValueError(f"could not load {source!r}{hint}: {str(e).splitlines()[0]}") from None
+        offline = any(w in str(e).lower() for w in ("connect", "offline", "resolve host", "timed out"))
+        hint = (" (the Hugging Face hub is unreachable offline: download the model to a folder)" if offline else
+                " (no such model on the hub, or it is private or gated)") if kind == "hub" else ""
+        if kind == "folder":
+            raise not_a_model_folder(source) from None
+        raise ValueError(f"could not load {shorten(source)!r}{hint}: {shorten(str(e).splitlines()[0], 200)}") \
+            from None
     except (RuntimeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"could not load {source!r}: its weights or config.json are damaged or do not match "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        why = str(e).splitlines()[0].replace(where, source) if str(e) else ""
+        raise ValueError(f"could not load {shorten(source)!r}: its weights or config.json are damaged or do not "
+                         f"match ({type(e).__name__}: {shorten(why, 200)})") from None
     except Exception as e:  # safetensors' SafetensorError (corrupt header) derives from Exception only
         if "Safetensor" not in type(e).__name__:
             raise
-        raise ValueError(f"could not load {source!r}: a safetensors file is damaged ({e})") from None
+        raise ValueError(f"could not load {shorten(source)!r}: a safetensors file is damaged "
+                         f"({shorten(str(e).replace(where, source), 200)})") from None
     model.to(device).eval()
     if not tokenizer:
         return LoadedModel(model, None, anatomy_of(model), source, fingerprint)

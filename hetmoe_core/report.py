@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .store import Store, atomic_write, output_path
+from .store import Store, atomic_write, output_path, shown_path
 
 HEADLINE = ("acc", "acc_norm", "word_perplexity", "perplexity")   # plotted; every metric is in the table
 VARIANT_COLUMNS = ("backend", "dtype", "batch_size", "num_fewshot", "analog_dense")   # besides the preset; the limit
@@ -257,7 +257,7 @@ th{{background:#f3f3f3;position:sticky;top:0}}.note{{color:#555}}
 .fig{{min-width:0;overflow:hidden}}.scroll{{max-height:32em;overflow:auto;border:1px solid #ddd;margin-bottom:1em}}
 </style>{_plotlyjs()}
 </head><body><h1>{html.escape(title)}</h1>
-<p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(str(getattr(source, 'path', source)))}.</p>{note}
+<p>{len(summary)} scores (mean ± sample std over seeds) from {html.escape(shown_path(getattr(source, 'path', source)))}.</p>{note}
 <h2>Score vs digital budget</h2>{''.join(parts) or '<p>no headline metric to plot</p>'}
 <p class='note'>Right: recovered fraction of the noise loss (A−X)/(A−I) per seed on the same seeds (A = all routed
 experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error. Where

@@ -41,6 +41,16 @@ V2_COLUMNS = {"dtype": "json_extract_string(config, '$.model.dtype')", "origin":
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "cache" / "results.duckdb"
 TABLES = ("runs", "metrics", "placements", "expert_stats")
 
+
+def shown_path(path: str | os.PathLike) -> str:
+    """How a store or snapshot file is named to users: its path relative to the app's folder when inside it, else
+    its file name only. A server (a classroom may share one) never shows its absolute paths in the UI or a report."""
+    p = Path(path).expanduser().resolve()
+    try:
+        return p.relative_to(DEFAULT_PATH.parent.parent).as_posix()
+    except ValueError:
+        return p.name
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS runs (

@@ -68,6 +68,14 @@ def needs(name: str) -> str | None:
     return get_strategy(name).needs
 
 
+def criterion_labels() -> dict[str, str]:
+    """Display label of every criterion the Validate page ranks (criteria.PAPER_CRITERIA and the strategies): the
+    registry's labels plus the per-projection maxima of MaxNNScore (``<p>_max`` for scores.PROJECTIONS; spelled
+    out here so that charts need no torch import)."""
+    return {**{n: s.label for n, s in STRATEGIES.items()},
+            **{f"{p}_max": f"Max neuron norm of {p}_proj" for p in ("gate", "up", "down")}}
+
+
 def label(name: str) -> str:
     """Display label of a strategy (the name itself for "ideal" and unknown names, e.g. in stored results)."""
     s = STRATEGIES.get(name)

@@ -37,6 +37,10 @@ def _from_query(name: str, raw: str):
         from .scores import STRATEGIES
         if raw not in STRATEGIES:
             raise ValueError
+    if name == "model" and raw.startswith("tiny:"):
+        from .models import TINY_FAMILIES
+        if raw[5:] not in TINY_FAMILIES:
+            raise ValueError(f"the tiny families are {', '.join(TINY_FAMILIES)}")
     if name == "preset":
         from .noise import PRESETS
         if raw not in PRESETS:
@@ -55,8 +59,10 @@ def init_state() -> None:
             if q in st.query_params:
                 try:
                     ss[key] = _from_query(q, st.query_params[q])
-                except ValueError:
-                    ss["_query_warning"] = f"ignored the link's {q}={st.query_params[q]!r}"
+                except ValueError as e:
+                    from .models import shorten
+                    why = f" ({e})" if str(e) and not str(e).startswith("could not convert") else ""
+                    ss["_query_warning"] = f"ignored the link's {q}={shorten(st.query_params[q])!r}{why}"
         ss["source_kind"] = source_kind(ss["source"])
         if ss["source"].startswith("tiny:"):
             ss["source_tiny"] = ss["source"][5:]
@@ -228,7 +234,8 @@ def _sidebar() -> None:
     ss["source"] = source     # empty: pages say what to enter
     # filled by get_model() when a page loads the model, so that the page's first chart need not wait for it
     _RUN.slot = st.empty()
-    _RUN.slot.caption("Enter a model source above." if not source else f"Model: `{source}`")
+    from .models import shorten
+    _RUN.slot.caption("Enter a model source above." if not source else f"Model: `{shorten(source, 60)}`")
     if (w := ss.pop("_query_warning", None)):
         st.warning(f"The link held an invalid value: {w}; the default is used instead.")
     _memory_panel()
@@ -311,10 +318,13 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
         _begin_run()
     key = (ss["source"], ss["device"], ss["dtype"])
     try:
+        if key not in MODELS:   # the sidebar says hub id or folder: check it as that before any loading
+            from .models import resolve_source
+            resolve_source(ss["source"], {"Hub id": "hub", "Local folder": "folder"}.get(ss.get("source_kind")))
         if key in MODELS:      # no spinner when loaded: st.spinner starts a timer thread, on every slider move
             h = MODELS.hold(key, _RUN.owner)
         else:
-            with st.spinner(f"Loading {ss['source']} …"):
+            with st.spinner(f"Loading {ss['source'][:60]} …"):
                 h = MODELS.hold(key, _RUN.owner)
         a, slot = h.lm.anatomy, getattr(_RUN, "slot", None)
         if slot is not None:
@@ -324,8 +334,7 @@ def get_model(show_errors: bool = True) -> ModelHandle | None:
         return h
     except (ValueError, OSError) as e:
         if show_errors:
-            what = f"**{ss['source']}**" if ss["source"] else "an empty source"
-            st.error(f"Could not load model {what}: {e}\n\nChoose *Default* in the sidebar, or give a "
+            st.error(f"Could not load model: {e}\n\nChoose *Default* in the sidebar, or give a "
                      "local folder with config.json and *.safetensors, or a Hugging Face hub id (org/name) when the "
                      "hub is reachable.")
     except ImportError as e:
@@ -529,7 +538,8 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
 
 
 class Job(_BackgroundJob):
-    """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result."""
+    """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result, each
+    result written to the store as it is done (what the page shows as done is stored; a cancel has nothing to write)."""
     name = "hetmoe-eval"
 
     def __init__(self, handle: ModelHandle, **kwargs):
@@ -543,7 +553,8 @@ class Job(_BackgroundJob):
     def _work(self) -> None:
         from .evaluate import evaluate_many
         with self.handle.lock:
-            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, **self.kwargs)
+            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
+                          **self.kwargs)
 
 
 # ------------------------------------------------------------------------------------------- scores without a model
@@ -593,13 +604,11 @@ class ValidationJob(_BackgroundJob):
 
     def _work(self) -> str | None:
         from .examples import put_validation
-        from .routing import default_calibration
         from .sensitivity import validate
         from .store import Store
         store = Store(self.store_path)
-        texts, _ = default_calibration(self.handle.lm.source)   # tiny: test models get the built-in sentences
-        with self.handle.lock:
-            v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=texts, tokens=self.tokens,
+        with self.handle.lock:   # texts=None: the model's default calibration, named in the result
+            v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=None, tokens=self.tokens,
                          store=store, progress=self._progress, cancel=self.cancel.is_set)
         if self.cancel.is_set() or v is None:
             return "cancelled"
@@ -628,7 +637,8 @@ def hardware_editor(key: str = "hw"):
                     f"{f['name']} ({f['unit']})", value=v, min_value=1 if is_int else 1e-9,
                     step=1 if is_int else None, format=None if is_int else "%.4g",
                     key=f"{key}_{name}_{part}_{f['name']}",
-                    help=f"{f['help']} Unit: {f['unit']}. Source: {f['source']}")
+                    help=f"{f['help']} Unit: {f['unit']}. Allowed: {f['allowed'][0]:g} to {f['allowed'][1]:g}. "
+                         f"Source: {f['source']}")
                 if w != v:
                     changes[part][f["name"]] = int(w) if is_int else float(w)
         try:

@@ -43,6 +43,33 @@ def _se(x: np.ndarray) -> float | None:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
 
 
+def signed(x: float | None, unit: str = "nats") -> str:
+    """A signed difference as the cards show it: '+0.0123 nats', '-3.2e-08 nats' (scientific below 1e-3 in
+    magnitude, so a tiny value never reads as '+-0.0000'), '0 nats' for exactly zero, '—' for None/NaN."""
+    if x is None or x != x:
+        return "—"
+    if x == 0:
+        return f"0 {unit}"
+    return f"{x:+.4f} {unit}" if abs(x) >= 1e-3 else f"{x:+.1e} {unit}"
+
+
+def damage_resolved(v: dict) -> bool:
+    """Whether a validation's all-routed-experts-analog damage (``Validation.to_dict()``) is resolved from zero.
+
+    Resolved: its 95% t interval over the noise seeds (scipy.stats.t, n−1 degrees of freedom; standard error
+    ``all_experts.se``) excludes 0, and it exceeds one float32 unit in the last place of the clean mean NLL
+    (clean_nll × 2⁻²³ nats) — below that the difference is rounding, not noise. Criteria ranked against an
+    unresolved damage cannot be judged (their correlations rank rounding noise)."""
+    d, se = v["all_experts"]["damage"], v["all_experts"].get("se")
+    n = len(v["seeds"]) if isinstance(v.get("seeds"), (list, tuple)) else int(v.get("seeds") or 1)
+    if d is None or d != d or abs(d) <= abs(v.get("clean_nll") or 0.0) * 2.0 ** -23:
+        return False
+    if not se or n < 2:
+        return False
+    from scipy.stats import t
+    return abs(d) > t.ppf(0.975, n - 1) * se
+
+
 def _clean(obj):
     """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
     if isinstance(obj, dict):
@@ -102,7 +129,7 @@ def _texts(texts, source: str | None = None):
         return default_calibration(source)
     if isinstance(texts, (str, Path)):
         return read_calibration(texts), str(texts)
-    return _as_domains(texts), "given"
+    return _as_domains(texts), "texts given by the caller"
 
 
 def request_key(fingerprint: str, noise: NoiseConfig, texts: dict, tokens: int, seeds: list, dtype: str,

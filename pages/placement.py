@@ -7,7 +7,7 @@ it is open."""
 import pyarrow as pa
 import streamlit as st
 
-from hetmoe_core import energy, figures, ui
+from hetmoe_core import energy, figures, strategies, ui
 from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, overlap, place
 from hetmoe_core.scores import STRATEGIES, strategy_scores
 from hetmoe_core.strategies import get_strategy
@@ -18,7 +18,7 @@ st.caption("The **digital budget** is the share of routed experts that run on di
            "experts and the top ones get the digital slots. Every other routed expert runs on analog (AIMC) tiles.")
 ss = st.session_state
 h = ui.require_model()        # loads the model (or stops with the error) before the view's first run
-label = figures.STRATEGY_LABELS.get
+label = strategies.label     # the live registry, the name itself for one it no longer holds
 
 
 def needs_stats(strategy):
@@ -141,9 +141,11 @@ def view(hw):
     with st.expander("Compared with the limits, and against batch size", key="limits_open",
                      on_change="rerun") as limits:
         if limits.open:          # built only while open: the batch sweep is most of a closed page's rerun
-            st.dataframe({"placement": list(costs), "µJ/token": [x.energy_per_token_j * 1e6 for x in costs.values()],
-                          "tokens/J": [x.tokens_per_j for x in costs.values()],
-                          "tokens/s": [x.tokens_per_s for x in costs.values()],
+            si = figures.si     # 4602219.1855 tokens/s reads 4.60 M
+            st.dataframe({"placement": list(costs),
+                          "µJ/token": [si(x.energy_per_token_j * 1e6) for x in costs.values()],
+                          "tokens/J": [si(x.tokens_per_j) for x in costs.values()],
+                          "tokens/s": [si(x.tokens_per_s) for x in costs.values()],
                           "tiles": [x.tiles for x in costs.values()], "chips": [x.chips for x in costs.values()]},
                          hide_index=True)
             st.plotly_chart(figures.cost_vs_batch({n: [(b, energy.cost(shapes, q, hw, b, e_stats))

@@ -7,7 +7,7 @@ from hetmoe_core import energy, figures, results, ui
 from hetmoe_core.hardware import HARDWARE
 from hetmoe_core.paired import paired_deltas, recovery_table
 from hetmoe_core.placement import SHARE_HELP
-from hetmoe_core.store import Store
+from hetmoe_core.store import Store, shown_path
 
 ui.frame()
 st.title("Results")
@@ -19,7 +19,7 @@ except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")
     st.stop()
-st.caption(f"Store `{store.path}` · {len(summary)} summary rows (mean ± std over seeds).")
+st.caption(f"Store `{shown_path(store.path)}` · {len(summary)} summary rows (mean ± std over seeds).")
 if summary.empty:
     st.info("No results stored yet. Run an evaluation on the **Evaluate** page (or `python -m hetmoe_core`).")
     st.page_link("pages/evaluate.py", label="→ Evaluate")

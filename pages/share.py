@@ -8,7 +8,7 @@ import streamlit as st
 from hetmoe_core import results, ui
 from hetmoe_core.report import write_report
 from hetmoe_core.snapshot import SnapshotError, export_snapshot, import_snapshot, read_snapshot
-from hetmoe_core.store import Store
+from hetmoe_core.store import Store, shown_path
 
 UPLOAD_MB = 50      # also server.maxUploadSize in .streamlit/config.toml
 
@@ -33,7 +33,7 @@ scope = st.radio("Results to export", ["this model", "all models"], horizontal=T
                  disabled=h is None, index=1 if h is None else 0)
 filters = {"model_fingerprint": h.lm.fingerprint} if (h is not None and scope == "this model") else None
 n = len(store.runs_frame(filters).key.unique()) if counts["runs"] else 0
-st.caption(f"{n} stored run(s) selected from `{store.path}`.")
+st.caption(f"{n} stored run(s) selected from `{shown_path(store.path)}`.")
 
 
 @st.cache_data(max_entries=4, show_spinner="Writing the snapshot …")

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from hetmoe_core import figures, ui
+from hetmoe_core.validation import damage_resolved, signed
 
 ui.frame()
 st.title("Validate the criteria")
@@ -93,15 +94,26 @@ if (v["preset"], nv, v["tokens"]) != (preset, seeds, tokens):
 
 cal = v.get("calibration") or {}
 best = v.get("best") or {}
+resolved = damage_resolved(v)
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("clean NLL (nats/token)", f"{v['clean_nll']:.4f}")
-m2.metric("all routed experts analog", f"+{v['all_experts']['damage']:.4f} nats",
+m2.metric("all routed experts analog", signed(v["all_experts"]["damage"]),
           help=f"± {v['all_experts']['se'] or 0:.2g} (standard error over {nv} seeds)")
-m3.metric("best criterion", figures.STRATEGY_LABELS.get(best.get("criterion"), best.get("criterion") or "—"),
-          help="highest pooled Spearman correlation with the measured only-this damage")
-m4.metric("margin over the next", f"{best.get('margin', float('nan')):.3f}",
-          "significant" if best.get("significant") else "inside the noise", delta_color="off")
-st.caption(f"{nv} seeds × {v['tokens']:,} tokens of {cal.get('source', 'calibration text')} "
+if resolved:
+    m3.metric("best criterion", figures.STRATEGY_LABELS.get(best.get("criterion"), best.get("criterion") or "—"),
+              help="highest pooled Spearman correlation with the measured only-this damage")
+    m4.metric("margin over the next", f"{best.get('margin', float('nan')):.3f}",
+              "significant" if best.get("significant") else "inside the noise", delta_color="off")
+else:
+    m3.metric("best criterion", "none can be judged",
+              help="the all-analog damage is not resolved from zero, so every correlation ranks noise")
+    m4.metric("margin over the next", "—")
+    st.warning(f"With every routed expert on analog the NLL changes by {signed(v['all_experts']['damage'])} "
+               f"(± {v['all_experts']['se'] or 0:.1g}), not resolved from zero: no criterion can be judged under "
+               "this preset. Choose a noisier preset or more tokens.")
+source = cal.get("source") or "calibration text"
+source = "calibration text" if source == "given" else source   # stored before the source was named
+st.caption(f"{nv} seeds × {v['tokens']:,} tokens of {source} "
            f"(hash {str(cal.get('hash', ''))[:12]}) · noise {v['preset']}.")
 
 # ---------------------------------------------------------------- heatmaps: measured vs MaxNNScore
