@@ -2,7 +2,7 @@
 
     python bench/bench_cancel.py [--cancels 5] [--validate 3] [--browser 3 [--sweeps 2]] [--seed 0]
 
-Core: the dashboard's own background jobs (``ui.Job``, ``ui.ValidationJob``) on the default model, each on a fresh
+Core: the dashboard's own background jobs (``jobs.Job``, ``jobs.ValidationJob``) on the default model, each on a fresh
 store; cancel() at a random moment (seeded) and the time until the job reports stopped (its thread ended, status
 "cancelled"). For each cancel it names where the job's thread was while it kept running after the cancel (the
 innermost hetmoe / lm-eval frames, sampled every 10 ms), so a slow cancel points at the code that did not check.
@@ -70,15 +70,15 @@ def cancel_once(start, delay: float) -> dict:
 
 
 def core(n_eval: int, n_val: int, rng: random.Random) -> list[float]:
-    from hetmoe_core import ui
+    from hetmoe_core import jobs, ui
     handle = ui.MODELS.hold(("default", "cpu", "float32"), "bench")
     tmp = Path(tempfile.mkdtemp(prefix="bench_cancel_"))
     lat = []
     for name, n, lo, hi, start in (
             ("evaluate", n_eval, 0.5, 5.0,
-             lambda p: ui.Job(handle, source="default", store=str(p), **SWEEP)),
+             lambda p: jobs.Job(handle, source="default", store=str(p), **SWEEP)),
             ("validate", n_val, 0.5, 6.0,
-             lambda p: ui.ValidationJob(handle, "paper-pcm-c1.5", 5, 16384, p))):
+             lambda p: jobs.ValidationJob(handle, "paper-pcm-c1.5", 5, 16384, p))):
         for i in range(n):
             store = tmp / f"{name}{i}.duckdb"
             r = cancel_once(lambda: start(store), rng.uniform(lo, hi))
@@ -158,7 +158,7 @@ def browser(n: int, rng: random.Random, sweeps: int) -> tuple[list[dict], list[t
     sys.path.insert(0, str(ROOT / "tests"))
     from playwright.sync_api import sync_playwright
     from test_browser import ARGS, CHROMIUM, _new_page, _serve
-    from hetmoe_core import ui
+    from hetmoe_core import jobs, ui
     out, pairs = [], []
     budgets = lambda i: ", ".join(f"{x + i}" for x in (0, 25, 50, 75))  # noqa: E731  (nothing from the store)
     with tempfile.TemporaryDirectory() as tmp, _serve(Path(tmp) / "s.duckdb", "bench_cancel") as base, \
@@ -195,7 +195,7 @@ def browser(n: int, rng: random.Random, sweeps: int) -> tuple[list[dict], list[t
             done.wait_for(timeout=180000)
             page_s = float(re.search(r"in ([0-9.]+) s", done.inner_text()).group(1))
             pg.context.close()
-            job = ui.Job(handle, source="default", store=str(Path(tmp) / f"core{k}.duckdb"),
+            job = jobs.Job(handle, source="default", store=str(Path(tmp) / f"core{k}.duckdb"),
                          **{**SWEEP, "budgets": [(x + n + k) / 100 for x in (0, 25, 50, 75)]})
             job.thread.join()
             pairs.append((page_s, job.elapsed))

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from hetmoe_core import evaluate as ev
-from hetmoe_core import figures, results, ui
+from hetmoe_core import figures, jobs, results, ui
 from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs
 from hetmoe_core.placement import DENSE_KINDS, budgets_from_percent
 from hetmoe_core.store import Store
@@ -114,12 +114,12 @@ except ValueError as e:
 st.markdown(f"**{len(specs)} results** in this sweep (ideal references included): "
             f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
 
-job = ui.page_job("eval_job")   # after a reload: the job the URL names
+job = jobs.page_job("eval_job")   # after a reload: the job the URL names
 
 
 def _start(source, kw):
     """Run's callback: the job starts before the page is drawn, so the page draws Run disabled from this run on."""
-    ss["eval_job"] = ui.Job(h, source=source, store=None, **kw)
+    ss["eval_job"] = jobs.Job(h, source=source, store=None, **kw)
 
 
 running = job is not None and job.running
@@ -149,7 +149,7 @@ def ended(j) -> None:
         st.dataframe(results.result_rows(j.results), hide_index=True)
 
 
-ui.job_progress("eval_job", running_text, ended, cancel_key="ev_cancel",
+jobs.job_progress("eval_job", running_text, ended, cancel_key="ev_cancel",
                 cancel_note="Cancelling: the evaluation stops within one layer's forward; finished results stay "
                             "stored.")
 if (job is None or not job.running) and have and (job is None or job.kwargs != {"source": ss["source"],

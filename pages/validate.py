@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from hetmoe_core import figures, ui
+from hetmoe_core import figures, jobs, ui
 from hetmoe_core.validation import damage_resolved, signed
 
 ui.frame()
@@ -46,13 +46,13 @@ preset = c1.selectbox("Noise preset", presets, key="val_preset")
 seeds = int(c2.number_input("Seeds", 1, 20, 5, key="val_seeds", help="noise seeds 0..N-1, the same for every expert"))
 tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, key="val_tokens",
                           help="calibration tokens the damage is measured on (the default model's validation text)"))
-job = ui.page_job("val_job")   # after a reload: the job the URL names
+job = jobs.page_job("val_job")   # after a reload: the job the URL names
 running = job is not None and job.running
 
 
 def _start():
     """Measure's callback: the job starts before the page is drawn, so Measure is drawn disabled while it runs."""
-    ss["val_job"] = ui.ValidationJob(h, ss["val_preset"], int(ss["val_seeds"]), int(ss["val_tokens"]), store.path)
+    ss["val_job"] = jobs.ValidationJob(h, ss["val_preset"], int(ss["val_seeds"]), int(ss["val_tokens"]), store.path)
 
 
 c4.button("Measure", type="primary", disabled=running, key="val_run", on_click=_start,
@@ -70,7 +70,7 @@ def ended(j) -> None:
         st.error(f"The measurement stopped: {j.error}")
 
 
-ui.job_progress("val_job", lambda j: f"measuring · {j.done} / {j.total or '?'} · {j.elapsed:.0f} s", ended,
+jobs.job_progress("val_job", lambda j: f"measuring · {j.done} / {j.total or '?'} · {j.elapsed:.0f} s", ended,
                 cancel_key="val_cancel",
                 cancel_note="Cancelling: the measurement stops within one layer's forward; nothing is stored.")
 

@@ -1,5 +1,5 @@
 """Cancel stops a running evaluation / validation within one layer's forward: the dashboard's own background jobs
-(ui.Job, ui.ValidationJob) on the real default model and a real DuckDB store in tmp, cancelled from this thread
+(jobs.Job, jobs.ValidationJob) on the real default model and a real DuckDB store in tmp, cancelled from this thread
 while the job's thread is inside a forward pass. Bounds are ratios to work timed in the same test, never seconds
 (bench/bench_cancel.py measures the latency itself)."""
 import threading
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from hetmoe_core import ui
+from hetmoe_core import jobs, ui
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_evaluate_cancel_stops_within_a_fraction_of_one_result(handle, tmp_path)
     clean = {n: p.detach().clone() for n, p in handle.lm.model.named_parameters()}
     job, latency, _ = _cancel_inside_forward(
         handle.lm.model,
-        lambda: ui.Job(handle, source="default", store=str(store), strategies=["maxnn"], budgets=[0.0, 0.25, 0.5],
+        lambda: jobs.Job(handle, source="default", store=str(store), strategies=["maxnn"], budgets=[0.0, 0.25, 0.5],
                        presets=["paper-pcm-c1.5"], seeds=2, tasks=["hetmoe_cloze"], limit=4, batch_size=8,
                        backend="fast", scope="layer"),
         armed=lambda j: j.done >= 3)         # the ideal reference and two noisy results are stored
@@ -69,7 +69,7 @@ def test_validate_cancel_stops_within_a_fraction_of_one_pass(handle, tmp_path):
     lm = handle.lm
     clean = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     job, latency, one_pass = _cancel_inside_forward(
-        lm.model, lambda: ui.ValidationJob(handle, "paper-pcm-c1.5", 2, 1024, tmp_path / "v.duckdb"),
+        lm.model, lambda: jobs.ValidationJob(handle, "paper-pcm-c1.5", 2, 1024, tmp_path / "v.duckdb"),
         armed=lambda j: j.done >= 1)         # the clean base pass is done: this is the noisy one
     assert job.status == "cancelled" and job.result is None, job.error
     assert latency < 0.5 * one_pass, f"cancel took {latency:.3f} s, one base pass {one_pass:.3f} s"

@@ -1,0 +1,180 @@
+"""Background jobs of the dashboard's pages: an evaluation (``Job``) and a sensitivity measurement
+(``ValidationJob``) in a thread each, with progress, cancel and a final status, the progress panel that polls them
+(``job_progress``) and the URL link that finds a page's job again after a reload (``page_job``).
+
+A job's thread never calls Streamlit and opens its own store connections; it holds its model in the dashboard's
+model cache (``ui.MODELS``) until it ends. Importing this module imports streamlit.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+
+import streamlit as st
+
+from .modelcache import ModelHandle
+from .ui import MODELS
+_JOBS: dict = {}
+"""Recent background jobs by (session-state key, job id): a reloaded page is a new session, and finds its job again
+through the id its URL carries (``page_job``)."""
+
+
+def page_job(key: str):
+    """The page's background job: this session's ``st.session_state[key]``, or, after a reload of the page (a new
+    session), the job whose id the URL names (``?<key>=<id>``), so a running job never drops out of view with
+    its Cancel button. Writes the current job's id into the URL. Returns the ``_BackgroundJob`` or None."""
+    ss = st.session_state
+    job = ss.get(key)
+    if job is None and st.query_params.get(key):
+        job = _JOBS.get((key, st.query_params[key]))
+        if job is not None:
+            ss[key] = job
+    if job is not None and st.query_params.get(key) != job.id:
+        _JOBS[(key, job.id)] = job
+        st.query_params[key] = job.id
+    now = time.time()
+    for k, j in list(_JOBS.items()):   # keep running jobs and those ended within the hour
+        if not j.running and now - (j.finished or now) > 3600:
+            del _JOBS[k]
+    return job
+
+
+class _BackgroundJob:
+    """A thread doing one long piece of work for a page, with progress, cancel and a final status.
+
+    Lives in st.session_state; the page polls it from an ``st.fragment(run_every=...)``. The thread never calls
+    Streamlit and opens its own store connections. The job holds its model in the cache until it ends, so no other
+    session's load can release it meanwhile. Subclasses fill :meth:`_work` (status "done" unless it returns another).
+    """
+    name = "hetmoe-job"
+
+    def __init__(self, handle: ModelHandle):
+        self.handle = MODELS.hold(handle.key, self)    # the same entry, or reloaded if it left the cache since
+        self.cancel = threading.Event()
+        self.cancelled_at: float | None = None
+        self.done, self.total = 0, 0
+        self.status, self.error = "running", None
+        self.started = time.time()
+        self.finished: float | None = None
+        self.id = secrets.token_hex(4)   # names the job in its page's URL (page_job)
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> str | None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            status = self._work()
+            self.status = "cancelled" if self.cancel.is_set() else (status or "done")
+        except ValueError as e:   # bad input; evaluate.Cancelled is not a ValueError and lands below
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else ("error", str(e))
+        except Exception as e:   # shown in the page as a message, never as a traceback
+            self.status, self.error = ("cancelled", None) if self.cancel.is_set() else \
+                ("error", f"{type(e).__name__}: {e}")
+        finally:
+            MODELS.release(self)
+        self.finished = time.time()
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the start (until the end once finished)."""
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note: str, poll_s: float = 0.5,
+                 wait_s: float = 1.0) -> None:
+    """The progress panel of the background job kept in ``st.session_state[key]`` (a ``_BackgroundJob``).
+
+    An ``st.fragment`` that reruns alone every ``poll_s`` seconds while the job runs: a progress bar captioned
+    ``running_text(job)`` and a Cancel button (widget key ``cancel_key``) whose click sets the job's cancel event
+    and shows the toast ``cancel_note`` at once. The job then stops within one layer's forward (the core's cancel
+    checks); meanwhile the panel waits for its thread up to ``wait_s`` seconds per run instead of the next poll, so
+    the outcome shows as soon as it stops (so the answer to Cancel does not wait for a poll, and the poll can stay
+    slow enough to cost the computation nothing: every fragment run is a script run, which Streamlit ends with a
+    full garbage collection under the GIL). Once the job has ended, ``ended(job)`` draws its outcome and the whole
+    page reruns once: buttons disabled during the run are enabled again and the polling stops."""
+    ss = st.session_state
+    job = ss.get(key)
+
+    def cancel(j):
+        j.cancel.set()
+        j.cancelled_at = time.time()
+        st.toast(cancel_note, icon="⏹️")
+
+    @st.fragment(run_every=poll_s if job is not None and job.running else None)
+    def panel():
+        j = ss.get(key)
+        if j is None:
+            return
+        if j.running and j.cancel.is_set():
+            j.thread.join(wait_s)
+        if j.running:
+            if j.cancel.is_set():
+                st.progress(j.fraction, text=f"Cancelling … {running_text(j)}")
+            else:
+                st.progress(j.fraction, text=running_text(j))
+                st.button("Cancel", key=cancel_key, on_click=cancel, args=(j,))
+            return
+        if ss.get(f"_{key}_seen") is not j:      # the job just ended: rerun the whole page once, which draws
+            ss[f"_{key}_seen"] = j                # the outcome (drawn here too, it would show twice meanwhile)
+            st.rerun(scope="app")
+        ended(j)
+    panel()
+
+
+class Job(_BackgroundJob):
+    """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result, each
+    result written to the store as it is done (what the page shows as done is stored; a cancel has nothing to write)."""
+    name = "hetmoe-eval"
+
+    def __init__(self, handle: ModelHandle, **kwargs):
+        self.kwargs, self.results = kwargs, []
+        super().__init__(handle)
+
+    def _progress(self, done: int, total: int, result: dict) -> None:
+        self.done, self.total = done, total
+        self.results.append(result)
+
+    def _work(self) -> None:
+        from .evaluate import evaluate_many
+        with self.handle.lock:
+            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
+                          **self.kwargs)
+
+
+class ValidationJob(_BackgroundJob):
+    """A background ``sensitivity.validate`` (measured expert damage) with progress and cancel, like Job.
+
+    The thread takes the model lock (noise is programmed into the weights while it measures). ``result`` is
+    Validation.to_dict() once done; it is also kept in the store (examples.put_validation) for the next visit."""
+    name = "hetmoe-validate"
+
+    def __init__(self, handle: ModelHandle, preset: str, seeds: int, tokens: int, store_path=None):
+        self.preset, self.seeds, self.tokens, self.store_path, self.result = preset, seeds, tokens, store_path, None
+        super().__init__(handle)
+
+    def _progress(self, done, total=None, *_):
+        self.done, self.total = int(done), int(total or 0)
+
+    def _work(self) -> str | None:
+        from .examples import put_validation
+        from .sensitivity import validate
+        from .store import Store
+        store = Store(self.store_path)
+        with self.handle.lock:   # texts=None: the model's default calibration, named in the result
+            v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=None, tokens=self.tokens,
+                         store=store, progress=self._progress, cancel=self.cancel.is_set)
+        if self.cancel.is_set() or v is None:
+            return "cancelled"
+        self.result = v.to_dict()
+        put_validation(store, self.result)
