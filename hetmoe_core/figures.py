@@ -53,13 +53,15 @@ def line_style(strategy: str, preset, variant: int = 0) -> dict:
 
 def legend_below(n_entries: int, plot_height: int = 300, per_row: int = 2) -> dict:
     """Layout kwargs of a chart whose legend sits in rows below the plot and never covers it: the figure grows by
-    one row per ``per_row`` entries instead of squeezing the plot (``plot_height`` px of plotting area stays)."""
+    one row per ``per_row`` entries instead of squeezing the plot (``plot_height`` px of plotting area stays).
+    Each entry is given 1 / ``per_row`` of the width (Plotly's ``entrywidthmode="fraction"``), so the rows drawn are
+    the rows counted at any width (left to Plotly, a narrow figure put one entry per row and cut the tail off)."""
     rows = -(-n_entries // per_row)
     bottom = 62 + 21 * rows                     # x-axis ticks and title, then the legend rows
     height = plot_height + 64 + bottom
     return dict(height=height, margin=dict(l=10, r=10, t=64, b=bottom),   # legend's top just under the x title
                 legend=dict(orientation="h", yref="container", y=(bottom - 58) / height, yanchor="top", x=0,
-                            xanchor="left"),
+                            xanchor="left", entrywidth=1 / per_row, entrywidthmode="fraction", font=dict(size=11)),
                 xaxis=dict(automargin=True), yaxis=dict(automargin=True))
 
 

@@ -172,8 +172,8 @@ def paired_view(deltas: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[s
                                                      "sampling_se")})
     notes = []
     if deltas["sampling_se"].isna().any():
-        notes.append(f"sampling_se {NA}: lm-eval reports no standard error for {metric} (it does for accuracies "
-                     "and bits_per_byte, not for perplexities).")
+        notes.append(f"sampling_se {NA}: lm-eval reports no standard error for {metric} here (its perplexity "
+                     "tasks report none for word_perplexity, byte_perplexity or bits_per_byte; accuracies have one).")
     if deltas["delta_recovered"].isna().any():
         notes.append(f"delta_recovered {NA}: the noise loss (all routed experts analog − ideal) is inside the noise "
                      "for that preset, so the recovered fraction is not defined.")

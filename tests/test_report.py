@@ -157,3 +157,36 @@ def test_report_charts_do_not_overlap_in_chromium(tmp_path):
                 page.close()
         finally:
             b.close()
+
+
+def test_legend_rows_drawn_are_the_rows_counted_at_any_width(tmp_path):
+    """A score chart with 7 strategies x 2 presets + references, drawn in Chromium in a 606 px cell (the report's
+    grid at 1300 px) and a 1000 px one: the whole legend lies inside the figure (before: Plotly put one entry per
+    row in the narrow cell, so the last six entries fell below the figure's bottom edge)."""
+    import pandas as pd
+    import plotly.io as pio
+    from playwright.sync_api import sync_playwright
+    from hetmoe_core.figures import STRATEGY_LABELS, metric_vs_budget
+    rows = [dict(strategy=s, preset=p, budget=b, mean=1 + b + i / 10, std=0.01, n_seeds=5)
+            for i, s in enumerate(list(STRATEGY_LABELS)[:7]) for p in ("paper-pcm-c1.5", "paper-pcm-c2.5")
+            for b in (0.125, 0.25, 0.5)]
+    fig = metric_vs_budget(pd.DataFrame(rows), "word_perplexity", ideal=1.0,
+                           all_analog={"paper-pcm-c1.5": 1.5, "paper-pcm-c2.5": 2.0}, higher_is_better=False)
+    assert len(fig.data) == 17
+    html = pio.to_html(fig, include_plotlyjs=True, full_html=True, default_width="100%",
+                       config={"responsive": True})
+    inside = """() => { const L = document.querySelector('.legend').getBoundingClientRect(),
+        F = document.querySelector('.main-svg').getBoundingClientRect(); return [L.bottom, F.bottom, L.right, F.right]; }"""
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            for width in (606, 1000):
+                (tmp_path / "f.html").write_text(html.replace("<body>", f"<body style='width:{width}px;margin:0'>"))
+                page = b.new_page(viewport={"width": width, "height": 1200})
+                page.goto((tmp_path / "f.html").as_uri())
+                page.wait_for_selector(".legend", timeout=30000)
+                lb, fb, lr, fr = page.evaluate(inside)
+                assert lb <= fb + 1 and lr <= fr + 1, (width, lb, fb, lr, fr)
+                page.close()
+        finally:
+            b.close()
