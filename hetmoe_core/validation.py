@@ -53,6 +53,23 @@ def signed(x: float | None, unit: str = "nats") -> str:
     return f"{x:+.4f} {unit}" if abs(x) >= 1e-3 else f"{x:+.1e} {unit}"
 
 
+def correlation_table(correlations: list[dict], scope: str):
+    """The Validate page's table of one scope ("pooled" or a layer): a pandas DataFrame with the criterion's label
+    (``strategies.criterion_labels``, as the charts name it), then Spearman's rho and Kendall's tau each with its
+    95% bootstrap interval, then n (experts x seeds pooled), best first. ``correlations``: the ``correlations``
+    rows of ``Validation.to_dict()``."""
+    import pandas as pd
+    from .strategies import criterion_labels
+    labels = criterion_labels()
+    t = pd.DataFrame([r for r in correlations if str(r.get("scope")) == str(scope)])
+    if t.empty:
+        return t
+    t = t.assign(criterion=t["criterion"].map(lambda c: labels.get(c, c))).sort_values("spearman", ascending=False)
+    cols = [c for c in ("criterion", "spearman", "spearman_lo", "spearman_hi", "kendall", "kendall_lo", "kendall_hi",
+                        "n") if c in t]
+    return t[cols].reset_index(drop=True)
+
+
 def damage_resolved(v: dict) -> bool:
     """Whether a validation's all-routed-experts-analog damage (``Validation.to_dict()``) is resolved from zero.
 

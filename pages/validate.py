@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from hetmoe_core import figures, jobs, ui
-from hetmoe_core.validation import damage_resolved, signed
+from hetmoe_core.validation import correlation_table, damage_resolved, signed
 
 ui.frame()
 st.title("Validate the criteria")
@@ -153,7 +153,7 @@ if len(corr):
     scopes = [str(s) for s in dict.fromkeys(corr.scope)]
     scope = st.selectbox("Scope", scopes, key="val_scope", help="pooled over all MoE layers, or one layer")
     st.plotly_chart(figures.correlation_forest(v["correlations"], scope), key="val_forest")
-    st.dataframe(corr[corr.scope.astype(str) == scope], hide_index=True,
+    st.dataframe(correlation_table(v["correlations"], scope), hide_index=True,
                  column_config={c: st.column_config.NumberColumn(format="%.3f")
                                 for c in corr.columns if c.startswith(("spearman", "kendall"))})
 

@@ -47,6 +47,10 @@ def test_validate_measures_then_answers_from_the_store(store_env):
     charts = at.get("plotly_chart")
     assert len(charts) >= 5   # damage + MaxNNScore heatmaps, scatter, correlation forest, dense vs experts
     assert {m.label for m in at.metric} >= {"clean NLL (nats/token)", "all routed experts analog", "best criterion"}
+    table = at.dataframe[-1].value                            # the correlation table names criteria as the charts do
+    assert list(table.columns[:4]) == ["criterion", "spearman", "spearman_lo", "spearman_hi"]
+    assert {"MaxNNScore", "Max neuron norm of gate_proj"} <= set(table.criterion)
+    assert list(table.spearman) == sorted(table.spearman, reverse=True)
     kept = stored_validations(Store(store_env), v["model_fingerprint"])
     assert len(kept) == 1 and next(iter(kept.values()))["experts"] == v["experts"]
     # the same request again: from the store at once, the same numbers
