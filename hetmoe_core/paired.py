@@ -43,10 +43,16 @@ INSIDE_NOISE = "noise loss inside the noise"
 NO_LOSS = "no noise loss (all routed experts analog is not worse than ideal)"
 
 
+def t_half_width(se: float, n: int, level: float = LEVEL) -> float:
+    """Half width of the Student-t interval (scipy.stats.t, n - 1 degrees of freedom) of a mean of ``n`` values
+    with standard error ``se``; NaN for fewer than two values."""
+    from scipy import stats
+    return float(stats.t.ppf(0.5 + level / 2, n - 1)) * se if n >= 2 else math.nan
+
+
 def t_interval(x, level: float = LEVEL) -> tuple[float, float, float, float]:
     """(mean, lo, hi, sd) of the finite values of ``x`` with a Student-t interval (scipy.stats.t); lo/hi are NaN
     for fewer than two values, everything NaN for none. sd is the sample standard deviation (ddof 1)."""
-    from scipy import stats
     x = np.asarray([v for v in x if v is not None and math.isfinite(v)], dtype=float)
     if len(x) == 0:
         return (math.nan,) * 4
@@ -54,7 +60,7 @@ def t_interval(x, level: float = LEVEL) -> tuple[float, float, float, float]:
     if len(x) < 2:
         return m, math.nan, math.nan, math.nan
     sd = float(x.std(ddof=1))
-    h = float(stats.t.ppf(0.5 + level / 2, len(x) - 1)) * sd / math.sqrt(len(x))
+    h = t_half_width(sd / math.sqrt(len(x)), len(x), level)
     return m, m - h, m + h, sd
 
 

@@ -374,19 +374,6 @@ class Store:
                 con.execute("ROLLBACK")
                 raise
 
-    def get_computed(self, compute_key: str) -> tuple[str, list[dict]] | None:
-        """(key, metrics) of a successful result computed (not itself shared) for the computation ``compute_key``,
-        or None: identical work (same weights, analog set, noise, task, ...) is then reused, not redone."""
-        with self._connect(write=False) as con:
-            row = con.execute("SELECT key FROM runs WHERE compute_key=? AND status='ok' AND shared_from IS NULL "
-                              "ORDER BY created_at LIMIT 1", [compute_key]).fetchone()
-            if row is None:
-                return None
-            cur = con.execute("SELECT task, metric, value, stderr FROM metrics WHERE key=? ORDER BY task, metric",
-                              [row[0]])
-            metrics = [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
-        return row[0], metrics
-
     def computed_keys(self, model_fingerprint: str) -> set[str]:
         """Compute keys of the successful results computed (not shared) for one model: a sweep reads them once and
         looks up only the computations it finds here (:meth:`get_computed_many`)."""
@@ -396,8 +383,10 @@ class Store:
         return {r[0] for r in rows}
 
     def get_computed_many(self, compute_keys) -> dict[str, tuple[str, list[dict]]]:
-        """:meth:`get_computed` of several computations in one short read: {compute_key: (key, metrics)} for those
-        found (a unit's tasks are looked up at once: each connection costs ~10 ms, measured)."""
+        """{compute_key: (key, metrics)} of the successful results computed (not themselves shared) for those of
+        ``compute_keys`` the store holds, the earliest per computation: identical work (same weights, analog set,
+        noise, task, ...) is then reused, not redone. One short read for a unit's tasks (a connection costs ~10 ms,
+        measured)."""
         compute_keys = list(dict.fromkeys(compute_keys))
         if not compute_keys:
             return {}

@@ -53,6 +53,14 @@ def signed(x: float | None, unit: str = "nats") -> str:
     return f"{x:+.4f} {unit}" if abs(x) >= 1e-3 else f"{x:+.1e} {unit}"
 
 
+def calibration_source(v: dict) -> str:
+    """What a validation (``Validation.to_dict()``) measured on, for people: the calibration's source as stored
+    (the default model's validation split, a file, "texts given by the caller"); results stored before the source
+    was named carry "given" or nothing and read "calibration text"."""
+    source = (v.get("calibration") or {}).get("source")
+    return "calibration text" if source in (None, "", "given") else source
+
+
 def correlation_table(correlations: list[dict], scope: str):
     """The Validate page's table of one scope ("pooled" or a layer): a pandas DataFrame with the criterion's label
     (``strategies.criterion_labels``, as the charts name it), then Spearman's rho and Kendall's tau each with its
@@ -73,7 +81,7 @@ def correlation_table(correlations: list[dict], scope: str):
 def damage_resolved(v: dict) -> bool:
     """Whether a validation's all-routed-experts-analog damage (``Validation.to_dict()``) is resolved from zero.
 
-    Resolved: its 95% t interval over the noise seeds (scipy.stats.t, n−1 degrees of freedom; standard error
+    Resolved: its 95% t interval over the noise seeds (``paired.t_half_width`` of the standard error
     ``all_experts.se``) excludes 0, and it exceeds one float32 unit in the last place of the clean mean NLL
     (clean_nll × 2⁻²³ nats) — below that the difference is rounding, not noise. Criteria ranked against an
     unresolved damage cannot be judged (their correlations rank rounding noise)."""
@@ -83,8 +91,8 @@ def damage_resolved(v: dict) -> bool:
         return False
     if not se or n < 2:
         return False
-    from scipy.stats import t
-    return abs(d) > t.ppf(0.975, n - 1) * se
+    from .paired import t_half_width
+    return abs(d) > t_half_width(se, n)
 
 
 def _clean(obj):

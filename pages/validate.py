@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from hetmoe_core import figures, jobs, ui
-from hetmoe_core.validation import correlation_table, damage_resolved, signed
+from hetmoe_core.validation import calibration_source, correlation_table, damage_resolved, signed
 
 ui.frame()
 st.title("Validate the criteria")
@@ -111,9 +111,7 @@ else:
     st.warning(f"With every routed expert on analog the NLL changes by {signed(v['all_experts']['damage'])} "
                f"(± {v['all_experts']['se'] or 0:.1g}), not resolved from zero: no criterion can be judged under "
                "this preset. Choose a noisier preset or more tokens.")
-source = cal.get("source") or "calibration text"
-source = "calibration text" if source == "given" else source   # stored before the source was named
-st.caption(f"{nv} seeds × {v['tokens']:,} tokens of {source} "
+st.caption(f"{nv} seeds × {v['tokens']:,} tokens of {calibration_source(v)} "
            f"(hash {str(cal.get('hash', ''))[:12]}) · noise {v['preset']}.")
 
 # ---------------------------------------------------------------- heatmaps: measured vs MaxNNScore

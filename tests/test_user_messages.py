@@ -97,6 +97,15 @@ def test_signed_numbers_and_resolution_of_the_all_analog_damage():
     assert damage_resolved(v)
     assert not damage_resolved({**v, "all_experts": {"damage": 0.05, "se": 0.02}})    # t(4) interval covers 0
     assert not damage_resolved({**v, "all_experts": {"damage": 1e-8, "se": 1e-10}})   # below float32 rounding
+    assert damage_resolved({**v, "all_experts": {"damage": 0.05, "se": 0.017}})       # t(4)=2.776: 0.047 < 0.05
+    assert not damage_resolved({**v, "all_experts": {"damage": 0.05, "se": 0.019}})   # 0.053 > 0.05
+
+
+def test_calibration_source_reads_for_people():
+    from hetmoe_core.validation import calibration_source
+    assert calibration_source({"calibration": {"source": "given"}}) == "calibration text"   # stored before naming
+    assert calibration_source({}) == "calibration text"
+    assert calibration_source({"calibration": {"source": "built-in sentences"}}) == "built-in sentences"
 
 
 def test_every_criterion_has_a_readable_label():
