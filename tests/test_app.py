@@ -132,7 +132,7 @@ def test_run_stores_rows_and_rerun_is_a_cache_hit(store_env):
     assert any("2 cached" in m.value for m in at.markdown)
     at.button(key="ev_run").click().run()
     job2 = _wait(at, timeout=30)
-    assert job2 is not job and all(r["cached"] for r in job2.results) and job2.elapsed < 10
+    assert job2 is not job and all(r["cached"] for r in job2.results)   # from the store (speed: bench/bench_cli.py)
     assert [r["metrics"] for r in job2.results] == [r["metrics"] for r in job.results]
     assert Store(store_env).counts()["runs"] == 2
     # Results page draws it; Share page exports it and imports a snapshot into another store

@@ -56,7 +56,7 @@ def test_validate_measures_then_answers_from_the_store(store_env):
     # the same request again: from the store at once, the same numbers
     at.button(key="val_run").click().run()
     job2 = _wait(at, timeout=60)
-    assert job2 is not job and job2.result["cached"] and job2.elapsed < 30
+    assert job2 is not job and job2.result["cached"]   # from the store, not measured again
     assert job2.result["experts"] == v["experts"]
     assert any(s.value.startswith("From the store") for s in at.success)
     # a fresh session shows the stored measurement without measuring
