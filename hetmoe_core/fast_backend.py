@@ -314,7 +314,9 @@ class FastBackend(AnalogBackend):
     def __init__(self, model, anatomy, noise, seed, device, adc_bounds=None):
         super().__init__(model, anatomy, noise, seed, device, adc_bounds)
         self.nm = noise.build_noise_model() if noise.weight_noise else None
-        self.tied = _tied_ids(model)
+        self.tied = anatomy.__dict__.get("_tied_ids")
+        if self.tied is None:   # the model's structure, walked once per anatomy
+            self.tied = anatomy.__dict__["_tied_ids"] = _tied_ids(model)
         self.fused_bytes = sum(p.numel() * p.element_size() for m in anatomy.moe_layers
                                for p in (_w_in(m), m.experts.down_proj))
 
@@ -336,11 +338,10 @@ class FastBackend(AnalogBackend):
                 noise.replace(out_bound=adc_bounds.bounds[(m.index, key)])  # drift readout's ADC
             # what the written form depends on besides the draw: converter grids, dtype, layout
             form = (state.io_out, state.fold(key), state.s_out(key), p.dtype, m.transposed)
-            ready = []
+            ready, group = [], cache.group((seed if nm is not None else None, nz, m.experts_name, key, form))
             for e in ids:
                 self.check()
-                ready.append(cache.expert((seed if nm is not None else None, nz, m.experts_name, key, e, form),
-                                          lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
+                ready.append(cache.expert((group, e), lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
             if state.io_out:
                 g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
                 g_out[:, ids] = torch.cat([g for _, g in ready]).permute(2, 0, 1)
@@ -381,8 +382,7 @@ class FastBackend(AnalogBackend):
         idx = torch.tensor(ids, dtype=torch.long, device=p.device)
         clean = p.data.index_select(0, idx)
         stack.callback(lambda: p.data.index_copy_(0, idx, clean))
-        for e, w in zip(ids, ws):
-            p.data[e].copy_(w[0])
+        p.data.index_copy_(0, idx, torch.cat(ws))
         return clean.numel() * clean.element_size()
 
     @staticmethod
@@ -401,12 +401,14 @@ class FastBackend(AnalogBackend):
             buf.copy_(p.data)
             have = frozenset()
         want = dict(zip(ids, ws))
-        for e in sorted(have):
-            if e not in want:
-                buf[e].copy_(p.data[e])
-        for e, w in want.items():
-            if e not in have:
-                buf[e].copy_(w[0])
+        # whole-tensor copies, not one per expert: each small copy is a parallel op (a thread hand-over)
+        back = [e for e in sorted(have) if e not in want]
+        if back:
+            idx = torch.tensor(back, dtype=torch.long, device=p.device)
+            buf.index_copy_(0, idx, p.data.index_select(0, idx))
+        new = [e for e in ids if e not in have]
+        if new:
+            buf.index_copy_(0, torch.tensor(new, dtype=torch.long, device=p.device), torch.cat([want[e] for e in new]))
         clean = p.data
 
         def restore():

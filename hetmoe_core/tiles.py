@@ -156,7 +156,8 @@ class ProgrammedCache:
     expert once and every placement copies its analog experts' draws (speed), and the expert that the
     sensitivity measurement saw is the very draw each evaluation uses (pairing).
 
-    Expert entries: ``(seed, NoiseConfig, experts module name, "in"|"down", expert, form) -> (w, g)``, each draw
+    Expert entries: ``(group, expert) -> (w, g)``, ``group`` a small int standing for ``(seed, NoiseConfig,
+    experts module name, "in"|"down", form)`` (:meth:`group`: a NoiseConfig hashes all its fields), each draw
     kept in the form the fast backend writes it (``fast_backend.FastBackend``): ``w`` ``[1, ...]`` one expert's
     slice of the fused tensor, in its storage layout and dtype (pre-divided by tile scale x converter steps when
     converters act: half the bytes of a float32 draw for a bfloat16 model, and no arithmetic per placement),
@@ -184,6 +185,7 @@ class ProgrammedCache:
         self.bytes = 0
         self.hits = self.misses = 0
         self.stamps: dict[int, tuple[int, int]] = {}
+        self.groups: dict[tuple, int] = {}
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo) -> "ProgrammedCache":
@@ -209,6 +211,11 @@ class ProgrammedCache:
             cache = cls()
             model._hetmoe_programmed = cache
         return cache
+
+    def group(self, key: tuple) -> int:
+        """A small int standing for ``key`` in this cache (the same int for equal keys, for the cache's life)."""
+        with self.lock:
+            return self.groups.setdefault(key, len(self.groups))
 
     def expert(self, key: tuple, program) -> tuple:
         """The entry under ``key``, else ``program()`` -> (w, g), stored (if it fits) and returned."""
