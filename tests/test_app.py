@@ -339,10 +339,14 @@ def test_results_after_example_results_read_well(store_env):
     assert colour["Activation frequency"] == {STRATEGY_COLORS["frequency"]} != colour["Router norm"]
     assert len({next(iter(c)) for c in colour.values()}) == len(colour)        # and no two strategies share one
     table = next(d.value for d in at.dataframe if "n_seeds" in d.value and "strategy" in d.value)
-    paired = next(d.value for d in at.dataframe if "sampling_se" in d.value)
-    assert set(paired.sampling_se) == {"n/a"}                                  # word_perplexity: no lm-eval stderr
+    paired = next(d.value for d in at.dataframe if "sampling SE" in d.value)
+    assert set(paired["sampling SE"]) == {"n/a"}                               # word_perplexity: no lm-eval stderr
+    assert "MaxNNScore" in set(paired["strategy A"]) | set(paired["strategy B"])   # labels and % as on the charts
+    assert "maxnn" not in set(paired["strategy A"]) and set(paired["digital budget"]) <= {"12.5%", "25%", "50%",
+                                                                                          "75%"}
+    assert "Activation frequency" in set(table.strategy)
     ideal = table[table.strategy == "ideal"].iloc[0]
     assert ideal["std"] == "n/a" and "None" not in table.to_string() and "None" not in paired.to_string()
     captions = " ".join(c.value for c in at.caption)
-    assert "sampling_se n/a: lm-eval reports no standard error for word_perplexity" in captions
+    assert "sampling SE n/a: lm-eval reports no standard error for word_perplexity" in captions
     assert "std n/a: a single result" in captions
