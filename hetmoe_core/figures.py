@@ -450,10 +450,14 @@ def damage_heatmap(validation: dict, field: str = "only_this") -> go.Figure:
     name = "only-this damage (nats)" if field == "only_this" else "all-but-this recovery (nats)"
     values = _per_layer(ex, field)
     n_white = int(sum((np.asarray(v, float) <= 0).sum() for v in values))
-    note = (f"<br><sup>white: {n_white} expert(s) with a value ≤ 0 (no measurable damage; a log scale cannot show "
-            "them) — hover for the value</sup>") if n_white else ""
-    return expert_heatmap(values, layers, f"Measured {name} · {validation['preset']}{note}", name,
-                          extra={"± se": _per_layer(ex, field + "_se")}, colorscale="Inferno", log=True)
+    # two short subtitle lines: Plotly never wraps a title, and a half-width column at 1280 px is ~400 px wide
+    note = (f"<br><sup>white: {n_white} expert(s) with a value ≤ 0 — no measurable damage;<br>a log colour scale "
+            "cannot show them (hover for the value)</sup>") if n_white else ""
+    fig = expert_heatmap(values, layers, f"Measured {name} · {validation['preset']}{note}", name,
+                         extra={"± se": _per_layer(ex, field + "_se")}, colorscale="Inferno", log=True)
+    if n_white:                                  # room for the two subtitle lines above the plot
+        fig.update_layout(margin_t=84, height=fig.layout.height + 44)
+    return fig
 
 
 def damage_scatter(criterion, damage, damage_se, layers, criterion_name: str, log: bool = True) -> go.Figure:
