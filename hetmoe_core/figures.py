@@ -539,9 +539,16 @@ def routing_drift(validation: dict) -> go.Figure:
                    mode="markers+lines"),
         go.Scatter(x=x, y=[r["load_max_over_mean_noisy"] for r in rows], name="max/mean load, noisy", yaxis="y2",
                    mode="markers+lines")])
-    fig.update_layout(title="Routing drift under noise", height=340, yaxis=dict(title=dict(text="share"),
-                      tickformat=".0%"), yaxis2=dict(title=dict(text="max/mean expert load"), overlaying="y",
-                      side="right"), legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    # The right axis gets ticks of its own: Streamlit's theme syncs it to the left grid ("sync" ticks read
+    # 1.937, 2.217, ...). It starts at 1, a perfectly balanced load (max = mean), the least the ratio can be.
+    top = max([1.0] + [r[k] for r in rows for k in ("load_max_over_mean_ideal", "load_max_over_mean_noisy")])
+    fig.update_layout(title="Routing drift under noise", height=340,
+                      yaxis=dict(title=dict(text="tokens with a changed top-k set (%)"), tickformat=".0%",
+                                 rangemode="tozero"),
+                      yaxis2=dict(title=dict(text="max/mean expert load (×, 1 = balanced)"), overlaying="y",
+                                  side="right", tickmode="auto", nticks=6, tickformat=".2~f", showgrid=False,
+                                  range=[1, 1 + (top - 1) * 1.1 if top > 1 else 2]),
+                      xaxis=dict(title=dict(text="MoE layer")), legend=dict(orientation="h", y=-0.3), **_LAYOUT)
     return fig
 
 

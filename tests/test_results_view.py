@@ -135,3 +135,16 @@ def test_damage_heatmap_says_what_white_cells_are():
     fig = figures.damage_heatmap({"experts": experts, "preset": "p"})
     assert "white: 2 expert(s) with a value ≤ 0" in fig.layout.title.text
     assert "white" not in figures.damage_heatmap({"experts": experts[:1], "preset": "p"}).layout.title.text
+
+
+def test_routing_drift_right_axis_has_its_own_readable_ticks_and_units():
+    """The load axis starts at 1 (balanced) with its own round ticks, not ticks synced to the share axis's grid
+    (which read 1.937, 2.217, …); both axis titles carry their unit."""
+    rows = [{"layer": i, "changed_share": c, "load_max_over_mean_ideal": a, "load_max_over_mean_noisy": b}
+            for i, (c, a, b) in enumerate([(0.0, 2.7, 2.7), (0.05, 2.05, 2.0), (0.08, 3.06, 3.0)])]
+    lay = figures.routing_drift({"routing_drift": rows}).layout
+    assert lay.yaxis2.tickmode == "auto" and lay.yaxis2.range[0] == 1
+    assert lay.yaxis2.range[1] == pytest.approx(1 + 2.06 * 1.1) and lay.yaxis2.tickformat == ".2~f"
+    assert "(%)" in lay.yaxis.title.text and "1 = balanced" in lay.yaxis2.title.text
+    assert lay.xaxis.title.text == "MoE layer"
+
