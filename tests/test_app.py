@@ -294,6 +294,12 @@ def test_a_reloaded_evaluate_page_finds_its_running_job_and_cancels_it(store_env
     assert job.id in str(at.query_params["eval_job"])        # the job's id is in the page's URL
     again = page(app({"eval_job": job.id}), "evaluate")     # the reloaded tab: same URL, new session
     assert again.session_state["eval_job"] is job and again.get("progress")
+    # its form shows the running job's request, not the defaults (budgets 12.5 %, 1 seed, limit 20)
+    assert again.text_input(key="ev_budgets").value == "0, 25, 50"
+    assert (again.number_input(key="ev_seeds").value, again.number_input(key="ev_limit").value) == (3, 4)
+    assert again.multiselect(key="ev_tasks").value == [eval_task()]
+    assert any(m.value.startswith("**10 results**") for m in again.markdown)
+    assert again.radio(key="ev_backend").value == "fast" and again.radio(key="ev_backend").label == "Backend"
     assert again.button(key="ev_run").disabled
     again.button(key="ev_cancel").click().run()
     job.thread.join(120)

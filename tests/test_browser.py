@@ -480,3 +480,31 @@ def test_validate_cards_and_titles_are_not_cut(examples_server, browser, size):
     assert not cut, cut
     pg.screenshot(path=str(ARTIFACTS / f"validate_{size[0]}.png"), full_page=True)
     pg.close()
+
+
+def test_reloaded_evaluate_page_shows_the_running_jobs_request(examples_server, browser):
+    """A reload during a run brings back its progress (page_job) and now its form too: the inputs show the running
+    request, not the defaults. The Backend radio group is reachable by its name (screen readers, get_by_role)."""
+    pg = _new_page(browser)
+    pg.goto(f"{examples_server}/evaluate?model=default")
+    pg.get_by_role("heading", level=1).filter(has_text="Noisy evaluation").wait_for(timeout=60000)
+    idle(pg)
+    backend = pg.get_by_role("radiogroup", name="Backend")
+    assert backend.count() == 1 and backend.get_by_role("radio", name="aihwkit").count() == 1
+    typed = {"Limit (documents per task, 0 = all)": "4", "Seeds": "3", "Digital budgets (%)": "0, 25, 50, 75"}
+    for label, value in typed.items():
+        box = pg.locator(f"input[aria-label='{label}']")
+        box.fill(value)
+        box.press("Enter")
+        idle(pg)
+    pg.get_by_role("button", name="Run").click()
+    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)
+    assert "eval_job=" in pg.url
+    pg.reload()
+    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)    # the job found again
+    idle(pg)
+    shown = {label: pg.locator(f"input[aria-label='{label}']").input_value() for label in typed}
+    assert shown == typed
+    pg.get_by_role("button", name="Cancel").click()
+    pg.get_by_text("Cancelled after").wait_for(timeout=120000)
+    pg.context.close()
