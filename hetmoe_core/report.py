@@ -155,11 +155,11 @@ def _cell(v) -> str:
     return "" if v is None or (isinstance(v, float) and v != v) else html.escape(str(v))
 
 
-def _table(df, cols, help: dict | None = None) -> str:
-    """An HTML table; past 20 rows it scrolls inside a box of its own (the page stays short). ``help``: {column:
+def _table(df, cols, tips: dict | None = None) -> str:
+    """An HTML table; past 20 rows it scrolls inside a box of its own (the page stays short). ``tips``: {column:
     text} shown when the pointer rests on that header (results.PAIRED_HELP for the paired table)."""
     def th(c):
-        tip = (help or {}).get(c)
+        tip = (tips or {}).get(c)
         return f"<th title='{html.escape(tip, quote=True)}'>" if tip else "<th>"
     head = "".join(f"{th(c)}{html.escape(str(c))}</th>" for c in cols)
     rows = "".join("<tr>" + "".join(f"<td>{_cell(r[c])}</td>" for c in cols) + "</tr>"
