@@ -180,7 +180,7 @@ def cmd_place(args) -> dict:
             read_calibration(args.calib)
     dense = DensePolicy(**{k: False for k in analog})
     stored = _stored_measurement(args, noise)
-    if stored is not None and args.routing != "measured":   # no weights to load (~6 s for the default model)
+    if stored is not None and args.routing != "measured":   # no weights read (a hub model: GBs of them)
         from .energy import energy_block, shapes_from_source
         from .fingerprints import source_fingerprint
         shapes, anatomy = shapes_from_source(args.source)   # the config on the meta device: shapes only
