@@ -172,6 +172,35 @@ def _env_info_once() -> None:
     evaluator.add_env_info, evaluator.get_git_commit_hash = add_env_info, get_git_commit_hash
 
 
+_TEMPLATES_KEPT = 1024   # compiled Jinja templates kept per process (a task has a few; lm-eval's registry ~14,000 files)
+
+
+def _templates_once() -> None:
+    """Make lm-eval compile each prompt template (``doc_to_text``, ``doc_to_target``, ``doc_to_choice``, ...) once
+    per process, not on every document of every call.
+
+    lm-eval renders a task's prompts with ``lm_eval.utils.apply_template(template, doc)``, which calls Jinja's
+    ``Environment.from_string`` each time: a parse and compile to Python (~1 ms per template, measured; Jinja's
+    own template cache serves loaders, not ``from_string``), about 3 per document. A compiled ``jinja2.Template`` is
+    immutable and renders the same text for the same document (Jinja documents rendering as thread-safe), so later
+    calls render the kept compile of the same template string from lm-eval's own environment (its filters and
+    ``StrictUndefined``): the prompts, and so every number, are lm-eval's (test)."""
+    import functools
+    from lm_eval import utils
+    if getattr(utils.apply_template, "hetmoe_once", False):
+        return
+
+    @functools.lru_cache(maxsize=_TEMPLATES_KEPT)
+    def compiled(env, template: str):
+        return env.from_string(template)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compiled(utils.env, template).render(**doc)
+    apply_template.hetmoe_once, apply_template.compiled = True, compiled
+    apply_template.lm_eval_apply_template = utils.apply_template
+    utils.apply_template = apply_template
+
+
 def _built_tasks(tm, ref: TaskRef, num_fewshot, built: dict | None) -> list:
     """What ``simple_evaluate`` gets as ``tasks``: the task's name, or with ``built`` (a dict the caller keeps, per
     model and under its lock) the lm-eval Task / Group objects that lm-eval's ``TaskManager.load`` built for it
@@ -194,6 +223,7 @@ def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]
     :func:`_built_tasks` (None: lm-eval builds the task from its name)."""
     import lm_eval
     _env_info_once()
+    _templates_once()
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
     tasks = _built_tasks(tm, ref, spec.num_fewshot, built)

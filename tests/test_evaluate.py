@@ -221,3 +221,26 @@ def test_built_tasks_give_the_numbers_of_a_fresh_build():
             spec = SimpleNamespace(limit=limit, num_fewshot=shots)
             assert _run_task(hflm, ref, spec, built) == _run_task(hflm, ref, spec), (name, limit, shots)
         assert len(built) == 3 and all(len(v) == 1 for v in built.values())   # one build per few-shot count
+
+
+def test_kept_template_compiles_give_lm_evals_numbers(monkeypatch):
+    """lm-eval's prompt templates compiled once per process (tasks._templates_once) render the prompts lm-eval's own
+    per-call compile renders: the same metrics on a local task and a few-shot paper task, with the kept compiles
+    actually reused."""
+    from types import SimpleNamespace
+    from lm_eval import utils
+    from hetmoe_core import tasks
+    lm = load_model("tiny:olmoe")
+    hflm = tasks.quiet_hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    for name, shots in (("hetmoe_cloze", 0), ("paper_arc_easy", 2)):
+        (ref,) = tasks.resolve_tasks([name])
+        spec = SimpleNamespace(limit=3, num_fewshot=shots)
+        tasks._run_task(hflm, ref, spec)
+        kept = utils.apply_template.compiled.cache_info().hits
+        memo = tasks._run_task(hflm, ref, spec)
+        assert utils.apply_template.compiled.cache_info().hits > kept   # the second call compiled nothing anew
+        with monkeypatch.context() as m:   # lm-eval's own apply_template, compiling every call
+            m.setattr(utils, "apply_template", utils.apply_template.lm_eval_apply_template)
+            m.setattr(tasks, "_templates_once", lambda: None)
+            plain = tasks._run_task(hflm, ref, spec)
+        assert memo == plain and any(r["value"] > 0 for r in memo), name
