@@ -342,14 +342,16 @@ class FastBackend(AnalogBackend):
             for e in ids:
                 self.check()
                 ready.append(cache.expert((group, e), lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
+            tag = (seed if nm is not None else None, nz, form)
+            if cache.fits_fused(self.fused_bytes):
+                kept += self._swap(stack, cache, m, key, p, ids, ready, tag, state, (len(sizes), m.num_experts, O))
+                continue
             if state.io_out:
                 g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
                 g_out[:, ids] = torch.cat([g for _, g in ready]).permute(2, 0, 1)
                 state.g_out[key] = g_out
                 kept += g_out.numel() * 4
-            write = self._swap if cache.fits_fused(self.fused_bytes) else self._in_place
-            kept += write(stack, cache, m, key, p, ids, [w for w, _ in ready],
-                          (seed if nm is not None else None, nz, form))
+            kept += self._in_place(stack, cache, m, key, p, ids, [w for w, _ in ready], tag)
         if noise.io_active or state.recorder is not None:  # programmed weights alone need no special forward
             set_state(m.experts, state)
         return kept
@@ -386,37 +388,43 @@ class FastBackend(AnalogBackend):
         return clean.numel() * clean.element_size()
 
     @staticmethod
-    def _swap(stack, cache, m, key, p, ids, ws, tag) -> int:
+    def _swap(stack, cache, m, key, p, ids, ready, tag, state, g_shape) -> int:
         """Point ``p`` at a fused tensor of the cache holding this placement's analog experts (the rest clean) and
         back at its own clean tensor on exit: only experts whose analog/digital state differs from the placement
         that last used that tensor at the same (seed, noise, form) are copied, and the model's own weights are
-        never written."""
+        never written. With converters, the ADC factors ``g_out [T, E, O]`` kept with that tensor are likewise
+        set only for the newly analog experts: a digital expert's factors are never read (its rows take the
+        plain matmul's output, ``_FastExperts._readout``), so those a former analog expert leaves there change
+        no number. ``ready``: [(w, g)] per expert of ``ids``; ``g_shape``: ``(T, E, O)``."""
         slot = ("fused", m.experts_name, key)
         got = cache.take(slot)
         if got is None or (got[0].shape, got[0].dtype, got[0].device) != (p.shape, p.dtype, p.device):
-            buf, have = torch.empty_like(p.data), None
+            buf, have, g_out = torch.empty_like(p.data), None, None
         else:
-            buf, have = got[0], (got[2] if got[1] == tag else None)
+            buf, have, g_out = got[0], (got[2] if got[1] == tag else None), got[3]
         if have is None:
             buf.copy_(p.data)
-            have = frozenset()
-        want = dict(zip(ids, ws))
-        # whole-tensor copies, not one per expert: each small copy is a parallel op (a thread hand-over)
+            have, g_out = frozenset(), None
+        want = {e: r for e, r in zip(ids, ready)}
         back = [e for e in sorted(have) if e not in want]
-        if back:
-            idx = torch.tensor(back, dtype=torch.long, device=p.device)
-            buf.index_copy_(0, idx, p.data.index_select(0, idx))
         new = [e for e in ids if e not in have]
-        if new:
-            buf.index_copy_(0, torch.tensor(new, dtype=torch.long, device=p.device), torch.cat([want[e] for e in new]))
+        if back or new:   # one whole-tensor copy, not one per expert: each small copy is a parallel op (a thread hand-over)
+            buf.index_copy_(0, torch.tensor(back + new, dtype=torch.long, device=p.device),
+                            torch.cat([p.data[e:e + 1] for e in back] + [want[e][0] for e in new]))
+        if state.io_out:
+            if g_out is None or tuple(g_out.shape) != g_shape:
+                g_out, new = torch.ones(g_shape, dtype=torch.float32, device=p.device), ids
+            if new:
+                g_out[:, new] = torch.cat([want[e][1] for e in new]).permute(2, 0, 1)
+            state.g_out[key] = g_out
         clean = p.data
 
         def restore():
             p.data = clean
-            cache.keep(slot, (buf, tag, frozenset(want)))
+            cache.keep(slot, (buf, tag, frozenset(want), g_out if state.io_out else None))
         p.data = buf
         stack.callback(restore)
-        return buf.numel() * buf.element_size()
+        return buf.numel() * buf.element_size() + (g_out.numel() * 4 if state.io_out else 0)
 
     def dense(self, stack, uname, kind, unit) -> int:
         noise, seed, device, nm = self.noise, self.seed, self.device, self.nm
