@@ -67,7 +67,7 @@ def estimate_bytes(model: nn.Module, anatomy, placement, noise: NoiseConfig, bac
     for m in anatomy.moe_layers:
         ids = placement.analog_experts(m.index)
         elem = m.experts.down_proj.element_size()
-        per = sum(p[0].numel() for p in (m.experts.down_proj, _w_in(m)))
+        per = sum(p.numel() // p.shape[0] for p in (m.experts.down_proj, _w_in(m)))   # one expert's slices
         n_an += len(ids) * per
         biggest = max(biggest, min(max(len(ids), 1) * per, _CHUNK_ELEMS))
     for name, kind, unit in _dense_analog_units(model, anatomy, placement):
