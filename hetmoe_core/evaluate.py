@@ -231,12 +231,20 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
     writer = _Batched(store, max_s=write_every_s)
     try:
         measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
-        for group in _seed_major(units(todo)):
+        groups, placed = _seed_major(units(todo)), {}
+        if len(groups) > 1:   # placements up front (under the model lock: a strategy may need routing statistics)
+            with state["lock"]:
+                for g in groups:
+                    if cancel is not None and cancel.is_set():
+                        break
+                    placed[id(g)] = _unit_placement(lm, store, g[0], calib_text, measured)
+            groups = _chained(groups, placed)
+        for group in groups:
             if cancel is not None and cancel.is_set():
                 break
             with state["lock"]:
                 for spec, metrics, run in _run_unit(lm, state, group, writer, cancel, calib_text, memo, measured,
-                                                    known):
+                                                    known, placed.get(id(group))):
                     report(spec, _result(spec, False, metrics, run))
     except Cancelled:
         pass
@@ -286,6 +294,41 @@ def _seed_major(groups: list[list[RunSpec]]) -> list[list[RunSpec]]:
     for g in groups:
         first.setdefault((g[0].noise, g[0].seed, g[0].backend), len(first))
     return sorted(groups, key=lambda g: first[(g[0].noise, g[0].seed, g[0].backend)])
+
+
+_CHAIN_MAX = 512   # units per (noise, seed, backend) ordered by nearest placement (quadratic in their number)
+
+
+def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
+    """Units of each run that shares (noise, seed, backend) (see :func:`_seed_major`) ordered so that each unit's
+    analog experts differ from the previous unit's in few experts: the fast backend copies only the experts whose
+    state changed into the fused tensors it keeps (``fast_backend.FastBackend._swap``), and a sweep's strategies at
+    one budget share most of their analog experts where one strategy's budgets, run in a row, change many (greedy
+    nearest neighbour on the symmetric difference of the digital sets, which is the analog sets', from the run's
+    first unit; a run of more
+    than ``_CHAIN_MAX`` units, or one the chain would not shorten, keeps its order). Only the order of the work changes, no number (each unit's noise is
+    seeded by itself). ``placed``: {id(group): Placement}; a group without one keeps its place."""
+    out, i = [], 0
+    while i < len(groups):
+        k = (groups[i][0].noise, groups[i][0].seed, groups[i][0].backend)
+        j = i
+        while j < len(groups) and (groups[j][0].noise, groups[j][0].seed, groups[j][0].backend) == k:
+            j += 1
+        run = groups[i:j]
+        if 2 < len(run) <= _CHAIN_MAX and all(id(g) in placed for g in run):
+            sets = {id(g): {(n, e) for n, d in enumerate(placed[id(g)].digital) for e in d} for g in run}
+            chain, left = [run[0]], run[1:]
+            while left:
+                last = sets[id(chain[-1])]
+                nxt = min(range(len(left)), key=lambda q: len(last ^ sets[id(left[q])]))   # first of equals: stable
+                chain.append(left.pop(nxt))
+
+            def changes(order):
+                return sum(len(sets[id(a)] ^ sets[id(b)]) for a, b in zip(order, order[1:]))
+            run = chain if changes(chain) < changes(run) else run   # greedy is no optimum: never worse than given
+        out += run
+        i = j
+    return out
 
 
 def _measured(lm, specs, store, calib_text, cancel) -> dict:
@@ -361,7 +404,7 @@ def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
 
 
 def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text, memo: dict, measured: dict,
-              known: set | None = None):
+              known: set | None = None, placement=None):
     """Build the placement and noisy model of one unit and run its tasks; yields (spec, metrics, run row).
 
     Identical work is done once. A computation is (weights, dtype, device, digital set, dense policy, noise,
@@ -373,10 +416,11 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
     that was computed, with duration_s 0. ``known``: the compute keys the store held when the sweep began
     (``Store.computed_keys``; None: look every one up), so a unit reads the store only for a computation found
     there (one computed meanwhile by another process is computed again: the same numbers, not marked shared).
+    ``placement``: the unit's placement when the caller built it already (None: built here).
     """
     from .placement import digital_share
     head = group[0]
-    placement = _unit_placement(lm, store, head, calib_text, measured)
+    placement = placement if placement is not None else _unit_placement(lm, store, head, calib_text, measured)
     share = digital_share(placement, lm.anatomy)["digital_share"]
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}

@@ -244,3 +244,27 @@ def test_kept_template_compiles_give_lm_evals_numbers(monkeypatch):
             m.setattr(tasks, "_templates_once", lambda: None)
             plain = tasks._run_task(hflm, ref, spec)
         assert memo == plain and any(r["value"] > 0 for r in memo), name
+
+
+def test_units_of_a_seed_run_in_a_chain_of_near_placements(tmp_path):
+    """Within one (noise, seed) the units run so that consecutive placements differ in fewer experts than in the
+    planned order (the fast backend copies only changed experts), every unit once, the first one first; the sweep
+    run that way stores the numbers each result gets alone."""
+    from hetmoe_core.sweep import units
+    lm = load_model("tiny:olmoe")
+    kw = dict(strategies=["maxnn", "random"], budgets=[0.25, 0.5, 0.75], presets=["paper-pcm-c2.5"], seeds=[0],
+              tasks=["hetmoe_cloze"], limit=1, include_ideal=False)
+    groups = ev._seed_major(units(plan("tiny:olmoe", fingerprint=lm.fingerprint, **kw)))
+    placed = {id(g): ev._unit_placement(lm, None, g[0], None, {}) for g in groups}
+    chained = ev._chained(groups, placed)
+
+    def changes(order):
+        sets = [{(n, e) for n, d in enumerate(placed[id(g)].digital) for e in d} for g in order]
+        return sum(len(a ^ b) for a, b in zip(sets, sets[1:]))
+    assert sorted(map(id, chained)) == sorted(map(id, groups)) and chained[0] is groups[0]
+    assert changes(chained) < changes(groups)
+    res = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "a.duckdb", **kw)
+    alone = [evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / f"{i}.duckdb", **{**kw, "strategies": [r["strategy"]],
+                                                                                   "budgets": [r["budget"]]})[0]
+             for i, r in enumerate(res[:3])]
+    assert [r["metrics"] for r in res[:3]] == [r["metrics"] for r in alone]
