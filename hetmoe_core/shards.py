@@ -167,7 +167,7 @@ class _Files:
     (tensors no job needs, such as embeddings, are never read) and the kernel reads them in 2 MiB folios.
 
     Why not posix_fadvise(WILLNEED): the kernel's forced read-ahead fills the page cache with 4 KiB folios, and
-    every later (warm) run then pays a page fault per 64 KiB and a TLB miss per 4 KiB: measured 40% more CPU per
+    every later (warm) run then pays a page fault per 64 KiB and a TLB miss per 4 KiB: measured 40-60% more CPU per
     GB warm than on 2 MiB folios, which a fault in a MADV_HUGEPAGE mapping reads (and maps with one entry)."""
     def __init__(self, jobs: list[_Job], window: int = 128 << 20):
         self.jobs, self.window, self.next, self.queued, self.fds = jobs, window, 0, 0, {}
@@ -191,7 +191,7 @@ class _Files:
 
     def _fault_in(self, k: int, fd: int, step: int = 8 << 20) -> None:
         """Touch one byte per 2 MiB of job k (pieces of ``step`` bytes mapped at a time: RSS stays low); the faults
-        read the pages in (a torch op: the GIL is released while the disk works); cached pages cost ~20 us / 32 MiB."""
+        read the pages in (a torch op: the GIL is released while the disk works); cached pages cost only the mapping."""
         j = self.jobs[k]
         for at in range(j.start, j.start + j.nbytes, step):
             if k < self.queued:
