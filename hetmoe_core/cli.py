@@ -178,21 +178,45 @@ def cmd_place(args) -> dict:
         if args.calib:
             from .routing import read_calibration
             read_calibration(args.calib)
+    dense = DensePolicy(**{k: False for k in analog})
+    stored = _stored_measurement(args, noise)
+    if stored is not None and args.routing != "measured":   # no weights read (a hub model: GBs of them)
+        from .energy import energy_block, shapes_from_source
+        from .fingerprints import source_fingerprint
+        shapes, anatomy = shapes_from_source(args.source)   # the config on the meta device: shapes only
+        p = place(anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, dense=dense, measured=stored)
+        return {"source": args.source, "fingerprint": source_fingerprint(args.source, args.revision), "key": p.key,
+                "placement": p.to_dict(), **digital_share(p, anatomy),
+                "energy": energy_block(shapes, p, args.hardware, args.batch, None), "measurement": "stored"}
     needs_text = needs(args.strategy) in ("stats", "measurement") or args.routing == "measured"
     lm = _load(args, tokenizer=needs_text)   # text is tokenized only for routing statistics or measurements
     stats, calib = _activation(args, lm) if needs(args.strategy) == "stats" else (None, None)
-    measured = None
-    if noise is not None:
+    measured = stored
+    if noise is not None and measured is None:
         from .sensitivity import measured_scores
         measured = measured_scores(lm, args.strategy, noise, store=args.store, texts=args.calib, seeds=args.seeds,
                                    tokens=args.tokens)
-    p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats,
-              dense=DensePolicy(**{k: False for k in analog}), measured=measured)
+    p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats, dense=dense,
+              measured=measured)
     out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),
            **digital_share(p, lm.anatomy), "energy": _energy(args, lm, p, stats)}
+    if noise is not None:
+        out["measurement"] = "stored" if stored is not None else "measured"
     if calib:
         out["calibration"] = calib
     return out
+
+
+def _stored_measurement(args, noise) -> list | None:
+    """The oracle's per-layer [E] scores (mean only-this damage, nats) when its measurement is stored — the request
+    sensitivity.measured_scores makes, looked up by validation.stored_validation without loading the model — else
+    None (not stored, or another strategy)."""
+    if args.strategy != "oracle" or noise is None:
+        return None
+    from .validation import stored_validation
+    v = stored_validation(args.source, noise, seeds=args.seeds, texts=args.calib, tokens=args.tokens,
+                          store=args.store, device=args.device, dtype=args.dtype)
+    return None if v is None else v.only_this()
 
 
 # ---- energy: what a placement costs on hardware
@@ -319,11 +343,18 @@ def run_estimate(specs, store) -> dict:
 
 
 def _announce(args, kw: dict) -> None:
-    """Before a run of more than LARGE_RUN results, print (stderr) how many will be computed and about how long
-    that takes (nothing is loaded or computed here)."""
+    """Check the request before anything is created: every value (evaluate.plan) and, when the store does not exist
+    yet, the lm-eval task names too (a misspelt task once left an empty store file behind). Before a run of more
+    than LARGE_RUN results, print (stderr) how many will be computed and about how long that takes (nothing is
+    loaded or computed here)."""
     from .evaluate import plan
     from .store import Store
     specs = plan(args.source, **kw)   # validates everything first: a bad value fails before the store is touched
+    try:
+        Store(args.store, create=False, read_only=True)
+    except ValueError:   # no store yet: nothing is cached, so a misspelt task is checked before one is created
+        from .evaluate import _check_registry_tasks
+        _check_registry_tasks(specs)
     if len(specs) <= LARGE_RUN:
         return
     e = run_estimate(specs, Store(args.store))

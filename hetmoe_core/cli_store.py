@@ -59,6 +59,10 @@ def _records(df) -> list[dict]:
     return [{k: plain(v) for k, v in r.items()} for r in df.to_dict("records")]
 
 
+SUMMARY_VARIANTS = ("num_fewshot", "scope", "analog_dense", "overrides", "model_source", "model_fingerprint")
+"""Columns of store.summary_frame that `runs --summary` prints only where the shown rows differ in them."""
+
+
 def cmd_runs(args) -> dict:
     from .store import Store
     st = Store(args.store, create=False, read_only=True)
@@ -76,8 +80,12 @@ def cmd_runs(args) -> dict:
     if not args.json:
         import pandas as pd
         if args.summary:
-            cols = ["task", "metric", "strategy", "budget", "preset", "backend", "batch_size", "dtype", "mean",
-                    "spread", "n_seeds", "origins"]
+            # every config column that tells two shown rows apart: left out, two sweeps' ideal results (another
+            # limit or num_fewshot) printed as the same line twice
+            varies = [c for c in SUMMARY_VARIANTS if c in shown and shown[c].astype(str).nunique() > 1]
+            cols = ["task", "metric", "strategy", "budget", "preset", "backend", "batch_size", "dtype", "limit",
+                    *varies, "mean", "spread", "n_seeds", "origins"]
+            shown = shown.assign(limit=shown["limit"].map(lambda v: "all" if v != v or v is None else int(v)))
             shown = shown.assign(spread=["deterministic" if d else "" if s != s else f"± {s:.3g}"
                                          for d, s in zip(shown.deterministic, shown["std"])])
         else:

@@ -450,35 +450,64 @@ def damage_heatmap(validation: dict, field: str = "only_this") -> go.Figure:
     name = "only-this damage (nats)" if field == "only_this" else "all-but-this recovery (nats)"
     values = _per_layer(ex, field)
     n_white = int(sum((np.asarray(v, float) <= 0).sum() for v in values))
-    note = (f"<br><sup>white: {n_white} expert(s) with a value ≤ 0 (no measurable damage; a log scale cannot show "
-            "them) — hover for the value</sup>") if n_white else ""
-    return expert_heatmap(values, layers, f"Measured {name} · {validation['preset']}{note}", name,
-                          extra={"± se": _per_layer(ex, field + "_se")}, colorscale="Inferno", log=True)
+    # two short subtitle lines: Plotly never wraps a title, and a half-width column at 1280 px is ~400 px wide
+    note = (f"<br><sup>white: {n_white} expert(s) with a value ≤ 0 — no measurable damage;<br>a log colour scale "
+            "cannot show them (hover for the value)</sup>") if n_white else ""
+    fig = expert_heatmap(values, layers, f"Measured {name} · {validation['preset']}{note}", name,
+                         extra={"± se": _per_layer(ex, field + "_se")}, colorscale="Inferno", log=True)
+    if n_white:                                  # room for the two subtitle lines above the plot
+        fig.update_layout(margin_t=84, height=fig.layout.height + 44)
+    return fig
+
+
+DAMAGE_DECADES = 4
+"""Decades of measured damage the Validate scatter shows below the largest one: an expert whose only-this damage is
+under 1e-4 of the worst expert's is negligible beside it, and a tiny model's zero-ish damages (1e-24 nats: float
+rounding of a difference of two NLLs) would otherwise stretch the log axis over twenty empty decades."""
 
 
 def damage_scatter(criterion, damage, damage_se, layers, criterion_name: str, log: bool = True) -> go.Figure:
     """Each expert's criterion score (x) against its measured only-this damage (y, nats, error bar = se over seeds),
     coloured by MoE layer, log axes; hover names layer, expert and both values. Non-positive values cannot sit on a
-    log axis: they are left out and counted in the title."""
+    log axis: they are left out and counted in the title. So are damages more than DAMAGE_DECADES decades below the
+    largest one (the y axis starts there and the title says how many experts lie below it)."""
     fig = go.Figure()
-    dropped = 0
+    dropped = below = 0
+    ys = np.concatenate([np.asarray(v, float).ravel() for v in damage]) if len(damage) else np.array([])
+    top = float(np.nanmax(ys)) if np.isfinite(ys).any() else 0.0
+    floor = top * 10.0 ** -DAMAGE_DECADES if log and top > 0 else 0.0
+    hi, lo = floor, np.inf
     for i, (xv, yv, sv) in enumerate(zip(criterion, damage, damage_se)):
         xv, yv, sv = (np.asarray(v, float) for v in (xv, yv, sv))
         e = np.arange(len(xv))
         ok = (xv > 0) & (yv > 0) if log else np.isfinite(xv) & np.isfinite(yv)
         dropped += int((~ok).sum())
+        if log:
+            low = ok & (yv < floor)
+            below += int(low.sum())
+            ok &= ~low
+            if ok.any():
+                hi = max(hi, float(np.nanmax(yv[ok] + np.nan_to_num(sv[ok]))))
+                lo = min(lo, float(np.nanmin(yv[ok])))
         fig.add_trace(go.Scatter(
             x=xv[ok], y=yv[ok], mode="markers", name=f"L{layers[i]}", error_y=dict(type="data", array=sv[ok]),
             customdata=np.stack([np.full(ok.sum(), layers[i]), e[ok], sv[ok]], axis=-1),
             hovertemplate=(f"layer %{{customdata[0]}}, expert %{{customdata[1]}}<br>{criterion_name}: %{{x:.4g}}"
                            "<br>only-this damage: %{y:.4g} ± %{customdata[2]:.2g} nats<extra></extra>"),
             marker=dict(size=8, opacity=0.8)))
-    note = f" ({dropped} experts ≤ 0 not on log axes)" if dropped else ""
+    notes = ([f"{dropped} expert{'' if dropped == 1 else 's'} ≤ 0 not on log axes"] if dropped else []) + \
+        ([f"{below} below {floor:.1e} nats (10^-{DAMAGE_DECADES} of the largest) not shown"] if below else [])
+    note = f"<br><sup>{'; '.join(notes)}</sup>" if notes else ""
     fig.update_layout(title=f"Measured damage vs {criterion_name}{note}", xaxis_title=criterion_name,
                       yaxis_title="only-this damage (nats)", height=380, **_LAYOUT)
+    if notes:
+        fig.update_layout(margin_t=64)
     if log:
         fig.update_xaxes(**LOG_AXIS)
         fig.update_yaxes(**LOG_AXIS)
+        if floor > 0:      # from the lowest point shown: error bars reaching towards 0 (a damage inside its
+            # standard error) would stretch Plotly's autorange down to 1e-24
+            fig.update_yaxes(range=[np.log10(min(lo, top)) - 0.3, np.log10(max(hi, top)) + 0.15])
     return fig
 
 
@@ -535,9 +564,16 @@ def routing_drift(validation: dict) -> go.Figure:
                    mode="markers+lines"),
         go.Scatter(x=x, y=[r["load_max_over_mean_noisy"] for r in rows], name="max/mean load, noisy", yaxis="y2",
                    mode="markers+lines")])
-    fig.update_layout(title="Routing drift under noise", height=340, yaxis=dict(title=dict(text="share"),
-                      tickformat=".0%"), yaxis2=dict(title=dict(text="max/mean expert load"), overlaying="y",
-                      side="right"), legend=dict(orientation="h", y=-0.25), **_LAYOUT)
+    # The right axis gets ticks of its own: Streamlit's theme syncs it to the left grid ("sync" ticks read
+    # 1.937, 2.217, ...). It starts at 1, a perfectly balanced load (max = mean), the least the ratio can be.
+    top = max([1.0] + [r[k] for r in rows for k in ("load_max_over_mean_ideal", "load_max_over_mean_noisy")])
+    fig.update_layout(title="Routing drift under noise", height=340,
+                      yaxis=dict(title=dict(text="tokens with a changed top-k set (%)"), tickformat=".0%",
+                                 rangemode="tozero"),
+                      yaxis2=dict(title=dict(text="max/mean expert load (×, 1 = balanced)"), overlaying="y",
+                                  side="right", tickmode="auto", nticks=6, tickformat=".2~f", showgrid=False,
+                                  range=[1, 1 + (top - 1) * 1.1 if top > 1 else 2]),
+                      xaxis=dict(title=dict(text="MoE layer")), legend=dict(orientation="h", y=-0.3), **_LAYOUT)
     return fig
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 # ---------------------------------------------------------------------------------------------- cited figures
 H100_SRC = "NVIDIA H100 SXM5 datasheet (via glennklockwood.com/garden/processors/h100)"
@@ -60,12 +61,15 @@ def _f(default, unit: str, help: str, source: str, allowed: tuple):
 
 
 def _check(obj) -> None:
-    """Raise ValueError (one line: each bad field with its allowed range and unit) unless every field with an
-    ``allowed`` range holds a number of the right kind inside it (noise.NoiseConfig's rule, ``noise._out_of_range``)."""
+    """Raise ValueError (one line for people: which part, each bad constant as typed with its allowed range and
+    unit, what to do) unless every field with an ``allowed`` range holds a number of the right kind inside it
+    (noise.NoiseConfig's rule, ``noise._out_of_range``). The part is named by its ``PART`` (as the editor titles
+    it), never by the Python class."""
     from .noise import _out_of_range
     bad = [why for f in dataclasses.fields(obj) if (why := _out_of_range(f, getattr(obj, f.name)))]
     if bad:
-        raise ValueError(f"invalid {type(obj).__name__}: " + "; ".join(bad))
+        raise ValueError(f"{obj.PART} constant{'s' if len(bad) > 1 else ''} out of range: " + "; ".join(bad)
+                         + f"; enter {'values' if len(bad) > 1 else 'a value'} in the allowed range")
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class DigitalConfig:
     Energy per token = weight bytes fetched from HBM x ``hbm_energy`` + MACs x ``mac_energy``; time per step =
     max(bytes / ``hbm_bandwidth``, MACs / peak MAC rate) (roofline). Static and idle power are not modelled.
     """
+
+    PART: ClassVar[str] = "Digital accelerator"
+    """What this part is called for people (the hardware editor's heading, error messages)."""
 
     name: str = "h100-sxm"
     """Accelerator name (free text for custom values)."""
@@ -122,6 +129,9 @@ class AnalogConfig:
     includes DAC, array and ADC), plus ``periphery_energy`` for each of its r outputs (the digital accumulation
     of partial sums across input tiles). Tiles of a layer work in parallel.
     """
+
+    PART: ClassVar[str] = "AIMC chip"
+    """What this part is called for people (the hardware editor's heading, error messages)."""
 
     name: str = "pcm-64core-512"
     """Chip name (free text for custom values)."""

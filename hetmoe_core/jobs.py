@@ -40,6 +40,15 @@ def page_job(key: str):
     return job
 
 
+def recovered_job(key: str):
+    """The job a reloaded page finds through its URL (``page_job``), returned only on the run that brings it into
+    this new session (else None): the page refills its form from the job's request before drawing the widgets, so
+    the form shows what is running rather than the defaults."""
+    if key in st.session_state or not st.query_params.get(key):
+        return None
+    return page_job(key)
+
+
 class _BackgroundJob:
     """A thread doing one long piece of work for a page, with progress, cancel and a final status.
 
@@ -140,6 +149,24 @@ class Job(_BackgroundJob):
     def __init__(self, handle: ModelHandle, **kwargs):
         self.kwargs, self.results = kwargs, []
         super().__init__(handle)
+
+    def form_values(self) -> dict:
+        """The Evaluate page's widget values (by widget key) of this job's request: noise preset and its edited
+        parameters (``nz_<preset>_<name>``; 0 where an optional parameter is None, as the widget shows it),
+        strategies, budgets in percent, tasks, seeds, limit (0 = all), backend, batch size, and the Placement
+        page's scope and dense-module switches it used."""
+        from .noise import field_docs
+        from .placement import percent_text
+        kw, docs = self.kwargs, field_docs()
+        preset = kw["presets"][0]
+        form = {"preset": preset, "ev_strategies": list(kw["strategies"]), "ev_budgets": percent_text(kw["budgets"]),
+                "ev_tasks": list(kw["tasks"]), "ev_seeds": int(kw["seeds"]), "ev_limit": int(kw["limit"] or 0),
+                "ev_backend": kw["backend"], "ev_batch": int(kw["batch_size"]), "scope": kw["scope"],
+                **{f"dense_{k}": bool(v) for k, v in (kw.get("dense") or {}).items()}}
+        for name, v in (kw.get("preset_overrides") or {}).items():
+            zero = 0 if isinstance(docs[name]["allowed"][0], int) else 0.0
+            form[f"nz_{preset}_{name}"] = zero if v is None else v
+        return form
 
     def _progress(self, done: int, total: int, result: dict) -> None:
         self.done, self.total = done, total

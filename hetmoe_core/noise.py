@@ -116,7 +116,8 @@ class NoiseConfig:
         if self.noise_model == "gaussian" and not self.gaussian_std > 0:
             bad.append("noise_model 'gaussian' needs gaussian_std > 0")
         if bad:
-            raise ValueError("invalid NoiseConfig: " + "; ".join(bad))
+            raise ValueError(f"noise parameter{'s' if len(bad) > 1 else ''} not allowed: " + "; ".join(bad)
+                             + "; change the parameter named")
 
     # ------------------------------------------------------------------ plain views
     def to_dict(self) -> dict:

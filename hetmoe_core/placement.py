@@ -176,6 +176,12 @@ def budgets_from_percent(text: str) -> list[float]:
     return out
 
 
+def percent_text(budgets) -> str:
+    """Budgets (fractions) as the Evaluate page's field takes them: [0.0, 0.125, 0.25] -> "0, 12.5, 25" (the inverse
+    of budgets_from_percent)."""
+    return ", ".join(f"{b * 100:g}" for b in budgets)
+
+
 def overlap(p: Placement, q: Placement) -> dict:
     """How far two placements agree: {"shared": experts digital in both, "union": digital in either,
     "n_p": digital in ``p``, "jaccard": shared / union (None when neither has a digital expert)}.

@@ -155,22 +155,28 @@ def _cell(v) -> str:
     return "" if v is None or (isinstance(v, float) and v != v) else html.escape(str(v))
 
 
-def _table(df, cols) -> str:
-    """An HTML table; past 20 rows it scrolls inside a box of its own (the page stays short)."""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+def _table(df, cols, tips: dict | None = None) -> str:
+    """An HTML table; past 20 rows it scrolls inside a box of its own (the page stays short). ``tips``: {column:
+    text} shown when the pointer rests on that header (results.PAIRED_HELP for the paired table)."""
+    def th(c):
+        tip = (tips or {}).get(c)
+        return f"<th title='{html.escape(tip, quote=True)}'>" if tip else "<th>"
+    head = "".join(f"{th(c)}{html.escape(str(c))}</th>" for c in cols)
     rows = "".join("<tr>" + "".join(f"<td>{_cell(r[c])}</td>" for c in cols) + "</tr>"
                    for r in df.to_dict("records"))
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
     return f"<div class='scroll'>{table}</div>" if len(df) > 20 else table
 
 
-def _paired_cells(deltas):
-    """The paired-differences table as text: numbers to 4 significant digits, budget in %."""
-    from .results import limit_label
-    return deltas.assign(**{c: deltas[c].map(lambda x: "" if x != x else f"{x:.4g}")
-                            for c in ("delta", "delta_lo", "delta_hi", "sampling_se")},
-                         limit=deltas["limit"].map(limit_label),
-                         **{"budget %": deltas.budget.map(lambda b: f"{b * 100:g}")})
+def _paired_section(deltas) -> str:
+    """The paired-differences table as the Results page shows it (results.paired_view: strategy labels, budgets
+    in %, n/a with a footnote of why), or a line saying there is nothing to compare."""
+    from .results import PAIRED_HELP, paired_view
+    if not len(deltas):
+        return "<p>no strategies to compare on common seeds</p>"
+    view, notes = paired_view(deltas, context=True)
+    return _table(view, list(view.columns), PAIRED_HELP) + "".join(
+        f"<p class='note'>{html.escape(n)}</p>" for n in notes)
 
 
 def _plotlyjs() -> str:
@@ -214,7 +220,7 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     """
     from .figures import NOT_RESOLVED
     from .paper_tasks import MISSING_NOTE, PAPER_TASKS
-    from .results import limit_label
+    from .results import limit_label, percent, strategy_label
     out = output_path(out, overwrite, protect=[getattr(source, "path", source)])
     with _opened(source) as store:
         summary, placements = store.summary_frame(), store.placements_frame()
@@ -239,15 +245,18 @@ def write_report(source: str | os.PathLike | Store, out: str | os.PathLike, titl
     table = summary.assign(score=[_score(m, s, d) for m, s, d in zip(summary["mean"], summary["std"],
                                                                       summary["deterministic"])],
                            digital_share=summary.digital_share.map(lambda x: "" if x != x else f"{x:.3f}"),
-                           limit=summary["limit"].map(limit_label),
+                           limit=summary["limit"].map(limit_label), strategy=summary.strategy.map(strategy_label),
                            **{"budget %": summary.budget.map(lambda b: f"{b * 100:g}")})
     cols = ["task", "metric", "strategy", "budget %", "preset", "backend", "dtype", "batch_size", "num_fewshot",
             "analog_dense", "score", "n_seeds", "digital_share", "limit", "model_source", "origins"]
     ptable = ""
     if len(placements):
         p = placements.assign(per_layer_digital=[json.dumps([len(d) for d in json.loads(x)["digital"]])
-                                                 for x in placements.placement])
-        ptable = _table(p, ["key", "model_fingerprint", "strategy", "budget", "scope", "seed", "per_layer_digital"])
+                                                 for x in placements.placement],
+                              strategy=placements.strategy.map(strategy_label),
+                              **{"digital budget": placements.budget.map(percent)})
+        ptable = _table(p, ["key", "model_fingerprint", "strategy", "digital budget", "scope", "seed",
+                            "per_layer_digital"])
     note = f"<p class='note'>{html.escape(MISSING_NOTE)}</p>" if summary.task.isin(list(PAPER_TASKS)).any() else ""
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em auto;padding:0 2em;max-width:1500px}}
@@ -264,10 +273,10 @@ experts analog, I = ideal), mean with its 95% t interval over seeds; the hover a
 the noise loss A−I is not resolved (its 95% interval over seeds reaches 0, one seed within 1.96 × lm-eval's stderr, or
 no loss at all) the chart says “{html.escape(NOT_RESOLVED)}” instead of plotting a ratio of noise.</p>
 <h2>Paired differences between strategies</h2>
-<p class='note'>a − b on common seeds, mean [95% t interval]; “no difference” when the interval covers 0.</p>
-{_table(_paired_cells(deltas), ["task", "metric", "limit", "preset", "budget %", "a", "b", "n_seeds", "delta",
-                               "delta_lo", "delta_hi", "sampling_se", "verdict"]) if len(deltas) else
- "<p>no strategies to compare on common seeds</p>"}
+<p class='note'>A − B on common seeds, mean [95% t interval]; “no difference” when the interval covers 0. Strategies
+by their chart labels (hover a header for its meaning); `runs --summary --json` keeps machine names and budget
+fractions.</p>
+{_paired_section(deltas)}
 <h2>Score vs energy per token</h2><p class='note'>One point per configuration; energy per token of its placement
 from hetmoe_core/energy.py (hardware figures and their sources: hetmoe_core/hardware.py); dashed: Pareto front.</p>
 {''.join(eparts) or '<p>no headline metric to plot</p>'}{enote}

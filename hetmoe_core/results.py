@@ -14,9 +14,11 @@ ALL = "all"
 
 
 def result_rows(results: list[dict]) -> pd.DataFrame:
-    """One row per result of ``evaluate.evaluate_many`` (or ``stored_result``): task, strategy, budget % (percent of
-    routed experts digital), preset, seed, one column per metric, and whether the store answered it."""
-    rows = [{"task": r["task"], "strategy": r["strategy"], "budget %": r["budget"] * 100, "preset": r["preset"],
+    """One row per result of ``evaluate.evaluate_many`` (or ``stored_result``): task, strategy (its chart label,
+    strategy_label), budget % (percent of routed experts digital), preset, seed, one column per metric, and whether
+    the store answered it."""
+    rows = [{"task": r["task"], "strategy": strategy_label(r["strategy"]), "budget %": r["budget"] * 100,
+             "preset": r["preset"],
              "seed": r["seed"], **r["metrics"], "cached": "✓ cached" if r["cached"] else "computed"}
             for r in results]
     return pd.DataFrame(rows)
@@ -162,21 +164,72 @@ def as_text(frame: pd.DataFrame, formats: dict) -> pd.DataFrame:
     return frame.assign(**{c: [fmt(v, f) for v in frame[c]] for c, f in formats.items() if c in frame})
 
 
-def paired_view(deltas: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
-    """The Results page's paired-differences table (paired.paired_deltas rows) with numbers as text, and the notes
-    that say why a cell reads NA: no lm-eval stderr for ``metric``; a recovered fraction of a noise loss inside the
-    noise (paired.noise_loss)."""
-    cols = ["preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi", "delta_recovered",
-            "sampling_se", "verdict"]
-    view = as_text(deltas[cols], {c: ".4g" for c in ("delta", "delta_lo", "delta_hi", "delta_recovered",
-                                                     "sampling_se")})
+def strategy_label(name) -> str:
+    """A strategy as people read it: the registry's label (strategies.criterion_labels, the one the charts use),
+    the name itself for "ideal" and names outside the registry."""
+    from .strategies import criterion_labels
+    return criterion_labels().get(name, name)
+
+
+def percent(fraction) -> str:
+    """A digital budget (fraction of routed experts) as the charts write it: 0.125 -> "12.5%"."""
+    return NA if fraction is None or fraction != fraction else f"{fraction * 100:g}%"
+
+
+def _verdict(text: str) -> str:
+    """paired_deltas' verdict with the strategy's label: "maxnn better" -> "MaxNNScore better"."""
+    return f"{strategy_label(text[:-7])} better" if text.endswith(" better") else text
+
+
+PAIRED_HELP = {
+    "strategy A": "Placement strategy A, by its label as on the charts. Downloads (CSV/Parquet) and the CLI's "
+                  "`runs --summary --json` keep the machine name (maxnn, frequency, …) in column a.",
+    "strategy B": "Placement strategy B, compared with A on their common seeds. Downloads keep the machine name "
+                  "in column b.",
+    "digital budget": "Share of routed experts kept digital. Downloads keep it as a fraction (0.125 = 12.5%).",
+    "seeds": "Noise seeds both strategies were run with (the same programming noise for both: paired).",
+    "A − B": "Mean over the common seeds of A's result minus B's, in the metric's units.",
+    "95% interval": "Student-t interval of A − B over the seeds (scipy.stats.t); n/a with one seed.",
+    "A − B recovered": "Difference of the recovered fractions of the noise loss (A−X)/(A−I), fraction units.",
+    "sampling SE": "lm-eval's standard error of one result over the task's documents (metric units), for scale.",
+    "verdict": "“no difference” when the 95% interval covers 0; otherwise the better strategy by the metric's "
+               "direction.",
+}
+"""Help of each column of paired_view's table (the Results page's column tooltips, the report's header titles)."""
+
+
+def paired_view(deltas: pd.DataFrame, metric: str | None = None, context: bool = False
+                ) -> tuple[pd.DataFrame, list[str]]:
+    """The paired-differences table (paired.paired_deltas rows) as people read it, and the footnotes of its n/a
+    cells. Strategies by their chart labels, budgets in %, verdicts with labels, numbers to 4 significant digits;
+    a missing value reads NA ("n/a"), never blank, "None" or "nan", and a note says why: no lm-eval stderr for the
+    metric; a recovered fraction of a noise loss inside the noise (paired.noise_loss); one seed, no interval.
+    ``context``: lead with task, metric and limit (the report's table spans tasks); ``metric`` names the metric
+    in the notes (default: the metrics of the rows without a stderr). Column help: PAIRED_HELP."""
+    def num(v):
+        return NA if v is None or v != v else f"{v:.4g}"
+    cols = {"preset": deltas["preset"], "digital budget": deltas["budget"].map(percent),
+            "strategy A": deltas["a"].map(strategy_label), "strategy B": deltas["b"].map(strategy_label),
+            "seeds": deltas["n_seeds"], "A − B": deltas["delta"].map(num),
+            "95% interval": [NA if lo != lo else f"[{lo:.4g}, {hi:.4g}]"
+                             for lo, hi in zip(deltas["delta_lo"], deltas["delta_hi"])],
+            "A − B recovered": deltas["delta_recovered"].map(num), "sampling SE": deltas["sampling_se"].map(num),
+            "verdict": deltas["verdict"].map(_verdict)}
+    if context:
+        cols = {"task": deltas["task"], "metric": deltas["metric"], "limit": deltas["limit"].map(limit_label),
+                **cols}
+    view = pd.DataFrame(cols, index=deltas.index).reset_index(drop=True)
     notes = []
-    if deltas["sampling_se"].isna().any():
-        notes.append(f"sampling_se {NA}: lm-eval reports no standard error for {metric} here (its perplexity "
+    no_se = deltas[deltas["sampling_se"].isna()]
+    if len(no_se):
+        names = metric or ", ".join(sorted(no_se["metric"].unique()))
+        notes.append(f"sampling SE {NA}: lm-eval reports no standard error for {names} here (its perplexity "
                      "tasks report none for word_perplexity, byte_perplexity or bits_per_byte; accuracies have one).")
     if deltas["delta_recovered"].isna().any():
-        notes.append(f"delta_recovered {NA}: the noise loss (all routed experts analog − ideal) is inside the noise "
+        notes.append(f"A − B recovered {NA}: the noise loss (all routed experts analog − ideal) is inside the noise "
                      "for that preset, so the recovered fraction is not defined.")
+    if deltas["delta_lo"].isna().any():
+        notes.append(f"95% interval {NA}: one seed, no spread to build an interval from; run two or more seeds.")
     return view, notes
 
 
@@ -184,6 +237,8 @@ def summary_view(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """summary_table's rows with mean, std and digital share as text (NA where missing) and why std is NA: one
     result (the ideal all-digital result is deterministic and stored once) has no spread over seeds."""
     view = as_text(table, {"mean": ".4f", "std": ".4f", "digital_share": ".3f"})
+    if "strategy" in view:
+        view = view.assign(strategy=view["strategy"].map(strategy_label))   # as the charts name it
     notes = [f"std {NA}: a single result — no spread over seeds (the ideal all-digital result is deterministic, "
              "stored once)."] if table["std"].isna().any() else []
     return view, notes

@@ -458,8 +458,8 @@ def hardware_editor(key: str = "hw"):
         name = st.selectbox("Hardware preset", list(HARDWARE), key=f"{key}_preset", format_func=lambda n: n,
                             help=" · ".join(f"{n}: {d}" for n, d in HARDWARE_DOCS.items()))
         base, changes = HARDWARE[name], {"digital": {}, "analog": {}}
-        for part, cls, title in (("digital", DigitalConfig, "Digital accelerator"),
-                                 ("analog", AnalogConfig, "AIMC chip")):
+        for part, cls in (("digital", DigitalConfig), ("analog", AnalogConfig)):
+            title = cls.PART
             st.markdown(f"**{title}** · {getattr(base, part).name}")
             cols = st.columns(3)
             for i, f in enumerate(field_docs(cls)):

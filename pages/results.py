@@ -116,10 +116,12 @@ else:
 pd_ = paired_deltas(runs)
 if len(pd_):
     st.subheader("Paired differences between strategies")
-    st.caption("a − b on their common seeds (metric units), mean with 95% t interval; “no difference” when the "
-               "interval covers 0. sampling_se: lm-eval's stderr of one result, for scale.")
+    st.caption("A − B on their common seeds (metric units), mean with 95% t interval; “no difference” when the "
+               "interval covers 0. sampling SE: lm-eval's stderr of one result, for scale. Hover a column header "
+               "for its meaning; the downloads keep machine names (a, b, budget as a fraction).")
     view, notes = results.paired_view(pd_, metric)
-    st.dataframe(view, hide_index=True, key="res_paired")
+    st.dataframe(view, hide_index=True, key="res_paired",
+                 column_config={c: st.column_config.Column(help=h) for c, h in results.PAIRED_HELP.items()})
     for n in notes:
         st.caption(n)
 

@@ -95,7 +95,9 @@ if (v["preset"], nv, v["tokens"]) != (preset, seeds, tokens):
 cal = v.get("calibration") or {}
 best = v.get("best") or {}
 resolved = damage_resolved(v)
-m1, m2, m3, m4 = st.columns(4)
+# the best criterion's label ("Max neuron norm of down_proj") needs a wide column: a quarter of the page cut it
+m1, m2 = st.columns(2)
+m3, m4 = st.columns([3, 1])
 m1.metric("clean NLL (nats/token)", f"{v['clean_nll']:.4f}")
 m2.metric("all routed experts analog", signed(v["all_experts"]["damage"]),
           help=f"± {v['all_experts']['se'] or 0:.2g} (standard error over {nv} seeds)")

@@ -294,6 +294,12 @@ def test_a_reloaded_evaluate_page_finds_its_running_job_and_cancels_it(store_env
     assert job.id in str(at.query_params["eval_job"])        # the job's id is in the page's URL
     again = page(app({"eval_job": job.id}), "evaluate")     # the reloaded tab: same URL, new session
     assert again.session_state["eval_job"] is job and again.get("progress")
+    # its form shows the running job's request, not the defaults (budgets 12.5 %, 1 seed, limit 20)
+    assert again.text_input(key="ev_budgets").value == "0, 25, 50"
+    assert (again.number_input(key="ev_seeds").value, again.number_input(key="ev_limit").value) == (3, 4)
+    assert again.multiselect(key="ev_tasks").value == [eval_task()]
+    assert any(m.value.startswith("**10 results**") for m in again.markdown)
+    assert again.radio(key="ev_backend").value == "fast" and again.radio(key="ev_backend").label == "Backend"
     assert again.button(key="ev_run").disabled
     again.button(key="ev_cancel").click().run()
     job.thread.join(120)
@@ -339,10 +345,14 @@ def test_results_after_example_results_read_well(store_env):
     assert colour["Activation frequency"] == {STRATEGY_COLORS["frequency"]} != colour["Router norm"]
     assert len({next(iter(c)) for c in colour.values()}) == len(colour)        # and no two strategies share one
     table = next(d.value for d in at.dataframe if "n_seeds" in d.value and "strategy" in d.value)
-    paired = next(d.value for d in at.dataframe if "sampling_se" in d.value)
-    assert set(paired.sampling_se) == {"n/a"}                                  # word_perplexity: no lm-eval stderr
+    paired = next(d.value for d in at.dataframe if "sampling SE" in d.value)
+    assert set(paired["sampling SE"]) == {"n/a"}                               # word_perplexity: no lm-eval stderr
+    assert "MaxNNScore" in set(paired["strategy A"]) | set(paired["strategy B"])   # labels and % as on the charts
+    assert "maxnn" not in set(paired["strategy A"]) and set(paired["digital budget"]) <= {"12.5%", "25%", "50%",
+                                                                                          "75%"}
+    assert "Activation frequency" in set(table.strategy)
     ideal = table[table.strategy == "ideal"].iloc[0]
     assert ideal["std"] == "n/a" and "None" not in table.to_string() and "None" not in paired.to_string()
     captions = " ".join(c.value for c in at.caption)
-    assert "sampling_se n/a: lm-eval reports no standard error for word_perplexity" in captions
+    assert "sampling SE n/a: lm-eval reports no standard error for word_perplexity" in captions
     assert "std n/a: a single result" in captions

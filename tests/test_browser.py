@@ -439,3 +439,72 @@ def test_classroom_three_sessions_three_models(tmp_path, browser):
                     no_errors(pg, "placement during the classroom run")
         for pg in pages:
             pg.context.close()
+
+
+@pytest.fixture(scope="module")
+def examples_server(tmp_path_factory):
+    """A server whose store holds the example results (measured sensitivity of both paper presets included)."""
+    from hetmoe_core.examples import load_examples
+    from hetmoe_core.store import Store
+    store = tmp_path_factory.mktemp("examples") / "results.duckdb"
+    load_examples(Store(store))
+    with _serve(store, "examples_server") as base:
+        yield base
+
+
+_CUT = """() => {
+  const out = [];
+  const width = el => { const r = document.createRange(); r.selectNodeContents(el); return r.getBoundingClientRect().width; };
+  document.querySelectorAll('[data-testid="stMetricValue"]').forEach(e =>
+    out.push([e.innerText, Math.round(width(e)), e.getBoundingClientRect().width]));
+  document.querySelectorAll('.js-plotly-plot').forEach(p => p.querySelectorAll('.gtitle').forEach(t =>
+    out.push([t.textContent, Math.round(t.getBoundingClientRect().right), p.getBoundingClientRect().right])));
+  return out; }"""
+"""[text, right end or width of the text, room it has] of every metric value and chart title on the page."""
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1920, 1080)])
+def test_validate_cards_and_titles_are_not_cut(examples_server, browser, size):
+    """The best criterion's label ("Max neuron norm of gate_proj") and the damage heatmap's subtitle fit their room
+    at a laptop's and a desktop's width (a quarter-width card cut the label to "Max neuro…", one subtitle line ran
+    past the half-width chart)."""
+    pg = browser.new_page(viewport={"width": size[0], "height": size[1]})
+    pg.goto(f"{examples_server}/validate?model=default")
+    pg.get_by_text("Rank correlations").first.wait_for(timeout=120000)
+    idle(pg)
+    no_errors(pg, "validate")
+    got = pg.evaluate(_CUT)
+    assert any(t.startswith("Max neuron norm") or t in ("MaxNNScore", "Router norm") for t, _, _ in got)
+    assert any("white:" in t for t, _, _ in got)
+    cut = [(t, w, room) for t, w, room in got if w > room + 1]
+    assert not cut, cut
+    pg.screenshot(path=str(ARTIFACTS / f"validate_{size[0]}.png"), full_page=True)
+    pg.close()
+
+
+def test_reloaded_evaluate_page_shows_the_running_jobs_request(examples_server, browser):
+    """A reload during a run brings back its progress (page_job) and now its form too: the inputs show the running
+    request, not the defaults. The Backend radio group is reachable by its name (screen readers, get_by_role)."""
+    pg = _new_page(browser)
+    pg.goto(f"{examples_server}/evaluate?model=default")
+    pg.get_by_role("heading", level=1).filter(has_text="Noisy evaluation").wait_for(timeout=60000)
+    idle(pg)
+    backend = pg.get_by_role("radiogroup", name="Backend")
+    assert backend.count() == 1 and backend.get_by_role("radio", name="aihwkit").count() == 1
+    typed = {"Limit (documents per task, 0 = all)": "4", "Seeds": "3", "Digital budgets (%)": "0, 25, 50, 75"}
+    for label, value in typed.items():
+        box = pg.locator(f"input[aria-label='{label}']")
+        box.fill(value)
+        box.press("Enter")
+        idle(pg)
+    pg.get_by_role("button", name="Run").click()
+    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)
+    assert "eval_job=" in pg.url
+    pg.reload()
+    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)    # the job found again
+    idle(pg)
+    shown = {label: pg.locator(f"input[aria-label='{label}']").input_value() for label in typed}
+    assert shown == typed
+    pg.get_by_role("button", name="Cancel").click()
+    pg.get_by_text("Cancelled after").wait_for(timeout=120000)
+    pg.context.close()

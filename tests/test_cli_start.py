@@ -86,3 +86,42 @@ def test_cache_hit_validate_without_deep_learning_stack(tmp_path):
     assert {**again, "cached": False} == first
     assert len(first["experts"]) == 16 and first["seeds"] == [0, 1]
     assert any(a != b for a, b in (r["only_this_seeds"] for r in first["experts"]))   # measured, not zeros
+
+
+def test_misspelt_task_fails_before_a_store_is_created(tmp_path):
+    """A task no one knows is refused before anything is written: no empty store file is left behind."""
+    path = tmp_path / "x.duckdb"
+    rc, out, heavy = run_cli("evaluate", "default", "--tasks", "nosuchtask", "--store", str(path))
+    assert rc == 2 and not path.exists() and not list(tmp_path.iterdir())
+    assert "torch" not in heavy                     # nor is a model loaded to find out
+
+
+def test_runs_summary_tells_apart_ideal_results_of_two_sweeps(tmp_path):
+    """Two sweeps whose ideal references differ only in num_fewshot (or limit) printed two identical ideal lines;
+    the columns that tell shown rows apart are printed now."""
+    st = Store(tmp_path / "r.duckdb")
+    for fewshot in (0, 1):
+        for spec in plan("default", tasks="hetmoe_cloze", limit=2, num_fewshot=fewshot):
+            st.put_result(spec.key, {**spec.row(), "duration_s": 1.0, "digital_share": 0.4},
+                          [{"task": "hetmoe_cloze", "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": spec.seed}])
+    rc, out, heavy = run_cli("runs", "--store", str(tmp_path / "r.duckdb"), "--summary", "--where", "strategy=ideal")
+    lines = out.splitlines()
+    ideal = [ln for ln in lines if " ideal " in ln and "hetmoe_cloze" in ln]
+    assert rc == 0 and heavy == [] and len(ideal) == 2 and len(set(ideal)) == 2, out
+    head = lines[0].split()
+    assert "num_fewshot" in head and "limit" in head
+    assert sorted(int(ln.split()[head.index("num_fewshot")]) for ln in ideal) == [0, 1]
+
+
+def test_place_oracle_answers_from_the_stored_measurement(tmp_path):
+    """The oracle's placement from a stored measurement needs no model weights: the second call reads the
+    measurement and the model's config only, and gives the very placement, share and energy of the first."""
+    args = ("place", "tiny:olmoe", "--strategy", "oracle", "--preset", "paper-pcm-c2.5", "--seeds", "2", "--tokens",
+            "128", "--budget", "0.25", "--store", str(tmp_path / "o.duckdb"), "--json")
+    rc, out, _ = run_cli(*args)
+    first = json.loads(out)
+    assert rc == 0 and first.pop("measurement") == "measured"
+    rc, out, heavy = run_cli(*args)
+    again = json.loads(out)
+    assert rc == 0 and again.pop("measurement") == "stored" and again == first
+    assert "lm_eval" not in heavy and sum(again["per_layer_digital"]) == 4     # 25 % of 2 layers x 8 experts

@@ -93,7 +93,7 @@ def test_energy_figures_are_split_by_limit_too(tmp_path):
     assert any("4 documents per task" in t for t in energy) and any("all documents" in t for t in energy)
 
 
-def _put_two(st: Store):
+def _put_two(st: Store, stderr: float | None = 0.01):
     """Ideal + MaxNNScore and Activation frequency at budgets 0 and 50 % under two presets, 3 seeds: paper-pcm-c2.5
     loses 0.2 accuracy on every seed (resolved), paper-pcm-c1.5's loss changes sign between seeds (inside the noise)."""
     from hetmoe_core.sweep import plan
@@ -103,8 +103,34 @@ def _put_two(st: Store):
         a = analog.get(s.preset, [0.0] * 3)[s.seed]
         value = 0.70 if s.ideal else a if s.budget == 0 else a + (0.1 if s.strategy == "maxnn" else 0.05)
         st.put_result(s.key, {**s.row(), "duration_s": 1.0, "digital_share": 0.2},
-                      [{"task": s.task.name, "metric": "acc", "value": value, "stderr": 0.01, "seed": s.seed,
+                      [{"task": s.task.name, "metric": "acc", "value": value, "stderr": stderr, "seed": s.seed,
                         "higher_is_better": True}])
+
+
+def _paired_table(html: str) -> tuple[list[str], list[list[str]], str]:
+    """(headers, rows of cells, the notes after it) of the report's paired-differences table."""
+    sec = html.split("<h2>Paired differences between strategies</h2>")[1].split("<h2>")[0]
+    heads = [re.sub("<[^>]+>", "", h) for h in re.findall(r"<th[^>]*>.*?</th>", sec)]
+    rows = [re.findall(r"<td>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", sec.split("<tbody>")[1])]
+    return heads, rows, sec.split("</table>")[1]
+
+
+def test_report_paired_table_reads_as_the_charts_labels_percent_and_na(tmp_path):
+    """The paired table names strategies as the charts do and budgets in %, like the Results page; a metric without
+    lm-eval stderr reads "n/a" with a footnote of why, never a blank cell."""
+    st = Store(tmp_path / "r.duckdb")
+    _put_two(st, stderr=None)
+    write_report(st, tmp_path / "r.html")
+    heads, rows, notes = _paired_table((tmp_path / "r.html").read_text())
+    assert heads[:9] == ["task", "metric", "limit", "preset", "digital budget", "strategy A", "strategy B", "seeds",
+                         "A − B"]
+    row = dict(zip(heads, rows[0]))
+    assert (row["digital budget"], row["strategy A"], row["strategy B"]) == ("50%", "Activation frequency",
+                                                                            "MaxNNScore")
+    assert row["verdict"] == "MaxNNScore better" and float(row["A − B"]) == pytest.approx(-0.05)
+    assert all(dict(zip(heads, r))["sampling SE"] == "n/a" for r in rows) and len(rows) == 2   # two presets
+    assert "sampling SE n/a: lm-eval reports no standard error for acc" in notes
+    assert not any(c in ("", "maxnn", "frequency", "0.5") for r in rows for c in r)
 
 
 def test_report_one_plotlyjs_strategy_colours_and_no_fraction_inside_the_noise(tmp_path):

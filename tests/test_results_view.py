@@ -135,3 +135,30 @@ def test_damage_heatmap_says_what_white_cells_are():
     fig = figures.damage_heatmap({"experts": experts, "preset": "p"})
     assert "white: 2 expert(s) with a value ≤ 0" in fig.layout.title.text
     assert "white" not in figures.damage_heatmap({"experts": experts[:1], "preset": "p"}).layout.title.text
+
+
+def test_routing_drift_right_axis_has_its_own_readable_ticks_and_units():
+    """The load axis starts at 1 (balanced) with its own round ticks, not ticks synced to the share axis's grid
+    (which read 1.937, 2.217, …); both axis titles carry their unit."""
+    rows = [{"layer": i, "changed_share": c, "load_max_over_mean_ideal": a, "load_max_over_mean_noisy": b}
+            for i, (c, a, b) in enumerate([(0.0, 2.7, 2.7), (0.05, 2.05, 2.0), (0.08, 3.06, 3.0)])]
+    lay = figures.routing_drift({"routing_drift": rows}).layout
+    assert lay.yaxis2.tickmode == "auto" and lay.yaxis2.range[0] == 1
+    assert lay.yaxis2.range[1] == pytest.approx(1 + 2.06 * 1.1) and lay.yaxis2.tickformat == ".2~f"
+    assert "(%)" in lay.yaxis.title.text and "1 = balanced" in lay.yaxis2.title.text
+    assert lay.xaxis.title.text == "MoE layer"
+
+
+def test_damage_scatter_log_axis_spans_the_informative_damages_only():
+    """A tiny model's damages: error bars reaching to ~0 and one damage of 1e-24 nats stretched the log axis to
+    1e-24. The axis now starts just under the lowest damage within 10^-4 of the largest, and the title counts the
+    experts below that and those <= 0."""
+    crit = [np.array([0.02, 0.03, 0.05, 0.07, 0.1])]
+    dmg = [np.array([1e-9, 1.5e-8, 1e-24, -2e-9, 2.6e-8])]
+    se = [np.array([3e-9, 1e-9, 1e-9, 1e-9, 5e-8])]     # the first and last bars reach below 0
+    fig = figures.damage_scatter(crit, dmg, se, [0], "MaxNNScore")
+    lo, hi = fig.layout.yaxis.range
+    assert lo == pytest.approx(np.log10(1e-9) - 0.3) and hi == pytest.approx(np.log10(2.6e-8 + 5e-8) + 0.15)
+    assert list(fig.data[0].y) == [1e-9, 1.5e-8, 2.6e-8]
+    assert "1 expert ≤ 0 not on log axes" in fig.layout.title.text
+    assert "1 below 2.6e-12 nats (10^-4 of the largest) not shown" in fig.layout.title.text

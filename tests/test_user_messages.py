@@ -160,6 +160,9 @@ def test_hardware_constants_have_a_range_in_their_metadata(part, name, says):
     with pytest.raises(ValueError) as e:
         get_hardware("h100+pcm", **{part: {name: 1e30}})
     assert says in str(e.value) and "\n" not in str(e.value)
+    part = (DigitalConfig if part == "digital" else AnalogConfig).PART     # the part as the editor titles it, and
+    assert str(e.value).startswith(f"{part} constant out of range: ")       # what to do; never the Python class
+    assert str(e.value).endswith("enter a value in the allowed range") and "Config" not in str(e.value)
     with pytest.raises(ValueError, match=r"tile_size=3.5: allowed an integer in \[8, 16384\]"):
         get_hardware("h100+pcm", analog={"tile_size": 3.5})
 
