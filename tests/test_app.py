@@ -356,3 +356,34 @@ def test_results_after_example_results_read_well(store_env):
     captions = " ".join(c.value for c in at.caption)
     assert "sampling SE n/a: lm-eval reports no standard error for word_perplexity" in captions
     assert "std n/a: a single result" in captions
+
+
+def test_placement_offers_measured_strategies_only_when_stored(store_env):
+    """Oracle and Local output error are offered on the Placement page once the damage under the session's noise
+    preset is stored (the example results hold it), and place exactly by that stored measurement; before, one line
+    says why they are absent and where to measure."""
+    import numpy as np
+    from hetmoe_core.examples import load_examples
+    from hetmoe_core.placement import place
+    from hetmoe_core.store import Store
+    from hetmoe_core.validation import stored_validation
+    at = page(app(), "placement")
+    assert "Oracle (measured damage)" not in at.selectbox(key="strategy").options
+    captions = " ".join(c.value for c in at.caption)
+    assert "not offered" in captions and "paper-pcm-c1.5" in captions and "Validate page" in captions
+    load_examples(Store(store_env))
+    at = page(app(), "placement")
+    assert {"Oracle (measured damage)", "Local output error"} <= set(at.selectbox(key="strategy").options)
+    assert "damage measured under **paper-pcm-c1.5**" in " ".join(c.value for c in at.caption)
+    v = stored_validation("default", "paper-pcm-c1.5", store=Store(store_env, read_only=True))
+    a = _anatomy()
+    for strategy, scores in (("oracle", v.only_this()),
+                             ("local_error", [np.array([r["score_local_error"] for r in v.experts if r["layer"] == i])
+                                              for i in range(len(a.moe_layers))])):
+        at.selectbox(key="strategy").set_value(strategy).run()
+        at.slider(key="budget_pct").set_value(25.0).run()
+        assert not at.exception, [e.value for e in at.exception]
+        want = place(a, strategy, 0.25, measured=scores).digital
+        table = next(d.value for d in at.dataframe if "MoE layer" in d.value)
+        shown = [tuple(int(x) for x in cell.split(", ")) for cell in table.iloc[:, 1]]
+        assert shown == [tuple(d) for d in want] and all(len(d) == 4 for d in want)   # 25% of 16 experts
