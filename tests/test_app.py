@@ -387,3 +387,24 @@ def test_placement_offers_measured_strategies_only_when_stored(store_env):
         table = next(d.value for d in at.dataframe if "MoE layer" in d.value)
         shown = [tuple(int(x) for x in cell.split(", ")) for cell in table.iloc[:, 1]]
         assert shown == [tuple(d) for d in want] and all(len(d) == 4 for d in want)   # 25% of 16 experts
+
+
+def test_learn_hint_points_to_a_layer_with_an_outlier_or_says_none_has(store_env):
+    """The toy's "try another layer" hint is true for the model shown: on the default model no layer has a single
+    outlier at c = 1.5 (before, every layer sent the reader to another), so the page says so; on tiny DeepSeek-V2
+    the second layer names the first, which shows one."""
+    import re
+    at = page(app(), "learn")
+    for layer in range(len(_anatomy().moe_layers)):
+        at.selectbox(key="toy_layer").set_value(layer).run()
+        text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
+        assert "No MoE layer of this model has a single outlier expert at c = 1.5" in text, text
+        assert "another layer" not in text and "removes the largest errors" not in text
+    at = page(app({"model": "tiny:deepseek_v2"}), "learn")
+    at.selectbox(key="toy_layer").set_value(1).run()
+    text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
+    target = re.search(r"Choose MoE layer L(\d+) above", text)
+    assert target, text
+    at.selectbox(key="toy_layer").set_value(at.selectbox(key="toy_layer").options.index(f"L{target.group(1)}")).run()
+    text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
+    assert "removes the largest errors" in text, text
