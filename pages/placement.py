@@ -97,18 +97,25 @@ def view(hw):
     values = strategy_scores(shown_strategy, num_experts=list(p.num_experts), scores=sc, stats=stats,
                              measured=m_scores.get(shown_strategy))
     vname = label(ss["strategy"]) if ss["strategy"] != "random" else "MaxNNScore"
-    if ss["strategy"] in m_scores:      # measured: say under which noise
-        vname = f"{vname} under {m_preset}"
+    under = f" under {m_preset}" if ss["strategy"] in m_scores else ""     # measured: say under which noise
     extra = {"MaxNNScore": sc.get("maxnn")} if vname != "MaxNNScore" else None
-    st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname} — red squares: digital experts", vname,
+    st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname}{under} — red squares: digital experts",
+                                           vname,
                                            digital=p.digital, extra=extra,
                                            log=ss["strategy"] in ("maxnn", "router_norm", "random")),
                     key="placement_heat")
     m = metrics_box.columns(4)
-    m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}", help=share["help"]["digital_share"])
+    # the parameter share stays below 100 % at a 100 % budget: norms (and untied embeddings) are memory, neither
+    # digital nor analog; the line under it says what the rest is, the routed experts' metric gives their share
+    memory = [k for k, v in share["by_kind"].items() if v["memory"]]
+    rest = (f"rest {100 * share['memory_params'] / share['total_params']:.2g}%: {' + '.join(memory)} (memory)"
+            if share["memory_params"] else None)
+    m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}", rest, delta_color="off",
+                delta_arrow="off", help=share["help"]["digital_share"])
     m[1].metric("Digital routed experts", f"{sum(share['per_layer_digital'])} / {sum(share['per_layer_experts'])}",
-                help=f"routed_digital_share {share['routed_digital_share']:.1%}: "
-                     + share["help"]["routed_digital_share"])
+                f"{share['routed_digital_share']:.1%} of routed experts".replace(".0%", "%"), delta_color="off",
+                delta_arrow="off", help=f"routed_digital_share {share['routed_digital_share']:.1%}: "
+                                        + share["help"]["routed_digital_share"])
     m[2].metric("Analog parameters", f"{share['analog_params'] / 1e6:.2f} M",
                 help=f"{share['analog_params'] / share['total_params']:.1%} of all parameters run on AIMC tiles")
     m[3].metric("Per layer", " ".join(str(x) for x in share["per_layer_digital"]), help="digital experts per MoE layer")

@@ -408,3 +408,17 @@ def test_learn_hint_points_to_a_layer_with_an_outlier_or_says_none_has(store_env
     at.selectbox(key="toy_layer").set_value(at.selectbox(key="toy_layer").options.index(f"L{target.group(1)}")).run()
     text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
     assert "removes the largest errors" in text, text
+
+
+def test_placement_at_full_budget_says_every_routed_expert_is_digital(store_env):
+    """At a 100 % budget the parameter share reads 99.9 % on the default model (its 4,352 norm parameters are memory):
+    the line under it names that rest, and the routed experts' metric reads 100 %."""
+    at = page(app(), "placement")
+    at.slider(key="budget_pct").set_value(100.0).run()
+    m = {x.label: x for x in at.metric}
+    assert m["Digital parameter share"].value == "99.9%"
+    assert m["Digital parameter share"].delta == "rest 0.052%: norms (memory)"
+    assert m["Digital routed experts"].value == "64 / 64" and m["Digital routed experts"].delta == \
+        "100% of routed experts"
+    at.slider(key="budget_pct").set_value(12.5).run()
+    assert {x.label: x.delta for x in at.metric}["Digital routed experts"] == "12.5% of routed experts"
