@@ -481,3 +481,46 @@ def hardware_editor(key: str = "hw"):
         if changes["digital"] or changes["analog"]:
             st.caption("Edited: " + ", ".join(f"{p}.{k}" for p in changes for k in changes[p]))
     return hw
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _forward_seconds(fingerprint: str, dtype: str, device: str, _handle: ModelHandle) -> float:
+    """sensitivity.forward_seconds of the loaded model, timed once per model (weights fingerprint, dtype, device)."""
+    from .sensitivity import forward_seconds
+    return forward_seconds(_handle.lm)
+
+
+def _duration(seconds: float) -> str:
+    return (f"about {seconds / 3600:.1f} h" if seconds > 5400 else f"about {seconds / 60:.0f} min" if seconds > 90
+            else f"about {seconds:.0f} s")
+
+
+def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_label: str) -> str | None:
+    """What the measured strategies among ``strategies`` compute before the run's first result, for the Evaluate
+    page (None when nothing): the oracle needs ``validate``'s measurement under ``noise`` — from the store when
+    it is there (validation.stored_validation), else measured first, with sensitivity.measurement_estimate's
+    time (forwards x one clean forward timed on this machine); Local output error one calibration pass."""
+    from .criteria import LOCAL_ERROR_TOKENS
+    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS, measurement_estimate
+    from .validation import stored_validation
+    if noise.name == "ideal" and noise == type(noise)():
+        return None
+    out = []
+    if "oracle" in strategies:
+        try:
+            have = stored_validation(handle.lm.source, noise, store=store, device=st.session_state["device"],
+                                     dtype=st.session_state["dtype"]) is not None
+        except ValueError:
+            have = False
+        if not have:
+            fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"],
+                                  handle)
+            e = measurement_estimate(handle.lm, forward_s=fs)
+            out.append(f"**Oracle** needs a measured damage under {preset_label}: none is stored, so this run "
+                       f"measures it first ({ORACLE_SEEDS} seeds × {ORACLE_TOKENS:,} tokens) — "
+                       f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards × {fs:.1f} s, one "
+                       "forward timed on this machine); or measure it on the **Validate** page.")
+    if "local_error" in strategies:
+        out.append(f"**Local output error** runs the model once over {LOCAL_ERROR_TOKENS:,} calibration tokens "
+                   f"under {preset_label} before its first result (not stored: every run repeats it).")
+    return "\n\n".join(out) or None

@@ -70,6 +70,10 @@ except ValueError as e:
     st.stop()
 if overrides:
     st.caption("Changed from the preset: " + ", ".join(f"{k} = {v}" for k, v in overrides.items()))
+preset_label = f"{preset} (edited: {', '.join(overrides)})" if overrides else preset
+
+job = jobs.page_job("eval_job")   # after a reload: the job the URL names
+running_now = job is not None and job.running   # the model is busy: nothing is timed on it
 
 # ---------------------------------------------------------------- sweep
 aliases = ev.task_aliases()
@@ -113,10 +117,11 @@ try:
 except ValueError as e:
     st.error(f"{e}")
     st.stop()
+if not running_now and (note := ui.measurement_notice(h, strategies, noise, store, preset_label)):
+    st.warning(note)
 st.markdown(f"**{len(specs)} results** in this sweep (ideal references included): "
             f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
 
-job = jobs.page_job("eval_job")   # after a reload: the job the URL names
 
 
 def _start(source, kw):

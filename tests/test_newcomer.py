@@ -1,0 +1,24 @@
+"""What a newcomer met driving the dashboard: each test asserts the value that was wrong (AppTest, default model,
+real DuckDB store in tmp)."""
+from test_app import app, page
+
+from hetmoe_core.models import load_model
+
+
+def test_measurement_forwards_is_what_measure_counts():
+    """The oracle's time estimate counts the forwards measure() really makes (its progress total)."""
+    from hetmoe_core.sensitivity import calibration_tokens, measure, measurement_forwards
+    from hetmoe_core.validation import _texts
+    lm = load_model("tiny:olmoe")
+    ids = calibration_tokens(lm.tokenizer, _texts(None, lm.source)[0], 64, seq_len=32)
+    seen = []
+    measure(lm, "paper-dac-adc-8bit", ids, seeds=1, progress=lambda d, n: seen.append(n))
+    assert measurement_forwards(lm.anatomy, seeds=1, tokens=64, seq_len=32) == seen[-1]
+
+
+def test_oracle_says_before_run_that_it_measures_first(store_env):
+    at = page(app(), "evaluate")
+    assert not any("Oracle" in w.value for w in at.warning)
+    at.multiselect(key="ev_strategies").set_value(["maxnn", "oracle"]).run()
+    note = next(w.value for w in at.warning if "Oracle" in w.value)
+    assert "none is stored" in note and "1,370 forwards" in note and "Validate" in note, note
