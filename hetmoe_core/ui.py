@@ -524,3 +524,21 @@ def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_lab
         out.append(f"**Local output error** runs the model once over {LOCAL_ERROR_TOKENS:,} calibration tokens "
                    f"under {preset_label} before its first result (not stored: every run repeats it).")
     return "\n\n".join(out) or None
+
+
+BUDGETS_HELP = ("Percentages of routed experts kept digital, e.g. 0, 12.5, 25. Decimals take a dot (12.5); budgets "
+                "are separated by a comma and a space, a semicolon or spaces. A comma between two digits (12,5) is "
+                "refused, since it reads as 12.5 in Europe and as 12 and 5 elsewhere.")
+
+
+def budgets_from_text(text: str) -> list[float]:
+    """The Evaluate page's digital budgets (percent text, see BUDGETS_HELP) as fractions in [0, 1]
+    (placement.budgets_from_percent after the separators are checked). Raises ValueError with one line that says
+    what to type when a comma stands between two digits ("12,5": a decimal comma or two budgets?)."""
+    import re
+    from .placement import budgets_from_percent
+    if m := re.search(r"\d+,\d+", text):
+        a, b = m.group().split(",", 1)
+        raise ValueError(f"'{m.group()}' is ambiguous: use a dot for decimals ({a}.{b}); separate budgets with a "
+                         f"comma and a space, a semicolon or spaces ({a}, {b})")
+    return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))

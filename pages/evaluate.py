@@ -4,7 +4,7 @@ import streamlit as st
 from hetmoe_core import evaluate as ev
 from hetmoe_core import figures, jobs, results, ui
 from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs
-from hetmoe_core.placement import DENSE_KINDS, budgets_from_percent
+from hetmoe_core.placement import DENSE_KINDS
 from hetmoe_core.store import Store
 
 ui.frame()
@@ -85,7 +85,7 @@ strategies = c1.multiselect("Strategies", list(ev.STRATEGIES), default=[ss.get("
                                  "the oracle's measurement (Validate page, 5 seeds x 16,384 tokens) takes minutes on "
                                  "a CPU unless it is stored; Local output error takes one calibration pass.")
 budgets_txt = c2.text_input("Digital budgets (%)", f"{ui.budget() * 100:g}", key="ev_budgets", persist_state="session",
-                            help="Comma-separated percentages of routed experts kept digital, e.g. 0, 12.5, 25")
+                            help=ui.BUDGETS_HELP)
 first = next((t for t in ("hetmoe_cloze", "hetmoe_choice") if t in tasks_all), tasks_all[0] if tasks_all else None)
 tasks = c3.multiselect("Tasks", tasks_all, default=[first] if first else [], key="ev_tasks", persist_state="session",
                        help="hetmoe_* tasks ship with the default model; paper_* are the paper's zero-shot suite.")
@@ -103,7 +103,7 @@ st.caption(f"Placement page: budget **{ui.budget() * 100:g}%**, scope **{ss.get(
            + " (scope and dense modules are set on the Placement page).")
 
 try:
-    budgets = budgets_from_percent(budgets_txt)
+    budgets = ui.budgets_from_text(budgets_txt)
 except ValueError as e:
     st.error(f"Digital budgets (%): {e}.")
     st.stop()

@@ -22,3 +22,12 @@ def test_oracle_says_before_run_that_it_measures_first(store_env):
     at.multiselect(key="ev_strategies").set_value(["maxnn", "oracle"]).run()
     note = next(w.value for w in at.warning if "Oracle" in w.value)
     assert "none is stored" in note and "1,370 forwards" in note and "Validate" in note, note
+
+
+def test_decimal_comma_in_budgets_is_one_clear_line(store_env):
+    from hetmoe_core.ui import budgets_from_text
+    assert budgets_from_text("0, 12.5;25 50") == [0.0, 0.125, 0.25, 0.5]
+    at = page(app(), "evaluate")
+    at.text_input(key="ev_budgets").set_value("12,5").run()
+    assert [e.value for e in at.error] == ["Digital budgets (%): '12,5' is ambiguous: use a dot for decimals (12.5); "
+                                           "separate budgets with a comma and a space, a semicolon or spaces (12, 5)."]
