@@ -3,7 +3,7 @@ import streamlit as st
 
 from hetmoe_core import evaluate as ev
 from hetmoe_core import figures, jobs, results, ui
-from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs
+from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs, slow_tile_warning
 from hetmoe_core.placement import DENSE_KINDS
 from hetmoe_core.store import Store
 
@@ -68,9 +68,12 @@ try:
 except ValueError as e:
     st.error(f"{e}\n\nChange the parameter named above.")
     st.stop()
-if overrides:
-    st.caption("Changed from the preset: " + ", ".join(f"{k} = {v}" for k, v in overrides.items()))
 preset_label = f"{preset} (edited: {', '.join(overrides)})" if overrides else preset
+if overrides:
+    st.caption(f"Preset **{preset_label}**: " + ", ".join(f"{k} = {v} (preset: {getattr(base, k)})"
+                                                         for k, v in overrides.items()))
+    if slow := slow_tile_warning([mat for m in ui.shapes(h).moe for mat in m.matrices], noise, base):
+        st.warning(slow)
 
 job = jobs.page_job("eval_job")   # after a reload: the job the URL names
 running_now = job is not None and job.running   # the model is busy: nothing is timed on it
@@ -119,7 +122,7 @@ except ValueError as e:
     st.stop()
 if not running_now and (note := ui.measurement_notice(h, strategies, noise, store, preset_label)):
     st.warning(note)
-st.markdown(f"**{len(specs)} results** in this sweep (ideal references included): "
+st.markdown(f"**{len(specs)} results** in this sweep under **{preset_label}** (ideal references included): "
             f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
 
 
@@ -171,7 +174,7 @@ if noisy:
     first = noisy[0]
     with st.expander("Routing drift: does the noise change which experts the router picks?"):
         st.caption(f"The sweep's first noisy result — {figures.STRATEGY_LABELS.get(first.strategy, first.strategy)}, "
-                   f"{first.budget * 100:g}% digital, {first.preset}, seed {first.seed} — against the digital "
+                   f"{first.budget * 100:g}% digital, {preset_label}, seed {first.seed} — against the digital "
                    "model on 1,024 calibration tokens: per MoE layer, the share of tokens whose top-k expert set "
                    "changes, and the max/mean expert load before and after (ROMER, arXiv 2605.11800, reports noise "
                    "breaking expert load balance).")

@@ -31,3 +31,19 @@ def test_decimal_comma_in_budgets_is_one_clear_line(store_env):
     at.text_input(key="ev_budgets").set_value("12,5").run()
     assert [e.value for e in at.error] == ["Digital budgets (%): '12,5' is ambiguous: use a dot for decimals (12.5); "
                                            "separate budgets with a comma and a space, a semicolon or spaces (12, 5)."]
+
+
+def test_edited_preset_is_marked_and_tile_size_1_warns(store_env):
+    at = page(app(), "evaluate")
+    p = at.selectbox(key="preset").value
+    at.number_input(key=f"nz_{p}_tile_size").set_value(1).run()
+    at.number_input(key=f"nz_{p}_t_inference").set_value(86400.0).run()
+    assert f"under **{p} (edited: t_inference, tile_size)**" in " ".join(m.value for m in at.markdown) or \
+        f"under **{p} (edited: tile_size, t_inference)**" in " ".join(m.value for m in at.markdown)
+    slow = next(w.value for w in at.warning if "tile_size = 1" in w.value)
+    from hetmoe_core.models import load_model
+    from hetmoe_core.noise import tile_partials
+    a = load_model("default").anatomy
+    shapes = [(2 * m.intermediate_size, m.hidden_size) for m in a.moe_layers] + \
+        [(m.hidden_size, m.intermediate_size) for m in a.moe_layers]
+    assert f"{tile_partials(shapes, 1) / tile_partials(shapes, 512):,.0f}x" in slow
