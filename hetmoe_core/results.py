@@ -55,6 +55,19 @@ def limit_choices(summary: pd.DataFrame) -> list:
     return vals + ([ALL] if lims.isna().any() else [])
 
 
+def latest(store) -> dict | None:
+    """Model fingerprint, task and limit (``ALL`` for every document) of the newest successful result in ``store``
+    (runs.created_at), so the Results page opens on what was run last; None when nothing is stored."""
+    df = store.query('SELECT model_fingerprint, task, "limit" FROM runs WHERE status = \'ok\' '
+                     "ORDER BY created_at DESC NULLS LAST LIMIT 1")
+    if df.empty:
+        return None
+    r = df.iloc[0]
+    lim = r["limit"]
+    return {"model_fingerprint": r.model_fingerprint, "task": r.task,
+            "limit": ALL if lim is None or (isinstance(lim, float) and math.isnan(lim)) else int(lim)}
+
+
 def at_limit(summary: pd.DataFrame, limit) -> pd.DataFrame:
     """Rows of ``summary`` computed with ``limit`` documents per task (``ALL``: every document)."""
     if limit == ALL:

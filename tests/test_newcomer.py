@@ -47,3 +47,17 @@ def test_edited_preset_is_marked_and_tile_size_1_warns(store_env):
     shapes = [(2 * m.intermediate_size, m.hidden_size) for m in a.moe_layers] + \
         [(m.hidden_size, m.intermediate_size) for m in a.moe_layers]
     assert f"{tile_partials(shapes, 1) / tile_partials(shapes, 512):,.0f}x" in slow
+
+
+def test_results_open_on_the_latest_results(store_env):
+    """An earlier CLI run at limit 20, then a dashboard run at limit 5: the page opens on limit 5 (it opened on the
+    largest limit, 20, and said "No results" for the run just made)."""
+    from test_app import _put
+    from hetmoe_core.store import Store
+    store = Store(store_env)
+    _put(store, "cli", "pa", 20, 0.125, 0.5)
+    _put(store, "ideal20", "ideal", 20, 1.0, 0.7, strategy="ideal")
+    _put(store, "dash", "pb", 5, 0.25, 0.6)
+    at = page(app(), "results")
+    assert at.selectbox(key="res_limit").value == 5
+    assert at.multiselect(key="res_presets").value == ["pb"]
