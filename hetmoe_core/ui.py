@@ -542,3 +542,33 @@ def budgets_from_text(text: str) -> list[float]:
         raise ValueError(f"'{m.group()}' is ambiguous: use a dot for decimals ({a}.{b}); separate budgets with a "
                          f"comma and a space, a semicolon or spaces ({a}, {b})")
     return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))
+
+
+# ------------------------------------------------------------------------------------------- store reads, cached
+def store_state(store) -> tuple:
+    """What changes whenever the store's results change: (path, number of runs, newest created_at, sizes and
+    modification times of the file and its write-ahead log). A cache keyed by it is fresh after every run,
+    import or delete, and a filter change on the Results page reads nothing again."""
+    df = store.query("SELECT count(*) AS n, max(created_at) AS t FROM runs")
+    files = [store.path, store.path.with_name(store.path.name + ".wal")]
+    stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in files)
+    return str(store.path), int(df.n.iloc[0]), str(df.t.iloc[0]), stats
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _store_read(path: str, state: tuple, what: str, args: str):
+    import json
+    from .store import Store
+    store, a = Store(path), json.loads(args)
+    if what == "run_costs":
+        from .energy import run_costs
+        return run_costs(store, *a)
+    return getattr(store, what)(*a)
+
+
+def store_read(store, what: str, *args):
+    """``store.<what>(*args)`` (summary_frame, runs_frame) or ``energy.run_costs(store, *args)``, cached by
+    ``store_state``: the Results page summarises 2,512 example runs once, not on every filter change. Arguments
+    must be JSON-able; the frame returned is a copy (st.cache_data)."""
+    import json
+    return _store_read(str(store.path), store_state(store), what, json.dumps(args, sort_keys=True, default=str))

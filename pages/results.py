@@ -14,7 +14,7 @@ st.title("Results")
 ss = st.session_state
 try:
     store = Store()
-    summary = store.summary_frame()
+    summary = ui.store_read(store, "summary_frame")
 except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")
@@ -103,7 +103,7 @@ elif not analog:
     st.caption("Run a budget of 0 % with these presets to draw the all-analog reference line.")
 
 # paired statistics: the same seeds for every strategy and budget (hetmoe_core.paired)
-runs = store.runs_frame({"model_fingerprint": model, "task": task})
+runs = ui.store_read(store, "runs_frame", {"model_fingerprint": model, "task": task})
 runs = results.at_limit(runs[runs.metric == metric], lim)
 runs = runs[(runs.strategy == "ideal") | (runs.preset.isin(presets) & runs.strategy.isin(strategies)
                                           & runs.backend.isin(backends))]
@@ -136,7 +136,7 @@ e1, e2 = st.columns(2)
 hw_name = e1.selectbox("Hardware", list(HARDWARE), key="res_hw", help="Presets of hetmoe_core/hardware.py (sources "
                        "there); edit single constants on the Placement page.")
 batch = e2.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="res_batch")
-runs_e, note = energy.run_costs(store, model, hw_name, batch)
+runs_e, note = ui.store_read(store, "run_costs", model, hw_name, batch)
 if runs_e is None:
     st.info(f"No energy figures: {note}.")
 else:
@@ -158,7 +158,7 @@ for n in notes:
     st.caption(n)
 
 st.subheader("Download")
-runs = store.runs_frame({"model_fingerprint": model})
+runs = ui.store_read(store, "runs_frame", {"model_fingerprint": model})
 st.caption(f"All {runs.key.nunique()} stored runs of this model, one row per (run, metric).")
 d1, d2 = st.columns(2)
 d1.download_button("CSV", runs.to_csv(index=False).encode(), "hetmoe_results.csv", "text/csv", key="dl_csv")

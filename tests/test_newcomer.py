@@ -61,3 +61,16 @@ def test_results_open_on_the_latest_results(store_env):
     at = page(app(), "results")
     assert at.selectbox(key="res_limit").value == 5
     assert at.multiselect(key="res_presets").value == ["pb"]
+
+
+def test_cached_store_reads_see_a_new_result(store_env):
+    """The Results page's cached summary (ui.store_read, keyed by ui.store_state) is fresh after a new result."""
+    from test_app import _put
+    from hetmoe_core import ui
+    from hetmoe_core.store import Store
+    store = Store(store_env)
+    _put(store, "a", "pa", 20, 0.125, 0.5)
+    first = ui.store_read(store, "summary_frame")
+    assert ui.store_read(store, "summary_frame").equals(first)
+    _put(store, "b", "pb", 20, 0.25, 0.6)
+    assert sorted(ui.store_read(store, "summary_frame").preset) == ["pa", "pb"] and list(first.preset) == ["pa"]
