@@ -228,6 +228,23 @@ def share_bars(by_kind: dict, tied_lm_head: bool = False) -> go.Figure:
     return go.Figure(dict(data=data, layout=layout))
 
 
+def metric_axis(values) -> dict:
+    """y-axis settings (``fig.update_yaxes(**...)``) of a metric chart holding ``values`` (means, mean ± std, the
+    reference lines): ticks with at most 4 significant digits (Plotly's own format printed a float's binary
+    expansion, "0.2000000000000000111", when every value was equal), and when the values span (almost) nothing —
+    equal results, or a panel whose only point is the ideal reference line, which Plotly drew on -1…4 — a range
+    of ± 5 % of the value (at least ± 0.05) around them."""
+    v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(x)])
+    axis = dict(tickformat=".4~g")
+    if len(v) == 0:
+        return axis
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo <= 1e-9 * max(1.0, abs(hi)):
+        pad = max(0.05 * abs(hi), 0.05)
+        axis["range"] = [lo - pad, hi + pad]
+    return axis
+
+
 def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog: dict | None = None,
                      higher_is_better: bool = True, per_row: int = 2) -> go.Figure:
     """Metric against digital budget, one line per (strategy, preset) with mean ± std (over seeds) error bars.
@@ -258,7 +275,9 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
     fig.update_layout(title=f"{metric} vs digital budget" + ("" if higher_is_better else " (lower is better)"),
                       **legend_below(len(fig.data), per_row=per_row))
     fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
-    fig.update_yaxes(title_text=metric)
+    m, sd = frame["mean"].astype(float), frame["std"].astype(float).fillna(0)
+    fig.update_yaxes(title_text=metric, **metric_axis([*(m - sd), *(m + sd), *(y for _, y, _ in refs
+                                                                               if y is not None)]))
     return fig
 
 

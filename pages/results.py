@@ -74,7 +74,7 @@ def kept_filter(col, label, column, key, **kw):
     options = sorted(noisy[column].unique())
     kept, dropped = results.keep_selection(ss.get(f"_{key}_chosen"), options)
     ss[key] = kept
-    chosen = col.multiselect(label, options, key=key, on_change=_remember, args=(key,), **kw)
+    chosen = col.multiselect(label, options, key=key, on_change=_remember, args=(key,), wrap=True, **kw)
     if dropped:
         col.caption(f"{', '.join(map(str, dropped))}: no results here (limit {lim}); showing all {label.lower()}.")
     return chosen
@@ -153,7 +153,10 @@ st.subheader("Table")
 view, notes = results.summary_view(results.summary_table(s, shown))
 st.dataframe(view, hide_index=True, key="res_table",
              column_config={"digital_share": st.column_config.TextColumn("digital share",
-                                                                         help=SHARE_HELP["digital_share"])})
+                                                                         help=SHARE_HELP["digital_share"]),
+                            # kept in view when the wide table scrolls sideways (the mean was cut at the edge)
+                            **{c: st.column_config.Column(pinned=True) for c in ("strategy", "budget %", "mean",
+                                                                                 "std")}})
 for n in notes:
     st.caption(n)
 

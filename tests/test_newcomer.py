@@ -74,3 +74,27 @@ def test_cached_store_reads_see_a_new_result(store_env):
     assert ui.store_read(store, "summary_frame").equals(first)
     _put(store, "b", "pb", 20, 0.25, 0.6)
     assert sorted(ui.store_read(store, "summary_frame").preset) == ["pa", "pb"] and list(first.preset) == ["pa"]
+
+
+def test_metric_axes_and_results_filters_read_well(store_env):
+    """Equal accuracies gave a tick "0.2000000000000000111"; an only-ideal report panel spanned -1…4; the filter
+    chips were cut ("Activation frequency" read "cy")."""
+    import json
+    from test_app import _put
+    from hetmoe_core.figures import metric_axis
+    from hetmoe_core.report import _figures
+    from hetmoe_core.store import Store
+    assert metric_axis([0.2, 0.2, 0.2]) == {"tickformat": ".4~g", "range": [0.15000000000000002, 0.25]}
+    assert metric_axis([0.0]) == {"tickformat": ".4~g", "range": [-0.05, 0.05]}
+    assert metric_axis([0.1, 0.3]) == {"tickformat": ".4~g"}
+    store = Store(store_env)
+    for k, b in (("a", 0.0), ("b", 0.5)):
+        _put(store, k, "pa", 20, b, 0.2)
+    _put(store, "i", "ideal", 20, 1.0, 0.2, strategy="ideal")
+    at = page(app(), "results")
+    y = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["yaxis"]
+    assert y["tickformat"] == ".4~g" and y["range"] == [0.15000000000000002, 0.25]
+    assert at.multiselect(key="res_strategies").proto.wrap and at.multiselect(key="res_presets").proto.wrap
+    only_ideal = store.summary_frame()
+    fig = _figures(only_ideal[only_ideal.strategy == "ideal"])[0]      # a panel with the ideal line alone
+    assert list(fig.layout.yaxis.range) == [0.15000000000000002, 0.25]
