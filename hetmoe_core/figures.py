@@ -571,6 +571,13 @@ def dense_vs_experts(validation: dict) -> go.Figure:
     return fig
 
 
+def _drift_top(rows: list[dict]) -> float:
+    """Top of the routing-drift share axis: 15 % above the tallest bar (with its standard error), at least 1 %."""
+    tall = [r["changed_share"] + (r.get("changed_share_se") or 0.0) for r in rows
+            if r.get("changed_share") is not None and np.isfinite(r["changed_share"])]
+    return max([0.01] + [1.15 * t for t in tall])
+
+
 def routing_drift(validation: dict) -> go.Figure:
     """Per MoE layer: share of tokens whose top-k expert set changes under noise, and max/mean expert load before
     and after (Validation.to_dict()['routing_drift'])."""
@@ -587,8 +594,10 @@ def routing_drift(validation: dict) -> go.Figure:
     # 1.937, 2.217, ...). It starts at 1, a perfectly balanced load (max = mean), the least the ratio can be.
     top = max([1.0] + [r[k] for r in rows for k in ("load_max_over_mean_ideal", "load_max_over_mean_noisy")])
     fig.update_layout(title="Routing drift under noise", height=340,
+                      # an explicit range with room above the tallest bar: autorange drew it up to the frame's
+                      # edge, where it read as cut off
                       yaxis=dict(title=dict(text="tokens with a changed top-k set (%)"), tickformat=".0%",
-                                 rangemode="tozero"),
+                                 range=[0, _drift_top(rows)]),
                       yaxis2=dict(title=dict(text="max/mean expert load (×, 1 = balanced)"), overlaying="y",
                                   side="right", tickmode="auto", nticks=6, tickformat=".2~f", showgrid=False,
                                   range=[1, 1 + (top - 1) * 1.1 if top > 1 else 2]),

@@ -255,3 +255,24 @@ def summary_view(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     notes = [f"std {NA}: a single result — no spread over seeds (the ideal all-digital result is deterministic, "
              "stored once)."] if table["std"].isna().any() else []
     return view, notes
+
+
+DRIFT_COLUMNS = {"layer": "MoE layer", "changed_share": "tokens with a changed top-k set",
+                 "changed_share_se": "± SE over seeds", "load_max_over_mean_ideal": "max/mean load, ideal",
+                 "load_max_over_mean_noisy": "max/mean load, noisy"}
+
+
+def drift_view(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """Routing-drift rows (sensitivity.drift_rows) as the pages show them: shares in percent, load ratios with two
+    decimals, a missing standard error as "n/a" (never "None") and a note saying why (one seed: no spread)."""
+    df = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
+    pct = lambda x: NA if x is None or x != x else f"{100 * x:.1f}%"  # noqa: E731
+    out = pd.DataFrame({
+        DRIFT_COLUMNS["layer"]: [f"L{int(x)}" for x in df.layer],
+        DRIFT_COLUMNS["changed_share"]: [pct(x) for x in df.changed_share],
+        DRIFT_COLUMNS["changed_share_se"]: [pct(x) for x in df.changed_share_se],
+        DRIFT_COLUMNS["load_max_over_mean_ideal"]: [NA if x != x else f"{x:.2f}" for x in df.load_max_over_mean_ideal],
+        DRIFT_COLUMNS["load_max_over_mean_noisy"]: [NA if x != x else f"{x:.2f}" for x in df.load_max_over_mean_noisy]})
+    notes = (["± SE n/a: one noise seed gives no spread over seeds."]
+             if df.changed_share_se.isna().any() else [])
+    return out, notes

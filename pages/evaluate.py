@@ -188,4 +188,7 @@ if noisy:
         got = ss.get("ev_drift_rows")
         if got and got[0] == first.key:
             st.plotly_chart(figures.routing_drift({"routing_drift": got[1]}), key="ev_drift_chart")
-            st.dataframe(got[1], hide_index=True)
+            view, notes = results.drift_view(got[1])
+            st.dataframe(view, hide_index=True)
+            for n in notes:
+                st.caption(n)
