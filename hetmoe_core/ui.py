@@ -28,14 +28,17 @@ QUERY = {"model": "source", "strategy": "strategy", "budget": "budget_pct", "pre
 def _from_query(name: str, raw: str):
     """A URL value as session state, or ValueError when it is not valid."""
     if name == "budget":
-        b = float(raw)
+        try:
+            b = float(raw)
+        except ValueError:
+            b = float("nan")
         if not 0.0 <= b <= 1.0:
-            raise ValueError
+            raise ValueError("a fraction between 0 and 1, e.g. 0.125")
         return round(b * 100, 3)
     if name == "strategy":
         from .scores import STRATEGIES
         if raw not in STRATEGIES:
-            raise ValueError
+            raise ValueError(f"one of {', '.join(STRATEGIES)}")
     if name == "model" and raw.startswith("tiny:"):
         from .models import TINY_FAMILIES
         if raw[5:] not in TINY_FAMILIES:
@@ -43,7 +46,7 @@ def _from_query(name: str, raw: str):
     if name == "preset":
         from .noise import PRESETS
         if raw not in PRESETS:
-            raise ValueError
+            raise ValueError(f"one of {', '.join(PRESETS)}")
     return raw
 
 
@@ -54,14 +57,16 @@ def init_state() -> None:
     if not ss.get("_initialised"):
         for k, v in DEFAULTS.items():
             ss.setdefault(k, v)
+        bad = []   # every ignored parameter is named, not only the last
         for q, key in QUERY.items():
             if q in st.query_params:
                 try:
                     ss[key] = _from_query(q, st.query_params[q])
                 except ValueError as e:
                     from .models import shorten
-                    why = f" ({e})" if str(e) and not str(e).startswith("could not convert") else ""
-                    ss["_query_warning"] = f"ignored the link's {q}={shorten(st.query_params[q])!r}{why}"
+                    bad.append(f"{q}={shorten(st.query_params[q])!r}" + (f" ({e})" if str(e) else ""))
+        if bad:
+            ss["_query_warning"] = bad
         ss["source_kind"] = source_kind(ss["source"])
         if ss["source"].startswith("tiny:"):
             ss["source_tiny"] = ss["source"][5:]
@@ -236,7 +241,8 @@ def _sidebar() -> None:
     from .models import shorten
     _RUN.slot.caption("Enter a model source above." if not source else f"Model: `{shorten(source, 60)}`")
     if (w := ss.pop("_query_warning", None)):
-        st.warning(f"The link held an invalid value: {w}; the default is used instead.")
+        st.warning(f"The link held {'an invalid value' if len(w) == 1 else f'{len(w)} invalid values'}, "
+                   f"ignored (the default is used instead): {'; '.join(w)}.")
     _memory_panel()
 
 

@@ -98,3 +98,12 @@ def test_metric_axes_and_results_filters_read_well(store_env):
     only_ideal = store.summary_frame()
     fig = _figures(only_ideal[only_ideal.strategy == "ideal"])[0]      # a panel with the ideal line alone
     assert list(fig.layout.yaxis.range) == [0.15000000000000002, 0.25]
+
+
+def test_a_link_with_three_bad_values_names_all_three(store_env):
+    at = app({"strategy": "nonsense", "budget": "abc", "preset": "zzz"})
+    w = next(x.value for x in at.warning if "link" in x.value)
+    assert w.startswith("The link held 3 invalid values, ignored (the default is used instead): strategy='nonsense'"
+                        " (one of ") and "budget='abc' (a fraction between 0 and 1, e.g. 0.125)" in w \
+        and "preset='zzz' (one of ideal, " in w
+    assert at.session_state["strategy"] == "maxnn" and at.session_state["budget_pct"] == 12.5
