@@ -102,7 +102,8 @@ backend = c3.radio("Backend", list(ev.BACKENDS), key="ev_backend", persist_state
 batch = c4.number_input("Batch size", 1, 256, 8, key="ev_batch", persist_state="session")
 dense = {k: bool(ss.get(f"dense_{k}", True)) for k in DENSE_KINDS}
 st.caption(f"Placement page: budget **{ui.budget() * 100:g}%**, scope **{ss.get('scope', 'layer')}**; dense modules "
-           "digital: " + ", ".join(figures.KIND_LABELS[k] for k, v in dense.items() if v)
+           "digital: " + (", ".join(figures.KIND_LABELS[k] for k, v in dense.items()
+                                    if v and h.lm.anatomy.modules.get(k)) or "none")
            + " (scope and dense modules are set on the Placement page).")
 
 try:
@@ -148,6 +149,11 @@ def running_text(j) -> str:
 
 
 def ended(j) -> None:
+    if j.kwargs != {"source": ss["source"], "store": None, **kw}:   # the form changed since: say whose it is
+        how = {"done": "done", "cancelled": "cancelled"}.get(j.status, f"stopped ({j.error})")
+        st.info(f"Previous run, with other settings than the form shows now: {how}, {len(j.results)} results in "
+                f"{j.elapsed:.1f} s (they are stored; the Results page shows them).")
+        return
     if j.status == "done":
         st.success(f"Done: {len(j.results)} results in {j.elapsed:.1f} s "
                    f"({sum(r['cached'] for r in j.results)} from the cache).")

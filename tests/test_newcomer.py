@@ -107,3 +107,20 @@ def test_a_link_with_three_bad_values_names_all_three(store_env):
                         " (one of ") and "budget='abc' (a fraction between 0 and 1, e.g. 0.125)" in w \
         and "preset='zzz' (one of ideal, " in w
     assert at.session_state["strategy"] == "maxnn" and at.session_state["budget_pct"] == 12.5
+
+
+def test_done_banner_is_the_previous_runs_once_inputs_change_and_plan_lists_real_modules(store_env):
+    from test_app import _wait, eval_task
+    at = page(app(), "evaluate")
+    plan = next(c.value for c in at.caption if c.value.startswith("Placement page:"))
+    assert "dense modules digital: attention, LM head, routers (" in plan and "shared" not in plan, plan
+    at.multiselect(key="ev_tasks").set_value([eval_task()])
+    at.number_input(key="ev_limit").set_value(4)
+    at.run()
+    at.button(key="ev_run").click().run()
+    assert _wait(at).status == "done"
+    assert any(s.value.startswith("Done: 2 results") for s in at.success)
+    at.number_input(key="ev_limit").set_value(3).run()
+    assert not any(s.value.startswith("Done:") for s in at.success)
+    assert any(i.value.startswith("Previous run, with other settings than the form shows now: done, 2 results")
+               for i in at.info)
