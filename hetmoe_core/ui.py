@@ -501,15 +501,26 @@ def _duration(seconds: float) -> str:
             else f"about {seconds:.0f} s")
 
 
+def measurement_time(handle: ModelHandle, seeds: int, tokens: int) -> str:
+    """How long measuring the damage (``sensitivity.validate``) of the held model takes here, in words with its
+    basis: "about 12 min here at most (1,370 forwards × 0.5 s, one forward timed on this machine)"."""
+    from .sensitivity import measurement_estimate
+    fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"], handle)
+    e = measurement_estimate(handle.lm, seeds=seeds, tokens=tokens, forward_s=fs)
+    return (f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards × {fs:.1f} s, one forward "
+            "timed on this machine)")
+
+
 def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_label: str) -> str | None:
     """What the measured strategies among ``strategies`` compute before the run's first result, for the Evaluate
     page (None when nothing): the oracle needs ``validate``'s measurement under ``noise`` — from the store when
     it is there (validation.stored_validation), else measured first, with sensitivity.measurement_estimate's
     time (forwards x one clean forward timed on this machine); Local output error one calibration pass."""
     from .criteria import LOCAL_ERROR_TOKENS
-    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS, measurement_estimate
+    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS
     from .validation import stored_validation
-    if noise.name == "ideal" and noise == type(noise)():
+    from .noise import PRESETS
+    if noise == PRESETS["ideal"]:      # nothing is analog-noisy: every result is the ideal reference
         return None
     out = []
     if "oracle" in strategies:
@@ -519,13 +530,10 @@ def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_lab
         except ValueError:
             have = False
         if not have:
-            fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"],
-                                  handle)
-            e = measurement_estimate(handle.lm, forward_s=fs)
             out.append(f"**Oracle** needs a measured damage under {preset_label}: none is stored, so this run "
                        f"measures it first ({ORACLE_SEEDS} seeds × {ORACLE_TOKENS:,} tokens) — "
-                       f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards × {fs:.1f} s, one "
-                       "forward timed on this machine); or measure it on the **Validate** page.")
+                       f"{measurement_time(handle, ORACLE_SEEDS, ORACLE_TOKENS)}; or measure it on the "
+                       "**Validate** page.")
     if "local_error" in strategies:
         out.append(f"**Local output error** runs the model once over {LOCAL_ERROR_TOKENS:,} calibration tokens "
                    f"under {preset_label} before its first result (not stored: every run repeats it).")

@@ -22,6 +22,9 @@ def test_oracle_says_before_run_that_it_measures_first(store_env):
     at.multiselect(key="ev_strategies").set_value(["maxnn", "oracle"]).run()
     note = next(w.value for w in at.warning if "Oracle" in w.value)
     assert "none is stored" in note and "1,370 forwards" in note and "Validate" in note, note
+    page(at, "validate")   # the Validate page gives the same estimate before Measure
+    assert any(c.value.startswith("Not stored yet: measuring 5 seeds × 16,384 tokens takes about ")
+               and "(1,370 forwards × " in c.value for c in at.caption)
 
 
 def test_decimal_comma_in_budgets_is_one_clear_line(store_env):
@@ -111,6 +114,12 @@ def test_a_link_with_three_bad_values_names_all_three(store_env):
 
 def test_done_banner_is_the_previous_runs_once_inputs_change_and_plan_lists_real_modules(store_env):
     from test_app import _wait, eval_task
+    from hetmoe_core.fingerprints import source_fingerprint
+    from hetmoe_core.store import Store
+    Store(store_env).put_result("cli", {    # an earlier CLI result of the same model and task at limit 20
+        "model_source": "default", "model_fingerprint": source_fingerprint("default"), "strategy": "maxnn",
+        "budget": 0.125, "preset": "paper-pcm-c1.5", "seed": 0, "task": eval_task(), "limit": 20.0, "scope": "layer",
+        "backend": "fast"}, [{"task": eval_task(), "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": 0}])
     at = page(app(), "evaluate")
     plan = next(c.value for c in at.caption if c.value.startswith("Placement page:"))
     assert "dense modules digital: attention, LM head, routers (" in plan and "shared" not in plan, plan
@@ -124,3 +133,17 @@ def test_done_banner_is_the_previous_runs_once_inputs_change_and_plan_lists_real
     assert not any(s.value.startswith("Done:") for s in at.success)
     assert any(i.value.startswith("Previous run, with other settings than the form shows now: done, 2 results")
                for i in at.info)
+    page(at, "results")   # opens on what was just run (limit 4), not on the CLI run's larger limit 20
+    assert at.selectbox(key="res_task").value == eval_task() and at.selectbox(key="res_limit").value == 4
+
+
+def test_oracle_note_is_gone_when_the_measurement_is_stored(store_env):
+    """The example results carry the oracle's measurement under paper-pcm-c1.5: no 'measures it first' note."""
+    from hetmoe_core.examples import load_examples
+    from hetmoe_core.store import Store
+    load_examples(Store(store_env))
+    at = page(app({"preset": "paper-pcm-c1.5"}), "evaluate")
+    at.multiselect(key="ev_strategies").set_value(["oracle"]).run()
+    assert not any("Oracle" in w.value for w in at.warning), [w.value for w in at.warning]
+    at.selectbox(key="preset").set_value("ideal").run()
+    assert not any("Oracle" in w.value for w in at.warning)
