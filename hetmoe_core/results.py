@@ -55,11 +55,17 @@ def limit_choices(summary: pd.DataFrame) -> list:
     return vals + ([ALL] if lims.isna().any() else [])
 
 
-def latest(store) -> dict | None:
+def latest(store, model_fingerprint: str | None = None, task: str | None = None) -> dict | None:
     """Model fingerprint, task and limit (``ALL`` for every document) of the newest successful result in ``store``
-    (runs.created_at), so the Results page opens on what was run last; None when nothing is stored."""
-    df = store.query('SELECT model_fingerprint, task, "limit" FROM runs WHERE status = \'ok\' '
-                     "ORDER BY created_at DESC NULLS LAST LIMIT 1")
+    (runs.created_at), of one model and task when given, so the Results page opens on the limit run last, not on
+    the largest one; None when nothing matches."""
+    where, args = ["status = 'ok'"], []
+    for col, v in (("model_fingerprint", model_fingerprint), ("task", task)):
+        if v is not None:
+            where.append(f"{col} = ?")
+            args.append(v)
+    df = store.query('SELECT model_fingerprint, task, "limit" FROM runs WHERE ' + " AND ".join(where)
+                     + " ORDER BY created_at DESC NULLS LAST LIMIT 1", args)
     if df.empty:
         return None
     r = df.iloc[0]
