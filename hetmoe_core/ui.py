@@ -35,8 +35,8 @@ def _from_query(name: str, raw: str):
         if not 0.0 <= b <= 1.0:
             raise ValueError("a fraction between 0 and 1, e.g. 0.125")
         return round(b * 100, 3)
-    if name == "strategy":
-        from .scores import STRATEGIES
+    if name == "strategy":      # any registered one: Placement falls back to maxnn when a measurement is not stored
+        from .strategies import STRATEGIES
         if raw not in STRATEGIES:
             raise ValueError(f"one of {', '.join(STRATEGIES)}")
     if name == "model" and raw.startswith("tiny:"):
