@@ -86,7 +86,7 @@ def kept_filter(col, label, column, key, **kw):
     return chosen
 
 
-c1, c2, c3 = st.columns(3)
+c1, c2, c3 = st.columns([2, 3, 1])   # strategy labels are the longest chips
 presets = kept_filter(c1, "Presets", "preset", "res_presets")
 strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies",
                          format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
