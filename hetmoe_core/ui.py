@@ -574,6 +574,11 @@ def _store_read(path: str, state: tuple, what: str, args: str):
     import json
     from .store import Store
     store, a = Store(path), json.loads(args)
+    if what == "downloads":   # (number of runs, CSV bytes, Parquet bytes) of one model's runs
+        import io
+        runs, buf = store.runs_frame(*a), io.BytesIO()
+        runs.to_parquet(buf, index=False)
+        return runs.key.nunique(), runs.to_csv(index=False).encode(), buf.getvalue()
     if what == "run_costs":
         from .energy import run_costs
         return run_costs(store, *a)
@@ -581,7 +586,8 @@ def _store_read(path: str, state: tuple, what: str, args: str):
 
 
 def store_read(store, what: str, *args):
-    """``store.<what>(*args)`` (summary_frame, runs_frame) or ``energy.run_costs(store, *args)``, cached by
+    """``store.<what>(*args)`` (summary_frame, runs_frame), ``energy.run_costs(store, *args)`` or "downloads"
+    ((runs, CSV bytes, Parquet bytes) of ``store.runs_frame(*args)``), cached by
     ``store_state``: the Results page summarises 2,512 example runs once, not on every filter change. Arguments
     must be JSON-able; the frame returned is a copy (st.cache_data)."""
     import json

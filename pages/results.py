@@ -1,6 +1,4 @@
 """Results page: stored results from the DuckDB store — metric vs budget, a filterable table, downloads."""
-import io
-
 import streamlit as st
 
 from hetmoe_core import energy, figures, results, ui
@@ -167,10 +165,8 @@ for n in notes:
     st.caption(n)
 
 st.subheader("Download")
-runs = ui.store_read(store, "runs_frame", {"model_fingerprint": model})
-st.caption(f"All {runs.key.nunique()} stored runs of this model, one row per (run, metric).")
+n_runs, csv, parquet = ui.store_read(store, "downloads", {"model_fingerprint": model})
+st.caption(f"All {n_runs} stored runs of this model, one row per (run, metric).")
 d1, d2 = st.columns(2)
-d1.download_button("CSV", runs.to_csv(index=False).encode(), "hetmoe_results.csv", "text/csv", key="dl_csv")
-buf = io.BytesIO()
-runs.to_parquet(buf, index=False)
-d2.download_button("Parquet", buf.getvalue(), "hetmoe_results.parquet", "application/octet-stream", key="dl_parquet")
+d1.download_button("CSV", csv, "hetmoe_results.csv", "text/csv", key="dl_csv")
+d2.download_button("Parquet", parquet, "hetmoe_results.parquet", "application/octet-stream", key="dl_parquet")
