@@ -127,13 +127,12 @@ st.markdown(f"**{len(specs)} results** in this sweep under **{preset_label}** (i
             f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
 
 
-
 def _start(source, kw):
     """Run's callback: the job starts before the page is drawn, so the page draws Run disabled from this run on."""
     ss["eval_job"] = jobs.Job(h, source=source, store=None, **kw)
 
 
-running = job is not None and job.running
+running = running_now
 b1, b2 = st.columns([1, 5])
 b1.button("Run", type="primary", disabled=running or not specs, key="ev_run", on_click=_start,
           args=(ss["source"], kw), help="Disabled while an evaluation runs." if running else None)
