@@ -320,6 +320,13 @@ def test_evaluate_measures_routing_drift_of_the_placement(store_env):
     assert [r["layer"] for r in rows] == [0, 1, 2, 3] and rows[0]["changed_share"] == 0.0
     assert 0 < max(r["changed_share"] for r in rows) < 1
     assert at.get("plotly_chart")
+    import json   # the table read a raw "None" for the one-seed SE; the tallest bar touched the frame's top
+    table = at.dataframe[-1].value
+    assert "None" not in table.to_string() and set(table["± SE over seeds"]) == {"n/a"}
+    assert list(table["MoE layer"]) == ["L0", "L1", "L2", "L3"]
+    assert table["tokens with a changed top-k set"][0] == "0.0%"
+    top = json.loads(at.get("plotly_chart")[-1].proto.spec)["layout"]["yaxis"]["range"][1]
+    assert top == 1.15 * max(r["changed_share"] for r in rows)
 
 
 def test_results_after_example_results_read_well(store_env):
