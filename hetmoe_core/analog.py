@@ -10,8 +10,8 @@ The pieces live in their own modules: ``tiles`` (tile splits, quantization, prog
 class), and one module per backend. Two backends:
 
 * ``"fast"`` (default): per seed, the analog expert slices of the fused expert tensors
-  (``experts.gate_up_proj`` / ``down_proj``) and the analog dense weights are programmed once, in
-  place, through aihwkit's noise-model functions (``apply_programming_noise``, ``apply_drift_noise``
+  (``experts.gate_up_proj`` / ``down_proj``) and the analog dense weights are programmed once
+  (experts kept across placements, ``tiles.ProgrammedCache``) through aihwkit's noise-model functions (``apply_programming_noise``, ``apply_drift_noise``
   via its ``g_converter``), tile by tile with aihwkit's mapping (weights normalised per output
   channel and tile, ``TileModuleArray`` tile splits), with global drift compensation. DAC/ADC
   quantization (aihwkit ``UniformQuantize``) and output noise act inside a vectorised experts
@@ -35,9 +35,10 @@ forward-pass output noise of the fast backend draws from a ``torch.Generator`` p
 (seed, module); the aihwkit backend's forward noise draws from a global generator seeded per
 seed for the duration of the with-block (and restored on exit).
 
-Memory: the fast backend keeps clean copies of the analog tensors' slices it changes (reported
-as ``CoverageReport.clean_copy_bytes``), never a second model; ``estimate_bytes`` is checked
-against psutil's available memory before anything is applied.
+Memory: the fast backend keeps clean copies of the analog tensors' slices it changes, or, for a model whose fused
+expert tensors take at most half the ProgrammedCache, a copy of those tensors in the cache that the parameters point
+at while the placement runs (either reported as ``CoverageReport.clean_copy_bytes``), never a second model;
+``estimate_bytes`` (clean copies) is checked against psutil's available memory before anything is applied.
 """
 from __future__ import annotations
 

@@ -113,7 +113,9 @@ def _get_model(source, device, dtype, revision, trust_remote_code):
 def _state(lm) -> dict:
     with _model_lock:
         if lm not in _per_model:
-            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}, "tasks": {}}   # tasks: tasks._built_tasks
+            # tasks: tasks._built_tasks; stats: routing statistics by (calibration hash, default text) and the
+            # expert scores ("scores"), computed once per loaded model
+            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}, "tasks": {}, "stats": {}}
         return _per_model[lm]
 
 
@@ -152,11 +154,11 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
     Raises ValueError for bad input (nothing is stored then).
     """
     fp = lm.fingerprint if lm is not None else None
-    specs, store, results, todo, report = cached_first(source, store, progress, cancel, calibration, fingerprint=fp,
-                                                       **plan_kw)
+    specs, store, results, todo, report, known = cached_first(source, store, progress, cancel, calibration,
+                                                              fingerprint=fp, **plan_kw)
     if todo:
         lm = _model_for(todo, lm, source, plan_kw, trust_remote_code)
-        _run_units(lm, todo, store, cancel, calibration, report, write_every_s)
+        _run_units(lm, todo, store, cancel, calibration, report, write_every_s, known)
     return [results[s.key] for s in specs if s.key in results]
 
 
@@ -165,7 +167,8 @@ def cached_first(source: str, store, progress, cancel, calib_text: dict | None, 
     nothing stored on bad input), answer the stored keys at once and check lm-eval registry task names.
 
     Returns (specs, store, results {key: result dict}, todo: RunSpecs left to compute, empty when all are stored or
-    ``cancel`` is set, report(spec, result): records a result and calls ``progress(done, total, result)``).
+    ``cancel`` is set, report(spec, result): records a result and calls ``progress(done, total, result)``, known:
+    the compute keys stored for the model (``Store.computed_keys``, read with the results in one connection)).
     Raises ValueError for bad input or unknown task names.
     """
     calib_hash = None
@@ -180,15 +183,15 @@ def cached_first(source: str, store, progress, cancel, calib_text: dict | None, 
         results[spec.key] = res
         if progress:
             progress(len(results), len(specs), res)
-    have = store.get_results(s.key for s in specs)
+    have, known = store.lookup((s.key for s in specs), specs[0].fingerprint if specs else None)
     for s in specs:
         if s.key in have:
             report(s, _result(s, True, have[s.key]["metrics"], have[s.key]["run"]))
     todo = [s for s in specs if s.key not in results]
     if not todo or (cancel is not None and cancel.is_set()):
-        return specs, store, results, [], report
+        return specs, store, results, [], report, known
     _check_registry_tasks(todo)
-    return specs, store, results, todo, report
+    return specs, store, results, todo, report, known
 
 
 def _check_registry_tasks(todo: list[RunSpec]) -> None:
@@ -215,14 +218,16 @@ def _model_for(todo: list[RunSpec], lm, source: str, plan_kw: dict, trust_remote
 
 
 def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report,
-               write_every_s: float | None = None) -> None:
-    """Compute the missing results unit by unit, each under the model's lock; stops quietly when cancelled."""
+               write_every_s: float | None = None, known: set | None = None) -> None:
+    """Compute the missing results unit by unit, each under the model's lock; stops quietly when cancelled.
+    ``known``: the compute keys stored for ``lm`` when the sweep began (None: read them here)."""
     state = _state(lm)
-    if store.get_expert_stats(lm.fingerprint, "scores") is None:   # MaxNNScore / router norm, for the dashboard
+    if _stats_missing(store, lm.fingerprint, "scores"):   # MaxNNScore / router norm, for the dashboard
         from .scores import expert_scores
         store.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
     memo: dict = {}
-    known = store.computed_keys(lm.fingerprint)   # computations stored before this call (one read)
+    if known is None:
+        known = store.computed_keys(lm.fingerprint)   # computations stored before this call (one read)
     writer = _Batched(store, max_s=write_every_s)
     try:
         measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
@@ -301,9 +306,20 @@ def _unit_placement(lm, store: Store, head: RunSpec, calib_text, measured: dict)
     from .placement import DensePolicy, Placement, place
     if head.ideal:
         return Placement.all_digital(lm.anatomy)
-    stats = _activation_stats(lm, store, calib_text) if STRATEGIES[head.strategy].needs == "stats" else None
+    stats = scores = None
+    memo = _state(lm)["stats"]
+    if STRATEGIES[head.strategy].needs == "stats":   # the same calibration text (hash in the spec): read once
+        key = (head.calibration, calib_text is None)
+        if key not in memo or head.calibration is None:
+            memo[key] = _activation_stats(lm, store, calib_text)
+        stats = memo[key]
+    if STRATEGIES[head.strategy].needs == "scores":   # MaxNNScore / router norm of the loaded weights: once
+        from .scores import expert_scores
+        if "scores" not in memo:
+            memo["scores"] = expert_scores(lm.anatomy)
+        scores = memo["scores"]
     return place(lm.anatomy, head.strategy, head.budget, scope=head.scope, dense=DensePolicy(**dict(head.dense)),
-                 seed=head.seed, stats=stats, measured=measured.get((head.strategy, head.noise)))
+                 seed=head.seed, stats=stats, scores=scores, measured=measured.get((head.strategy, head.noise)))
 
 
 def spec_routing_drift(lm, spec: RunSpec, store: Store | str | None = None, *, tokens: int = 1024,
@@ -371,9 +387,12 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
              "digital": placement.digital, "dense": placement.dense, "noise": dict(head.noise),
              "seed": None if same_any_seed else head.seed, "backend": head.backend, "draws": cfg.get("draws")}
 
+    comps = {id(spec): config_key({**ident, "task": [spec.task.name, spec.task.version], "limit": spec.limit,
+                                   "num_fewshot": spec.num_fewshot, "batch_size": spec.batch_size})
+             for spec in group}
+
     def comp(spec):
-        return config_key({**ident, "task": [spec.task.name, spec.task.version], "limit": spec.limit,
-                           "num_fewshot": spec.num_fewshot, "batch_size": spec.batch_size})
+        return comps[id(spec)]
 
     def save(spec, metrics, started, duration, shared_from=None):
         run = {**spec.row(), "started_at": started, "duration_s": duration, "placement_key": placement.key,
@@ -425,12 +444,29 @@ def _activation_stats(lm, store: Store, calib_text: dict | None):
     texts = calib_text if calib_text is not None else calibration_text(lm.source)[0]
     stats = activation_stats(lm.model, lm.tokenizer, lm.anatomy, texts, max_length=256, fingerprint=lm.fingerprint)
     name = f"activation:{calibration_hash(texts, 256)[:16]}"
-    seen = store.__dict__.setdefault("_activation_kept", set())   # one look-up per store object, not per unit
-    if (lm.fingerprint, name) not in seen:
-        if store.get_expert_stats(lm.fingerprint, name) is None:
-            store.put_expert_stats(lm.fingerprint, name, stats.to_dict())
-        seen.add((lm.fingerprint, name))
+    if _stats_missing(store, lm.fingerprint, name):
+        store.put_expert_stats(lm.fingerprint, name, stats.to_dict())
     return stats
+
+
+_STATS_KEPT: set = set()   # (store file, inode, model fingerprint, name) of expert statistics known to be stored
+
+
+def _stats_missing(store, fingerprint: str, name: str) -> bool:
+    """True when the store lacks the expert statistics ``name`` of the model (the caller then puts them); looked up
+    once per process and store file (a connection costs ~10 ms), once per store object for a store without a path
+    (a Ray worker's outbox). A store file replaced by a new one (new inode) is looked up again."""
+    path = getattr(store, "path", None)
+    if path is None:
+        seen, key = store.__dict__.setdefault("_stats_kept", set()), (fingerprint, name)
+    else:
+        seen = _STATS_KEPT
+        key = (str(path), path.stat().st_ino if path.exists() else None, fingerprint, name)
+    if key in seen:
+        return False
+    missing = store.get_expert_stats(fingerprint, name) is None
+    seen.add(key)
+    return missing
 
 
 def evaluate(source: str = "default", *, strategy: str = "maxnn", budget: float = 0.125,

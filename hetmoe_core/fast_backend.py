@@ -1,10 +1,15 @@
-"""The fast analog backend: programmed weights in place, converters inside a vectorised experts forward.
+"""The fast analog backend: programmed weights in the fused expert tensors, converters inside a vectorised experts forward.
 
-Per seed, the analog expert slices of the fused expert tensors (``experts.gate_up_proj`` / ``down_proj``) and the
-analog dense weights are programmed in place through aihwkit's noise-model functions, tile by tile
-(``tiles.program_weights``); each routed expert is its own draw, kept across placements (``tiles.ProgrammedCache``). DAC/ADC quantization (aihwkit ``UniformQuantize``) and output noise act inside an
-experts forward registered in transformers' ``ExpertsInterface`` (``moe_dispatch``; only analog experts' rows), and
-through forward hooks on analog dense modules. Clean copies of the changed slices are kept for an exact restore.
+Per seed, the analog experts of the fused expert tensors (``experts.gate_up_proj`` / ``down_proj``) and the analog
+dense weights are programmed through aihwkit's noise-model functions, tile by tile (``tiles.program_weights``); each
+routed expert is its own draw, kept across placements in the form the forward reads (``tiles.ProgrammedCache``).
+While the placement runs, each fused parameter points at a tensor of the cache holding its analog experts' draws and
+its other experts clean, updated from the previous placement only where an expert changed state, and back at its own
+untouched tensor on exit; a model whose fused tensors exceed half the cache instead gets the analog slices written in
+place, restored from clean copies. Analog dense weights are written in place and restored from clean copies.
+DAC/ADC quantization (aihwkit ``UniformQuantize``) and output noise act inside an experts forward registered in
+transformers' ``ExpertsInterface`` (``moe_dispatch``; only analog experts' rows), and through forward hooks on analog
+dense modules.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from torch import nn
 from .backend import AnalogBackend
 from .moe_dispatch import apply_gate, grouped_matmul, set_state
 from .noise import NoiseConfig
-from .tiles import (_CHUNK_ELEMS, ProgrammedCache, _channel_absmax, _cumstarts, _derive_seed, _quantize, _w_in,
+from .tiles import (ProgrammedCache, _channel_absmax, _cumstarts, _derive_seed, _quantize, _w_in,
                     program_weights, split_sizes)
 
 
@@ -309,62 +314,109 @@ class FastBackend(AnalogBackend):
     def __init__(self, model, anatomy, noise, seed, device, adc_bounds=None):
         super().__init__(model, anatomy, noise, seed, device, adc_bounds)
         self.nm = noise.build_noise_model() if noise.weight_noise else None
-        self.tied = _tied_ids(model)
+        self.tied = anatomy.__dict__.get("_tied_ids")
+        if self.tied is None:   # the model's structure, walked once per anatomy
+            self.tied = anatomy.__dict__["_tied_ids"] = _tied_ids(model)
+        self.fused_bytes = sum(p.numel() * p.element_size() for m in anatomy.moe_layers
+                               for p in (_w_in(m), m.experts.down_proj))
 
     def experts(self, stack, m, ids) -> int:
         noise, seed, device, adc_bounds, nm = self.noise, self.seed, self.device, self.adc_bounds, self.nm
-        clean_bytes, ts = 0, noise.tile_size
+        kept = 0
         gen = torch.Generator(device=device).manual_seed(_derive_seed(seed, m.experts_name + ":out"))
         state = _FastExperts(m, noise, ids, gen, adc_bounds)
         cache = ProgrammedCache.of(self.model)
-        if nm is not None:
-            cache.check_clean((_w_in(m), m.experts.down_proj))
-        idx = torch.tensor(ids, dtype=torch.long, device=device)
-        for key, p in (("in", _w_in(m)), ("down", m.experts.down_proj)):
-            fold = state.fold(key)
+        pairs = (("in", _w_in(m)), ("down", m.experts.down_proj))
+        cache.check_clean([p for _, p in pairs])
+        for key, p in pairs:
             logical = p.data.transpose(1, 2) if m.transposed else p.data  # [E, O, I]
             O, I = logical.shape[1:]
-            sizes = state.in_sizes[key] = split_sizes(I, ts)
+            sizes = state.in_sizes[key] = split_sizes(I, noise.tile_size)
             if nm is None and not state.io_out:
                 continue  # DAC alone needs no weight change
-            clean = p.data.index_select(0, idx)
-            clean_bytes += clean.numel() * clean.element_size()
-            stack.callback(lambda p=p, idx=idx, clean=clean: p.data.index_copy_(0, idx, clean))
-            g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
             nz = noise if not (nm is not None and adc_bounds and noise.adc_bits and not state.recorder) else \
                 noise.replace(out_bound=adc_bounds.bounds[(m.index, key)])  # drift readout's ADC
-            for sub, w, sc in self._pieces(cache, m, key, logical, nz, sizes, ids):
+            # what the written form depends on besides the draw: converter grids, dtype, layout
+            form = (state.io_out, state.fold(key), state.s_out(key), p.dtype, m.transposed)
+            ready, group = [], cache.group((seed if nm is not None else None, nz, m.experts_name, key, form))
+            for e in ids:
                 self.check()
-                if state.io_out:  # store in ADC steps per unit DAC code (see _FastExperts)
-                    w = w * (fold / sc if len(sizes) == 1 else
-                             torch.repeat_interleave(fold / sc, torch.tensor(sizes, device=device), dim=-1))
-                    g_out[:, sub] = (sc * state.s_out(key)).permute(2, 0, 1)
-                p.data[sub] = (w.transpose(1, 2) if m.transposed else w).to(p.dtype)
+                ready.append(cache.expert((group, e), lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
             if state.io_out:
+                g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
+                g_out[:, ids] = torch.cat([g for _, g in ready]).permute(2, 0, 1)
                 state.g_out[key] = g_out
-                clean_bytes += g_out.numel() * 4
+                kept += g_out.numel() * 4
+            write = self._swap if cache.fits_fused(self.fused_bytes) else self._in_place
+            kept += write(stack, cache, m, key, p, ids, [w for w, _ in ready],
+                          (seed if nm is not None else None, nz, form))
         if noise.io_active or state.recorder is not None:  # programmed weights alone need no special forward
             set_state(m.experts, state)
-        return clean_bytes
+        return kept
 
-    def _pieces(self, cache, m, key, logical, nz, sizes, ids):
-        """(expert ids, tile weights ``[n, O, I]`` float32, scales ``[n, O, T]``) of the analog experts ``ids``.
+    def _ready(self, m, key, logical, nz, state, sizes, e):
+        """Expert ``e`` of one projection as the forward reads it: (``[1, ...]`` its slice of the fused tensor,
+        in the tensor's layout and dtype, ``g [1, O, T]`` float32 or None; see ``tiles.ProgrammedCache``).
 
-        With weight noise: one expert at a time, each its own draw (seed ``<experts>.<proj>:e-e``), programmed once
-        per (seed, noise) and then taken from the model's ``ProgrammedCache``. Without: the clean weights and
-        their per-channel abs-max, a bounded chunk of experts at a time."""
+        With weight noise, its own draw (seed ``<experts>.<proj>:e-e``, ``program_weights``); without, its clean
+        weights and their per-channel abs-max. With converters the weights are divided by the tile scale x ADC
+        step per DAC step (``_FastExperts``) and ``g = scale * step_out`` maps ADC codes back."""
         O, I = logical.shape[1:]
-        if self.nm is None:
-            chunk = max(1, _CHUNK_ELEMS // (O * I))
-            for c0 in range(0, len(ids), chunk):
-                sub = ids[c0:c0 + chunk]
-                yield sub, logical[sub].float(), _channel_absmax(logical[sub], sizes)
-            return
-        out_sizes = split_sizes(O, nz.tile_size)
-        for e in ids:
+        if self.nm is not None:
             name = f"{m.experts_name}.{key}:{e}-{e}"
-            yield ([e], *cache.expert((self.seed, nz, m.experts_name, key, e), lambda: program_weights(
-                logical[e:e + 1], nz, self.nm, sizes, out_sizes, _derive_seed(self.seed, name), self.device)))
+            w, sc = program_weights(logical[e:e + 1], nz, self.nm, sizes, split_sizes(O, nz.tile_size),
+                                    _derive_seed(self.seed, name), self.device)
+        else:
+            w, sc = logical[[e]].float(), _channel_absmax(logical[[e]], sizes)
+        g = None
+        if state.io_out:  # store in ADC steps per unit DAC code (see _FastExperts)
+            fold = state.fold(key)
+            w = w * (fold / sc if len(sizes) == 1 else
+                     torch.repeat_interleave(fold / sc, torch.tensor(sizes, device=self.device), dim=-1))
+            g = sc * state.s_out(key)
+        return (w.transpose(1, 2) if m.transposed else w).to(logical.dtype).contiguous(), g
+
+    @staticmethod
+    def _in_place(stack, cache, m, key, p, ids, ws, tag) -> int:
+        """Write the analog experts' slices into the fused tensor ``p``; their clean copies restore it on exit."""
+        idx = torch.tensor(ids, dtype=torch.long, device=p.device)
+        clean = p.data.index_select(0, idx)
+        stack.callback(lambda: p.data.index_copy_(0, idx, clean))
+        p.data.index_copy_(0, idx, torch.cat(ws))
+        return clean.numel() * clean.element_size()
+
+    @staticmethod
+    def _swap(stack, cache, m, key, p, ids, ws, tag) -> int:
+        """Point ``p`` at a fused tensor of the cache holding this placement's analog experts (the rest clean) and
+        back at its own clean tensor on exit: only experts whose analog/digital state differs from the placement
+        that last used that tensor at the same (seed, noise, form) are copied, and the model's own weights are
+        never written."""
+        slot = ("fused", m.experts_name, key)
+        got = cache.take(slot)
+        if got is None or (got[0].shape, got[0].dtype, got[0].device) != (p.shape, p.dtype, p.device):
+            buf, have = torch.empty_like(p.data), None
+        else:
+            buf, have = got[0], (got[2] if got[1] == tag else None)
+        if have is None:
+            buf.copy_(p.data)
+            have = frozenset()
+        want = dict(zip(ids, ws))
+        # whole-tensor copies, not one per expert: each small copy is a parallel op (a thread hand-over)
+        back = [e for e in sorted(have) if e not in want]
+        if back:
+            idx = torch.tensor(back, dtype=torch.long, device=p.device)
+            buf.index_copy_(0, idx, p.data.index_select(0, idx))
+        new = [e for e in ids if e not in have]
+        if new:
+            buf.index_copy_(0, torch.tensor(new, dtype=torch.long, device=p.device), torch.cat([want[e] for e in new]))
+        clean = p.data
+
+        def restore():
+            p.data = clean
+            cache.keep(slot, (buf, tag, frozenset(want)))
+        p.data = buf
+        stack.callback(restore)
+        return buf.numel() * buf.element_size()
 
     def dense(self, stack, uname, kind, unit) -> int:
         noise, seed, device, nm = self.noise, self.seed, self.device, self.nm

@@ -310,7 +310,7 @@ def evaluate_many_ray(source: str = "default", *, store=None, progress=None, can
     from .strategies import STRATEGIES
     from .sweep import units as group_units
     options.check()
-    specs, store, results, todo, report = cached_first(source, store, progress, cancel, calibration, **plan_kw)
+    specs, store, results, todo, report, _ = cached_first(source, store, progress, cancel, calibration, **plan_kw)
     if not todo:
         return [results[s.key] for s in specs if s.key in results]
     sens = {}

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import duckdb
 
+from .outputs import atomic_write, output_path  # noqa: F401  (re-export: snapshot and report write through them)
+
 SCHEMA_VERSION = 2
 # Columns added by schema 2, with the SQL that fills them in a version 1 store or snapshot: dtype of the model,
 # where the result came from (origin: "computed" here, or "imported from <snapshot> ..."), the hash of the
@@ -240,6 +242,9 @@ class Store:
             finally:
                 if not write and gate is not None:
                     fcntl.flock(gate, fcntl.LOCK_UN)
+            # a write changes the file's mtime: the schema this process checked stays known (under the lock)
+            checked = _file_id(self.path) if write and self.path.is_file() else None
+            checked = checked if checked in _READY else None
             while True:
                 try:
                     con = duckdb.connect(str(self.path), read_only=not write)
@@ -260,6 +265,9 @@ class Store:
                 yield con
             finally:
                 con.close()
+                if checked is not None:
+                    _READY.discard(checked)
+                    _READY.add(_file_id(self.path))
         finally:
             for f in (fd, gate):   # closing releases the flocks
                 if f is not None:
@@ -295,20 +303,26 @@ class Store:
 
     def get_results(self, keys) -> dict[str, dict]:
         """Stored successful results for several keys in one short read: {key: {"run": ..., "metrics": [...]}}."""
+        return self.lookup(keys)[0]
+
+    def lookup(self, keys, model_fingerprint: str | None = None) -> tuple[dict[str, dict], set[str]]:
+        """(:meth:`get_results` of ``keys``, :meth:`computed_keys` of the model or an empty set when
+        ``model_fingerprint`` is None) in one short read, as a sweep starts (a connection costs ~15 ms, measured)."""
         keys = list(keys)
-        if not keys:
-            return {}
+        if not keys and model_fingerprint is None:
+            return {}, set()
         with self._connect(write=False) as con:
             cur = con.execute("SELECT * FROM runs WHERE status='ok' AND list_contains(?, key)", [keys])
             cols = [d[0] for d in cur.description]
             out = {r[0]: {"run": dict(zip(cols, r)), "metrics": []} for r in cur.fetchall()}
             rows = con.execute("SELECT key, task, metric, value, stderr, seed, higher_is_better FROM metrics "
                                "WHERE list_contains(?, key) ORDER BY key, task, metric", [keys]).fetchall()
+            computed = set() if model_fingerprint is None else _computed_keys(con, model_fingerprint)
         for k, task, metric, value, stderr, seed, hib in rows:
             if k in out:
                 out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr, "seed": seed,
                                           "higher_is_better": hib})
-        return out
+        return out, computed
 
     def existing_keys(self, keys) -> set[str]:
         """The subset of ``keys`` that already have a successful stored result."""
@@ -330,30 +344,37 @@ class Store:
 
     def put_results(self, items) -> list[bool]:
         """:meth:`put_result` of several results ``[(key, run, metrics, placement or None)]`` in one transaction
-        (one connection: ~10 ms each on this machine, more than a small result's forward); a sweep writes what it
-        computed every few seconds this way. Returns, per item, False where an ok result was already stored."""
+        with one INSERT per table (a connection costs ~10 ms on this machine and a DuckDB statement ~2 ms, more
+        than a small result's forward); a sweep writes what it computed every few seconds this way. Returns, per
+        item, False where an ok result was already stored (or came earlier in ``items``)."""
         items = list(items)
         if not items:
             return []
-        out = []
+        out, runs, metrics, placements = [], [], [], []
         with self._connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
             try:
-                have = {r[0] for r in con.execute("SELECT key FROM runs WHERE status='ok' AND list_contains(?, key)",
-                                                  [[k for k, *_ in items]]).fetchall()}
-                for key, run, metrics, placement in items:
+                rows = con.execute("SELECT key, status FROM runs WHERE list_contains(?, key)",
+                                   [[k for k, *_ in items]]).fetchall()
+                have = {k for k, status in rows if status == "ok"}
+                failed = {k for k, status in rows if status != "ok"}
+                for key, run, ms, placement in items:
+                    out.append(key not in have)
                     if key in have:
-                        out.append(False)
                         continue
                     have.add(key)
-                    con.execute("DELETE FROM runs WHERE key=?", [key])
-                    con.execute("DELETE FROM metrics WHERE key=?", [key])
-                    _insert(con, "runs", {"origin": "computed", **run, "key": key, "status": "ok", "created_at": _now()})
-                    for m in metrics:
-                        _insert(con, "metrics", {"key": key, **m})
+                    now = _now()
+                    runs.append({"origin": "computed", **run, "key": key, "status": "ok", "created_at": now})
+                    metrics += [{"key": key, **m} for m in ms]
                     if placement is not None:
-                        _insert(con, "placements", {**placement, "created_at": _now()}, ignore=True)
-                    out.append(True)
+                        placements.append({**placement, "created_at": now})
+                if failed & have:   # a failed row is replaced
+                    con.execute("DELETE FROM runs WHERE list_contains(?, key)", [sorted(failed & have)])
+                if runs:   # metrics left without their run (a failed run's, an older schema's) are replaced too
+                    con.execute("DELETE FROM metrics WHERE list_contains(?, key)", [[r["key"] for r in runs]])
+                _insert(con, "runs", runs)
+                _insert(con, "metrics", metrics)
+                _insert(con, "placements", placements, ignore=True)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -378,9 +399,7 @@ class Store:
         """Compute keys of the successful results computed (not shared) for one model: a sweep reads them once and
         looks up only the computations it finds here (:meth:`get_computed_many`)."""
         with self._connect(write=False) as con:
-            rows = con.execute("SELECT DISTINCT compute_key FROM runs WHERE model_fingerprint=? AND status='ok' AND "
-                               "shared_from IS NULL AND compute_key IS NOT NULL", [model_fingerprint]).fetchall()
-        return {r[0] for r in rows}
+            return _computed_keys(con, model_fingerprint)
 
     def get_computed_many(self, compute_keys) -> dict[str, tuple[str, list[dict]]]:
         """{compute_key: (key, metrics)} of the successful results computed (not themselves shared) for those of
@@ -540,11 +559,25 @@ def _schema_version(con, path) -> int:
     return int(row[0])
 
 
-def _insert(con, table: str, row: dict, ignore: bool = False) -> None:
-    cols = list(row)
-    names = ", ".join(f'"{c}"' for c in cols)
+def _computed_keys(con, model_fingerprint: str) -> set[str]:
+    return {r[0] for r in con.execute("SELECT DISTINCT compute_key FROM runs WHERE model_fingerprint=? AND status='ok' "
+                                      "AND shared_from IS NULL AND compute_key IS NOT NULL", [model_fingerprint]).fetchall()}
+
+
+def _insert(con, table: str, rows: dict | list[dict], ignore: bool = False, chunk: int = 256) -> None:
+    """Insert a row or ``rows`` (column -> value) with one multi-row INSERT per set of columns and ``chunk`` rows: DuckDB
+    prepares each statement afresh (~2 ms), so one statement per row would cost more than the forward passes of
+    a small sweep's results. ``ignore``: INSERT OR IGNORE (rows whose primary key is stored are skipped)."""
+    groups: dict = {}
+    for r in [rows] if isinstance(rows, dict) else rows:
+        groups.setdefault(tuple(r), []).append(r)
     verb = "INSERT OR IGNORE" if ignore else "INSERT"
-    con.execute(f"{verb} INTO {table} ({names}) VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
+    for cols, grp in groups.items():
+        names, marks = ", ".join(f'"{c}"' for c in cols), f"({', '.join('?' * len(cols))})"
+        for i in range(0, len(grp), chunk):
+            part = grp[i:i + chunk]
+            con.execute(f"{verb} INTO {table} ({names}) VALUES {', '.join([marks] * len(part))}",
+                        [r[c] for r in part for c in cols])
 
 
 def _runs_sql(filters: dict | None, status: str | None) -> tuple[str, list]:
@@ -567,36 +600,3 @@ def _where(filters: dict | None, status: str | None):
         clauses.append(f'r."{col}" IN ({", ".join("?" * len(vals))})')
         params.extend(vals)
     return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-
-def output_path(out: str | os.PathLike, overwrite: bool = False, protect=()) -> Path:
-    """Check that a result file (snapshot, report) may be written at ``out``; returns its resolved path.
-
-    Raises ValueError when ``out`` is a folder, exists and ``overwrite`` is False, or is (after resolving links,
-    or as the same inode) one of the ``protect`` paths or their DuckDB sidecars (the store being read), which is
-    never overwritten, not even with ``overwrite``.
-    """
-    out = Path(out).expanduser()
-    target = out.resolve()
-    if target.is_dir():
-        raise ValueError(f"{out} is a folder; give a file path to write (e.g. {out / 'snapshot.zip'})")
-    for p in protect:
-        p = Path(p).expanduser().resolve()
-        sidecars = [p] + [p.with_name(p.name + s) for s in (".wal", ".lock", ".lock-gate")]
-        if target in sidecars or (target.exists() and p.exists() and os.path.samefile(target, p)):
-            raise ValueError(f"refusing to write {out}: it is the store being read ({p}); choose another file")
-    if target.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; pass --force to overwrite it, or choose another file")
-    return target
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path):
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` at once, on error it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

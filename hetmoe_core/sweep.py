@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 from .backend import BACKENDS
 from .store import canonical_json, config_key
@@ -58,8 +59,9 @@ class RunSpec:
                               "calibration": self.calibration},
                 "noise": dict(self.noise), "seed": self.seed, "backend": self.backend, "draws": DRAWS}
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """sha256 of :meth:`config` (computed once per spec: a sweep reads it many times)."""
         return config_key(self.config())
 
     def row(self) -> dict:
@@ -129,12 +131,14 @@ def plan(source: str = "default", *, strategies=("maxnn",), budgets=(0.125,), pr
                   device=device, dtype=dtype)
     specs = [RunSpec(task=t, ideal=True, **common) for t in refs] if include_ideal else []
     dense_items = tuple(sorted(asdict(dense_p).items()))
+    if any(STRATEGIES[s].needs in ("stats", "measurement") for s in strategies):
+        calibration_hash = calibration_hash or calibration_text(source)[1]
     for p in presets:
         noise = tuple(sorted(noises[p].to_dict().items()))
         for s in strategies:
             calib = None
             if STRATEGIES[s].needs in ("stats", "measurement"):   # placed from calibration text: it enters the key
-                calib = calibration_hash or calibration_text(source)[1]
+                calib = calibration_hash
             specs += [RunSpec(task=t, strategy=s, budget=b, scope=scope, dense=dense_items, noise=noise, preset=p,
                               seed=seed, backend=backend, calibration=calib, **common)
                       for b in budgets for seed in seeds for t in refs]
@@ -170,10 +174,17 @@ def _check_grid(strategies, budgets, presets, seeds, backend, scope, batch_size,
 def calibration_text(source: str | None = None) -> tuple[dict, str]:
     """Calibration text of the Activation Frequency / Weight (and measured) strategies for model ``source``
     (routing.default_calibration, the same text ``scores`` and ``place`` use: built-in sentences for ``tiny:``
-    models) and its hash (routing.calibration_hash, max_length 256)."""
-    from .routing import calibration_hash, default_calibration as texts_of
-    texts, _ = texts_of(source)
-    return texts, calibration_hash(texts, 256)
+    models) and its hash (routing.calibration_hash, max_length 256). Read and hashed once per process while the
+    shipped files keep their size and mtime (~8 ms a read, measured: once per sweep call otherwise)."""
+    from .routing import CALIBRATION_FILES, calibration_hash, default_calibration as texts_of
+    stamp = (source, tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in CALIBRATION_FILES))
+    if _CALIBRATION.get("stamp") != stamp:
+        texts, _ = texts_of(source)
+        _CALIBRATION.update(stamp=stamp, texts=texts, hash=calibration_hash(texts, 256))
+    return {k: list(v) for k, v in _CALIBRATION["texts"].items()}, _CALIBRATION["hash"]
+
+
+_CALIBRATION: dict = {}
 
 
 def units(specs: list[RunSpec]) -> list[list[RunSpec]]:

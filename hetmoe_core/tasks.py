@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import sys
 import threading
@@ -196,11 +197,16 @@ def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
     tasks = _built_tasks(tm, ref, spec.num_fewshot, built)
+    # lm-eval's messages at ERROR level: set on its logger (Python logging) only when it differs, as simple_evaluate's
+    # deprecated ``verbosity`` would re-set it after every call (logging then clears every logger's cache: ~1 ms)
+    lm_eval_logger = logging.getLogger("lm_eval")
+    if lm_eval_logger.level != logging.ERROR:
+        lm_eval_logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(sys.stderr):   # lm-eval prints progress notes; stdout stays for --json
             res = lm_eval.simple_evaluate(model=hflm, tasks=tasks, task_manager=tm, limit=limit,
                                           num_fewshot=spec.num_fewshot, bootstrap_iters=BOOTSTRAP_ITERS,
-                                          log_samples=False, verbosity="ERROR")
+                                          log_samples=False)
     except AssertionError:   # lm-eval asserts that every answer fits the model's context window
         raise ValueError(f"task {ref.name} has answers longer than the model's context window "
                          f"({hflm.max_length} tokens); choose another task or a model with a longer context") from None
@@ -229,7 +235,10 @@ def quiet_hflm(**kw):
     """lm-eval's ``HFLM(**kw)`` without its per-request progress bars ("Tokenizing inputs", "Running loglikelihood
     requests", ...): hetmoe shows one overall bar per sweep instead. lm-eval passes ``disable_tqdm`` explicitly
     (and ``False`` from ``loglikelihood_rolling`` to ``_loglikelihood_tokens``), so tqdm's environment switch cannot
-    reach those bars; this subclass forces the argument on its request methods."""
+    reach those bars; this subclass forces the argument on its request methods. Its ``get_model_info`` (the model
+    facts ``simple_evaluate`` adds to every result: parameter count, dtype, a hub look-up of the weights' sha) is
+    collected once per wrapper: the wrapped model object stays the same, and the look-up costs ~1.5 ms per task
+    (measured) where hetmoe keys every result by its own fingerprint."""
     if not _QUIET:
         from lm_eval.models.huggingface import HFLM
 
@@ -238,6 +247,11 @@ def quiet_hflm(**kw):
                 return getattr(HFLM, name)(self, *a, **{**k, "disable_tqdm": True})
             method.__name__ = name
             return method
+
+        def get_model_info(self) -> dict:
+            if "_hetmoe_model_info" not in self.__dict__:
+                self._hetmoe_model_info = HFLM.get_model_info(self)
+            return dict(self._hetmoe_model_info)
         names = ("loglikelihood", "loglikelihood_rolling", "generate_until", "_loglikelihood_tokens")
-        _QUIET.append(type("QuietHFLM", (HFLM,), {n: quiet(n) for n in names}))
+        _QUIET.append(type("QuietHFLM", (HFLM,), {**{n: quiet(n) for n in names}, "get_model_info": get_model_info}))
     return _QUIET[0](**kw)

@@ -156,15 +156,23 @@ class ProgrammedCache:
     expert once and every placement copies its analog experts' draws (speed), and the expert that the
     sensitivity measurement saw is the very draw each evaluation uses (pairing).
 
-    Entries: ``(seed, NoiseConfig, experts module name, "in"|"down", expert) -> (w [1, O, I] float32 in the
-    weights' units, scales [1, O, T] float32)`` as :func:`program_weights` returns them, on the model's device.
+    Expert entries: ``(group, expert) -> (w, g)``, ``group`` a small int standing for ``(seed, NoiseConfig,
+    experts module name, "in"|"down", form)`` (:meth:`group`: a NoiseConfig hashes all its fields), each draw
+    kept in the form the fast backend writes it (``fast_backend.FastBackend``): ``w`` ``[1, ...]`` one expert's
+    slice of the fused tensor, in its storage layout and dtype (pre-divided by tile scale x converter steps when
+    converters act: half the bytes of a float32 draw for a bfloat16 model, and no arithmetic per placement),
+    ``g`` ``[1, O, T]`` float32 ADC-code-to-output factors (None without converters); ``form`` names what the
+    stored form depends on besides the draw (converter grids, dtype, layout). Fused entries:
+    ``("fused", experts module name, "in"|"down") -> (tensor, tag, analog experts)``, a whole fused expert tensor
+    holding the analog experts of the placement last run (``tag``: their seed, noise and form) and every other
+    expert clean, which the next placement updates where its analog set differs (:meth:`take` / :meth:`keep`).
     Least recently used out first beyond ``max_bytes`` (default ``HETMOE_PROGRAM_CACHE_MB`` MiB, 512): the
-    default model holds ~30 MB per seed; an OLMoE-1B-7B-sized model (6.4 G expert weights, 26 GB per seed) keeps
-    none and programs each placement afresh with the same numbers. Lives on the model object (``of``), so it
-    goes with the model (a deep copy of the model starts empty); guarded by a lock (callers also hold the model's
-    lock while its weights are noisy). Entries are dropped when an expert weight tensor is replaced or edited in
-    place as a Parameter (its storage or autograd version changes: ``check_clean``); an edit through ``.data``
-    leaves no trace, so code that does one must call :meth:`clear`.
+    default model holds ~30 MB per seed; an OLMoE-1B-7B-sized model (6.4 G expert weights, 13 GB per seed in
+    bfloat16) keeps few and programs each placement afresh with the same numbers. Lives on the model object
+    (``of``), so it goes with the model (a deep copy of the model starts empty); guarded by a lock (callers also
+    hold the model's lock while its weights are noisy). Entries are dropped when an expert weight tensor is
+    replaced or edited in place as a Parameter (its storage or autograd version changes: ``check_clean``); an
+    edit through ``.data`` leaves no trace, so code that does one must call :meth:`clear`.
     """
 
     def __init__(self, max_bytes: int | None = None):
@@ -177,6 +185,7 @@ class ProgrammedCache:
         self.bytes = 0
         self.hits = self.misses = 0
         self.stamps: dict[int, tuple[int, int]] = {}
+        self.groups: dict[tuple, int] = {}
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo) -> "ProgrammedCache":
@@ -203,8 +212,13 @@ class ProgrammedCache:
             model._hetmoe_programmed = cache
         return cache
 
-    def expert(self, key: tuple, program) -> tuple[torch.Tensor, torch.Tensor]:
-        """The entry under ``key``, else ``program()`` -> (w, scales), stored (if it fits) and returned."""
+    def group(self, key: tuple) -> int:
+        """A small int standing for ``key`` in this cache (the same int for equal keys, for the cache's life)."""
+        with self.lock:
+            return self.groups.setdefault(key, len(self.groups))
+
+    def expert(self, key: tuple, program) -> tuple:
+        """The entry under ``key``, else ``program()`` -> (w, g), stored (if it fits) and returned."""
         with self.lock:
             got = self.entries.get(key)
             if got is not None:
@@ -212,19 +226,45 @@ class ProgrammedCache:
                 self.hits += 1
                 return got
         got = program()
-        size = sum(t.numel() * t.element_size() for t in got)
         with self.lock:
             self.misses += 1
-            if size <= self.max_bytes and key not in self.entries:
-                self.entries[key] = got
-                self.bytes += size
-                while self.bytes > self.max_bytes:
-                    _, old = self.entries.popitem(last=False)
-                    self.bytes -= sum(t.numel() * t.element_size() for t in old)
+            self._put(key, got)
         return got
+
+    def fits_fused(self, nbytes: int) -> bool:
+        """Whether fused expert tensors of ``nbytes`` in all (every MoE layer's, both projections) are kept
+        between placements: at most half the cache, the rest holding the programmed experts."""
+        return nbytes <= self.max_bytes // 2
+
+    def take(self, key: tuple):
+        """Remove and return the entry under ``key`` (None when absent): its holder owns it until :meth:`keep`."""
+        with self.lock:
+            got = self.entries.pop(key, None)
+            if got is not None:
+                self.bytes -= _nbytes(got)
+            return got
+
+    def keep(self, key: tuple, value: tuple) -> None:
+        """Store ``value`` under ``key`` (if it fits), the least recently used entries out first."""
+        with self.lock:
+            self._put(key, value)
+
+    def _put(self, key, value) -> None:
+        size = _nbytes(value)
+        if size <= self.max_bytes and key not in self.entries:
+            self.entries[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= _nbytes(old)
 
     def clear(self) -> None:
         with self.lock:
             self.entries.clear()
             self.bytes = 0
             self.stamps.clear()
+
+
+def _nbytes(value: tuple) -> int:
+    """Bytes of the tensors in a cache entry."""
+    return sum(t.numel() * t.element_size() for t in value if isinstance(t, torch.Tensor))

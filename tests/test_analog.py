@@ -356,3 +356,35 @@ def test_each_expert_is_its_own_draw_programmed_once_per_seed():
     assert cache.misses - m1 == n_half
     with torch.no_grad():
         m.experts.down_proj.copy_(clean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_placement_from_a_warm_cache_is_the_cold_one_bit_for_bit(dtype):
+    """A placement run after others at the same and other seeds and presets (programmed experts taken from the
+    cache in the form the forward reads, the fused tensors swapped in and updated only where an expert changed
+    state) gives the logits of the same placement programmed afresh with an empty cache, and of the path that
+    writes the slices in place (a model whose fused tensors do not fit the cache); every parameter is restored."""
+    from hetmoe_core.tiles import ProgrammedCache
+    model = tiny_model("olmoe").to(dtype)
+    a, ids = anatomy_of(model), _ids()
+    before = _state(model)
+    cfg, other = get_preset("paper-pcm-c1.5", tile_size=32), get_preset("aihwkit-pcm-drift")
+    p = place(a, "maxnn", 0.25)
+    cache = ProgrammedCache.of(model)
+
+    def run(pl, noise, seed):
+        with torch.no_grad(), analog(model, a, pl, noise, seed=seed):
+            return _logits(model, ids)
+    cache.clear()
+    cold = run(p, cfg, 5)
+    for pl, noise, seed in ((place(a, "random", 0.5, seed=1), cfg, 5), (Placement.all_analog(a), other, 5),
+                            (place(a, "maxnn", 0.5), cfg, 6), (place(a, "random", 0.125, seed=2), cfg, 5)):
+        assert not torch.equal(run(pl, noise, seed), cold)
+    assert any(k[0] == "fused" for k in cache.entries)        # the swapped-in path ran
+    assert torch.equal(run(p, cfg, 5), cold)                   # warm: updated from another placement's tensors
+    assert _same_state(model, before)
+    cache.max_bytes = 0                                        # nothing kept: slices written in place, restored
+    cache.clear()
+    assert torch.equal(run(p, cfg, 5), cold)
+    assert not cache.entries and _same_state(model, before)
+    del model._hetmoe_programmed

@@ -210,3 +210,25 @@ def test_put_results_writes_many_at_once_and_never_twice(tmp_path):
     runs = st.runs_frame().set_index("key")
     assert runs.loc["a", "value"] != 9.0 and runs.loc["b", "value"] == 1.5 and runs.loc["c", "value"] == 2.5
     assert st.put_results([]) == [] and len(st.runs_frame(status=None)) == 3
+
+
+def test_put_results_batch_keeps_every_value_and_null(tmp_path):
+    """One INSERT per table and set of columns: runs with different columns, a NULL stderr and many metrics per
+    result all arrive as given; the schema check of this process survives its own writes (no re-open to check)."""
+    from hetmoe_core import store as store_mod
+    st = Store(tmp_path / "r.duckdb")
+    items = [(f"k{i}", {"task": "t", "seed": i, "strategy": "maxnn", "budget": i / 8, **({"preset": "p"} if i % 2 else {})},
+              [{"task": "t", "metric": m, "value": i + j / 10, "stderr": None if j else 0.5, "seed": i}
+               for j, m in enumerate(METRICS)],
+              {"key": f"pl{i % 3}", "model_fingerprint": "f", "strategy": "maxnn", "budget": 0.5, "scope": "layer",
+               "seed": 0, "placement": "{}"}) for i in range(7)]
+    assert st.put_results(items) == [True] * 7
+    assert store_mod._file_id(st.path) in store_mod._READY
+    df = st.runs_frame().sort_values(["seed", "metric"])
+    assert len(df) == 7 * len(METRICS) and set(df.preset.dropna()) == {"p"} and df.preset.isna().sum() == 4 * 5
+    for i in range(7):
+        got = df[df.key == f"k{i}"].set_index("metric")
+        assert [got.loc[m, "value"] for m in METRICS] == [i + j / 10 for j in range(len(METRICS))]
+        assert got.loc["acc", "stderr"] == 0.5 and got.drop("acc").stderr.isna().all()
+        assert got.budget.iloc[0] == i / 8
+    assert st.counts()["placements"] == 3
