@@ -24,7 +24,28 @@ def add_runs(p):
                    help="filter, e.g. --where strategy=maxnn --where task=paper_piqa --where status=error (repeatable)")
     p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric, "
                    "with the recovered fraction of the noise loss and paired deltas between strategies (95%% CIs)")
-    p.add_argument("--max-rows", type=_int_at_least(1), default=200, help="rows to print (>= 1)")
+    p.add_argument("--max-rows", type=_int_at_least(1), default=200,
+                   help="rows to print per table (>= 1), shared evenly among its tasks: every task shows at least "
+                        "its first row, and each cut table says how many rows it left out")
+
+
+def _head(df, max_rows: int):
+    """(the rows of ``df`` to print, how many were left out): at most ``max_rows`` in all, split evenly among the
+    tasks in ``df`` (first rows of each, in order), and at least one row per task, so a cut table never hides a
+    whole task (in the example results one task alone fills 200 rows)."""
+    if len(df) <= max_rows or "task" not in df:
+        return df.head(max_rows), max(len(df) - max_rows, 0)
+    per_task = max(1, max_rows // max(df["task"].nunique(), 1))
+    shown = df.groupby("task", sort=False, dropna=False).head(per_task)
+    return shown, len(df) - len(shown)
+
+
+def _cut_note(left_out: int, df, shown, what: str) -> str:
+    """One line saying how many rows of one table were left out and how to see them."""
+    tasks = df["task"].nunique() if "task" in df else 0
+    per = f"; shown: the first {shown.groupby('task').size().min()} of each of {tasks} tasks" if tasks > 1 else ""
+    return (f"({left_out} more {what} rows{per}. Raise --max-rows to {len(df)} to see them all, "
+            "or narrow with --where task=NAME)")
 
 
 def _filters(where: list[str]) -> dict:
@@ -71,7 +92,7 @@ def cmd_runs(args) -> dict:
         df = st.summary_frame(filters)
     else:
         df = st.runs_frame(filters).drop(columns=["config", "versions"] + ([] if "status" in filters else ["error"]))
-    shown = df.head(args.max_rows)
+    shown, left_out = _head(df, args.max_rows)
     rec = paired = None
     if args.summary:   # paired statistics on the same seeds (hetmoe_core.paired)
         from .paired import paired_deltas, recovery_table
@@ -95,13 +116,14 @@ def cmd_runs(args) -> dict:
         with pd.option_context("display.width", 240, "display.max_columns", 20, "display.max_colwidth", 60):
             print(shown[[c for c in cols if c in shown]].to_string(index=False) if len(df)
                   else "no stored results match")
-        if len(df) > len(shown):
-            print(f"({len(df) - len(shown)} more rows: raise --max-rows or narrow with --where)")
+        if left_out:
+            print(_cut_note(left_out, df, shown, "summary" if args.summary else "result"))
         _print_paired(rec, paired, args.max_rows)
         return None
     out = {"store": str(st.path), "count": len(df), "rows": _records(shown)}
-    if args.summary:
-        out["recovery"], out["paired"] = _records(rec.head(args.max_rows)), _records(paired.head(args.max_rows))
+    if args.summary:   # the same per-task cut as the text tables; *_count says how many rows there are in all
+        out["recovery"], out["paired"] = _records(_head(rec, args.max_rows)[0]), _records(_head(paired, args.max_rows)[0])
+        out["recovery_count"], out["paired_count"] = len(rec), len(paired)
     return out
 
 
@@ -112,7 +134,7 @@ def _print_paired(rec, paired, max_rows: int) -> None:
         if rec is not None and len(rec):
             print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
                   "sampling = lm-eval stderr / |A-I|")
-            r = rec.head(max_rows)
+            r, left_out = _head(rec, max_rows)
             fmt = lambda col: ["not shown" if n else "" if v != v else f"{v:.4g}" for v, n in
                                zip(r[col], r.recovered_note)]
             r = r.assign(**{c: fmt(c) for c in ("recovered", "recovered_lo", "recovered_hi", "sampling_se_recovered")})
@@ -120,12 +142,16 @@ def _print_paired(rec, paired, max_rows: int) -> None:
                      "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
             for note, n in rec.recovered_note[rec.recovered_note != ""].value_counts().items():
                 print(f"{note}: recovered fraction not shown ({n} rows)")
+            if left_out:
+                print(_cut_note(left_out, rec, r, "recovered-fraction"))
         if paired is not None and len(paired):
             print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
-            p = paired.head(max_rows)
+            p, left_out = _head(paired, max_rows)
             p = p.assign(sampling_se=["n/a" if v != v else f"{v:.4g}" for v in p.sampling_se])   # no lm-eval stderr
             print(p[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi",
                      "sampling_se", "verdict"]].to_string(index=False))
+            if left_out:
+                print(_cut_note(left_out, paired, p, "paired-delta"))
 
 
 def add_export(p):

@@ -228,6 +228,23 @@ def share_bars(by_kind: dict, tied_lm_head: bool = False) -> go.Figure:
     return go.Figure(dict(data=data, layout=layout))
 
 
+def metric_axis(values) -> dict:
+    """y-axis settings (``fig.update_yaxes(**...)``) of a metric chart holding ``values`` (means, mean ± std, the
+    reference lines): ticks with at most 4 significant digits (Plotly's own format printed a float's binary
+    expansion, "0.2000000000000000111", when every value was equal), and when the values span (almost) nothing —
+    equal results, or a panel whose only point is the ideal reference line, which Plotly drew on -1…4 — a range
+    of ± 5 % of the value (at least ± 0.05) around them."""
+    v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(x)])
+    axis = dict(tickformat=".4~g")
+    if len(v) == 0:
+        return axis
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo <= 1e-9 * max(1.0, abs(hi)):
+        pad = max(0.05 * abs(hi), 0.05)
+        axis["range"] = [lo - pad, hi + pad]
+    return axis
+
+
 def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog: dict | None = None,
                      higher_is_better: bool = True, per_row: int = 2) -> go.Figure:
     """Metric against digital budget, one line per (strategy, preset) with mean ± std (over seeds) error bars.
@@ -258,7 +275,9 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
     fig.update_layout(title=f"{metric} vs digital budget" + ("" if higher_is_better else " (lower is better)"),
                       **legend_below(len(fig.data), per_row=per_row))
     fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
-    fig.update_yaxes(title_text=metric)
+    m, sd = frame["mean"].astype(float), frame["std"].astype(float).fillna(0)
+    fig.update_yaxes(title_text=metric, **metric_axis([*(m - sd), *(m + sd), *(y for _, y, _ in refs
+                                                                               if y is not None)]))
     return fig
 
 
@@ -552,6 +571,13 @@ def dense_vs_experts(validation: dict) -> go.Figure:
     return fig
 
 
+def _drift_top(rows: list[dict]) -> float:
+    """Top of the routing-drift share axis: 15 % above the tallest bar (with its standard error), at least 1 %."""
+    tall = [r["changed_share"] + (r.get("changed_share_se") or 0.0) for r in rows
+            if r.get("changed_share") is not None and np.isfinite(r["changed_share"])]
+    return max([0.01] + [1.15 * t for t in tall])
+
+
 def routing_drift(validation: dict) -> go.Figure:
     """Per MoE layer: share of tokens whose top-k expert set changes under noise, and max/mean expert load before
     and after (Validation.to_dict()['routing_drift'])."""
@@ -568,8 +594,10 @@ def routing_drift(validation: dict) -> go.Figure:
     # 1.937, 2.217, ...). It starts at 1, a perfectly balanced load (max = mean), the least the ratio can be.
     top = max([1.0] + [r[k] for r in rows for k in ("load_max_over_mean_ideal", "load_max_over_mean_noisy")])
     fig.update_layout(title="Routing drift under noise", height=340,
+                      # an explicit range with room above the tallest bar: autorange drew it up to the frame's
+                      # edge, where it read as cut off
                       yaxis=dict(title=dict(text="tokens with a changed top-k set (%)"), tickformat=".0%",
-                                 rangemode="tozero"),
+                                 range=[0, _drift_top(rows)]),
                       yaxis2=dict(title=dict(text="max/mean expert load (×, 1 = balanced)"), overlaying="y",
                                   side="right", tickmode="auto", nticks=6, tickformat=".2~f", showgrid=False,
                                   range=[1, 1 + (top - 1) * 1.1 if top > 1 else 2]),

@@ -128,10 +128,12 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
         if j.running and j.cancel.is_set():
             j.thread.join(wait_s)
         if j.running:
+            step = getattr(j, "step", None)     # a long step before the first result (Job.step) names itself
+            text = f"{j.done} / {j.total or '?'} results · {step} · {j.elapsed:.0f} s" if step else running_text(j)
             if j.cancel.is_set():
-                st.progress(j.fraction, text=f"Cancelling … {running_text(j)}")
+                st.progress(j.fraction, text=f"Cancelling … {text}")
             else:
-                st.progress(j.fraction, text=running_text(j))
+                st.progress(j.fraction, text=text)
                 st.button("Cancel", key=cancel_key, on_click=cancel, args=(j,))
             return
         if ss.get(f"_{key}_seen") is not j:      # the job just ended: rerun the whole page once, which draws
@@ -148,7 +150,22 @@ class Job(_BackgroundJob):
 
     def __init__(self, handle: ModelHandle, **kwargs):
         self.kwargs, self.results = kwargs, []
+        total, self.step = self._planned(handle)
         super().__init__(handle)
+        self.total = self.total or total    # "0 / 42 results" from the first poll, not "0 / ?"
+
+    def _planned(self, handle: ModelHandle) -> tuple[int, str | None]:
+        """(results in the sweep, ``measurement_step`` of its plan), before the thread starts, so the first poll
+        already says what the job does; (0, None) when the request is bad (the thread reports that error)."""
+        from .evaluate import plan
+        from .store import Store
+        kw = {k: v for k, v in self.kwargs.items() if k not in ("source", "store", "calibration")}
+        try:
+            specs = plan(self.kwargs.get("source", "default"), fingerprint=handle.lm.fingerprint, **kw)
+            return len(specs), measurement_step(handle.lm, specs, Store(self.kwargs.get("store")),
+                                                self.kwargs.get("calibration"))
+        except (ValueError, RuntimeError, OSError):
+            return 0, None
 
     def form_values(self) -> dict:
         """The Evaluate page's widget values (by widget key) of this job's request: noise preset and its edited
@@ -171,12 +188,49 @@ class Job(_BackgroundJob):
     def _progress(self, done: int, total: int, result: dict) -> None:
         self.done, self.total = done, total
         self.results.append(result)
+        if not result.get("cached"):    # the first computed result: any measurement before it is done
+            self.step = None
 
     def _work(self) -> None:
         from .evaluate import evaluate_many
         with self.handle.lock:
             evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
                           **self.kwargs)
+
+
+def measurement_step(lm, specs, store, calibration: dict | None = None) -> str | None:
+    """What an evaluation measures before its first noisy result, for its progress text, or None when nothing:
+    the per-expert damage the oracle places by (``sensitivity.measured_scores``: minutes on a CPU) under each
+    noise the plan's missing results need that the store does not hold (``validation.stored_validation``, the
+    request evaluate makes), and the Local Output Error (one calibration pass per seed, never stored).
+
+    lm: the loaded model (its anatomy sizes the step); specs: ``evaluate.plan``'s RunSpecs; store: a Store;
+    calibration: the calibration text evaluate gets (None: the model's default). Raises ValueError for bad specs."""
+    from .criteria import LOCAL_ERROR_SEEDS, LOCAL_ERROR_TOKENS
+    from .noise import NoiseConfig
+    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS
+    from .strategies import STRATEGIES, label
+    from .validation import stored_validation
+    have = store.existing_keys(s.key for s in specs)
+    need: dict = {}
+    for s in specs:
+        if s.key not in have and not s.ideal and STRATEGIES[s.strategy].needs == "measurement":
+            need.setdefault((s.strategy, s.noise), s)
+    ne = [m.num_experts for m in lm.anatomy.moe_layers]
+    size = f"{len(ne)} layers × {ne[0]} experts" if len(set(ne)) == 1 else f"{sum(ne)} experts in {len(ne)} layers"
+    steps = []
+    for (strategy, noise), s in need.items():
+        if strategy == "oracle":
+            if stored_validation(lm.source, NoiseConfig(**dict(noise)), texts=calibration, store=store,
+                                 dtype=s.dtype, device=s.device) is not None:
+                continue
+            steps.append(f"measuring per-expert damage under {s.preset} for {label(strategy)}: {size}, each alone "
+                         f"on analog, × {ORACLE_SEEDS} seeds on {ORACLE_TOKENS:,} calibration tokens (minutes on "
+                         "a CPU; stored, so later runs skip it)")
+        else:
+            steps.append(f"measuring {label(strategy)} under {s.preset}: {size} × {len(LOCAL_ERROR_SEEDS)} seeds on "
+                         f"{LOCAL_ERROR_TOKENS:,} calibration tokens")
+    return "; then ".join(steps) or None
 
 
 class ValidationJob(_BackgroundJob):

@@ -326,3 +326,26 @@ def get_preset(name: str, **overrides) -> NoiseConfig:
         raise ValueError(f"unknown noise preset {name!r}; choose one of {', '.join(PRESETS)} "
                          f"or build NoiseConfig(...) for a custom one")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+SLOW_TILE_FACTOR = 8.0   # warn from this many times the preset's per-tile partial outputs on
+
+
+def tile_partials(shapes, tile_size: int) -> int:
+    """Partial outputs one token makes through analog matrices of ``shapes`` [(O, I), …]: each matrix splits its I
+    inputs into ceil(I / tile_size) tiles (``tiles.split_sizes``; aihwkit MappingParameter.max_input_size) and every
+    tile gives O partial sums, each through its own ADC, so the noisy forward's read-out work grows with this."""
+    return sum(o * -(-i // tile_size) for o, i in shapes)
+
+
+def slow_tile_warning(shapes, noise: NoiseConfig, base: NoiseConfig) -> str | None:
+    """One line when ``noise.tile_size`` makes the routed experts' (``shapes``: [(O, I), …] of their matrices)
+    read-out at least SLOW_TILE_FACTOR x the work at ``base``'s tile size (``tile_partials``), else None."""
+    if noise.tile_size >= base.tile_size or not shapes:
+        return None
+    r = tile_partials(shapes, noise.tile_size) / tile_partials(shapes, base.tile_size)
+    if r < SLOW_TILE_FACTOR:
+        return None
+    return (f"tile_size = {noise.tile_size} splits every expert matrix into {r:,.0f}x the partial outputs of "
+            f"tile_size = {base.tile_size} (each tile's outputs go through their own ADC): expect each noisy result "
+            f"to take many times longer (tile_size = 1 took over 120 s for one result of the default model).")

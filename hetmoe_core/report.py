@@ -114,7 +114,7 @@ def _figures(summary) -> list:
     """One figure per (task, headline metric, limit) (results.chart_groups): score vs digital budget in % of routed
     experts, as the dashboard draws it; the dashed ideal line is the all-digital result at the same limit."""
     import plotly.graph_objects as go
-    from .figures import STRATEGY_LABELS, legend_below, line_style
+    from .figures import STRATEGY_LABELS, legend_below, line_style, metric_axis
     from .results import chart_groups, limit_label
     figs = []
     for task, metric, limit, g in chart_groups(summary):
@@ -144,7 +144,9 @@ def _figures(summary) -> list:
                           showlegend=True, **legend_below(len(fig.data)))
         fig.update_xaxes(range=[-3, 103], ticksuffix="%",    # budgets in percent, as on the dashboard
                          title_text="digital budget (% of routed experts)")
-        fig.update_yaxes(title_text=metric)
+        sd = noisy["std"].astype(float).fillna(0)
+        fig.update_yaxes(title_text=metric, **metric_axis([*(noisy["mean"] - sd), *(noisy["mean"] + sd),
+                                                           *ideal["mean"].iloc[:1]]))
         fig.update_layout(meta=[task, metric, limit])   # pairs the figure with its recovered-fraction figure
         figs.append(fig)
     return figs

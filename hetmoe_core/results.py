@@ -55,6 +55,25 @@ def limit_choices(summary: pd.DataFrame) -> list:
     return vals + ([ALL] if lims.isna().any() else [])
 
 
+def latest(store, model_fingerprint: str | None = None, task: str | None = None) -> dict | None:
+    """Model fingerprint, task and limit (``ALL`` for every document) of the newest successful result in ``store``
+    (runs.created_at), of one model and task when given, so the Results page opens on the limit run last, not on
+    the largest one; None when nothing matches."""
+    where, args = ["status = 'ok'"], []
+    for col, v in (("model_fingerprint", model_fingerprint), ("task", task)):
+        if v is not None:
+            where.append(f"{col} = ?")
+            args.append(v)
+    df = store.query('SELECT model_fingerprint, task, "limit" FROM runs WHERE ' + " AND ".join(where)
+                     + " ORDER BY created_at DESC NULLS LAST LIMIT 1", args)
+    if df.empty:
+        return None
+    r = df.iloc[0]
+    lim = r["limit"]
+    return {"model_fingerprint": r.model_fingerprint, "task": r.task,
+            "limit": ALL if lim is None or (isinstance(lim, float) and math.isnan(lim)) else int(lim)}
+
+
 def at_limit(summary: pd.DataFrame, limit) -> pd.DataFrame:
     """Rows of ``summary`` computed with ``limit`` documents per task (``ALL``: every document)."""
     if limit == ALL:
@@ -242,3 +261,24 @@ def summary_view(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     notes = [f"std {NA}: a single result — no spread over seeds (the ideal all-digital result is deterministic, "
              "stored once)."] if table["std"].isna().any() else []
     return view, notes
+
+
+DRIFT_COLUMNS = {"layer": "MoE layer", "changed_share": "tokens with a changed top-k set",
+                 "changed_share_se": "± SE over seeds", "load_max_over_mean_ideal": "max/mean load, ideal",
+                 "load_max_over_mean_noisy": "max/mean load, noisy"}
+
+
+def drift_view(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
+    """Routing-drift rows (sensitivity.drift_rows) as the pages show them: shares in percent, load ratios with two
+    decimals, a missing standard error as "n/a" (never "None") and a note saying why (one seed: no spread)."""
+    df = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
+    pct = lambda x: NA if x is None or x != x else f"{100 * x:.1f}%"  # noqa: E731
+    out = pd.DataFrame({
+        DRIFT_COLUMNS["layer"]: [f"L{int(x)}" for x in df.layer],
+        DRIFT_COLUMNS["changed_share"]: [pct(x) for x in df.changed_share],
+        DRIFT_COLUMNS["changed_share_se"]: [pct(x) for x in df.changed_share_se],
+        DRIFT_COLUMNS["load_max_over_mean_ideal"]: [NA if x != x else f"{x:.2f}" for x in df.load_max_over_mean_ideal],
+        DRIFT_COLUMNS["load_max_over_mean_noisy"]: [NA if x != x else f"{x:.2f}" for x in df.load_max_over_mean_noisy]})
+    notes = (["± SE n/a: one noise seed gives no spread over seeds."]
+             if df.changed_share_se.isna().any() else [])
+    return out, notes

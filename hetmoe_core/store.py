@@ -369,8 +369,9 @@ class Store:
                     if placement is not None:
                         placements.append({**placement, "created_at": now})
                 if failed & have:   # a failed row is replaced
-                    for table in ("runs", "metrics"):
-                        con.execute(f"DELETE FROM {table} WHERE list_contains(?, key)", [sorted(failed & have)])
+                    con.execute("DELETE FROM runs WHERE list_contains(?, key)", [sorted(failed & have)])
+                if runs:   # metrics left without their run (a failed run's, an older schema's) are replaced too
+                    con.execute("DELETE FROM metrics WHERE list_contains(?, key)", [[r["key"] for r in runs]])
                 _insert(con, "runs", runs)
                 _insert(con, "metrics", metrics)
                 _insert(con, "placements", placements, ignore=True)

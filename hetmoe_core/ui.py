@@ -28,14 +28,17 @@ QUERY = {"model": "source", "strategy": "strategy", "budget": "budget_pct", "pre
 def _from_query(name: str, raw: str):
     """A URL value as session state, or ValueError when it is not valid."""
     if name == "budget":
-        b = float(raw)
+        try:
+            b = float(raw)
+        except ValueError:
+            b = float("nan")
         if not 0.0 <= b <= 1.0:
-            raise ValueError
+            raise ValueError("a fraction between 0 and 1, e.g. 0.125")
         return round(b * 100, 3)
-    if name == "strategy":
-        from .scores import STRATEGIES
+    if name == "strategy":      # any registered one: Placement falls back to maxnn when a measurement is not stored
+        from .strategies import STRATEGIES
         if raw not in STRATEGIES:
-            raise ValueError
+            raise ValueError(f"one of {', '.join(STRATEGIES)}")
     if name == "model" and raw.startswith("tiny:"):
         from .models import TINY_FAMILIES
         if raw[5:] not in TINY_FAMILIES:
@@ -43,7 +46,7 @@ def _from_query(name: str, raw: str):
     if name == "preset":
         from .noise import PRESETS
         if raw not in PRESETS:
-            raise ValueError
+            raise ValueError(f"one of {', '.join(PRESETS)}")
     return raw
 
 
@@ -54,14 +57,16 @@ def init_state() -> None:
     if not ss.get("_initialised"):
         for k, v in DEFAULTS.items():
             ss.setdefault(k, v)
+        bad = []   # every ignored parameter is named, not only the last
         for q, key in QUERY.items():
             if q in st.query_params:
                 try:
                     ss[key] = _from_query(q, st.query_params[q])
                 except ValueError as e:
                     from .models import shorten
-                    why = f" ({e})" if str(e) and not str(e).startswith("could not convert") else ""
-                    ss["_query_warning"] = f"ignored the link's {q}={shorten(st.query_params[q])!r}{why}"
+                    bad.append(f"{q}={shorten(st.query_params[q])!r}" + (f" ({e})" if str(e) else ""))
+        if bad:
+            ss["_query_warning"] = bad
         ss["source_kind"] = source_kind(ss["source"])
         if ss["source"].startswith("tiny:"):
             ss["source_tiny"] = ss["source"][5:]
@@ -236,7 +241,8 @@ def _sidebar() -> None:
     from .models import shorten
     _RUN.slot.caption("Enter a model source above." if not source else f"Model: `{shorten(source, 60)}`")
     if (w := ss.pop("_query_warning", None)):
-        st.warning(f"The link held an invalid value: {w}; the default is used instead.")
+        st.warning(f"The link held {'an invalid value' if len(w) == 1 else f'{len(w)} invalid values'}, "
+                   f"ignored (the default is used instead): {'; '.join(w)}.")
     _memory_panel()
 
 
@@ -481,3 +487,108 @@ def hardware_editor(key: str = "hw"):
         if changes["digital"] or changes["analog"]:
             st.caption("Edited: " + ", ".join(f"{p}.{k}" for p in changes for k in changes[p]))
     return hw
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _forward_seconds(fingerprint: str, dtype: str, device: str, _handle: ModelHandle) -> float:
+    """sensitivity.forward_seconds of the loaded model, timed once per model (weights fingerprint, dtype, device)."""
+    from .sensitivity import forward_seconds
+    return forward_seconds(_handle.lm)
+
+
+def _duration(seconds: float) -> str:
+    return (f"about {seconds / 3600:.1f} h" if seconds > 5400 else f"about {seconds / 60:.0f} min" if seconds > 90
+            else f"about {seconds:.0f} s")
+
+
+def measurement_time(handle: ModelHandle, seeds: int, tokens: int) -> str:
+    """How long measuring the damage (``sensitivity.validate``) of the held model takes here, in words with its
+    basis: "about 12 min here at most (1,370 forwards × 0.5 s, one forward timed on this machine)"."""
+    from .sensitivity import measurement_estimate
+    fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"], handle)
+    e = measurement_estimate(handle.lm, seeds=seeds, tokens=tokens, forward_s=fs)
+    return (f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards × {fs:.1f} s, one forward "
+            "timed on this machine)")
+
+
+def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_label: str) -> str | None:
+    """What the measured strategies among ``strategies`` compute before the run's first result, for the Evaluate
+    page (None when nothing): the oracle needs ``validate``'s measurement under ``noise`` — from the store when
+    it is there (validation.stored_validation), else measured first, with sensitivity.measurement_estimate's
+    time (forwards x one clean forward timed on this machine); Local output error one calibration pass."""
+    from .criteria import LOCAL_ERROR_TOKENS
+    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS
+    from .validation import stored_validation
+    from .noise import PRESETS
+    if noise == PRESETS["ideal"]:      # nothing is analog-noisy: every result is the ideal reference
+        return None
+    out = []
+    if "oracle" in strategies:
+        try:
+            have = stored_validation(handle.lm.source, noise, store=store, device=st.session_state["device"],
+                                     dtype=st.session_state["dtype"]) is not None
+        except ValueError:
+            have = False
+        if not have:
+            out.append(f"**Oracle** needs a measured damage under {preset_label}: none is stored, so this run "
+                       f"measures it first ({ORACLE_SEEDS} seeds × {ORACLE_TOKENS:,} tokens) — "
+                       f"{measurement_time(handle, ORACLE_SEEDS, ORACLE_TOKENS)}; or measure it on the "
+                       "**Validate** page.")
+    if "local_error" in strategies:
+        out.append(f"**Local output error** runs the model once over {LOCAL_ERROR_TOKENS:,} calibration tokens "
+                   f"under {preset_label} before its first result (not stored: every run repeats it).")
+    return "\n\n".join(out) or None
+
+
+BUDGETS_HELP = ("Percentages of routed experts kept digital, e.g. 0, 12.5, 25. Decimals take a dot (12.5); budgets "
+                "are separated by a comma and a space, a semicolon or spaces. A comma between two digits (12,5) is "
+                "refused, since it reads as 12.5 in Europe and as 12 and 5 elsewhere.")
+
+
+def budgets_from_text(text: str) -> list[float]:
+    """The Evaluate page's digital budgets (percent text, see BUDGETS_HELP) as fractions in [0, 1]
+    (placement.budgets_from_percent after the separators are checked). Raises ValueError with one line that says
+    what to type when a comma stands between two digits ("12,5": a decimal comma or two budgets?)."""
+    import re
+    from .placement import budgets_from_percent
+    if m := re.search(r"\d+,\d+", text):
+        a, b = m.group().split(",", 1)
+        raise ValueError(f"'{m.group()}' is ambiguous: use a dot for decimals ({a}.{b}); separate budgets with a "
+                         f"comma and a space, a semicolon or spaces ({a}, {b})")
+    return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))
+
+
+# ------------------------------------------------------------------------------------------- store reads, cached
+def store_state(store) -> tuple:
+    """What changes whenever the store's results change: (path, number of runs, newest created_at, sizes and
+    modification times of the file and its write-ahead log). A cache keyed by it is fresh after every run,
+    import or delete, and a filter change on the Results page reads nothing again."""
+    df = store.query("SELECT count(*) AS n, max(created_at) AS t FROM runs")
+    files = [store.path, store.path.with_name(store.path.name + ".wal")]
+    stats = tuple((p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else None for p in files)
+    return str(store.path), int(df.n.iloc[0]), str(df.t.iloc[0]), stats
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _store_read(path: str, state: tuple, what: str, args: str):
+    import json
+    from .store import Store
+    store, a = Store(path), json.loads(args)
+    if what == "downloads":   # (number of runs, CSV bytes, Parquet bytes) of one model's runs
+        import io
+        runs, buf = store.runs_frame(*a), io.BytesIO()
+        runs.to_parquet(buf, index=False)
+        return runs.key.nunique(), runs.to_csv(index=False).encode(), buf.getvalue()
+    if what == "run_costs":
+        from .energy import run_costs
+        return run_costs(store, *a)
+    return getattr(store, what)(*a)
+
+
+def store_read(store, what: str, *args):
+    """``store.<what>(*args)`` (summary_frame, runs_frame), ``energy.run_costs(store, *args)`` or "downloads"
+    ((runs, CSV bytes, Parquet bytes) of ``store.runs_frame(*args)``), cached by
+    ``store_state``: the Results page summarises 2,512 example runs once, not on every filter change. Arguments
+    must be JSON-able; the frame returned is a copy (st.cache_data)."""
+    import json
+    return _store_read(str(store.path), store_state(store), what, json.dumps(args, sort_keys=True, default=str))

@@ -144,6 +144,24 @@ class Validation:
             out[r["layer"]].append(r["only_this"])
         return [np.asarray(v, dtype=np.float64) for v in out]
 
+    def strategy_scores(self, strategy: str) -> list[np.ndarray] | None:
+        """Per-layer float64 ``[E]`` scores of a measured placement strategy read from this record, as
+        ``sensitivity.measured_scores`` would compute them for the same request (no forward pass): "oracle" is
+        ``only_this()`` (nats per token); "local_error" is the Local Output Error that ``validate`` ranked
+        (``criteria.criterion_scores``: the first ``LOCAL_ERROR_TOKENS`` of the same calibration stream and the same
+        seeds as ``measured_scores``), None when this record holds none. Raises ValueError for another strategy."""
+        if strategy == "oracle":
+            return self.only_this()
+        if strategy != "local_error":
+            raise ValueError(f"strategy {strategy!r} is not measured; measured strategies are oracle, local_error")
+        if not self.experts or any(r.get("score_local_error") is None for r in self.experts):
+            return None
+        L = 1 + max(r["layer"] for r in self.experts)
+        out = [[] for _ in range(L)]
+        for r in sorted(self.experts, key=lambda r: (r["layer"], r["expert"])):
+            out[r["layer"]].append(r["score_local_error"])
+        return [np.asarray(v, dtype=np.float64) for v in out]
+
 
 def _texts(texts, source: str | None = None):
     """(texts by domain, where they came from) from None (``routing.default_calibration(source)``: the built-in
@@ -185,3 +203,25 @@ def stored_validation(source: str, preset, *, seeds=5, texts=None, tokens: int =
     st = store if isinstance(store, Store) else Store(store)
     hit = st.get_sensitivity(key)
     return None if hit is None else Validation(**{**hit, "cached": True})
+
+
+def stored_strategy_scores(source: str, preset, *, store=None, dtype: str = "float32",
+                           device: str = "cpu") -> tuple[Validation | None, dict[str, list[np.ndarray]]]:
+    """(the stored measurement, {measured strategy: per-layer float64 ``[E]`` scores}) that ``evaluate`` places
+    oracle / local_error with under ``preset``: the request ``sensitivity.measured_scores`` makes
+    (``validate``'s defaults, 5 seeds x 16,384 tokens of the default calibration text), read from the store
+    without a forward pass; (None, {}) when it is not stored, when ``preset`` is noise-free or when the store does
+    not exist. Raises ValueError for an unknown preset."""
+    from .store import Store
+    noise = _check_noise(preset)
+    if noise.name == "ideal":
+        return None, {}
+    try:
+        st = store if isinstance(store, Store) else Store(store, create=False)
+    except ValueError:     # no store yet: nothing is measured
+        return None, {}
+    v = stored_validation(source, noise, store=st, dtype=dtype, device=device)
+    if v is None:
+        return None, {}
+    found = {s: v.strategy_scores(s) for s in ("oracle", "local_error")}
+    return v, {s: x for s, x in found.items() if x is not None}

@@ -3,8 +3,8 @@ import streamlit as st
 
 from hetmoe_core import evaluate as ev
 from hetmoe_core import figures, jobs, results, ui
-from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs
-from hetmoe_core.placement import DENSE_KINDS, budgets_from_percent
+from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs, slow_tile_warning
+from hetmoe_core.placement import DENSE_KINDS
 from hetmoe_core.store import Store
 
 ui.frame()
@@ -68,8 +68,15 @@ try:
 except ValueError as e:
     st.error(f"{e}\n\nChange the parameter named above.")
     st.stop()
+preset_label = f"{preset} (edited: {', '.join(overrides)})" if overrides else preset
 if overrides:
-    st.caption("Changed from the preset: " + ", ".join(f"{k} = {v}" for k, v in overrides.items()))
+    st.caption(f"Preset **{preset_label}**: " + ", ".join(f"{k} = {v} (preset: {getattr(base, k)})"
+                                                         for k, v in overrides.items()))
+    if slow := slow_tile_warning([mat for m in ui.shapes(h).moe for mat in m.matrices], noise, base):
+        st.warning(slow)
+
+job = jobs.page_job("eval_job")   # after a reload: the job the URL names
+running_now = job is not None and job.running   # the model is busy: nothing is timed on it
 
 # ---------------------------------------------------------------- sweep
 aliases = ev.task_aliases()
@@ -81,7 +88,7 @@ strategies = c1.multiselect("Strategies", list(ev.STRATEGIES), default=[ss.get("
                                  "the oracle's measurement (Validate page, 5 seeds x 16,384 tokens) takes minutes on "
                                  "a CPU unless it is stored; Local output error takes one calibration pass.")
 budgets_txt = c2.text_input("Digital budgets (%)", f"{ui.budget() * 100:g}", key="ev_budgets", persist_state="session",
-                            help="Comma-separated percentages of routed experts kept digital, e.g. 0, 12.5, 25")
+                            help=ui.BUDGETS_HELP)
 first = next((t for t in ("hetmoe_cloze", "hetmoe_choice") if t in tasks_all), tasks_all[0] if tasks_all else None)
 tasks = c3.multiselect("Tasks", tasks_all, default=[first] if first else [], key="ev_tasks", persist_state="session",
                        help="hetmoe_* tasks ship with the default model; paper_* are the paper's zero-shot suite.")
@@ -95,11 +102,12 @@ backend = c3.radio("Backend", list(ev.BACKENDS), key="ev_backend", persist_state
 batch = c4.number_input("Batch size", 1, 256, 8, key="ev_batch", persist_state="session")
 dense = {k: bool(ss.get(f"dense_{k}", True)) for k in DENSE_KINDS}
 st.caption(f"Placement page: budget **{ui.budget() * 100:g}%**, scope **{ss.get('scope', 'layer')}**; dense modules "
-           "digital: " + ", ".join(figures.KIND_LABELS[k] for k, v in dense.items() if v)
+           "digital: " + (", ".join(figures.KIND_LABELS[k] for k, v in dense.items()
+                                    if v and h.lm.anatomy.modules.get(k)) or "none")
            + " (scope and dense modules are set on the Placement page).")
 
 try:
-    budgets = budgets_from_percent(budgets_txt)
+    budgets = ui.budgets_from_text(budgets_txt)
 except ValueError as e:
     st.error(f"Digital budgets (%): {e}.")
     st.stop()
@@ -113,10 +121,10 @@ try:
 except ValueError as e:
     st.error(f"{e}")
     st.stop()
-st.markdown(f"**{len(specs)} results** in this sweep (ideal references included): "
+if not running_now and (note := ui.measurement_notice(h, strategies, noise, store, preset_label)):
+    st.warning(note)
+st.markdown(f"**{len(specs)} results** in this sweep under **{preset_label}** (ideal references included): "
             f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
-
-job = jobs.page_job("eval_job")   # after a reload: the job the URL names
 
 
 def _start(source, kw):
@@ -124,7 +132,7 @@ def _start(source, kw):
     ss["eval_job"] = jobs.Job(h, source=source, store=None, **kw)
 
 
-running = job is not None and job.running
+running = running_now
 b1, b2 = st.columns([1, 5])
 b1.button("Run", type="primary", disabled=running or not specs, key="ev_run", on_click=_start,
           args=(ss["source"], kw), help="Disabled while an evaluation runs." if running else None)
@@ -140,6 +148,11 @@ def running_text(j) -> str:
 
 
 def ended(j) -> None:
+    if j.kwargs != {"source": ss["source"], "store": None, **kw}:   # the form changed since: say whose it is
+        how = {"done": "done", "cancelled": "cancelled"}.get(j.status, f"stopped ({j.error})")
+        st.info(f"Previous run, with other settings than the form shows now: {how}, {len(j.results)} results in "
+                f"{j.elapsed:.1f} s (they are stored; the Results page shows them).")
+        return
     if j.status == "done":
         st.success(f"Done: {len(j.results)} results in {j.elapsed:.1f} s "
                    f"({sum(r['cached'] for r in j.results)} from the cache).")
@@ -166,7 +179,7 @@ if noisy:
     first = noisy[0]
     with st.expander("Routing drift: does the noise change which experts the router picks?"):
         st.caption(f"The sweep's first noisy result — {figures.STRATEGY_LABELS.get(first.strategy, first.strategy)}, "
-                   f"{first.budget * 100:g}% digital, {first.preset}, seed {first.seed} — against the digital "
+                   f"{first.budget * 100:g}% digital, {preset_label}, seed {first.seed} — against the digital "
                    "model on 1,024 calibration tokens: per MoE layer, the share of tokens whose top-k expert set "
                    "changes, and the max/mean expert load before and after (ROMER, arXiv 2605.11800, reports noise "
                    "breaking expert load balance).")
@@ -180,4 +193,7 @@ if noisy:
         got = ss.get("ev_drift_rows")
         if got and got[0] == first.key:
             st.plotly_chart(figures.routing_drift({"routing_drift": got[1]}), key="ev_drift_chart")
-            st.dataframe(got[1], hide_index=True)
+            view, notes = results.drift_view(got[1])
+            st.dataframe(view, hide_index=True)
+            for n in notes:
+                st.caption(n)

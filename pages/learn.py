@@ -84,25 +84,50 @@ def show_toy():
         if c > 0:
             les = figures.toy_lesson(res["maxnn"], res["error"])
             st.metric("Correlation (log score, log error)", f"{les['r']:+.2f}")
-            st.markdown(_lesson(les))
+            st.markdown(_lesson(les, float(c)))
         else:
             st.info("c = 0: programming is exact; move the slider.")
     st.plotly_chart(figures.matrix_pair(res["up"], res["up_noisy"], f"Expert {show}: up projection [I × H] — "
                                         f"MaxNNScore {res['maxnn'][show]:.3g}"), key="toy_matrix")
 
 
-def _lesson(les: dict) -> str:
-    """The toy's take-away, worded after what this layer actually shows."""
+def _outlier(les: dict) -> bool:
+    """Whether one layer's toy shows an outlier: its top-MaxNNScore expert has the largest error, >= 1.5x the median."""
+    return les["rank"] == 1 and les["ratio"] >= 1.5
+
+
+def _outlier_layers(c: float) -> list[int]:
+    """MoE layers (indices) whose toy at noise scale ``c`` shows an outlier (same seed and inputs as the toy)."""
+    out = []
+    for i in range(len(a.moe_layers)):
+        r = toy(h.lm.fingerprint, i, c, 0, h)
+        if _outlier(figures.toy_lesson(r["maxnn"], r["error"])):
+            out.append(i)
+    return out
+
+
+def _elsewhere(c: float) -> str:
+    """Where this model shows an outlier at noise scale ``c``, or that no layer of it does."""
+    others = [i for i in _outlier_layers(c) if i != li]
+    if others:
+        names = ", ".join(f"L{a.moe_layers[i].layer}" for i in others)
+        return f"Choose MoE layer {names} above to see one expert stand out."
+    return (f"No MoE layer of this model has a single outlier expert at c = {c:g}: in all of them the trend, "
+            "not one expert, decides which experts the budget keeps digital.")
+
+
+def _lesson(les: dict, c: float) -> str:
+    """The toy's take-away, worded after what this layer (and, for a pointer, the model's other layers) shows."""
     head = (f"Expert **{les['top']}** has the largest MaxNNScore in this layer; its output error is "
             f"{les['ratio']:.1f}× the layer's median (rank {les['rank']} of {les['n']} by error).")
-    if les["rank"] == 1 and les["ratio"] >= 1.5:
+    if _outlier(les):
         return head + (" Moving the few high-score experts to digital removes the largest errors at a small "
                        "cost.")
     if les["r"] >= 0.5:
         return head + (" In this layer no single expert stands out, but the trend holds across all of them "
-                       f"(r = {les['r']:+.2f}): higher score, larger error. Try another layer to see an outlier.")
+                       f"(r = {les['r']:+.2f}): higher score, larger error. " + _elsewhere(c))
     return head + (f" Here the link is weak (r = {les['r']:+.2f}): the scores of this layer's experts are close, so "
-                   "the ranking matters little — the budget is better spent on layers with a clear outlier.")
+                   "the ranking matters little. " + _elsewhere(c))
 
 
 if h.lock.locked():

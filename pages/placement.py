@@ -8,9 +8,9 @@ import pyarrow as pa
 import streamlit as st
 
 from hetmoe_core import energy, figures, strategies, ui
-from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, overlap, place
-from hetmoe_core.scores import STRATEGIES, strategy_scores
-from hetmoe_core.strategies import get_strategy
+from hetmoe_core.placement import DENSE_KINDS, MEASURED_STRATEGIES, DensePolicy, digital_share, overlap, place
+from hetmoe_core.strategies import STRATEGIES as REGISTRY, get_strategy, strategy_scores
+from hetmoe_core.validation import stored_strategy_scores
 
 ui.frame()
 st.title("Digital placement")
@@ -25,10 +25,32 @@ def needs_stats(strategy):
     return get_strategy(strategy).needs == "stats"      # the registry says what each strategy needs
 
 
+# the measured strategies (oracle, local_error) place from the damage stored for the session's noise preset (the
+# Evaluate page's): offered only when that measurement is stored, read from the store, never recomputed here
+m_preset = ss.get("preset") or ui.DEFAULTS["preset"]
+try:
+    m_validation, m_scores = stored_strategy_scores(ss["source"], m_preset, dtype=ss["dtype"], device=ss["device"])
+except (ValueError, RuntimeError, OSError):     # an unknown preset or a store another program holds
+    m_validation, m_scores = None, {}
+STRATEGIES = [n for n, s in REGISTRY.items() if s.needs != "measurement" or n in m_scores]
+if ss.get("strategy") not in STRATEGIES:
+    ss["strategy"] = "maxnn"
+
 # the settings a slider move does not change: outside the view, drawn once per full run (a change reruns the page)
 c1, c2 = st.columns(2)
 c1.selectbox("Strategy", STRATEGIES, key="strategy", persist_state="session", format_func=label,
-             help="MaxNNScore (paper), Activation frequency / weight (from calibration text), Router norm, Random.")
+             help="MaxNNScore (paper), Activation frequency / weight (from calibration text), Router norm, Random; "
+                  "Oracle and Local output error from the damage measured under a noise preset (Validate page).")
+m_names = " and ".join(label(n) for n in MEASURED_STRATEGIES)
+if m_scores:
+    c1.caption(f"{' and '.join(label(n) for n in m_scores)} place by the damage measured under **{m_preset}** "
+               f"(the Evaluate page's noise preset; {len(m_validation.seeds)} seeds × {m_validation.tokens:,} "
+               "tokens, stored from the Validate page): read from the store, nothing is recomputed.")
+elif m_preset == "ideal":
+    c1.caption(f"{m_names} are not offered: the Evaluate page's noise preset is *ideal*, which damages nothing.")
+else:
+    c1.caption(f"{m_names} are not offered: no damage measurement of this model under **{m_preset}** (the "
+               "Evaluate page's noise preset) is stored. Measure it on the Validate page (5 seeds × 16,384 tokens).")
 c2.radio("Scope", ["layer", "global"], key="scope", persist_state="session", horizontal=True,
          help="layer: the budget applies within each MoE layer (paper); global: one ranking over all experts.")
 c1, c2 = st.columns(2)
@@ -59,7 +81,8 @@ def view(hw):
     dense = DensePolicy(**{k: bool(ss[f"dense_{k}"]) for k in DENSE_KINDS})
 
     def placement_of(strategy, stats):
-        return place(a, strategy, ui.budget(), scope=ss["scope"], dense=dense, stats=stats, scores=sc)
+        return place(a, strategy, ui.budget(), scope=ss["scope"], dense=dense, stats=stats, scores=sc,
+                     measured=m_scores.get(strategy))
 
     stats = ui.stats_for(h) if needs_stats(ss["strategy"]) else None   # the comparison below loads its own
     if needs_stats(ss["strategy"]) and stats is None:
@@ -71,18 +94,28 @@ def view(hw):
     # the heatmap is sent first, though drawn below the metrics and the energy block: it is what a move is watched for
     metrics_box, cost_box, energy_row = st.container(), st.container(), st.container()
     shown_strategy = ss["strategy"] if ss["strategy"] != "random" else "maxnn"     # random scores mean nothing
-    values = strategy_scores(shown_strategy, num_experts=list(p.num_experts), scores=sc, stats=stats)
+    values = strategy_scores(shown_strategy, num_experts=list(p.num_experts), scores=sc, stats=stats,
+                             measured=m_scores.get(shown_strategy))
     vname = label(ss["strategy"]) if ss["strategy"] != "random" else "MaxNNScore"
+    under = f" under {m_preset}" if ss["strategy"] in m_scores else ""     # measured: say under which noise
     extra = {"MaxNNScore": sc.get("maxnn")} if vname != "MaxNNScore" else None
-    st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname} — red squares: digital experts", vname,
+    st.plotly_chart(figures.expert_heatmap(list(values), layers, f"{vname}{under} — red squares: digital experts",
+                                           vname,
                                            digital=p.digital, extra=extra,
                                            log=ss["strategy"] in ("maxnn", "router_norm", "random")),
                     key="placement_heat")
     m = metrics_box.columns(4)
-    m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}", help=share["help"]["digital_share"])
+    # the parameter share stays below 100 % at a 100 % budget: norms (and untied embeddings) are memory, neither
+    # digital nor analog; the line under it says what the rest is, the routed experts' metric gives their share
+    memory = [k for k, v in share["by_kind"].items() if v["memory"]]
+    rest = (f"rest {100 * share['memory_params'] / share['total_params']:.2g}%: {' + '.join(memory)} (memory)"
+            if share["memory_params"] else None)
+    m[0].metric("Digital parameter share", f"{share['digital_share']:.1%}", rest, delta_color="off",
+                delta_arrow="off", help=share["help"]["digital_share"])
     m[1].metric("Digital routed experts", f"{sum(share['per_layer_digital'])} / {sum(share['per_layer_experts'])}",
-                help=f"routed_digital_share {share['routed_digital_share']:.1%}: "
-                     + share["help"]["routed_digital_share"])
+                f"{share['routed_digital_share']:.1%} of routed experts".replace(".0%", "%"), delta_color="off",
+                delta_arrow="off", help=f"routed_digital_share {share['routed_digital_share']:.1%}: "
+                                        + share["help"]["routed_digital_share"])
     m[2].metric("Analog parameters", f"{share['analog_params'] / 1e6:.2f} M",
                 help=f"{share['analog_params'] / share['total_params']:.1%} of all parameters run on AIMC tiles")
     m[3].metric("Per layer", " ".join(str(x) for x in share["per_layer_digital"]), help="digital experts per MoE layer")

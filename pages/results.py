@@ -1,6 +1,4 @@
 """Results page: stored results from the DuckDB store — metric vs budget, a filterable table, downloads."""
-import io
-
 import streamlit as st
 
 from hetmoe_core import energy, figures, results, ui
@@ -14,7 +12,7 @@ st.title("Results")
 ss = st.session_state
 try:
     store = Store()
-    summary = store.summary_frame()
+    summary = ui.store_read(store, "summary_frame")
 except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")
@@ -39,13 +37,21 @@ if summary.empty:
 h = ui.get_model(show_errors=False)
 models = sorted(summary.model_fingerprint.dropna().unique())
 cur = h.lm.fingerprint if h is not None else None
+# the page opens on this session's last evaluation (its task and limit), else on the task with the most results
+# at the limit run last (not the largest limit: an earlier CLI run's limit showed "No results" for a new run)
+job = ss.get("eval_job")
+just_run = ({"model_fingerprint": getattr(getattr(job.handle, "lm", None), "fingerprint", None),
+             "task": job.results[-1]["task"],
+             "limit": job.kwargs.get("limit") or results.ALL} if job is not None and job.results else {})
 c1, c2, c3, c4 = st.columns(4)
 names = {f: ", ".join(summary[summary.model_fingerprint == f].model_source.unique()) for f in models}
 model = c1.selectbox("Model", models, index=models.index(cur) if cur in models else 0, key="res_model",
                      format_func=lambda f: f"{names[f]} ({f[:20]})")
 s = summary[summary.model_fingerprint == model]
 tasks = sorted(s.task.unique())
-most = s.groupby("task").size().idxmax()   # first shown: the task with the most results, not the first by name
+most = s.groupby("task").size().idxmax()   # else the task with the most results, not the first by name
+if just_run.get("model_fingerprint") == model and just_run.get("task") in tasks:
+    most = just_run["task"]
 task = c2.selectbox("Task", tasks, index=tasks.index(most), key="res_task")
 s = s[s.task == task]
 metrics = sorted(s.metric.unique())
@@ -53,7 +59,10 @@ prefer = [m for m in ("acc", "acc_norm", "word_perplexity", "perplexity") if m i
 metric = c3.selectbox("Metric", metrics, index=metrics.index(prefer[0]) if prefer else 0, key="res_metric")
 s = s[s.metric == metric]
 limits = results.limit_choices(s)
-lim = c4.selectbox("Limit (documents)", limits, index=len(limits) - 1, key="res_limit",
+last = just_run if just_run.get("model_fingerprint") == model and just_run.get("task") == task else \
+    (results.latest(store, model, task) or {})
+lim_at = limits.index(last["limit"]) if last.get("limit") in limits else len(limits) - 1
+lim = c4.selectbox("Limit (documents)", limits, index=lim_at, key="res_limit",
                    help="Results with different limits are not comparable.")
 s = results.at_limit(s, lim)
 noisy = s[s.strategy != "ideal"]
@@ -69,13 +78,13 @@ def kept_filter(col, label, column, key, **kw):
     options = sorted(noisy[column].unique())
     kept, dropped = results.keep_selection(ss.get(f"_{key}_chosen"), options)
     ss[key] = kept
-    chosen = col.multiselect(label, options, key=key, on_change=_remember, args=(key,), **kw)
+    chosen = col.multiselect(label, options, key=key, on_change=_remember, args=(key,), wrap=True, **kw)
     if dropped:
         col.caption(f"{', '.join(map(str, dropped))}: no results here (limit {lim}); showing all {label.lower()}.")
     return chosen
 
 
-c1, c2, c3 = st.columns(3)
+c1, c2, c3 = st.columns([2, 3, 1])   # strategy labels are the longest chips
 presets = kept_filter(c1, "Presets", "preset", "res_presets")
 strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies",
                          format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
@@ -98,7 +107,7 @@ elif not analog:
     st.caption("Run a budget of 0 % with these presets to draw the all-analog reference line.")
 
 # paired statistics: the same seeds for every strategy and budget (hetmoe_core.paired)
-runs = store.runs_frame({"model_fingerprint": model, "task": task})
+runs = ui.store_read(store, "runs_frame", {"model_fingerprint": model, "task": task})
 runs = results.at_limit(runs[runs.metric == metric], lim)
 runs = runs[(runs.strategy == "ideal") | (runs.preset.isin(presets) & runs.strategy.isin(strategies)
                                           & runs.backend.isin(backends))]
@@ -131,7 +140,7 @@ e1, e2 = st.columns(2)
 hw_name = e1.selectbox("Hardware", list(HARDWARE), key="res_hw", help="Presets of hetmoe_core/hardware.py (sources "
                        "there); edit single constants on the Placement page.")
 batch = e2.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="res_batch")
-runs_e, note = energy.run_costs(store, model, hw_name, batch)
+runs_e, note = ui.store_read(store, "run_costs", model, hw_name, batch)
 if runs_e is None:
     st.info(f"No energy figures: {note}.")
 else:
@@ -148,15 +157,16 @@ st.subheader("Table")
 view, notes = results.summary_view(results.summary_table(s, shown))
 st.dataframe(view, hide_index=True, key="res_table",
              column_config={"digital_share": st.column_config.TextColumn("digital share",
-                                                                         help=SHARE_HELP["digital_share"])})
+                                                                         help=SHARE_HELP["digital_share"]),
+                            # kept in view when the wide table scrolls sideways (the mean was cut at the edge)
+                            **{c: st.column_config.Column(pinned=True) for c in ("strategy", "budget %", "mean",
+                                                                                 "std")}})
 for n in notes:
     st.caption(n)
 
 st.subheader("Download")
-runs = store.runs_frame({"model_fingerprint": model})
-st.caption(f"All {runs.key.nunique()} stored runs of this model, one row per (run, metric).")
+n_runs, csv, parquet = ui.store_read(store, "downloads", {"model_fingerprint": model})
+st.caption(f"All {n_runs} stored runs of this model, one row per (run, metric).")
 d1, d2 = st.columns(2)
-d1.download_button("CSV", runs.to_csv(index=False).encode(), "hetmoe_results.csv", "text/csv", key="dl_csv")
-buf = io.BytesIO()
-runs.to_parquet(buf, index=False)
-d2.download_button("Parquet", buf.getvalue(), "hetmoe_results.parquet", "application/octet-stream", key="dl_parquet")
+d1.download_button("CSV", csv, "hetmoe_results.csv", "text/csv", key="dl_csv")
+d2.download_button("Parquet", parquet, "hetmoe_results.parquet", "application/octet-stream", key="dl_parquet")

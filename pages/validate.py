@@ -82,6 +82,9 @@ else:
     match = [d for d in stored.values() if (d["preset"], n_seeds(d["seeds"]), d["tokens"]) == (preset, seeds, tokens)]
     same_preset = [d for d in stored.values() if d["preset"] == preset]
     v = (match or same_preset or [None])[-1]
+    if not match and not running:
+        st.caption(f"Not stored yet: measuring {seeds} seed{'s' if seeds > 1 else ''} × {tokens:,} tokens takes "
+                   f"{ui.measurement_time(h, seeds, tokens)}.")
 if v is None:
     st.info("Press **Measure** to measure each expert's damage under this preset"
             + (" (stored results of other presets: " + ", ".join(sorted({d['preset'] for d in stored.values()}))

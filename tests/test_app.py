@@ -320,6 +320,13 @@ def test_evaluate_measures_routing_drift_of_the_placement(store_env):
     assert [r["layer"] for r in rows] == [0, 1, 2, 3] and rows[0]["changed_share"] == 0.0
     assert 0 < max(r["changed_share"] for r in rows) < 1
     assert at.get("plotly_chart")
+    import json   # the table read a raw "None" for the one-seed SE; the tallest bar touched the frame's top
+    table = at.dataframe[-1].value
+    assert "None" not in table.to_string() and set(table["± SE over seeds"]) == {"n/a"}
+    assert list(table["MoE layer"]) == ["L0", "L1", "L2", "L3"]
+    assert table["tokens with a changed top-k set"][0] == "0.0%"
+    top = json.loads(at.get("plotly_chart")[-1].proto.spec)["layout"]["yaxis"]["range"][1]
+    assert top == 1.15 * max(r["changed_share"] for r in rows)
 
 
 def test_results_after_example_results_read_well(store_env):
@@ -356,3 +363,69 @@ def test_results_after_example_results_read_well(store_env):
     captions = " ".join(c.value for c in at.caption)
     assert "sampling SE n/a: lm-eval reports no standard error for word_perplexity" in captions
     assert "std n/a: a single result" in captions
+
+
+def test_placement_offers_measured_strategies_only_when_stored(store_env):
+    """Oracle and Local output error are offered on the Placement page once the damage under the session's noise
+    preset is stored (the example results hold it), and place exactly by that stored measurement; before, one line
+    says why they are absent and where to measure."""
+    import numpy as np
+    from hetmoe_core.examples import load_examples
+    from hetmoe_core.placement import place
+    from hetmoe_core.store import Store
+    from hetmoe_core.validation import stored_validation
+    at = page(app(), "placement")
+    assert "Oracle (measured damage)" not in at.selectbox(key="strategy").options
+    captions = " ".join(c.value for c in at.caption)
+    assert "not offered" in captions and "paper-pcm-c1.5" in captions and "Validate page" in captions
+    load_examples(Store(store_env))
+    at = page(app(), "placement")
+    assert {"Oracle (measured damage)", "Local output error"} <= set(at.selectbox(key="strategy").options)
+    assert "damage measured under **paper-pcm-c1.5**" in " ".join(c.value for c in at.caption)
+    v = stored_validation("default", "paper-pcm-c1.5", store=Store(store_env, read_only=True))
+    a = _anatomy()
+    for strategy, scores in (("oracle", v.only_this()),
+                             ("local_error", [np.array([r["score_local_error"] for r in v.experts if r["layer"] == i])
+                                              for i in range(len(a.moe_layers))])):
+        at.selectbox(key="strategy").set_value(strategy).run()
+        at.slider(key="budget_pct").set_value(25.0).run()
+        assert not at.exception, [e.value for e in at.exception]
+        want = place(a, strategy, 0.25, measured=scores).digital
+        table = next(d.value for d in at.dataframe if "MoE layer" in d.value)
+        shown = [tuple(int(x) for x in cell.split(", ")) for cell in table.iloc[:, 1]]
+        assert shown == [tuple(d) for d in want] and all(len(d) == 4 for d in want)   # 25% of 16 experts
+
+
+def test_learn_hint_points_to_a_layer_with_an_outlier_or_says_none_has(store_env):
+    """The toy's "try another layer" hint is true for the model shown: on the default model no layer has a single
+    outlier at c = 1.5 (before, every layer sent the reader to another), so the page says so; on tiny DeepSeek-V2
+    the second layer names the first, which shows one."""
+    import re
+    at = page(app(), "learn")
+    for layer in range(len(_anatomy().moe_layers)):
+        at.selectbox(key="toy_layer").set_value(layer).run()
+        text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
+        assert "No MoE layer of this model has a single outlier expert at c = 1.5" in text, text
+        assert "another layer" not in text and "removes the largest errors" not in text
+    at = page(app({"model": "tiny:deepseek_v2"}), "learn")
+    at.selectbox(key="toy_layer").set_value(1).run()
+    text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
+    target = re.search(r"Choose MoE layer L(\d+) above", text)
+    assert target, text
+    at.selectbox(key="toy_layer").set_value(at.selectbox(key="toy_layer").options.index(f"L{target.group(1)}")).run()
+    text = " ".join(m.value for m in at.markdown if "the layer's median" in m.value)
+    assert "removes the largest errors" in text, text
+
+
+def test_placement_at_full_budget_says_every_routed_expert_is_digital(store_env):
+    """At a 100 % budget the parameter share reads 99.9 % on the default model (its 4,352 norm parameters are memory):
+    the line under it names that rest, and the routed experts' metric reads 100 %."""
+    at = page(app(), "placement")
+    at.slider(key="budget_pct").set_value(100.0).run()
+    m = {x.label: x for x in at.metric}
+    assert m["Digital parameter share"].value == "99.9%"
+    assert m["Digital parameter share"].delta == "rest 0.052%: norms (memory)"
+    assert m["Digital routed experts"].value == "64 / 64" and m["Digital routed experts"].delta == \
+        "100% of routed experts"
+    at.slider(key="budget_pct").set_value(12.5).run()
+    assert {x.label: x.delta for x in at.metric}["Digital routed experts"] == "12.5% of routed experts"

@@ -508,3 +508,26 @@ def test_reloaded_evaluate_page_shows_the_running_jobs_request(examples_server, 
     pg.get_by_role("button", name="Cancel").click()
     pg.get_by_text("Cancelled after").wait_for(timeout=120000)
     pg.context.close()
+
+
+_CHIPS = """() => [...document.querySelectorAll('[data-testid="stMultiSelect"]')].map(ms => {
+  const box = ms.getBoundingClientRect();
+  return [ms.querySelector('label')?.textContent, [...ms.querySelectorAll('[data-tag] > span[title]')].map(t =>
+    [t.title, Math.round(t.getBoundingClientRect().left), Math.round(t.getBoundingClientRect().right),
+     t.scrollWidth - t.clientWidth]), Math.round(box.left), Math.round(box.right)]; })"""
+"""[label, [[chip text, left, right, hidden px of its text]], left, right] of every multiselect on the page."""
+
+
+def test_results_filter_chips_are_not_cut(examples_server, browser):
+    """The Strategies filter's chips wrap inside their box: 'Activation frequency' read 'cy' (a single scrolled row
+    cut the chips at the column's edge)."""
+    pg = browser.new_page(viewport={"width": 1280, "height": 800})
+    pg.goto(f"{examples_server}/results?model=default")
+    pg.get_by_text("Paired differences between strategies").wait_for(timeout=120000)
+    idle(pg)
+    no_errors(pg, "results")
+    got = {label: (chips, lo, hi) for label, chips, lo, hi in pg.evaluate(_CHIPS)}
+    chips, lo, hi = got["Strategies"]
+    assert "Activation frequency" in [c[0] for c in chips] and len(chips) >= 7
+    assert all(lo <= left and right <= hi and hidden <= 0 for _, left, right, hidden in chips), (chips, lo, hi)
+    pg.close()

@@ -125,3 +125,25 @@ def test_place_oracle_answers_from_the_stored_measurement(tmp_path):
     again = json.loads(out)
     assert rc == 0 and again.pop("measurement") == "stored" and again == first
     assert "lm_eval" not in heavy and sum(again["per_layer_digital"]) == 4     # 25 % of 2 layers x 8 experts
+
+
+def test_runs_summary_cut_tables_name_every_task_and_what_they_left_out(tmp_path, capsys):
+    """The example results fill 200 rows with one task per table: each of the three `runs --summary` tables
+    shows every task and says how many of its rows it left out."""
+    from hetmoe_core.cli import main
+    from hetmoe_core.examples import load_examples
+    path = tmp_path / "ex.duckdb"
+    load_examples(Store(path))
+    rc = main(["runs", "--store", str(path), "--summary", "--where", "strategy=maxnn,frequency,ideal",
+               "--max-rows", "14"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    tables = out.split("\n\n")
+    assert len(tables) == 3 and "recovered fraction" in tables[1] and "paired deltas" in tables[2]
+    for table in tables:
+        rows = [ln.split()[0] for ln in table.strip().splitlines() if ln.strip().startswith("hetmoe_ppl_")]
+        assert len(rows) == 14 and len(set(rows)) == 7          # 2 rows of each of the 7 tasks, not 14 of one
+    notes = [ln for ln in out.splitlines() if ln.startswith("(") and "more" in ln]
+    assert len(notes) == 3 and all("shown: the first 2 of each of 7 tasks" in n for n in notes)
+    # 7 tasks x 3 metrics x 2 presets x 2 strategies x 5 budgets
+    assert notes[1].startswith("(406 more recovered-fraction rows") and "--max-rows to 420" in notes[1]

@@ -1,4 +1,5 @@
 """MaxNNScore / Router Norm: in-memory vs an independent per-expert loop, streaming vs in-memory."""
+import os
 import threading
 
 import numpy as np
@@ -218,3 +219,43 @@ def test_streaming_equals_in_memory_bit_for_bit_at_real_widths(tmp_path):
     down = m.experts.down_proj.detach().double()                     # [E, H, I]: a neuron's output is a column
     np.testing.assert_allclose(ref.neuron_norms["down"], down.norm(dim=1).numpy(), rtol=1e-6)
     assert ref.maxnn.max() > 1.2 * ref.maxnn.min()
+
+
+@pytest.mark.skipif(not (hasattr(os, "posix_fadvise") and hasattr(os, "RWF_NOWAIT")), reason="Linux page cache API")
+def test_streaming_read_ahead_brings_evicted_jobs_into_the_page_cache(tmp_path):
+    """The read-ahead thread (faults through MADV_HUGEPAGE mappings, never posix_fadvise: its 4 KiB folios made warm
+    reruns slower) reads every queued job of a file evicted from the page cache; reading it changes no number."""
+    from hetmoe_core.shards import _Files, _jobs, _plan, _shards
+    g = torch.Generator().manual_seed(3)
+    sd = {"model.layers.0.mlp.gate.weight": torch.randn(4, 512, generator=g).to(torch.bfloat16)}
+    for e in range(4):
+        for n, shape in (("gate_proj", (1024, 512)), ("up_proj", (1024, 512)), ("down_proj", (512, 1024))):
+            sd[f"model.layers.0.mlp.experts.{e}.{n}.weight"] = torch.randn(*shape, generator=g).to(torch.bfloat16)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    jobs = _jobs(_plan(_shards(tmp_path)), 2 << 20)
+    fd = os.open(tmp_path / "model.safetensors", os.O_RDONLY)
+    probe = bytearray(1)
+
+    def cached(at):
+        try:
+            return os.preadv(fd, [probe], at, os.RWF_NOWAIT) == 1
+        except BlockingIOError:
+            return False
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        middles = [j.start + j.nbytes // 2 for j in jobs]
+        assert len(jobs) >= 6 and not cached(middles[-1])      # evicted (probing reads a few pages around it)
+        files = _Files(jobs, window=64 << 20)
+        files.advise(0)
+        files.ahead.shutdown(wait=True)                        # all jobs were handed over before job 0 was queued
+        files.close()
+        assert all(cached(m) for m in middles)
+    finally:
+        os.close(fd)
+    ref = stream_scores(tmp_path, threads=1, chunk_bytes=64 << 20).layers[0]
+    got = stream_scores(tmp_path, threads=2, chunk_bytes=2 << 20).layers[0]
+    for p in ("gate", "up", "down"):
+        assert np.array_equal(got.neuron_norms[p], ref.neuron_norms[p])
+    w = sd["model.layers.0.mlp.experts.2.down_proj.weight"].double()
+    np.testing.assert_allclose(got.neuron_norms["down"][2], w.norm(dim=0).numpy(), rtol=1e-6)

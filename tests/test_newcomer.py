@@ -1,0 +1,149 @@
+"""What a newcomer met driving the dashboard: each test asserts the value that was wrong (AppTest, default model,
+real DuckDB store in tmp)."""
+from test_app import app, page
+
+from hetmoe_core.models import load_model
+
+
+def test_measurement_forwards_is_what_measure_counts():
+    """The oracle's time estimate counts the forwards measure() really makes (its progress total)."""
+    from hetmoe_core.sensitivity import calibration_tokens, measure, measurement_forwards
+    from hetmoe_core.validation import _texts
+    lm = load_model("tiny:olmoe")
+    ids = calibration_tokens(lm.tokenizer, _texts(None, lm.source)[0], 64, seq_len=32)
+    seen = []
+    measure(lm, "paper-dac-adc-8bit", ids, seeds=1, progress=lambda d, n: seen.append(n))
+    assert measurement_forwards(lm.anatomy, seeds=1, tokens=64, seq_len=32) == seen[-1]
+
+
+def test_oracle_says_before_run_that_it_measures_first(store_env):
+    at = page(app(), "evaluate")
+    assert not any("Oracle" in w.value for w in at.warning)
+    at.multiselect(key="ev_strategies").set_value(["maxnn", "oracle"]).run()
+    note = next(w.value for w in at.warning if "Oracle" in w.value)
+    assert "none is stored" in note and "1,370 forwards" in note and "Validate" in note, note
+    page(at, "validate")   # the Validate page gives the same estimate before Measure
+    assert any(c.value.startswith("Not stored yet: measuring 5 seeds × 16,384 tokens takes about ")
+               and "(1,370 forwards × " in c.value for c in at.caption)
+
+
+def test_decimal_comma_in_budgets_is_one_clear_line(store_env):
+    from hetmoe_core.ui import budgets_from_text
+    assert budgets_from_text("0, 12.5;25 50") == [0.0, 0.125, 0.25, 0.5]
+    at = page(app(), "evaluate")
+    at.text_input(key="ev_budgets").set_value("12,5").run()
+    assert [e.value for e in at.error] == ["Digital budgets (%): '12,5' is ambiguous: use a dot for decimals (12.5); "
+                                           "separate budgets with a comma and a space, a semicolon or spaces (12, 5)."]
+
+
+def test_edited_preset_is_marked_and_tile_size_1_warns(store_env):
+    at = page(app(), "evaluate")
+    p = at.selectbox(key="preset").value
+    at.number_input(key=f"nz_{p}_tile_size").set_value(1).run()
+    at.number_input(key=f"nz_{p}_t_inference").set_value(86400.0).run()
+    assert f"under **{p} (edited: t_inference, tile_size)**" in " ".join(m.value for m in at.markdown) or \
+        f"under **{p} (edited: tile_size, t_inference)**" in " ".join(m.value for m in at.markdown)
+    slow = next(w.value for w in at.warning if "tile_size = 1" in w.value)
+    from hetmoe_core.models import load_model
+    from hetmoe_core.noise import tile_partials
+    a = load_model("default").anatomy
+    shapes = [(2 * m.intermediate_size, m.hidden_size) for m in a.moe_layers] + \
+        [(m.hidden_size, m.intermediate_size) for m in a.moe_layers]
+    assert f"{tile_partials(shapes, 1) / tile_partials(shapes, 512):,.0f}x" in slow
+
+
+def test_results_open_on_the_latest_results(store_env):
+    """An earlier CLI run at limit 20, then a dashboard run at limit 5: the page opens on limit 5 (it opened on the
+    largest limit, 20, and said "No results" for the run just made)."""
+    from test_app import _put
+    from hetmoe_core.store import Store
+    store = Store(store_env)
+    _put(store, "cli", "pa", 20, 0.125, 0.5)
+    _put(store, "ideal20", "ideal", 20, 1.0, 0.7, strategy="ideal")
+    _put(store, "dash", "pb", 5, 0.25, 0.6)
+    at = page(app(), "results")
+    assert at.selectbox(key="res_limit").value == 5
+    assert at.multiselect(key="res_presets").value == ["pb"]
+
+
+def test_cached_store_reads_see_a_new_result(store_env):
+    """The Results page's cached summary (ui.store_read, keyed by ui.store_state) is fresh after a new result."""
+    from test_app import _put
+    from hetmoe_core import ui
+    from hetmoe_core.store import Store
+    store = Store(store_env)
+    _put(store, "a", "pa", 20, 0.125, 0.5)
+    first = ui.store_read(store, "summary_frame")
+    assert ui.store_read(store, "summary_frame").equals(first)
+    _put(store, "b", "pb", 20, 0.25, 0.6)
+    assert sorted(ui.store_read(store, "summary_frame").preset) == ["pa", "pb"] and list(first.preset) == ["pa"]
+
+
+def test_metric_axes_and_results_filters_read_well(store_env):
+    """Equal accuracies gave a tick "0.2000000000000000111"; an only-ideal report panel spanned -1…4; the filter
+    chips were cut ("Activation frequency" read "cy")."""
+    import json
+    from test_app import _put
+    from hetmoe_core.figures import metric_axis
+    from hetmoe_core.report import _figures
+    from hetmoe_core.store import Store
+    assert metric_axis([0.2, 0.2, 0.2]) == {"tickformat": ".4~g", "range": [0.15000000000000002, 0.25]}
+    assert metric_axis([0.0]) == {"tickformat": ".4~g", "range": [-0.05, 0.05]}
+    assert metric_axis([0.1, 0.3]) == {"tickformat": ".4~g"}
+    store = Store(store_env)
+    for k, b in (("a", 0.0), ("b", 0.5)):
+        _put(store, k, "pa", 20, b, 0.2)
+    _put(store, "i", "ideal", 20, 1.0, 0.2, strategy="ideal")
+    at = page(app(), "results")
+    y = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["yaxis"]
+    assert y["tickformat"] == ".4~g" and y["range"] == [0.15000000000000002, 0.25]
+    assert at.multiselect(key="res_strategies").proto.wrap and at.multiselect(key="res_presets").proto.wrap
+    only_ideal = store.summary_frame()
+    fig = _figures(only_ideal[only_ideal.strategy == "ideal"])[0]      # a panel with the ideal line alone
+    assert list(fig.layout.yaxis.range) == [0.15000000000000002, 0.25]
+
+
+def test_a_link_with_three_bad_values_names_all_three(store_env):
+    at = app({"strategy": "nonsense", "budget": "abc", "preset": "zzz"})
+    w = next(x.value for x in at.warning if "link" in x.value)
+    assert w.startswith("The link held 3 invalid values, ignored (the default is used instead): strategy='nonsense'"
+                        " (one of ") and "budget='abc' (a fraction between 0 and 1, e.g. 0.125)" in w \
+        and "preset='zzz' (one of ideal, " in w
+    assert at.session_state["strategy"] == "maxnn" and at.session_state["budget_pct"] == 12.5
+
+
+def test_done_banner_is_the_previous_runs_once_inputs_change_and_plan_lists_real_modules(store_env):
+    from test_app import _wait, eval_task
+    from hetmoe_core.fingerprints import source_fingerprint
+    from hetmoe_core.store import Store
+    Store(store_env).put_result("cli", {    # an earlier CLI result of the same model and task at limit 20
+        "model_source": "default", "model_fingerprint": source_fingerprint("default"), "strategy": "maxnn",
+        "budget": 0.125, "preset": "paper-pcm-c1.5", "seed": 0, "task": eval_task(), "limit": 20.0, "scope": "layer",
+        "backend": "fast"}, [{"task": eval_task(), "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": 0}])
+    at = page(app(), "evaluate")
+    plan = next(c.value for c in at.caption if c.value.startswith("Placement page:"))
+    assert "dense modules digital: attention, LM head, routers (" in plan and "shared" not in plan, plan
+    at.multiselect(key="ev_tasks").set_value([eval_task()])
+    at.number_input(key="ev_limit").set_value(4)
+    at.run()
+    at.button(key="ev_run").click().run()
+    assert _wait(at).status == "done"
+    assert any(s.value.startswith("Done: 2 results") for s in at.success)
+    at.number_input(key="ev_limit").set_value(3).run()
+    assert not any(s.value.startswith("Done:") for s in at.success)
+    assert any(i.value.startswith("Previous run, with other settings than the form shows now: done, 2 results")
+               for i in at.info)
+    page(at, "results")   # opens on what was just run (limit 4), not on the CLI run's larger limit 20
+    assert at.selectbox(key="res_task").value == eval_task() and at.selectbox(key="res_limit").value == 4
+
+
+def test_oracle_note_is_gone_when_the_measurement_is_stored(store_env):
+    """The example results carry the oracle's measurement under paper-pcm-c1.5: no 'measures it first' note."""
+    from hetmoe_core.examples import load_examples
+    from hetmoe_core.store import Store
+    load_examples(Store(store_env))
+    at = page(app({"preset": "paper-pcm-c1.5"}), "evaluate")
+    at.multiselect(key="ev_strategies").set_value(["oracle"]).run()
+    assert not any("Oracle" in w.value for w in at.warning), [w.value for w in at.warning]
+    at.selectbox(key="preset").set_value("ideal").run()
+    assert not any("Oracle" in w.value for w in at.warning)
