@@ -371,14 +371,7 @@ def test_evaluate_run_disabled_and_cancel_answers(server, browser):
     pg.goto(f"{base}/evaluate?model=default")
     pg.get_by_role("heading", level=1).filter(has_text="Noisy evaluation").wait_for(timeout=60000)
     idle(pg)
-    for label, value in (("Limit (documents per task, 0 = all)", "4"), ("Seeds", "3"),
-                         ("Digital budgets (%)", "0, 25, 50, 75")):
-        box = pg.locator(f"input[aria-label='{label}']")
-        box.fill(value)
-        box.press("Enter")
-        idle(pg)
-    pg.get_by_role("button", name="Run").click()
-    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)
+    _run_sweep(pg)
     run = pg.get_by_role("button", name="Run")
     run.wait_for()
     assert run.is_disabled(), "Run must be disabled while the evaluation runs"
@@ -491,20 +484,13 @@ def test_reloaded_evaluate_page_shows_the_running_jobs_request(examples_server, 
     idle(pg)
     backend = pg.get_by_role("radiogroup", name="Backend")
     assert backend.count() == 1 and backend.get_by_role("radio", name="aihwkit").count() == 1
-    typed = {"Limit (documents per task, 0 = all)": "4", "Seeds": "3", "Digital budgets (%)": "0, 25, 50, 75"}
-    for label, value in typed.items():
-        box = pg.locator(f"input[aria-label='{label}']")
-        box.fill(value)
-        box.press("Enter")
-        idle(pg)
-    pg.get_by_role("button", name="Run").click()
-    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)
+    _run_sweep(pg)
     assert "eval_job=" in pg.url
     pg.reload()
     pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)    # the job found again
     idle(pg)
-    shown = {label: pg.locator(f"input[aria-label='{label}']").input_value() for label in typed}
-    assert shown == typed
+    shown = {label: pg.locator(f"input[aria-label='{label}']").input_value() for label in _SWEEP_FORM}
+    assert shown == _SWEEP_FORM
     pg.get_by_role("button", name="Cancel").click()
     pg.get_by_text("Cancelled after").wait_for(timeout=120000)
     pg.context.close()
@@ -531,3 +517,18 @@ def test_results_filter_chips_are_not_cut(examples_server, browser):
     assert "Activation frequency" in [c[0] for c in chips] and len(chips) >= 7
     assert all(lo <= left and right <= hi and hidden <= 0 for _, left, right, hidden in chips), (chips, lo, hi)
     pg.close()
+
+
+_SWEEP_FORM = {"Limit (documents per task, 0 = all)": "4", "Seeds": "3", "Digital budgets (%)": "0, 25, 50, 75"}
+
+
+def _run_sweep(pg) -> None:
+    """Type a 4-budget x 3-seed sweep into the Evaluate form (each field confirmed with Enter), press Run and wait
+    for its progress bar."""
+    for label, value in _SWEEP_FORM.items():
+        box = pg.locator(f"input[aria-label='{label}']")
+        box.fill(value)
+        box.press("Enter")
+        idle(pg)
+    pg.get_by_role("button", name="Run").click()
+    pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)
