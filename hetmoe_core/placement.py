@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -162,11 +163,10 @@ def budgets_from_percent(text: str) -> list[float]:
         part = part.strip().rstrip("%").strip()
         if not part:
             continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise ValueError(f"{part!r} is not a number: give percentages between 0 and 100, e.g. 0, 12.5, 25") \
-                from None
+        # a plain decimal only: float() would also take "1_0" (= 10) and "1e1"
+        if not re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)", part):
+            raise ValueError(f"{part!r} is not a number: give percentages between 0 and 100, e.g. 0, 12.5, 25")
+        v = float(part)
         if not (math.isfinite(v) and 0.0 <= v <= 100.0):
             raise ValueError(f"{part} % is outside 0-100 %: a digital budget is a percentage of the routed experts")
         if v / 100.0 not in out:
@@ -174,6 +174,17 @@ def budgets_from_percent(text: str) -> list[float]:
     if not out:
         raise ValueError("no budget given: type one or more percentages between 0 and 100, e.g. 0, 12.5, 25")
     return out
+
+
+def empty_budget_note(budget: float, num_experts, scope: str = "layer") -> str | None:
+    """One line when a budget in (0, 1 %) makes no expert digital (digital_count rounds it to 0 in every MoE layer,
+    or over all routed experts for scope "global"), as typing "0.25" for 25 % does; None otherwise.
+    ``num_experts``: routed experts per MoE layer."""
+    total = max(num_experts) if scope == "layer" else sum(num_experts)
+    if 0.0 < budget < 0.01 and digital_count(budget, total) == 0:
+        return (f"{budget * 100:g} % keeps no expert digital in any layer (same as 0 %); "
+                f"did you mean {budget * 10000:g}?")
+    return None
 
 
 def percent_text(budgets) -> str:

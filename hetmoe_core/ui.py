@@ -548,14 +548,22 @@ BUDGETS_HELP = ("Percentages of routed experts kept digital, e.g. 0, 12.5, 25. D
 def budgets_from_text(text: str) -> list[float]:
     """The Evaluate page's digital budgets (percent text, see BUDGETS_HELP) as fractions in [0, 1]
     (placement.budgets_from_percent after the separators are checked). Raises ValueError with one line that says
-    what to type when a comma stands between two digits ("12,5": a decimal comma or two budgets?)."""
+    what to type when a comma stands between two digits ("12,5" or "12 ,5": a decimal comma or two budgets?)."""
     import re
     from .placement import budgets_from_percent
-    if m := re.search(r"\d+,\d+", text):
-        a, b = m.group().split(",", 1)
+    if m := re.search(r"\d+\s*,\d+", text):   # "12,5" and "12 ,5": only a comma and a space separate
+        a, b = (x.strip() for x in m.group().split(",", 1))
         raise ValueError(f"'{m.group()}' is ambiguous: use a dot for decimals ({a}.{b}); separate budgets with a "
                          f"comma and a space, a semicolon or spaces ({a}, {b})")
     return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))
+
+
+def budget_notes(budgets, anatomy, scope: str = "layer") -> list[str]:
+    """placement.empty_budget_note for each budget (fractions) on this model's MoE layers: the budgets below 1 %
+    that keep no expert digital, as when "0.25" is typed for 25 %."""
+    from .placement import empty_budget_note
+    ne = [m.num_experts for m in anatomy.moe_layers]
+    return [n for b in budgets if (n := empty_budget_note(b, ne, scope))]
 
 
 # ------------------------------------------------------------------------------------------- store reads, cached

@@ -111,6 +111,8 @@ try:
 except ValueError as e:
     st.error(f"Digital budgets (%): {e}.")
     st.stop()
+for note in ui.budget_notes(budgets, h.lm.anatomy, ss.get("scope", "layer")):
+    st.info(f"Digital budgets (%): {note}")
 kw = dict(strategies=strategies, budgets=budgets, presets=[preset], seeds=int(seeds), tasks=tasks,
           limit=int(limit) or None, backend=backend, batch_size=int(batch), scope=ss.get("scope", "layer"),
           dense=dense, preset_overrides=overrides or None, device=ss["device"], dtype=ss["dtype"])

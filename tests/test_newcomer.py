@@ -147,3 +147,18 @@ def test_oracle_note_is_gone_when_the_measurement_is_stored(store_env):
     assert not any("Oracle" in w.value for w in at.warning), [w.value for w in at.warning]
     at.selectbox(key="preset").set_value("ideal").run()
     assert not any("Oracle" in w.value for w in at.warning)
+
+
+def test_budget_typos_are_refused_and_a_sub_percent_budget_is_noted(store_env):
+    import pytest
+    from hetmoe_core.ui import budgets_from_text
+    with pytest.raises(ValueError, match=r"'12 ,5' is ambiguous: use a dot for decimals \(12.5\)"):
+        budgets_from_text("12 ,5")
+    with pytest.raises(ValueError, match="'1_0' is not a number"):
+        budgets_from_text("1_0")
+    assert budgets_from_text("12 , 5") == [0.12, 0.05]
+    at = page(app(), "evaluate")
+    at.text_input(key="ev_budgets").set_value("0.25, 25").run()
+    assert not at.error
+    assert [i.value for i in at.info if "Digital budgets" in i.value] == [
+        "Digital budgets (%): 0.25 % keeps no expert digital in any layer (same as 0 %); did you mean 25?"]
