@@ -7,6 +7,7 @@ model cache (``ui.MODELS``) until it ends. Importing this module imports streaml
 """
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -64,6 +65,7 @@ class _BackgroundJob:
         self.cancelled_at: float | None = None
         self.done, self.total = 0, 0
         self.status, self.error = "running", None
+        self.waiting = False   # True while another job on this model holds its lock (the progress text says so)
         self.started = time.time()
         self.finished: float | None = None
         self.id = secrets.token_hex(4)   # names the job in its page's URL (page_job)
@@ -72,6 +74,24 @@ class _BackgroundJob:
 
     def _work(self) -> str | None:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _model_lock(self):
+        """The model's lock (``ModelHandle.lock``: one job at a time programs noise into its weights); while
+        another session's job holds it, ``waiting`` is True. Yields False when cancelled before it got the lock."""
+        lock = self.handle.lock
+        if not lock.acquire(blocking=False):
+            self.waiting = True
+            while not lock.acquire(timeout=0.2):
+                if self.cancel.is_set():
+                    self.waiting = False
+                    yield False
+                    return
+            self.waiting = False
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def _run(self) -> None:
         try:
@@ -129,6 +149,8 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
             j.thread.join(wait_s)
         if j.running:
             step = getattr(j, "step", None)     # a long step before the first result (Job.step) names itself
+            if j.waiting:
+                step = "waiting for another run on this model to finish"
             text = f"{j.done} / {j.total or '?'} results · {step} · {j.elapsed:.0f} s" if step else running_text(j)
             if j.cancel.is_set():
                 st.progress(j.fraction, text=f"Cancelling … {text}")
@@ -193,9 +215,10 @@ class Job(_BackgroundJob):
 
     def _work(self) -> None:
         from .evaluate import evaluate_many
-        with self.handle.lock:
-            evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
-                          **self.kwargs)
+        with self._model_lock() as held:
+            if held:
+                evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
+                              **self.kwargs)
 
 
 def measurement_step(lm, specs, store, calibration: dict | None = None) -> str | None:
@@ -252,9 +275,9 @@ class ValidationJob(_BackgroundJob):
         from .sensitivity import validate
         from .store import Store
         store = Store(self.store_path)
-        with self.handle.lock:   # texts=None: the model's default calibration, named in the result
+        with self._model_lock() as held:   # texts=None: the model's default calibration, named in the result
             v = validate(self.handle.lm, self.preset, seeds=self.seeds, texts=None, tokens=self.tokens,
-                         store=store, progress=self._progress, cancel=self.cancel.is_set)
+                         store=store, progress=self._progress, cancel=self.cancel.is_set) if held else None
         if self.cancel.is_set() or v is None:
             return "cancelled"
         self.result = v.to_dict()

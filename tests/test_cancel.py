@@ -105,3 +105,19 @@ def test_evaluate_job_names_the_measurement_it_makes_first(handle, tmp_path):
     job.thread.join(300)
     assert step == ("measuring Local output error under paper-pcm-c1.5: 4 layers × 16 experts × 3 seeds on 4,096 "
                     "calibration tokens")
+
+
+def test_evaluate_job_says_it_waits_for_another_run_on_the_model(handle, tmp_path):
+    """A second session's Run on the same model waits for the model lock; its progress says so (before: "loading
+    the model and the tasks" for as long as the other run took), and a Cancel while waiting ends it."""
+    kw = dict(source="default", strategies=["maxnn"], budgets=[0.25], presets=["paper-pcm-c1.5"], seeds=1,
+              tasks=["hetmoe_cloze"], limit=2, batch_size=8, backend="fast", scope="layer")
+    with handle.lock:                     # the other session's run
+        job = jobs.Job(handle, store=str(tmp_path / "s.duckdb"), **kw)
+        deadline = time.time() + 30
+        while not job.waiting and time.time() < deadline:
+            time.sleep(0.05)
+        assert job.waiting and job.running and job.done == 0
+        job.cancel.set()
+        job.thread.join(30)
+    assert not job.running and job.status == "cancelled" and not job.waiting and job.results == []
