@@ -97,7 +97,8 @@ BUILTIN_CALIBRATION = {
 }
 """Seven short sentences (a few dozen tokens): the calibration text of ``tiny:`` test models only, whose byte-level
 tokenizer would turn the shipped calibration file into ~400k tokens. Never a stand-in for a real model's data."""
-BUILTIN_NOTE = "built-in sentences (7 short texts, for tiny: test models only; use --calib FILE for real statistics)"
+BUILTIN_TEXTS = "built-in sentences (7 short texts, for tiny: test models only"
+BUILTIN_NOTE = BUILTIN_TEXTS + "; use --calib FILE for real statistics)"   # the CLI's wording; pages: ui.calibration
 
 
 def read_calibration(path: str | Path) -> dict[str, list[str]]:

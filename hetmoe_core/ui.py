@@ -374,10 +374,11 @@ def calibration(source: str | None = None) -> tuple[dict | None, str | None, str
     message: a note when it is the built-in tiny-model sentences, else ""), or (None, None, why not) when its
     file is unreadable."""
     try:
-        from .routing import BUILTIN_NOTE, default_calibration as where_of, is_builtin
+        from .routing import BUILTIN_TEXTS, default_calibration as where_of, is_builtin
         from .sweep import calibration_text
         texts, h = calibration_text(source)
-        return texts, h, (f"Calibration: {BUILTIN_NOTE}." if is_builtin(where_of(source)[1]) else "")
+        return texts, h, (f"Calibration: {BUILTIN_TEXTS}; load a real model for real statistics)."
+                          if is_builtin(where_of(source)[1]) else "")
     except (ValueError, OSError) as e:
         return None, None, str(e)
 
@@ -556,6 +557,16 @@ def budgets_from_text(text: str) -> list[float]:
         raise ValueError(f"'{m.group()}' is ambiguous: use a dot for decimals ({a}.{b}); separate budgets with a "
                          f"comma and a space, a semicolon or spaces ({a}, {b})")
     return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))
+
+
+def sweep_form_problem(strategies, tasks) -> str | None:
+    """The Evaluate form's one-line error, in its widget labels, for an empty Strategies or Tasks choice (the
+    CLI's own wording, sweep._check_grid and tasks.resolve_tasks, names its flags); None when both are given."""
+    if not strategies:
+        return "Choose at least one strategy above (Strategies)."
+    if not tasks:
+        return "Choose at least one task above (Tasks)."
+    return None
 
 
 def budget_notes(budgets, anatomy, scope: str = "layer") -> list[str]:

@@ -106,11 +106,22 @@ st.caption(f"Placement page: budget **{ui.budget() * 100:g}%**, scope **{ss.get(
                                     if v and h.lm.anatomy.modules.get(k)) or "none")
            + " (scope and dense modules are set on the Placement page).")
 
+
+
+def _blocked(message: str) -> None:
+    """A form error: its line, Run shown disabled (not gone), and the page ends here."""
+    st.error(message)
+    st.columns([1, 5])[0].button("Run", type="primary", disabled=True, key="ev_run",
+                                 help="Disabled until the error above is fixed.")
+    st.stop()
+
+
+if problem := ui.sweep_form_problem(strategies, tasks):
+    _blocked(problem)
 try:
     budgets = ui.budgets_from_text(budgets_txt)
 except ValueError as e:
-    st.error(f"Digital budgets (%): {e}.")
-    st.stop()
+    _blocked(f"Digital budgets (%): {e}.")
 for note in ui.budget_notes(budgets, h.lm.anatomy, ss.get("scope", "layer")):
     st.info(f"Digital budgets (%): {note}")
 kw = dict(strategies=strategies, budgets=budgets, presets=[preset], seeds=int(seeds), tasks=tasks,
@@ -121,8 +132,7 @@ try:
     store = Store()
     have = store.existing_keys(s.key for s in specs)
 except ValueError as e:
-    st.error(f"{e}")
-    st.stop()
+    _blocked(f"{e}")
 if not running_now and (note := ui.measurement_notice(h, strategies, noise, store, preset_label)):
     st.warning(note)
 st.markdown(f"**{len(specs)} results** in this sweep under **{preset_label}** (ideal references included): "

@@ -162,3 +162,19 @@ def test_budget_typos_are_refused_and_a_sub_percent_budget_is_noted(store_env):
     assert not at.error
     assert [i.value for i in at.info if "Digital budgets" in i.value] == [
         "Digital budgets (%): 0.25 % keeps no expert digital in any layer (same as 0 %); did you mean 25?"]
+
+
+def test_empty_choices_speak_the_page_and_keep_run_disabled(store_env):
+    at = page(app(), "evaluate")
+    at.multiselect(key="ev_strategies").set_value([]).run()
+    assert [e.value for e in at.error] == ["Choose at least one strategy above (Strategies)."]
+    assert at.button(key="ev_run").disabled
+    at.multiselect(key="ev_strategies").set_value(["maxnn"]).run()
+    at.multiselect(key="ev_tasks").set_value([]).run()
+    assert [e.value for e in at.error] == ["Choose at least one task above (Tasks)."]
+    assert at.button(key="ev_run").disabled
+    at = page(app({"model": "tiny:olmoe"}), "placement")
+    at.selectbox(key="strategy").set_value("frequency").run()
+    note = [c.value for c in at.caption if c.value.startswith("Calibration: built-in sentences")]
+    assert note == ["Calibration: built-in sentences (7 short texts, for tiny: test models only; load a real model "
+                    "for real statistics)."], [c.value for c in at.caption]
