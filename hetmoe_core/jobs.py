@@ -230,7 +230,7 @@ def measurement_step(lm, specs, store, calibration: dict | None = None) -> str |
     lm: the loaded model (its anatomy sizes the step); specs: ``evaluate.plan``'s RunSpecs; store: a Store;
     calibration: the calibration text evaluate gets (None: the model's default). Raises ValueError for bad specs."""
     from .criteria import LOCAL_ERROR_SEEDS, LOCAL_ERROR_TOKENS
-    from .noise import NoiseConfig
+    from .noise import NoiseConfig, preset_label
     from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS
     from .strategies import STRATEGIES, label
     from .validation import stored_validation
@@ -247,11 +247,11 @@ def measurement_step(lm, specs, store, calibration: dict | None = None) -> str |
             if stored_validation(lm.source, NoiseConfig(**dict(noise)), texts=calibration, store=store,
                                  dtype=s.dtype, device=s.device) is not None:
                 continue
-            steps.append(f"measuring per-expert damage under {s.preset} for {label(strategy)}: {size}, each alone "
+            steps.append(f"measuring per-expert damage under {preset_label(s.preset, noise)} for {label(strategy)}: {size}, each alone "
                          f"on analog, × {ORACLE_SEEDS} seeds on {ORACLE_TOKENS:,} calibration tokens (minutes on "
                          "a CPU; stored, so later runs skip it)")
         else:
-            steps.append(f"measuring {label(strategy)} under {s.preset}: {size} × {len(LOCAL_ERROR_SEEDS)} seeds on "
+            steps.append(f"measuring {label(strategy)} under {preset_label(s.preset, noise)}: {size} × {len(LOCAL_ERROR_SEEDS)} seeds on "
                          f"{LOCAL_ERROR_TOKENS:,} calibration tokens")
     return "; then ".join(steps) or None
 

@@ -328,6 +328,18 @@ def get_preset(name: str, **overrides) -> NoiseConfig:
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
+def preset_label(name: str, noise=None) -> str:
+    """How the pages name a noise setting: the preset name, plus the fields that differ from it in field order,
+    e.g. "paper-dac-adc-8bit (edited: adc_bits)". ``noise``: a NoiseConfig, its to_dict() or its sorted items
+    (RunSpec.noise); None or a name that is no preset gives the bare name."""
+    if noise is None or name not in PRESETS:
+        return str(name)
+    got = noise.to_dict() if isinstance(noise, NoiseConfig) else dict(noise)
+    ref = PRESETS[name].to_dict()
+    edited = [k for k in ref if k != "name" and k in got and got[k] != ref[k]]
+    return f"{name} (edited: {', '.join(edited)})" if edited else str(name)
+
+
 SLOW_TILE_FACTOR = 8.0   # warn from this many times the preset's per-tile partial outputs on
 
 

@@ -4,6 +4,7 @@ import streamlit as st
 from hetmoe_core import evaluate as ev
 from hetmoe_core import figures, jobs, results, ui
 from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs, slow_tile_warning
+from hetmoe_core.noise import preset_label as preset_label_of
 from hetmoe_core.placement import DENSE_KINDS
 from hetmoe_core.store import Store
 
@@ -68,7 +69,7 @@ try:
 except ValueError as e:
     st.error(f"{e}\n\nChange the parameter named above.")
     st.stop()
-preset_label = f"{preset} (edited: {', '.join(overrides)})" if overrides else preset
+preset_label = preset_label_of(preset, noise)
 if overrides:
     st.caption(f"Preset **{preset_label}**: " + ", ".join(f"{k} = {v} (preset: {getattr(base, k)})"
                                                          for k, v in overrides.items()))

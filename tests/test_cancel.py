@@ -121,3 +121,14 @@ def test_evaluate_job_says_it_waits_for_another_run_on_the_model(handle, tmp_pat
         job.cancel.set()
         job.thread.join(30)
     assert not job.running and job.status == "cancelled" and not job.waiting and job.results == []
+
+
+def test_measurement_step_names_the_edited_preset(handle, tmp_path):
+    """The oracle's progress line names the noise as the plan line does: "<preset> (edited: adc_bits)"."""
+    from hetmoe_core.evaluate import plan
+    from hetmoe_core.store import Store
+    specs = plan("default", strategies=["oracle"], budgets=[0.25], presets=["paper-dac-adc-8bit"], seeds=1,
+                 tasks=["hetmoe_cloze"], limit=2, batch_size=8, backend="fast", scope="layer",
+                 preset_overrides={"adc_bits": 6}, fingerprint=handle.lm.fingerprint)
+    step = jobs.measurement_step(handle.lm, specs, Store(tmp_path / "s.duckdb"))
+    assert step.startswith("measuring per-expert damage under paper-dac-adc-8bit (edited: adc_bits) for Oracle"), step
