@@ -2,9 +2,10 @@
 import numpy as np
 import streamlit as st
 
-from hetmoe_core import figures, ui
+from hetmoe_core import ui
 from hetmoe_core.noise import get_preset
 from hetmoe_core.placement import digital_count
+from hetmoe_core.toy import matrix_pair, shows_outlier, toy_expert_errors, toy_figure, toy_lesson
 
 ui.frame()
 st.title("Learn: why some experts must stay digital")
@@ -70,7 +71,7 @@ show = c3.selectbox("Expert to look at", range(m.num_experts), key="toy_expert",
 def toy(fingerprint: str, layer: int, c: float, show: int, _h):
     noise = get_preset("paper-pcm-c1.5", prog_noise_scale=c) if c > 0 else get_preset("ideal")
     with _h.lock:
-        return figures.toy_expert_errors(_h.lm.anatomy.moe_layers[layer], noise, seed=0, show=show)
+        return toy_expert_errors(_h.lm.anatomy.moe_layers[layer], noise, seed=0, show=show)
 
 
 def show_toy():
@@ -78,22 +79,17 @@ def show_toy():
         res = toy(h.lm.fingerprint, li, float(c), int(show), h)
     left, right = st.columns([3, 2])
     with left:
-        st.plotly_chart(figures.toy_figure(res["maxnn"], res["error"], m.layer, f"PCM noise, c = {c:g}", show),
+        st.plotly_chart(toy_figure(res["maxnn"], res["error"], m.layer, f"PCM noise, c = {c:g}", show),
                         key="toy_scatter")
     with right:
         if c > 0:
-            les = figures.toy_lesson(res["maxnn"], res["error"])
+            les = toy_lesson(res["maxnn"], res["error"])
             st.metric("Correlation (log score, log error)", f"{les['r']:+.2f}")
             st.markdown(_lesson(les, float(c)))
         else:
             st.info("c = 0: programming is exact; move the slider.")
-    st.plotly_chart(figures.matrix_pair(res["up"], res["up_noisy"], f"Expert {show}: up projection [I × H] — "
+    st.plotly_chart(matrix_pair(res["up"], res["up_noisy"], f"Expert {show}: up projection [I × H] — "
                                         f"MaxNNScore {res['maxnn'][show]:.3g}"), key="toy_matrix")
-
-
-def _outlier(les: dict) -> bool:
-    """Whether one layer's toy shows an outlier: its top-MaxNNScore expert has the largest error, >= 1.5x the median."""
-    return les["rank"] == 1 and les["ratio"] >= 1.5
 
 
 def _outlier_layers(c: float) -> list[int]:
@@ -101,7 +97,7 @@ def _outlier_layers(c: float) -> list[int]:
     out = []
     for i in range(len(a.moe_layers)):
         r = toy(h.lm.fingerprint, i, c, 0, h)
-        if _outlier(figures.toy_lesson(r["maxnn"], r["error"])):
+        if shows_outlier(toy_lesson(r["maxnn"], r["error"])):
             out.append(i)
     return out
 
@@ -120,7 +116,7 @@ def _lesson(les: dict, c: float) -> str:
     """The toy's take-away, worded after what this layer (and, for a pointer, the model's other layers) shows."""
     head = (f"Expert **{les['top']}** has the largest MaxNNScore in this layer; its output error is "
             f"{les['ratio']:.1f}× the layer's median (rank {les['rank']} of {les['n']} by error).")
-    if _outlier(les):
+    if shows_outlier(les):
         return head + (" Moving the few high-score experts to digital removes the largest errors at a small "
                        "cost.")
     if les["r"] >= 0.5:

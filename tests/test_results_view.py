@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hetmoe_core import figures, results
+from hetmoe_core import figures, results, toy
 from hetmoe_core.placement import (SHARE_HELP, Placement, budgets_from_percent, digital_count, digital_share,
                                    overlap, place)
 
@@ -102,12 +102,15 @@ def test_layer_colours_distinct_and_log_ticks_full_numbers():
 
 
 def test_toy_at_zero_noise_draws_points_and_lesson_follows_numbers():
-    fig = figures.toy_figure([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], 0, "c = 0")
+    fig = toy.toy_figure([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], 0, "c = 0")
     assert fig.layout.yaxis.type != "log" and list(fig.data[0].y) == [0.0, 0.0, 0.0]
-    flat = figures.toy_lesson([1.0, 2.0, 3.0], [1.0, 1.1, 1.0])
+    flat = toy.toy_lesson([1.0, 2.0, 3.0], [1.0, 1.1, 1.0])
     assert flat["top"] == 2 and flat["rank"] == 2 and flat["ratio"] == pytest.approx(1.0)
-    outlier = figures.toy_lesson([1.0, 2.0, 9.0], [1.0, 1.2, 5.0])
+    outlier = toy.toy_lesson([1.0, 2.0, 9.0], [1.0, 1.2, 5.0])
     assert outlier["rank"] == 1 and outlier["ratio"] == pytest.approx(5.0 / 1.2) and outlier["r"] > 0.9
+    assert toy.shows_outlier(outlier) and not toy.shows_outlier(flat)
+    # the largest error but under OUTLIER_RATIO x the median: a trend, not an outlier
+    assert not toy.shows_outlier(toy.toy_lesson([1.0, 2.0, 9.0], [1.0, 1.2, 1.5]))
 
 
 def test_reference_lines_in_the_legend_not_overlapping_labels():
@@ -121,7 +124,7 @@ def test_reference_lines_in_the_legend_not_overlapping_labels():
 
 def test_learn_matrix_pair_colour_bar_clears_the_right_panel_and_axes_are_named():
     w = np.random.default_rng(0).normal(0, 0.05, (16, 32))
-    fig = figures.matrix_pair(w, w + 0.01, "t")
+    fig = toy.matrix_pair(w, w + 0.01, "t")
     left_bar = fig.data[0].colorbar
     assert left_bar.x + 0.05 < fig.layout.xaxis2.domain[0]          # bar (12 px) and its ticks before the y ticks
     assert left_bar.x >= fig.layout.xaxis.domain[1]                  # and not over the left heatmap

@@ -1,6 +1,6 @@
 """Results page on the example store (2,512 runs): a filter change with the store reads cached (ui.store_read) vs
 the same rerun with the cache emptied first, as every rerun was before the cache. Alternating, in one process.
-Run: HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=.:tests .venv/bin/python scripts/results_page_speed.py"""
+Run: HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH=.:tests .venv/bin/python bench/results_page_speed.py"""
 import os
 import tempfile
 import time
