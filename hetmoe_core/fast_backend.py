@@ -189,6 +189,18 @@ class _FastExperts:
         return y[inv].view(N, K, H).sum(1).to(hidden_states.dtype)
 
 
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` bit for bit (same shape and dtype, both contiguous), on CPU as one single-threaded memcpy
+    of their bytes (NumPy) instead of torch's parallel copy: a parallel op waits for every OpenMP thread to be
+    scheduled, which on a loaded shared CPU took ~150 us per expert slice of the default model (256 KiB) against
+    ~10 us serial (``bench/bench_overhead.py``'s steady state; programming a placement copies tens of them). The
+    global thread count is left alone: another thread's forward must keep its own (its sums depend on it)."""
+    if dst.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous():
+        dst.detach().view(torch.uint8).numpy()[...] = src.detach().view(torch.uint8).numpy()
+    else:
+        dst.copy_(src)
+
 _BLOCK_ELEMS = 1 << 20   # float32 work space of the low-precision DAC: 4 MiB, whatever the batch
 
 
@@ -403,14 +415,15 @@ class FastBackend(AnalogBackend):
         else:
             buf, have, g_out = got[0], (got[2] if got[1] == tag else None), got[3]
         if have is None:
-            buf.copy_(p.data)
+            _copy(buf, p.data)
             have, g_out = frozenset(), None
         want = {e: r for e, r in zip(ids, ready)}
         back = [e for e in sorted(have) if e not in want]
         new = [e for e in ids if e not in have]
-        if back or new:   # one whole-tensor copy, not one per expert: each small copy is a parallel op (a thread hand-over)
-            buf.index_copy_(0, torch.tensor(back + new, dtype=torch.long, device=p.device),
-                            torch.cat([p.data[e:e + 1] for e in back] + [want[e][0] for e in new]))
+        for e in back:
+            _copy(buf[e], p.data[e])
+        for e in new:
+            _copy(buf[e], want[e][0][0])
         if state.io_out:
             if g_out is None or tuple(g_out.shape) != g_shape:
                 g_out, new = torch.ones(g_shape, dtype=torch.float32, device=p.device), ids
