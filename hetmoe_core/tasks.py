@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,31 @@ def _env_info_once() -> None:
     evaluator.add_env_info, evaluator.get_git_commit_hash = add_env_info, get_git_commit_hash
 
 
+def _torch_seed_cheap() -> None:
+    """Make lm-eval's per-call torch seeding cost the seeding: ``simple_evaluate`` calls ``torch.manual_seed(1234)``
+    (``lm_eval.utils.set_torch_seed``) on every call, and where no accelerator is initialised that call queues a lazy
+    seed for CUDA, XPU and MTIA, each with a ``traceback.format_stack()`` (a linecache ``stat`` per frame): ~0.7 ms
+    at lm-eval's call depth, measured, against ~4 us for the seed itself (``bench/bench_overhead.py``). The queued
+    seeds act only when such a device is initialised later, and every later call then finds it initialised and runs
+    lm-eval's own ``torch.manual_seed``: so while none is initialised (nor MPS or a custom device present), seeding
+    the CPU generator alone (``torch.default_generator``, as ``torch.manual_seed`` does) draws the same numbers."""
+    from lm_eval import evaluator
+    if getattr(evaluator.set_torch_seed, "hetmoe_cheap", False):
+        return
+    full = evaluator.set_torch_seed
+
+    def set_torch_seed(seed: int) -> None:
+        import torch
+        lazy = (torch.cuda, torch.xpu, torch.mtia)
+        if (torch._C._has_mps or any(m.is_initialized() for m in lazy)
+                or hasattr(torch, torch._C._get_privateuse1_backend_name())):
+            full(seed)
+        else:
+            torch.default_generator.manual_seed(int(seed))
+    set_torch_seed.hetmoe_cheap, set_torch_seed.lm_eval_set_torch_seed = True, full
+    evaluator.set_torch_seed = set_torch_seed
+
+
 _TEMPLATES_KEPT = 1024   # compiled Jinja templates kept per process (a task has a few; lm-eval's registry ~14,000 files)
 
 
@@ -224,6 +250,7 @@ def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]
     import lm_eval
     _env_info_once()
     _templates_once()
+    _torch_seed_cheap()
     tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
     tasks = _built_tasks(tm, ref, spec.num_fewshot, built)
@@ -259,6 +286,41 @@ def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]
 
 
 _QUIET: list = []
+_TOKENS_KEPT_BYTES = 32 * 2 ** 20   # encoded strings kept per lm-eval wrapper: text + 4 bytes per token id
+
+
+class _TokenMemo:
+    """Token ids of the strings a wrapper encoded last, at most ``_TOKENS_KEPT_BYTES`` (UTF-8 length of the
+    string + 4 bytes per id, as kept: ``array('i')``), least recently used out first. ``get`` returns a fresh list."""
+
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple) -> list[int] | None:
+        with self.lock:
+            got = self.entries.get(key)
+            if got is None:
+                return None
+            self.entries.move_to_end(key)
+            return got.tolist()
+
+    def put(self, key: tuple, ids: list[int]) -> None:
+        from array import array
+        try:
+            kept = array("i", ids)
+        except (OverflowError, TypeError):   # an id beyond 32 bits, or not a list of ids: not kept
+            return
+        size = len(key[0].encode()) + 4 * len(kept)
+        with self.lock:
+            if size > _TOKENS_KEPT_BYTES or key in self.entries:
+                return
+            self.entries[key] = kept
+            self.bytes += size
+            while self.bytes > _TOKENS_KEPT_BYTES:
+                k, old = self.entries.popitem(last=False)
+                self.bytes -= len(k[0].encode()) + 4 * len(old)
 
 
 def quiet_hflm(**kw):
@@ -268,7 +330,11 @@ def quiet_hflm(**kw):
     reach those bars; this subclass forces the argument on its request methods. Its ``get_model_info`` (the model
     facts ``simple_evaluate`` adds to every result: parameter count, dtype, a hub look-up of the weights' sha) is
     collected once per wrapper: the wrapped model object stays the same, and the look-up costs ~1.5 ms per task
-    (measured) where hetmoe keys every result by its own fingerprint."""
+    (measured) where hetmoe keys every result by its own fingerprint. Its ``tok_encode`` keeps the token ids of the
+    strings it encoded last (``_TokenMemo``): a sweep encodes the same documents for every result, and lm-eval's
+    encode of one short request (the tokenizer's encode plus a ``decode`` of the BOS token, each call) took ~0.5 ms
+    (measured, ``bench/bench_overhead.py``); the tokenizer and the wrapper's BOS setting are fixed for the
+    wrapper's life, so the ids are the ones lm-eval computes (a fresh list per call: callers may edit it)."""
     if not _QUIET:
         from lm_eval.models.huggingface import HFLM
 
@@ -282,6 +348,18 @@ def quiet_hflm(**kw):
             if "_hetmoe_model_info" not in self.__dict__:
                 self._hetmoe_model_info = HFLM.get_model_info(self)
             return dict(self._hetmoe_model_info)
+
+        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kw) -> list[int]:
+            if kw or not isinstance(string, str):
+                return HFLM.tok_encode(self, string, add_special_tokens, left_truncate_len, **kw)
+            memo = self.__dict__.setdefault("_hetmoe_tokens", _TokenMemo())
+            key = (string, add_special_tokens, left_truncate_len)
+            got = memo.get(key)
+            if got is None:
+                got = HFLM.tok_encode(self, string, add_special_tokens, left_truncate_len)
+                memo.put(key, got)
+            return got
         names = ("loglikelihood", "loglikelihood_rolling", "generate_until", "_loglikelihood_tokens")
-        _QUIET.append(type("QuietHFLM", (HFLM,), {**{n: quiet(n) for n in names}, "get_model_info": get_model_info}))
+        _QUIET.append(type("QuietHFLM", (HFLM,), {**{n: quiet(n) for n in names}, "get_model_info": get_model_info,
+                                                   "tok_encode": tok_encode}))
     return _QUIET[0](**kw)

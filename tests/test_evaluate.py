@@ -246,6 +246,46 @@ def test_kept_template_compiles_give_lm_evals_numbers(monkeypatch):
         assert memo == plain and any(r["value"] > 0 for r in memo), name
 
 
+
+def test_kept_token_ids_and_cpu_seeding_give_lm_evals_numbers(monkeypatch):
+    """The wrapper's kept token ids (quiet_hflm's tok_encode) and the CPU-only torch seeding (tasks._torch_seed_cheap)
+    give lm-eval's own numbers: a loglikelihood task, a rolling-perplexity task and a few-shot paper task scored
+    from the kept ids equal lm-eval's HFLM encoding every string with its own torch.manual_seed; the second run
+    encodes nothing anew; the cheap seeding leaves torch's generator in torch.manual_seed's state."""
+    from types import SimpleNamespace
+    import torch
+    from lm_eval import evaluator
+    from lm_eval.models.huggingface import HFLM
+    from hetmoe_core import tasks
+    lm = load_model("tiny:olmoe")
+    hflm = tasks.quiet_hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    plain = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    encodes = [0]
+    real = HFLM.tok_encode
+
+    def counted(self, *a, **k):
+        encodes[0] += 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(HFLM, "tok_encode", counted)
+    for name, shots in (("hetmoe_cloze", 0), ("hetmoe_ppl_pycode", 0), ("paper_arc_easy", 2)):
+        (ref,) = tasks.resolve_tasks([name])
+        spec = SimpleNamespace(limit=3, num_fewshot=shots)
+        first = tasks._run_task(hflm, ref, spec)
+        n = encodes[0]
+        kept = tasks._run_task(hflm, ref, spec)
+        assert encodes[0] == n and len(hflm._hetmoe_tokens.entries) > 0, name   # every id from the kept ones
+        assert evaluator.set_torch_seed.hetmoe_cheap
+        with monkeypatch.context() as m:   # lm-eval's own seeding and encoding
+            m.setattr(evaluator, "set_torch_seed", evaluator.set_torch_seed.lm_eval_set_torch_seed)
+            m.setattr(tasks, "_torch_seed_cheap", lambda: None)
+            own = tasks._run_task(plain, ref, spec)
+        assert first == kept == own and any(r["value"] > 0 for r in own), name
+    torch.manual_seed(1234)
+    want = torch.get_rng_state()
+    torch.rand(3)
+    evaluator.set_torch_seed(1234)
+    assert torch.equal(torch.get_rng_state(), want)
+
 def test_units_of_a_seed_run_in_a_chain_of_near_placements(tmp_path):
     """Within one (noise, seed) the units run so that consecutive placements differ in fewer experts than in the
     planned order (the fast backend copies only changed experts), every unit once, the first one first; the sweep
