@@ -31,6 +31,7 @@ from pathlib import Path
 
 import duckdb
 
+from .dbhost import open_attached
 from .outputs import atomic_write, output_path  # noqa: F401  (re-export: snapshot and report write through them)
 
 SCHEMA_VERSION = 2
@@ -157,9 +158,11 @@ class Store:
         if exists:
             with self._connect(write=False) as con:
                 version = _schema_version(con, self.path)
-                have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                                  "WHERE table_catalog = current_database()").fetchall()}
                 have |= {f"{t}.{c}" for t, c in con.execute(
-                    "SELECT table_name, column_name FROM information_schema.columns").fetchall()}
+                    "SELECT table_name, column_name FROM information_schema.columns "
+                    "WHERE table_catalog = current_database()").fetchall()}
             if version < SCHEMA_VERSION and (read_only or not self.writable):
                 raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
                                  f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "
@@ -183,7 +186,8 @@ class Store:
     def _create(self) -> None:
         """Schema and marker of a new store in one transaction (a killed creation leaves no half store)."""
         with self._connect(write=True) as con:
-            if con.execute("SELECT count(*) FROM information_schema.tables").fetchone()[0]:
+            if con.execute("SELECT count(*) FROM information_schema.tables "
+                           "WHERE table_catalog = current_database()").fetchone()[0]:
                 _schema_version(con, self.path)   # created meanwhile by another process: check it is ours
                 return
             con.execute("BEGIN TRANSACTION")
@@ -247,7 +251,7 @@ class Store:
             checked = checked if checked in _READY else None
             while True:
                 try:
-                    con = duckdb.connect(str(self.path), read_only=not write)
+                    con, close = open_attached(self.path, write)
                     break
                 except duckdb.IOException as e:   # lock held by a process outside this protocol
                     msg = str(e).lower()
@@ -261,10 +265,12 @@ class Store:
                     time.sleep(0.02 + random.random() * 0.05)
                 except duckdb.Error as e:
                     raise ValueError(f"{self.path} is not a readable DuckDB store ({e}); use another --store path") from None
+            failed = True
             try:
                 yield con
+                failed = False
             finally:
-                con.close()
+                close(failed)
                 if checked is not None:
                     _READY.discard(checked)
                     _READY.add(_file_id(self.path))

@@ -232,3 +232,29 @@ def test_put_results_batch_keeps_every_value_and_null(tmp_path):
         assert got.loc["acc", "stderr"] == 0.5 and got.drop("acc").stderr.isna().all()
         assert got.budget.iloc[0] == i / 8
     assert st.counts()["placements"] == 3
+
+
+def test_store_file_is_attached_per_operation_and_released_after(tmp_path):
+    """Each operation attaches the file to the thread's in-memory DuckDB connection (dbhost) and detaches it after:
+    while an operation holds it another process cannot open it read-write, afterwards it can; a nested operation of
+    the same thread works; an operation that raises inside its transaction loses nothing stored and leaves the
+    store usable, with its rows rolled back."""
+    from hetmoe_core import dbhost
+    db = tmp_path / "h.duckdb"
+    st = Store(db)
+    _put(st, "a")
+    probe = [sys.executable, "-c", f"import duckdb; duckdb.connect({str(db)!r}).close()"]
+    with st.read_connection() as con:
+        assert dbhost._host.busy and con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+        held = subprocess.run(probe, capture_output=True, text=True)
+        assert held.returncode != 0 and "lock" in held.stderr.lower()
+        assert st.get_result("a")["metrics"][0]["value"] == 0.5   # nested: a connection of its own
+    assert not dbhost._host.busy and subprocess.run(probe).returncode == 0
+    with pytest.raises(RuntimeError, match="mid-way"):
+        with st.write_transaction() as con:
+            con.execute("INSERT INTO meta VALUES ('probe', 'x')")
+            raise RuntimeError("mid-way")
+    assert dbhost._host.con is None                                # the failed operation's host was closed
+    assert _put(st, "b") and st.counts()["runs"] == 2
+    assert st.query("SELECT count(*) AS n FROM meta WHERE name = 'probe'").n[0] == 0
+    assert dbhost._host.con is not None and subprocess.run(probe).returncode == 0
