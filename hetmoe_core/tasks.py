@@ -239,8 +239,29 @@ def _built_tasks(tm, ref: TaskRef, num_fewshot, built: dict | None) -> list:
     key = (ref.name, ref.include_path, num_fewshot)
     if key not in built:
         loaded = tm.load([ref.name])
+        for task in loaded["tasks"].values():
+            _config_once(task)
         built[key] = [loaded["groups"][ref.name]] if ref.name in loaded["groups"] else list(loaded["tasks"].values())
     return list(built[key])
+
+
+def _config_once(task) -> None:
+    """Make a kept lm-eval Task dump its config (``Task.dump_config``) once per value of the fields
+    ``simple_evaluate`` sets on every call (``num_fewshot``, ``generation_kwargs``), not on every call.
+
+    lm-eval's ``_collect_results`` dumps the whole TaskConfig of each task after every evaluation, for the
+    ``configs`` of its results: ``dataclasses.asdict`` plus ``inspect.getsource`` of each function field, ~1 ms
+    per call (measured, ``bench/bench_overhead.py``), which hetmoe never reads (its own config is stored with every
+    result). A kept task's other fields are fixed for its life; each call gets its own copy of the dump."""
+    own = type(task).dump_config
+    kept: dict = {}
+
+    def dump_config() -> dict:
+        key = (task.config.num_fewshot, repr(task.config.generation_kwargs))
+        if key not in kept:
+            kept[key] = own(task)
+        return dict(kept[key])
+    task.dump_config = dump_config
 
 
 def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]:

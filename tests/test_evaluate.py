@@ -209,7 +209,8 @@ def test_perplexity_tasks_noise_moves_scores_per_seed(tmp_path):
 
 def test_built_tasks_give_the_numbers_of_a_fresh_build():
     """lm-eval Task objects kept per model (tasks._built_tasks: no document reading per result) give the numbers of
-    a fresh build whatever ran on them before: another limit, another few-shot count."""
+    a fresh build whatever ran on them before: another limit, another few-shot count; their kept config dump is
+    the one lm-eval makes."""
     from types import SimpleNamespace
     from hetmoe_core.tasks import _run_task, quiet_hflm, resolve_tasks
     lm = load_model("tiny:olmoe")
@@ -221,6 +222,8 @@ def test_built_tasks_give_the_numbers_of_a_fresh_build():
             spec = SimpleNamespace(limit=limit, num_fewshot=shots)
             assert _run_task(hflm, ref, spec, built) == _run_task(hflm, ref, spec), (name, limit, shots)
         assert len(built) == 3 and all(len(v) == 1 for v in built.values())   # one build per few-shot count
+        for (task,) in built.values():   # the kept config dump (tasks._config_once) is lm-eval's own
+            assert "dump_config" in vars(task) and task.dump_config() == type(task).dump_config(task)
 
 
 def test_kept_template_compiles_give_lm_evals_numbers(monkeypatch):
