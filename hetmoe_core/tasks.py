@@ -241,8 +241,16 @@ def _built_tasks(tm, ref: TaskRef, num_fewshot, built: dict | None) -> list:
         loaded = tm.load([ref.name])
         for task in loaded["tasks"].values():
             _config_once(task)
-        built[key] = [loaded["groups"][ref.name]] if ref.name in loaded["groups"] else list(loaded["tasks"].values())
+        built[key] = _Kept([loaded["groups"][ref.name]] if ref.name in loaded["groups"] else loaded["tasks"].values())
+        built[key].task_manager = tm
     return list(built[key])
+
+
+class _Kept(list):
+    """The lm-eval Task / Group objects built for one (task, include path, few-shot count), and ``task_manager``: the
+    TaskManager that built them, which ``simple_evaluate`` is given again with them (finding it anew lists the
+    task folder's files, ~0.5 ms per call, measured)."""
+    task_manager = None
 
 
 def _config_once(task) -> None:
@@ -272,7 +280,9 @@ def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]
     _env_info_once()
     _templates_once()
     _torch_seed_cheap()
-    tm = _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
+    kept = built.get((ref.name, ref.include_path, spec.num_fewshot)) if built is not None else None
+    tm = kept.task_manager if kept is not None else \
+        _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
     limit = None if spec.limit is None else (int(spec.limit) if spec.limit >= 1 else spec.limit)
     tasks = _built_tasks(tm, ref, spec.num_fewshot, built)
     # lm-eval's messages at ERROR level: set on its logger (Python logging) only when it differs, as simple_evaluate's
