@@ -104,8 +104,13 @@ class Placement:
         return d
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys, no spaces): equal placements give identical strings."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON (sorted keys, no spaces): equal placements give identical strings. Made once per
+        placement (it is frozen) and kept: a sweep asks for it, and its hash ``key``, several times per result."""
+        got = self.__dict__.get("_json")
+        if got is None:
+            got = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_json", got)
+        return got
 
     @classmethod
     def from_json(cls, s: str) -> "Placement":
@@ -123,7 +128,11 @@ class Placement:
     @property
     def key(self) -> str:
         """sha256 hex of the canonical JSON: a stable content hash (same across processes and machines)."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()
+        got = self.__dict__.get("_key")
+        if got is None:
+            got = hashlib.sha256(self.to_json().encode()).hexdigest()
+            object.__setattr__(self, "_key", got)
+        return got
 
     @classmethod
     def all_digital(cls, anatomy) -> "Placement":
