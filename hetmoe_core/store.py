@@ -356,7 +356,7 @@ class Store:
         items = list(items)
         if not items:
             return []
-        out, runs, metrics, placements = [], [], [], []
+        out, runs, metrics, placements = [], [], [], {}
         with self._connect(write=True) as con:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -372,15 +372,15 @@ class Store:
                     now = _now()
                     runs.append({"origin": "computed", **run, "key": key, "status": "ok", "created_at": now})
                     metrics += [{"key": key, **m} for m in ms]
-                    if placement is not None:
-                        placements.append({**placement, "created_at": now})
+                    if placement is not None and placement["key"] not in placements:   # one row per placement
+                        placements[placement["key"]] = {**placement, "created_at": now}
                 if failed & have:   # a failed row is replaced
                     con.execute("DELETE FROM runs WHERE list_contains(?, key)", [sorted(failed & have)])
                 if runs:   # metrics left without their run (a failed run's, an older schema's) are replaced too
                     con.execute("DELETE FROM metrics WHERE list_contains(?, key)", [[r["key"] for r in runs]])
                 _insert(con, "runs", runs)
                 _insert(con, "metrics", metrics)
-                _insert(con, "placements", placements, ignore=True)
+                _insert(con, "placements", list(placements.values()), ignore=True)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
