@@ -356,7 +356,8 @@ class FastBackend(AnalogBackend):
                 ready.append(cache.expert((group, e), lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
             tag = (seed if nm is not None else None, nz, form)
             if cache.fits_fused(self.fused_bytes):
-                kept += self._swap(stack, cache, m, key, p, ids, ready, tag, state, (len(sizes), m.num_experts, O))
+                kept += self._swap(stack, cache, m, key, p, ids, ready, tag, state, (len(sizes), m.num_experts, O),
+                                   spare=cache.fits_fused(2 * self.fused_bytes))
                 continue
             if state.io_out:
                 g_out = torch.ones(len(sizes), m.num_experts, O, dtype=torch.float32, device=device)
@@ -400,21 +401,28 @@ class FastBackend(AnalogBackend):
         return clean.numel() * clean.element_size()
 
     @staticmethod
-    def _swap(stack, cache, m, key, p, ids, ready, tag, state, g_shape) -> int:
+    def _swap(stack, cache, m, key, p, ids, ready, tag, state, g_shape, spare: bool = False) -> int:
         """Point ``p`` at a fused tensor of the cache holding this placement's analog experts (the rest clean) and
         back at its own clean tensor on exit: only experts whose analog/digital state differs from the placement
         that last used that tensor at the same (seed, noise, form) are copied, and the model's own weights are
         never written. With converters, the ADC factors ``g_out [T, E, O]`` kept with that tensor are likewise
         set only for the newly analog experts: a digital expert's factors are never read (its rows take the
         plain matmul's output, ``_FastExperts._readout``), so those a former analog expert leaves there change
-        no number. ``ready``: [(w, g)] per expert of ``ids``; ``g_shape``: ``(T, E, O)``."""
+        no number. ``spare``: keep a second fused tensor, that of the last other (seed, noise, form), so that a
+        sweep alternating two presets at one seed updates each from its own last placement instead of rewriting
+        the whole tensor at every switch (the caller allows it when two fit the cache). ``ready``: [(w, g)] per
+        expert of ``ids``; ``g_shape``: ``(T, E, O)``."""
         slot = ("fused", m.experts_name, key)
-        got = cache.take(slot)
-        if got is None or (got[0].shape, got[0].dtype, got[0].device) != (p.shape, p.dtype, p.device):
-            buf, have, g_out = torch.empty_like(p.data), None, None
-        else:
-            buf, have, g_out = got[0], (got[2] if got[1] == tag else None), got[3]
-        if have is None:
+        got = cache.take(slot) or ()
+        kept = [got[i:i + 4] for i in range(0, len(got), 4)   # (tensor, tag, analog experts, g_out), newest first
+                if (got[i].shape, got[i].dtype, got[i].device) == (p.shape, p.dtype, p.device)]
+        mine = next((k for k in kept if k[1] == tag), None)
+        other = [k for k in kept if k is not mine][:1] if spare else []
+        if mine is not None:
+            buf, have, g_out = mine[0], mine[2], mine[3]
+        else:   # the oldest kept tensor is rewritten whole (a new one while a spare may be kept)
+            buf = kept[-1][0] if kept and not (spare and len(kept) < 2) else torch.empty_like(p.data)
+            other = [k for k in other if k[0] is not buf]
             _copy(buf, p.data)
             have, g_out = frozenset(), None
         want = {e: r for e, r in zip(ids, ready)}
@@ -434,7 +442,8 @@ class FastBackend(AnalogBackend):
 
         def restore():
             p.data = clean
-            cache.keep(slot, (buf, tag, frozenset(want), g_out if state.io_out else None))
+            cache.keep(slot, (buf, tag, frozenset(want), g_out if state.io_out else None,
+                              *(x for k in other for x in k)))
         p.data = buf
         stack.callback(restore)
         return buf.numel() * buf.element_size() + (g_out.numel() * 4 if state.io_out else 0)
