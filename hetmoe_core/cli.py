@@ -28,6 +28,25 @@ def _source(p):
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+class _StepLine:
+    """A measurement's progress line on stderr (``evaluate.measurement_line``, the dashboard's wording): rewritten in
+    place on a terminal, else printed at every tenth of the way (a log file gets ten lines, not thousands).
+    ``bar``: a tqdm bar already on stderr, whose postfix shows the line instead."""
+
+    def __init__(self, bar=None):
+        self.bar, self.tty, self.tenth = bar, sys.stderr.isatty(), None
+
+    def __call__(self, line: str, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(line)
+            self.bar.refresh()
+        elif self.tty:
+            print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        elif (tenth := 10 * done // max(total, 1)) != self.tenth or done >= total:
+            self.tenth = tenth
+            print(line, file=sys.stderr, flush=True)
+
+
 def _load(args, tokenizer: bool = True):
     from .models import load_model
     return load_model(args.source, device=args.device, dtype=args.dtype, tokenizer=tokenizer,
@@ -193,9 +212,12 @@ def cmd_place(args) -> dict:
     stats, calib = _activation(args, lm) if needs(args.strategy) == "stats" else (None, None)
     measured = stored
     if noise is not None and measured is None:
+        from .evaluate import measurement_line
         from .sensitivity import measured_scores
+        line = None if args.json else _StepLine()
         measured = measured_scores(lm, args.strategy, noise, store=args.store, texts=args.calib, seeds=args.seeds,
-                                   tokens=args.tokens)
+                                   tokens=args.tokens, progress=line and (lambda done, total: line(
+                                       measurement_line(args.strategy, args.preset, done, total), done, total)))
     p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats, dense=dense,
               measured=measured)
     out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),
@@ -296,7 +318,8 @@ def _run_eval(args, bar: bool) -> dict:
               revision=args.revision, preset_overrides=dict(args.settings) or None)
     _announce(args, kw)
     try:
-        run, extra = evaluate_many, {}
+        # the oracle / local_error measurement before the first result says how far it is (here; not on Ray)
+        run, extra = evaluate_many, ({} if args.json else {"measure_progress": _StepLine(pbar)})
         if getattr(args, "executor", "local") == "ray":
             from .ray_executor import RayOptions, evaluate_many_ray
             run, extra = evaluate_many_ray, {"options": RayOptions(address=args.address, workers=args.workers,

@@ -213,12 +213,17 @@ class Job(_BackgroundJob):
         if not result.get("cached"):    # the first computed result: any measurement before it is done
             self.step = None
 
+    def _measuring(self, line: str, done: int, total: int) -> None:
+        """A measured strategy's measurement moved on: the progress names it with its count
+        (``evaluate.measurement_line``: "measuring expert damage under … : 37 / 1,370 forwards")."""
+        self.step = line
+
     def _work(self) -> None:
         from .evaluate import evaluate_many
         with self._model_lock() as held:
             if held:
                 evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
-                              **self.kwargs)
+                              measure_progress=self._measuring, **self.kwargs)
 
 
 def measurement_step(lm, specs, store, calibration: dict | None = None) -> str | None:

@@ -132,3 +132,29 @@ def test_measurement_step_names_the_edited_preset(handle, tmp_path):
                  preset_overrides={"adc_bits": 6}, fingerprint=handle.lm.fingerprint)
     step = jobs.measurement_step(handle.lm, specs, Store(tmp_path / "s.duckdb"))
     assert step.startswith("measuring per-expert damage under paper-dac-adc-8bit (edited: adc_bits) for Oracle"), step
+
+
+def test_evaluate_job_progress_counts_the_measurement_forwards(tmp_path):
+    """While a Local output error sweep measures before its first result, the job's progress line counts the
+    measurement's forwards ("measuring … : 3 / 10 forwards"), read inside the measurement's own forwards (before:
+    the plan's step text, no count, for all that time)."""
+    owner = "test_cancel_tiny"
+    h = ui.MODELS.hold(("tiny:olmoe", "cpu", "float32"), owner)
+    seen = []
+    hook = h.lm.model.get_decoder().layers[0].register_forward_pre_hook(
+        lambda *_: seen.append(getattr(box.get("job"), "step", None)))
+    box = {}
+    try:
+        box["job"] = job = jobs.Job(h, source="tiny:olmoe", store=str(tmp_path / "s.duckdb"),
+                                    strategies=["local_error"], budgets=[0.25], presets=["paper-pcm-c1.5"], seeds=1,
+                                    tasks=["paper_arc_easy"], limit=1, batch_size=8, backend="fast", scope="layer")
+        job.thread.join(300)
+    finally:
+        hook.remove()
+        ui.MODELS.release(owner)
+    assert job.status == "done", job.error
+    counted = [s for s in seen if s and s.endswith(" forwards")]
+    assert counted, seen[:3]
+    done, total = counted[-1].removeprefix("measuring Local output error under paper-pcm-c1.5: ").split(" forwards")[
+        0].split(" / ")
+    assert done == total == "13"      # 1 calibration forward + 2 layers x 3 seeds x (clean, noisy)
