@@ -39,10 +39,9 @@ def _from_query(name: str, raw: str):
         from .strategies import STRATEGIES
         if raw not in STRATEGIES:
             raise ValueError(f"one of {', '.join(STRATEGIES)}")
-    if name == "model" and raw.startswith("tiny:"):
-        from .models import TINY_FAMILIES
-        if raw[5:] not in TINY_FAMILIES:
-            raise ValueError(f"the tiny families are {', '.join(TINY_FAMILIES)}")
+    if name == "model":         # what the sidebar checks before a load (no network): says what is valid
+        from .models import resolve_source
+        resolve_source(raw)
     if name == "preset":
         from .noise import PRESETS
         if raw not in PRESETS:
@@ -539,6 +538,20 @@ def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_lab
         out.append(f"**Local output error** runs the model once over {LOCAL_ERROR_TOKENS:,} calibration tokens "
                    f"under {preset_label} before its first result (not stored: every run repeats it).")
     return "\n\n".join(out) or None
+
+
+def unavailable_strategy(strategy: str, preset: str) -> str:
+    """The Placement page's one line when the session's strategy (a link's ``strategy=oracle``, or one chosen under
+    another noise preset) needs a damage measurement this model lacks under ``preset``: what it needs, that
+    MaxNNScore is shown instead, and what to do."""
+    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS
+    from .strategies import label
+    head = f"Strategy **{label(strategy)}** (strategy={strategy}) places by the damage measured under the noise preset"
+    if preset == "ideal":
+        return (f"{head}, and **ideal** damages nothing: showing MaxNNScore instead. Choose a noisy preset on the "
+                "Evaluate page, then this strategy again.")
+    return (f"{head} **{preset}**, and none of this model is stored: showing MaxNNScore instead. Measure it on the "
+            f"Validate page ({ORACLE_SEEDS} seeds × {ORACLE_TOKENS:,} tokens), then choose this strategy again.")
 
 
 BUDGETS_HELP = ("Percentages of routed experts kept digital, e.g. 0, 12.5, 25. Decimals take a dot (12.5); budgets "

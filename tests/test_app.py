@@ -90,7 +90,11 @@ def test_link_reproduces_view(store_env):
 
 
 def test_bad_model_source_is_a_friendly_error(store_env):
-    at = app({"model": "/no/such/folder"})
+    at = app({"model": "/no/such/folder"})      # a link's bad model: one sidebar line, the default model instead
+    assert not at.exception and at.sidebar.radio(key="source_kind").value == "Default"
+    assert "model='/no/such/folder' (/no/such/folder is not a folder with a model" in at.sidebar.warning[0].value
+    at.sidebar.radio(key="source_kind").set_value("Local folder").run().run()   # AppTest draws the box a run later
+    at.sidebar.text_input(key="source_text").set_value("/no/such/folder").run()
     assert not at.exception
     assert at.error and "Could not load model" in at.error[0].value and "sidebar" in at.error[0].value
 

@@ -178,3 +178,24 @@ def test_empty_choices_speak_the_page_and_keep_run_disabled(store_env):
     note = [c.value for c in at.caption if c.value.startswith("Calibration: built-in sentences")]
     assert note == ["Calibration: built-in sentences (7 short texts, for tiny: test models only; load a real model "
                     "for real statistics)."], [c.value for c in at.caption]
+
+
+def test_bad_links_say_which_value_and_keep_the_rest(store_env):
+    """Three links a newcomer pasted were silently half-ignored: an unknown job id, a model that is no model, and
+    the oracle under the ideal preset (no measurement can exist). Each now shows one line naming the value and what
+    to do, and the link's valid parts stay."""
+    at = page(app({"eval_job": "unknown", "budget": "0.25"}), "evaluate")
+    w = [x.value for x in at.warning if "eval_job" in x.value]
+    assert len(w) == 1 and w[0].startswith("The link's eval_job='unknown' names no evaluation on this server") \
+        and "press **Run**" in w[0], w
+    assert "eval_job" not in at.query_params and at.text_input(key="ev_budgets").value == "25"
+    at = app({"model": "garbage", "strategy": "random"})    # results?model=garbage: the sidebar says it once
+    w = " ".join(x.value for x in at.sidebar.warning)
+    assert "The link held an invalid value" in w and "model='garbage'" in w and "hub id" in w, w
+    page(at, "results")
+    assert at.session_state["source"] == "default" and at.session_state["strategy"] == "random"
+    at = page(app({"strategy": "oracle", "preset": "ideal", "budget": "0.25"}), "placement")
+    w = [x.value for x in at.warning if "strategy=oracle" in x.value]
+    assert len(w) == 1 and "**ideal** damages nothing: showing MaxNNScore instead" in w[0], w
+    assert at.session_state["strategy"] == "maxnn" and at.session_state["preset"] == "ideal" \
+        and at.slider(key="budget_pct").value == 25.0
