@@ -540,6 +540,17 @@ def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_lab
     return "\n\n".join(out) or None
 
 
+def allowed_text(doc: dict) -> str:
+    """A number field's allowed range as the Evaluate form states it, from its field metadata (noise.field_docs):
+    "1 to 24 bits, or 0 for ideal ADC" (the form's 0 stands for an optional field's None); "" for choices."""
+    allowed = doc.get("allowed")
+    if not allowed or isinstance(allowed[0], (str, bool)):
+        return ""
+    unit = f" {doc['unit']}" if doc.get("unit") and doc["unit"] not in ("unitless", "on/off") else ""
+    zero = f", or 0 for {doc['optional']}" if doc.get("optional") else ""
+    return f"{allowed[0]:g} to {allowed[1]:g}{unit}{zero}"
+
+
 def unavailable_strategy(strategy: str, preset: str) -> str:
     """The Placement page's one line when the session's strategy (a link's ``strategy=oracle``, or one chosen under
     another noise preset) needs a damage measurement this model lacks under ``preset``: what it needs, that

@@ -199,3 +199,19 @@ def test_bad_links_say_which_value_and_keep_the_rest(store_env):
     assert len(w) == 1 and "**ideal** damages nothing: showing MaxNNScore instead" in w[0], w
     assert at.session_state["strategy"] == "maxnn" and at.session_state["preset"] == "ideal" \
         and at.slider(key="budget_pct").value == 25.0
+
+
+def test_out_of_range_noise_value_is_refused_in_one_line_not_silently_replaced(store_env):
+    """adc_bits=99 showed the field red (the widget's own bound) while the run used the old 8. The widget has no
+    bound of its own now, so the value reaches NoiseConfig, whose field metadata refuses it in one line naming the
+    allowed range, and nothing can run with another value meanwhile."""
+    at = page(app(), "evaluate")
+    p = at.selectbox(key="preset").value
+    adc = at.number_input(key=f"nz_{p}_adc_bits")
+    assert not adc.proto.has_max and not adc.proto.has_min and "Allowed: 1 to 24 bits, or 0 for ideal ADC." in adc.help
+    adc.set_value(99).run()
+    assert [e.value for e in at.error] == ["noise parameter not allowed: adc_bits=99: allowed an integer in [1, 24] "
+                                           "bits, or None for ideal ADC; change the parameter named above."]
+    assert "ev_run" not in [b.key for b in at.button]
+    at.number_input(key=f"nz_{p}_adc_bits").set_value(6).run()
+    assert not at.error and any("adc_bits = 6" in c.value for c in at.caption)
