@@ -37,7 +37,10 @@ CUT_CONFIG = {"summary": ("model_fingerprint", "config_id"), "result": ("key",),
 out whole configurations, never one metric of them."""
 CUT_NAMES = {"summary": ("strategy", "budget", "preset"), "result": ("strategy", "budget", "preset", "seed"),
              "recovered-fraction": ("preset", "strategy", "budget"), "paired-delta": ("preset", "budget", "a", "b")}
-"""The columns a cut note names a configuration by, in the order the table lists them."""
+"""The columns a cut note names a configuration by."""
+CUT_ORDER = {"summary": "strategy, budget, preset", "result": "newest first",
+             "recovered-fraction": "preset, strategy, budget", "paired-delta": "preset, budget, a, b"}
+"""The order each table lists a task's configurations in (the cut keeps the first ones)."""
 
 
 def _configs(df, what: str):
@@ -107,9 +110,8 @@ def _cut_note(cut: dict, df, what: str) -> str:
         by_text.setdefault(text, []).append(str(task))
     per = "; ".join(f"{tasks[0] if len(tasks) == 1 else f'{len(tasks)} tasks ({tasks[0]} … {tasks[-1]})'}: {t}"
                     for t, tasks in by_text.items())
-    order = ", ".join(c for c in CUT_NAMES[what] if c in df)
     return (f"({cut['left_out']} more {what} rows left out. Each task keeps its share of --max-rows in whole "
-            f"configurations, {metrics}, in table order ({order}): {per}. Raise --max-rows to {len(df)} to see "
+            f"configurations, {metrics}, in table order ({CUT_ORDER[what]}): {per}. Raise --max-rows to {len(df)} to see "
             "them all, or narrow with --where task=NAME or --where strategy=NAME)")
 
 
@@ -150,6 +152,7 @@ SUMMARY_VARIANTS = ("num_fewshot", "scope", "analog_dense", "overrides", "model_
 
 
 def cmd_runs(args) -> dict:
+    from .results import number   # the dashboard's formatter: n/a for missing, float rounding as 0
     from .store import Store
     st = Store(args.store, create=False, read_only=True)
     filters = _filters(args.where)
@@ -173,12 +176,14 @@ def cmd_runs(args) -> dict:
             cols = ["task", "metric", "strategy", "budget", "preset", "backend", "batch_size", "dtype", "limit",
                     *varies, "mean", "spread", "n_seeds", "origins"]
             shown = shown.assign(limit=shown["limit"].map(lambda v: "all" if v != v or v is None else int(v)))
-            shown = shown.assign(spread=["deterministic" if d else "" if s != s else f"± {s:.3g}"
-                                         for d, s in zip(shown.deterministic, shown["std"])])
+            shown = shown.assign(spread=["deterministic" if d else "" if s != s else f"± {number(s, '.3g', m)}"
+                                         for d, s, m in zip(shown.deterministic, shown["std"], shown["mean"])],
+                                 mean=shown["mean"].map(number))
         else:
             cols = ["task", "metric", "strategy", "budget", "preset", "backend", "seed", "value", "stderr", "limit",
                     "status", "origin", "key"]
-            shown = shown.assign(key=shown.key.str[:12])
+            shown = shown.assign(key=shown.key.str[:12], value=shown["value"].map(number),
+                                 stderr=shown["stderr"].map(number))
         with pd.option_context("display.width", 240, "display.max_columns", 20, "display.max_colwidth", 60):
             print(shown[[c for c in cols if c in shown]].to_string(index=False) if len(df)
                   else "no stored results match")
@@ -198,15 +203,16 @@ def cmd_runs(args) -> dict:
 
 
 def _print_paired(rec, paired, max_rows: int) -> None:
-    """The recovered fraction and the paired deltas of ``runs --summary`` as text tables."""
+    """The recovered fraction and the paired deltas of ``runs --summary`` as text tables (numbers through
+    results.number, as the dashboard shows them)."""
     import pandas as pd
+    from .results import number
     with pd.option_context("display.width", 240, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         if rec is not None and len(rec):
             print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
                   "sampling = lm-eval stderr / |A-I|")
             r, cut = _head(rec, max_rows, "recovered-fraction")
-            fmt = lambda col: ["not shown" if n else "" if v != v else f"{v:.4g}" for v, n in
-                               zip(r[col], r.recovered_note)]
+            fmt = lambda col: ["not shown" if n else number(v) for v, n in zip(r[col], r.recovered_note)]
             r = r.assign(**{c: fmt(c) for c in ("recovered", "recovered_lo", "recovered_hi", "sampling_se_recovered")})
             print(r[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered", "recovered_lo",
                      "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
@@ -217,7 +223,7 @@ def _print_paired(rec, paired, max_rows: int) -> None:
         if paired is not None and len(paired):
             print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
             p, cut = _head(paired, max_rows, "paired-delta")
-            p = p.assign(sampling_se=["n/a" if v != v else f"{v:.4g}" for v in p.sampling_se])   # no lm-eval stderr
+            p = p.assign(**{c: p[c].map(number) for c in ("delta", "delta_lo", "delta_hi", "sampling_se")})
             print(p[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi",
                      "sampling_se", "verdict"]].to_string(index=False))
             if cut:
