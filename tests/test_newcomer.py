@@ -215,3 +215,20 @@ def test_out_of_range_noise_value_is_refused_in_one_line_not_silently_replaced(s
     assert "ev_run" not in [b.key for b in at.button]
     at.number_input(key=f"nz_{p}_adc_bits").set_value(6).run()
     assert not at.error and any("adc_bits = 6" in c.value for c in at.caption)
+
+
+def test_strategy_chips_follow_the_registry_not_machine_names(store_env):
+    """The Results page's strategy chips read "Activation frequency, Local output error, MaxNNScore, …" (machine
+    names sorted: frequency < local_error < maxnn); they follow the registry's order, MaxNNScore first."""
+    from test_app import _put
+    from hetmoe_core.store import Store
+    from hetmoe_core.strategies import STRATEGIES, ordered
+    assert ordered(["zeta", "ideal", "local_error", "maxnn", "maxnn"]) == ["maxnn", "local_error", "ideal", "zeta"]
+    store = Store(store_env)
+    names = ["random", "local_error", "frequency", "oracle", "maxnn"]
+    for i, s in enumerate(names):
+        _put(store, f"k{i}", "pa", 20, 0.25, 0.5 + i / 100, strategy=s)
+    at = page(app(), "results")
+    chips = at.multiselect(key="res_strategies")
+    assert chips.options == [STRATEGIES[n].label for n in ("maxnn", "frequency", "random", "oracle", "local_error")]
+    assert chips.value == ["maxnn", "frequency", "random", "oracle", "local_error"]
