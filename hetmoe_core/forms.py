@@ -29,8 +29,10 @@ def hardware_editor(key: str = "hw"):
             for i, f in enumerate(field_docs(cls)):
                 v = getattr(getattr(base, part), f["name"])
                 is_int = isinstance(v, int)
+                # no widget bound: a browser holds an out-of-range entry red and sends the old value, so the
+                # view would silently keep it; get_hardware's range check (field metadata) refuses it below
                 w = cols[i % 3].number_input(
-                    f"{f['name']} ({f['unit']})", value=v, min_value=1 if is_int else 1e-9,
+                    f"{f['name']} ({f['unit']})", value=v,
                     step=1 if is_int else None, format=None if is_int else "%.4g",
                     key=f"{key}_{name}_{part}_{f['name']}",
                     help=f"{f['help']} Unit: {f['unit']}. Allowed: {f['allowed'][0]:g} to {f['allowed'][1]:g}. "

@@ -232,3 +232,14 @@ def test_strategy_chips_follow_the_registry_not_machine_names(store_env):
     chips = at.multiselect(key="res_strategies")
     assert chips.options == [STRATEGIES[n].label for n in ("maxnn", "frequency", "random", "oracle", "local_error")]
     assert chips.value == ["maxnn", "frequency", "random", "oracle", "local_error"]
+
+
+def test_hardware_constant_below_its_range_is_refused_not_silently_kept(store_env):
+    """The hardware editor had the same widget bound (min 1e-9): 0 pJ/MAC was held red in the browser while the
+    view kept the preset's value. 0 now reaches get_hardware, whose field metadata refuses it in one line."""
+    at = page(app(), "placement")
+    mac = at.number_input(key="hw_h100+pcm_digital_mac_energy")
+    assert not mac.proto.has_min and not mac.proto.has_max and "Allowed: 0.0001 to 1000." in mac.help
+    mac.set_value(0.0).run()
+    assert any("mac_energy=0.0: allowed a number in [0.0001, 1000] pJ/MAC" in w.value for w in at.warning), \
+        [w.value for w in at.warning]
