@@ -111,8 +111,8 @@ def _cut_note(cut: dict, df, what: str) -> str:
     per = "; ".join(f"{tasks[0] if len(tasks) == 1 else f'{len(tasks)} tasks ({tasks[0]} … {tasks[-1]})'}: {t}"
                     for t, tasks in by_text.items())
     return (f"({cut['left_out']} more {what} rows left out. Each task keeps its share of --max-rows in whole "
-            f"configurations, {metrics}, in table order ({CUT_ORDER[what]}): {per}. Raise --max-rows to {len(df)} to see "
-            "them all, or narrow with --where task=NAME or --where strategy=NAME)")
+            f"configurations, {metrics}, in table order ({CUT_ORDER[what]}): {per}. Raise --max-rows to {len(df)} "
+            "to see them all, or narrow with --where task=NAME or --where strategy=NAME)")
 
 
 def _filters(where: list[str]) -> dict:

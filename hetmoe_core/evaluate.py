@@ -234,7 +234,8 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
         known = store.computed_keys(lm.fingerprint)   # computations stored before this call (one read)
     writer = _Batched(store, max_s=write_every_s)
     try:
-        measured = _measured(lm, todo, store, calib_text, cancel, measure_progress)   # outside the model lock: it takes it
+        # outside the model lock: the measurement takes it
+        measured = _measured(lm, todo, store, calib_text, cancel, measure_progress)
         groups, placed = _seed_major(units(todo)), {}
         if len(groups) > 1:   # placements up front (under the model lock: a strategy may need routing statistics)
             with state["lock"]:
