@@ -571,19 +571,61 @@ def _computed_keys(con, model_fingerprint: str) -> set[str]:
 
 
 def _insert(con, table: str, rows: dict | list[dict], ignore: bool = False, chunk: int = 256) -> None:
-    """Insert a row or ``rows`` (column -> value) with one multi-row INSERT per set of columns and ``chunk`` rows: DuckDB
-    prepares each statement afresh (~2 ms), so one statement per row would cost more than the forward passes of
-    a small sweep's results. ``ignore``: INSERT OR IGNORE (rows whose primary key is stored are skipped)."""
+    """Insert a row or ``rows`` (column -> value), one set of columns at a time (a column a row does not name gets
+    its default): as one Arrow table (``INSERT ... BY NAME``) when every column holds one Python type
+    (:func:`_arrow_table`), else with one multi-row INSERT per ``chunk`` rows. DuckDB prepares each statement
+    afresh (~2 ms), so one statement per row would cost more than the forward passes of a small sweep's results;
+    binding each value as a parameter still took ~20 ms for a sweep's 24 runs of ~40 columns, the Arrow table
+    ~5 ms (measured, ``bench/bench_overhead.py``). ``ignore``: INSERT OR IGNORE (rows whose primary key is stored
+    are skipped)."""
     groups: dict = {}
     for r in [rows] if isinstance(rows, dict) else rows:
         groups.setdefault(tuple(r), []).append(r)
     verb = "INSERT OR IGNORE" if ignore else "INSERT"
     for cols, grp in groups.items():
+        tbl = _arrow_table(cols, grp)
+        if tbl is not None:
+            con.register("hetmoe_rows", tbl)
+            try:
+                con.execute(f"{verb} INTO {table} BY NAME SELECT * FROM hetmoe_rows")
+            finally:
+                con.unregister("hetmoe_rows")
+            continue
         names, marks = ", ".join(f'"{c}"' for c in cols), f"({', '.join('?' * len(cols))})"
         for i in range(0, len(grp), chunk):
             part = grp[i:i + chunk]
             con.execute(f"{verb} INTO {table} ({names}) VALUES {', '.join([marks] * len(part))}",
                         [r[c] for r in part for c in cols])
+
+
+_ARROW_TYPES = {str: "string", bool: "bool_", int: "int64", float: "float64"}
+
+
+def _arrow_table(cols: tuple, rows: list[dict]):
+    """``rows`` as a pyarrow Table of the columns ``cols``, or None unless each column's values (None aside) are all
+    of one of str, bool, int (64-bit), float or naive datetime: then each value reaches DuckDB as the same SQL
+    value a bound parameter of its type gives, and is cast to the column's type alike (a column mixing types
+    could be cast otherwise: it takes the parameter path)."""
+    import datetime as dt
+    import pyarrow as pa
+    arrays = []
+    for c in cols:
+        vals = [r[c] for r in rows]
+        kinds = {type(v) for v in vals if v is not None}
+        if len(kinds) > 1:
+            return None
+        kind = kinds.pop() if kinds else None
+        if kind is None:
+            typ = pa.null()
+        elif kind is dt.datetime and all(v is None or v.tzinfo is None for v in vals):
+            typ = pa.timestamp("us")
+        elif kind in _ARROW_TYPES and not (kind is int and any(v is not None and not -2 ** 63 <= v < 2 ** 63
+                                                                 for v in vals)):
+            typ = getattr(pa, _ARROW_TYPES[kind])()
+        else:
+            return None
+        arrays.append(pa.array(vals, type=typ))
+    return pa.Table.from_arrays(arrays, names=list(cols))
 
 
 def _runs_sql(filters: dict | None, status: str | None) -> tuple[str, list]:

@@ -258,3 +258,29 @@ def test_store_file_is_attached_per_operation_and_released_after(tmp_path):
     assert _put(st, "b") and st.counts()["runs"] == 2
     assert st.query("SELECT count(*) AS n FROM meta WHERE name = 'probe'").n[0] == 0
     assert dbhost._host.con is not None and subprocess.run(probe).returncode == 0
+
+
+def test_rows_inserted_as_arrow_equal_rows_bound_as_parameters(tmp_path, monkeypatch):
+    """A batch whose columns each hold one Python type goes in as one Arrow table (store._arrow_table): every value,
+    NULL, timestamp and default equals what one bound parameter per value stores; a column mixing types takes the
+    parameter path."""
+    import datetime as dt
+    from hetmoe_core import store as store_mod
+    t0 = dt.datetime(2026, 1, 2, 3, 4, 5, 678901)
+    items = [(f"k{i}", {"task": "t", "seed": i, "strategy": "maxnn", "budget": i / 3, "started_at": t0,
+                        "duration_s": None if i else 1.25, "config": '{"a": "é"}', "digital_share": 0.1 * i},
+              [{"task": "t", "metric": m, "value": i + j / 7, "stderr": None if j else 0.5, "seed": i,
+                "higher_is_better": bool(j % 2)} for j, m in enumerate(METRICS)], None) for i in range(4)]
+    assert store_mod._arrow_table(("a",), [{"a": 1}, {"a": 2.5}]) is None        # int and float: parameters
+    frames = []
+    for name, arrow in (("arrow", True), ("params", False)):
+        with monkeypatch.context() as m:
+            if not arrow:
+                m.setattr(store_mod, "_arrow_table", lambda cols, rows: None)
+            st = Store(tmp_path / f"{name}.duckdb")
+            st.put_results(items)
+            frames.append(st.runs_frame().drop(columns=["created_at"]).sort_values(["key", "metric"])
+                          .reset_index(drop=True))
+    a, p = frames
+    assert a.equals(p) and len(a) == 4 * len(METRICS)
+    assert a.started_at.iloc[0] == t0 and a.duration_s.isna().sum() == 3 * len(METRICS) and a.origin.eq("computed").all()
