@@ -38,9 +38,9 @@ class _FastExperts:
         self.recorder = adc_bounds if adc_bounds is not None and adc_bounds.recording else None
         E = layer.num_experts
         dev = layer.experts.down_proj.device
-        self.analog = torch.zeros(E, dtype=torch.bool, device=dev)
-        self.analog[analog_ids] = True
-        self.analog_list = [bool(v) for v in self.analog.tolist()]
+        on = set(analog_ids)
+        self.analog_list = [e in on for e in range(E)]
+        self.analog = torch.tensor(self.analog_list, dtype=torch.bool, device=dev)
         self.all_analog = all(self.analog_list)
         self.in_sizes: dict[str, list[int]] = {}
         self.g_out: dict[str, torch.Tensor] = {}
@@ -201,6 +201,24 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     else:
         dst.copy_(src)
 
+
+def _copy_rows(dst: torch.Tensor, rows: list) -> None:
+    """``dst[i] = src[j]`` bit for bit for each ``(i, src, j)`` of ``rows`` (``src`` shaped as ``dst``'s rows), as
+    :func:`_copy`, with the byte view of ``dst`` made once."""
+    if not rows:
+        return
+    if dst.device.type != "cpu" or not dst.is_contiguous():
+        for i, src, j in rows:
+            _copy(dst[i], src[j])
+        return
+    to = dst.detach().view(torch.uint8).numpy()
+    for i, src, j in rows:
+        if src.is_contiguous() and src.device.type == "cpu":
+            to[i] = src.detach().view(torch.uint8).numpy()[j]
+        else:
+            dst[i].copy_(src[j])
+
+
 _BLOCK_ELEMS = 1 << 20   # float32 work space of the low-precision DAC: 4 MiB, whatever the batch
 
 
@@ -350,10 +368,13 @@ class FastBackend(AnalogBackend):
                 noise.replace(out_bound=adc_bounds.bounds[(m.index, key)])  # drift readout's ADC
             # what the written form depends on besides the draw: converter grids, dtype, layout
             form = (state.io_out, state.fold(key), state.s_out(key), p.dtype, m.transposed)
-            ready, group = [], cache.group((seed if nm is not None else None, nz, m.experts_name, key, form))
-            for e in ids:
-                self.check()
-                ready.append(cache.expert((group, e), lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
+            group = cache.group((seed if nm is not None else None, nz, m.experts_name, key, form))
+            ready = cache.kept(group, ids)
+            if ready is None:   # some to program: a check between them
+                ready = []
+                for e in ids:
+                    self.check()
+                    ready.append(cache.expert((group, e), lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
             tag = (seed if nm is not None else None, nz, form)
             if cache.fits_fused(self.fused_bytes):
                 kept += self._swap(stack, cache, m, key, p, ids, ready, tag, state, (len(sizes), m.num_experts, O),
@@ -428,10 +449,7 @@ class FastBackend(AnalogBackend):
         want = {e: r for e, r in zip(ids, ready)}
         back = [e for e in sorted(have) if e not in want]
         new = [e for e in ids if e not in have]
-        for e in back:
-            _copy(buf[e], p.data[e])
-        for e in new:
-            _copy(buf[e], want[e][0][0])
+        _copy_rows(buf, [(e, p.data, e) for e in back] + [(e, want[e][0], 0) for e in new])
         if state.io_out:
             if g_out is None or tuple(g_out.shape) != g_shape:
                 g_out, new = torch.ones(g_shape, dtype=torch.float32, device=p.device), ids

@@ -231,6 +231,19 @@ class ProgrammedCache:
             self._put(key, got)
         return got
 
+    def kept(self, group: int, ids) -> list | None:
+        """The entries ``(group, e)`` of every expert ``e`` of ``ids``, in order, when all are kept (each a hit, as
+        :meth:`expert` would count it, in one lock), else None and nothing counted: a placement whose experts are
+        all programmed takes them at once instead of one look-up per expert."""
+        with self.lock:
+            got = [self.entries.get((group, e)) for e in ids]
+            if any(g is None for g in got):
+                return None
+            for e in ids:
+                self.entries.move_to_end((group, e))
+            self.hits += len(got)
+            return got
+
     def fits_fused(self, nbytes: int) -> bool:
         """Whether fused expert tensors of ``nbytes`` in all (every MoE layer's, both projections) are kept
         between placements: at most half the cache, the rest holding the programmed experts."""
