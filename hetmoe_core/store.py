@@ -1,7 +1,9 @@
 """DuckDB results store: runs, metrics, expert statistics and placements, with honest caching.
 
 Concurrency design (DuckDB lets one read-write process lock out every other process, readers included):
-  * no connection lives longer than one operation: open, run one query or one transaction, close;
+  * no connection lives longer than one operation: open, run one query or one transaction, close (the file is
+    attached to the thread's in-memory DuckDB connection for the operation and detached after, ``dbhost``: the
+    same lock as a connection of its own, without building a DuckDB instance per operation);
   * every operation first takes an advisory ``fcntl.flock`` on a sidecar file ``<db>.lock``: shared for reads,
     exclusive for writes, so DuckDB's own lock is never contended by hetmoe processes or threads (each
     operation opens its own file descriptor, so threads of one process exclude each other like processes do);
