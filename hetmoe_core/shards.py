@@ -8,11 +8,14 @@ threads by the same norm kernels ``scores`` uses on a built model (imported at c
 from __future__ import annotations
 
 import collections
+import ctypes
+import errno
 import json
 import math
 import mmap
 import os
 import re
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -184,12 +187,16 @@ class _Files:
 
     def advise(self, i: int) -> None:
         """Call (from one thread) before job i is queued: the jobs up to ``window`` bytes ahead go to the read-ahead
-        thread, which skips those already queued by then (their worker faults them in itself)."""
+        threads, which skip those already queued by then (their worker faults them in itself). Jobs whose pages are
+        all in the page cache already (:func:`_cached`) go to none: on a warm rerun the readers only mapped every job
+        a second time (measured: ~0.015 s of CPU per GB, 8% of a warm run)."""
         self.queued = i
         while self.next < len(self.jobs) and self.cum[self.next] - self.cum[i] < self.window:
-            if self.ahead is None:
-                self.ahead = ThreadPoolExecutor(self.readers, thread_name_prefix="hetmoe-readahead")
-            self.ahead.submit(self._fault_in, self.next, self.fd(self.jobs[self.next].file))
+            j, fd = self.jobs[self.next], self.fd(self.jobs[self.next].file)
+            if not _cached(fd, j.start, j.nbytes):         # a warm rerun hands nothing over
+                if self.ahead is None:
+                    self.ahead = ThreadPoolExecutor(self.readers, thread_name_prefix="hetmoe-readahead")
+                self.ahead.submit(self._fault_in, self.next, fd)
             self.next += 1
 
     def _fault_in(self, k: int, fd: int, step: int = 8 << 20) -> None:
@@ -216,6 +223,36 @@ class _Files:
 
 
 _PMD = 2 << 20                                     # a huge page (x86-64, arm64 with 4 KiB pages)
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted",
+                                                "nr_recently_evicted")]
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+_SYS_CACHESTAT = 451       # the same number on every Linux architecture (the unified syscall table; Linux 6.5+)
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PAGE = mmap.PAGESIZE
+
+
+def _cached(fd: int, start: int, n: int) -> bool:
+    """Whether every page of the bytes [start, start + n) of the file is in the page cache: Linux's cachestat(2),
+    which counts cached pages without reading, mapping or starting a read-ahead (a preadv(RWF_NOWAIT) probe starts
+    a read-ahead of small folios; mincore needs a mapping). False where the OS cannot tell (not Linux, or < 6.5)."""
+    global _libc
+    if _libc is None or n <= 0:
+        return False
+    first, end = start - start % _PAGE, start + n
+    rng, st = _Range(first, end - first), _CacheStat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):   # an older kernel or a seccomp filter: stop asking
+            _libc = None
+        return False
+    return st.nr_cache >= -(-(end - first) // _PAGE)
 
 
 def _mapped(fd: int, j: _Job) -> mmap.mmap | None:
