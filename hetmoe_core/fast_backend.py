@@ -374,7 +374,8 @@ class FastBackend(AnalogBackend):
                 ready = []
                 for e in ids:
                     self.check()
-                    ready.append(cache.expert((group, e), lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
+                    ready.append(cache.expert((group, e),
+                                              lambda e=e: self._ready(m, key, logical, nz, state, sizes, e)))
             tag = (seed if nm is not None else None, nz, form)
             if cache.fits_fused(self.fused_bytes):
                 kept += self._swap(stack, cache, m, key, p, ids, ready, tag, state, (len(sizes), m.num_experts, O),
