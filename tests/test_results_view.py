@@ -165,3 +165,29 @@ def test_damage_scatter_log_axis_spans_the_informative_damages_only():
     assert list(fig.data[0].y) == [1e-9, 1.5e-8, 2.6e-8]
     assert "1 expert ≤ 0 not on log axes" in fig.layout.title.text
     assert "1 below 2.6e-12 nats (10^-4 of the largest) not shown" in fig.layout.title.text
+
+
+def test_results_page_opens_on_the_sessions_last_run_else_the_most_results_at_the_newest_limit(tmp_path):
+    """Task: the session's last evaluation when it is of the model shown, else the task with the most results (not
+    the first by name). Limit: the session's run, else the newest stored result's limit (not the largest), else the
+    last choice. On a real store: task "b" holds most results; its newest result ran limit 4 after a limit-20 one."""
+    from hetmoe_core.store import Store
+    st = Store(tmp_path / "r.duckdb")
+    for i, (task, limit, seed) in enumerate([("a", 2, 0), ("b", 20, 0), ("b", 20, 1), ("b", 4, 0)]):
+        st.put_result(f"k{i}", {"model_source": "default", "model_fingerprint": "fp", "strategy": "maxnn",
+                                "budget": 0.25, "preset": "p", "seed": seed, "task": task, "limit": limit},
+                      [{"task": task, "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": seed}])
+    rows = st.summary_frame()
+    assert results.opening_task(rows, "fp", {}) == "b"                      # the most results, not "a" by name
+    mine = {"model_fingerprint": "fp", "task": "a", "limit": 2}
+    assert results.opening_task(rows, "fp", mine) == "a"                     # this session's run
+    assert results.opening_task(rows, "fp", {**mine, "model_fingerprint": "other"}) == "b"   # of another model
+    assert results.opening_task(rows, "fp", {**mine, "task": "gone"}) == "b"  # a task with no row here
+    limits = results.limit_choices(rows[rows.task == "b"])
+    assert limits == [4, 20]
+    assert results.opening_limit(st, limits, "fp", "b", {}) == 0             # newest stored: 4, not the largest 20
+    assert results.opening_limit(st, limits, "fp", "b", {**mine, "task": "b", "limit": 20}) == 1   # session's run
+    assert results.opening_limit(st, limits, "fp", "b", mine) == 0           # its run was of task "a": the store
+    assert results.opening_limit(st, limits, "fp", "b", {**mine, "task": "b", "limit": results.ALL}) == 1
+    assert results.opening_limit(st, [4, 20, results.ALL], "fp", "b", {}) == 0
+    assert results.session_run(None) == {}
