@@ -454,12 +454,9 @@ def test_classroom_three_sessions_three_models(tmp_path, browser):
 
 
 @pytest.fixture(scope="module")
-def examples_server(tmp_path_factory):
+def examples_server(tmp_path_factory, example_results):
     """A server whose store holds the example results (measured sensitivity of both paper presets included)."""
-    from hetmoe_core.examples import load_examples
-    from hetmoe_core.store import Store
-    store = tmp_path_factory.mktemp("examples") / "results.duckdb"
-    load_examples(Store(store))
+    store = example_results(tmp_path_factory.mktemp("examples") / "results.duckdb")
     with _serve(store, "examples_server") as base:
         yield base
 

@@ -166,15 +166,13 @@ def test_cli_place(capsys, tmp_path):
         assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_measured_strategies_caption_says_by_what_they_place_or_why_they_are_absent(tmp_path):
+def test_measured_strategies_caption_says_by_what_they_place_or_why_they_are_absent(tmp_path, example_results):
     """The Placement page's line about Oracle / Local output error: with the example results stored (their damage
     measurement under paper-pcm-c1.5) it names both, the preset and the measurement's seeds x tokens; under the
     ideal preset it says nothing is damaged; with nothing stored it says where to measure and with what request."""
-    from hetmoe_core.examples import load_examples
     from hetmoe_core.store import Store
     from hetmoe_core.validation import measured_caption, stored_strategy_scores
-    st = Store(tmp_path / "ex.duckdb")
-    load_examples(st)
+    st = Store(example_results(tmp_path / "ex.duckdb"))
     v, scores = stored_strategy_scores("default", "paper-pcm-c1.5", store=st)
     assert set(scores) == {"oracle", "local_error"}
     text = measured_caption("paper-pcm-c1.5", v, scores)
