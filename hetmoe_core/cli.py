@@ -28,6 +28,25 @@ def _source(p):
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+class _StepLine:
+    """A measurement's progress line on stderr (``evaluate.measurement_line``, the dashboard's wording): rewritten in
+    place on a terminal, else printed at every tenth of the way (a log file gets ten lines, not thousands).
+    ``bar``: a tqdm bar already on stderr, whose postfix shows the line instead."""
+
+    def __init__(self, bar=None):
+        self.bar, self.tty, self.tenth = bar, sys.stderr.isatty(), None
+
+    def __call__(self, line: str, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(line)
+            self.bar.refresh()
+        elif self.tty:
+            print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+        elif (tenth := 10 * done // max(total, 1)) != self.tenth or done >= total:
+            self.tenth = tenth
+            print(line, file=sys.stderr, flush=True)
+
+
 def _load(args, tokenizer: bool = True):
     from .models import load_model
     return load_model(args.source, device=args.device, dtype=args.dtype, tokenizer=tokenizer,
@@ -86,8 +105,8 @@ def _scores_table(out: dict) -> None:
     for k in ("source", "fingerprint", "streamed", "calibration"):
         if k in out:
             print(f"{k}: {json.dumps(out[k]) if isinstance(out[k], dict) else out[k]}")
-    with pd.option_context("display.float_format", "{:.4g}".format):
-        print(pd.DataFrame(rows).to_string(index=False))
+    from .results import NA, number
+    print(pd.DataFrame(rows).to_string(index=False, float_format=number, na_rep=NA))
 
 
 def cmd_scores(args) -> dict:
@@ -193,9 +212,12 @@ def cmd_place(args) -> dict:
     stats, calib = _activation(args, lm) if needs(args.strategy) == "stats" else (None, None)
     measured = stored
     if noise is not None and measured is None:
+        from .evaluate import measurement_line
         from .sensitivity import measured_scores
+        line = None if args.json else _StepLine()
         measured = measured_scores(lm, args.strategy, noise, store=args.store, texts=args.calib, seeds=args.seeds,
-                                   tokens=args.tokens)
+                                   tokens=args.tokens, progress=line and (lambda done, total: line(
+                                       measurement_line(args.strategy, args.preset, done, total), done, total)))
     p = place(lm.anatomy, args.strategy, budget, scope=args.scope, seed=args.seed, stats=stats, dense=dense,
               measured=measured)
     out = {"source": args.source, "fingerprint": lm.fingerprint, "key": p.key, "placement": p.to_dict(),
@@ -232,8 +254,9 @@ def cmd_energy(args) -> dict:
             "digital_share": out["digital_share"], **{k: e.pop(k) for k in keys}}
     if args.json:
         return {**head, **e}
+    from .results import number
     for k, v in head.items():
-        print(f"{k:<20} {v:.4g}" if isinstance(v, float) else f"{k:<20} {v}")
+        print(f"{k:<20} {number(v)}" if isinstance(v, float) else f"{k:<20} {v}")
     print(f"{'hardware':<20} {e['hardware']} at batch {e['batch']} ({e['routing']} routing; digital part "
           f"{e['digital_bound']}-bound)")
     for n, r in e["references"].items():
@@ -296,7 +319,8 @@ def _run_eval(args, bar: bool) -> dict:
               revision=args.revision, preset_overrides=dict(args.settings) or None)
     _announce(args, kw)
     try:
-        run, extra = evaluate_many, {}
+        # the oracle / local_error measurement before the first result says how far it is (here; not on Ray)
+        run, extra = evaluate_many, ({} if args.json else {"measure_progress": _StepLine(pbar)})
         if getattr(args, "executor", "local") == "ray":
             from .ray_executor import RayOptions, evaluate_many_ray
             run, extra = evaluate_many_ray, {"options": RayOptions(address=args.address, workers=args.workers,
@@ -312,11 +336,12 @@ def _run_eval(args, bar: bool) -> dict:
         return out
     from .noise import get_preset
     settled = {p: get_preset(p, **dict(args.settings)).deterministic for p in _names(args.presets)}
+    from .results import number   # the dashboard's formatter: n/a for missing, float rounding as 0
     for r in out["summary"]:
         std = (" deterministic" if r["ideal"] or settled.get(r["preset"])
-               else "" if r["std"] is None else f" ± {r['std']:.3g}")
+               else "" if r["std"] is None else f" ± {number(r['std'], '.3g', r['mean'])}")
         print(f"{r['task']:<22} {r['metric']:<16} {r['strategy']:<11} budget={r['budget']:<6g} {r['preset']:<22} "
-              f"{r['mean']:.4g}{std} (n={r['n_seeds']}){' cached' if r['cached'] else ''}")
+              f"{number(r['mean'])}{std} (n={r['n_seeds']}){' cached' if r['cached'] else ''}")
     print(f"{out['computed']} computed, {out['cached']} from the cache")
     return None
 
@@ -444,23 +469,24 @@ def cmd_validate(args) -> dict:
 
 
 def _print_validation(d: dict) -> None:
-    se = lambda x: "" if x is None else f" ± {x:.2e}"  # noqa: E731
+    from .results import number   # the dashboard's formatter: n/a for missing, float rounding as 0
+    se = lambda x: "" if x is None else f" ± {number(x, '.2e')}"  # noqa: E731
     print(f"model {d['model_fingerprint']}  preset {d['preset']}  seeds {d['seeds']}  tokens {d['tokens']} "
           f"({d['calibration']['source']})  clean NLL {d['clean_nll']:.4f} nats{'  (cached)' if d['cached'] else ''}")
     print("damage = increase of mean token NLL (nats), mean ± standard error over seeds")
-    print(f"all routed experts analog: {d['all_experts']['damage']:.3e}{se(d['all_experts']['se'])}")
+    print(f"all routed experts analog: {number(d['all_experts']['damage'], '.3e')}{se(d['all_experts']['se'])}")
     for r in d["dense"]:
-        print(f"only {r['kind']:<15} analog: {r['damage']:.3e}{se(r['se'])}")
+        print(f"only {r['kind']:<15} analog: {number(r['damage'], '.3e')}{se(r['se'])}")
     for r in d["layers"]:
-        print(f"only MoE layer {r['layer']:<2} analog: {r['damage']:.3e}{se(r['se'])}")
+        print(f"only MoE layer {r['layer']:<2} analog: {number(r['damage'], '.3e')}{se(r['se'])}")
     print(f"{'layer':>5} {'expert':>6} {'only_this':>10} {'se':>9} {'all_but_this':>12} {'se':>9}")
     for r in d["experts"]:
-        f = lambda x: "nan" if x is None else f"{x:.2e}"  # noqa: E731
+        f = lambda x: number(x, ".2e")  # noqa: E731
         print(f"{r['layer']:>5} {r['expert']:>6} {f(r['only_this']):>10} {f(r['only_this_se']):>9} "
               f"{f(r['all_but_this']):>12} {f(r['all_but_this_se']):>9}")
     print("rank correlation with only-this damage (95% bootstrap CI over experts and seeds)")
     print(f"{'criterion':<12} {'scope':>6} {'spearman':>8} {'CI':>17} {'kendall':>8} {'CI':>17}")
-    g = lambda x: "  nan" if x is None else f"{x:+.2f}"  # noqa: E731
+    g = lambda x: number(x, "+.2f")  # noqa: E731
     for r in d["correlations"]:
         print(f"{r['criterion']:<12} {str(r['scope']):>6} {g(r['spearman']):>8} [{g(r['spearman_lo'])}, "
               f"{g(r['spearman_hi'])}] {g(r['kendall']):>8} [{g(r['kendall_lo'])}, {g(r['kendall_hi'])}]")

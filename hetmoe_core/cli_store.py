@@ -25,27 +25,94 @@ def add_runs(p):
     p.add_argument("--summary", action="store_true", help="mean ± std over seeds instead of one row per metric, "
                    "with the recovered fraction of the noise loss and paired deltas between strategies (95%% CIs)")
     p.add_argument("--max-rows", type=_int_at_least(1), default=200,
-                   help="rows to print per table (>= 1), shared evenly among its tasks: every task shows at least "
-                        "its first row, and each cut table says how many rows it left out")
+                   help="rows to print per table (>= 1), shared evenly among its tasks; a task shows whole "
+                        "configurations (every metric of each) in table order, at least one, and each cut table "
+                        "says which configurations it left out")
 
 
-def _head(df, max_rows: int):
-    """(the rows of ``df`` to print, how many were left out): at most ``max_rows`` in all, split evenly among the
-    tasks in ``df`` (first rows of each, in order), and at least one row per task, so a cut table never hides a
-    whole task (in the example results one task alone fills 200 rows)."""
+CUT_CONFIG = {"summary": ("model_fingerprint", "config_id"), "result": ("key",),
+              "recovered-fraction": ("model_fingerprint", "preset", "backend", "scope", "limit", "strategy", "budget"),
+              "paired-delta": ("model_fingerprint", "preset", "backend", "scope", "limit", "budget", "a", "b")}
+"""What one configuration of each `runs` table is (its rows differ only in the metric): a cut table keeps or leaves
+out whole configurations, never one metric of them."""
+CUT_NAMES = {"summary": ("strategy", "budget", "preset"), "result": ("strategy", "budget", "preset", "seed"),
+             "recovered-fraction": ("preset", "strategy", "budget"), "paired-delta": ("preset", "budget", "a", "b")}
+"""The columns a cut note names a configuration by."""
+CUT_ORDER = {"summary": "strategy, budget, preset", "result": "newest first",
+             "recovered-fraction": "preset, strategy, budget", "paired-delta": "preset, budget, a, b"}
+"""The order each table lists a task's configurations in (the cut keeps the first ones)."""
+
+
+def _configs(df, what: str):
+    """One label per row: the configuration it belongs to (CUT_CONFIG; the row itself in a table without them)."""
+    cols = [c for c in CUT_CONFIG[what] if c in df]
+    if not cols:
+        return df.index.astype(str)
+    return df[cols].astype(str).agg("\x1f".join, axis=1)
+
+
+def _head(df, max_rows: int, what: str = "summary"):
+    """(the rows of ``df`` to print, the cut: None when every row is shown, else {"left_out": rows left out,
+    "tasks": {task: (configurations shown, configurations in all, first configuration left out, its strategies
+    left out)}}).
+
+    The rule: every task keeps its place (``max_rows`` is shared evenly among the tasks), and a task shows whole
+    configurations (CUT_CONFIG: every metric of each, so word_perplexity is never cut away from its
+    bits_per_byte) in the order the table lists them, as many as fit in its share and at least one; what is left
+    out is the rest of that order, from the configuration the note names."""
     if len(df) <= max_rows or "task" not in df:
-        return df.head(max_rows), max(len(df) - max_rows, 0)
-    per_task = max(1, max_rows // max(df["task"].nunique(), 1))
-    shown = df.groupby("task", sort=False, dropna=False).head(per_task)
-    return shown, len(df) - len(shown)
+        return (df, None) if len(df) <= max_rows else (df.head(max_rows), {"left_out": len(df) - max_rows, "tasks": {}})
+    share = max(1, max_rows // max(df["task"].nunique(dropna=False), 1))
+    keep, tasks = [], {}
+    for task, g in df.groupby("task", sort=False, dropna=False):
+        ids = _configs(g, what)
+        order = list(dict.fromkeys(ids))
+        sizes = ids.value_counts()
+        n, rows = 0, 0
+        while n < len(order) and (n == 0 or rows + sizes[order[n]] <= share):
+            rows += sizes[order[n]]
+            n += 1
+        kept = ids.isin(order[:n])
+        keep.append(kept)
+        if n < len(order):
+            first = g[ids == order[n]].iloc[0]
+            left = g[~kept]
+            who = [c for c in ("strategy", "a") if c in left]
+            tasks[task] = (n, len(order), first, list(dict.fromkeys(left[who[0]])) if who else [])
+    import pandas as pd
+    shown = df[pd.concat(keep).reindex(df.index)]
+    return shown, {"left_out": len(df) - len(shown), "tasks": tasks}
 
 
-def _cut_note(left_out: int, df, shown, what: str) -> str:
-    """One line saying how many rows of one table were left out and how to see them."""
-    tasks = df["task"].nunique() if "task" in df else 0
-    per = f"; shown: the first {shown.groupby('task').size().min()} of each of {tasks} tasks" if tasks > 1 else ""
-    return (f"({left_out} more {what} rows{per}. Raise --max-rows to {len(df)} to see them all, "
-            "or narrow with --where task=NAME)")
+def _config_name(row, what: str) -> str:
+    """A configuration as a cut note names it: "frequency, budget 1, paper-pcm-c2.5"; a pair "maxnn vs random"."""
+    parts = []
+    for c in CUT_NAMES[what]:
+        if c in row.index and c != "b":
+            v = row[c]
+            parts.append(f"budget {v:g}" if c == "budget" else f"seed {v}" if c == "seed" else
+                         f"{v} vs {row['b']}" if c == "a" and "b" in row.index else f"{v}")
+    return ", ".join(parts)
+
+
+def _cut_note(cut: dict, df, what: str) -> str:
+    """What a cut table left out and how to see it, in one paragraph: the rows, the rule, and per task (tasks
+    alike in the cut are named together) how many configurations it shows and the first one left out."""
+    if not cut["tasks"]:
+        return f"({cut['left_out']} more {what} rows. Raise --max-rows to {len(df)} to see them all)"
+    metrics = (f"every metric of each ({', '.join(sorted(df['metric'].dropna().unique()))})" if "metric" in df
+               else "every row of each")
+    by_text: dict = {}
+    for task, (n, total, first, names) in cut["tasks"].items():
+        text = (f"the first {n} of {total} configurations shown, every one from {_config_name(first, what)} on "
+                "left out" + (f" (of strategies {', '.join(map(str, names))})" if names and what != "paired-delta"
+                              else ""))
+        by_text.setdefault(text, []).append(str(task))
+    per = "; ".join(f"{tasks[0] if len(tasks) == 1 else f'{len(tasks)} tasks ({tasks[0]} … {tasks[-1]})'}: {t}"
+                    for t, tasks in by_text.items())
+    return (f"({cut['left_out']} more {what} rows left out. Each task keeps its share of --max-rows in whole "
+            f"configurations, {metrics}, in table order ({CUT_ORDER[what]}): {per}. Raise --max-rows to {len(df)} "
+            "to see them all, or narrow with --where task=NAME or --where strategy=NAME)")
 
 
 def _filters(where: list[str]) -> dict:
@@ -85,6 +152,7 @@ SUMMARY_VARIANTS = ("num_fewshot", "scope", "analog_dense", "overrides", "model_
 
 
 def cmd_runs(args) -> dict:
+    from .results import number   # the dashboard's formatter: n/a for missing, float rounding as 0
     from .store import Store
     st = Store(args.store, create=False, read_only=True)
     filters = _filters(args.where)
@@ -92,7 +160,8 @@ def cmd_runs(args) -> dict:
         df = st.summary_frame(filters)
     else:
         df = st.runs_frame(filters).drop(columns=["config", "versions"] + ([] if "status" in filters else ["error"]))
-    shown, left_out = _head(df, args.max_rows)
+    what = "summary" if args.summary else "result"
+    shown, cut = _head(df, args.max_rows, what)
     rec = paired = None
     if args.summary:   # paired statistics on the same seeds (hetmoe_core.paired)
         from .paired import paired_deltas, recovery_table
@@ -107,51 +176,58 @@ def cmd_runs(args) -> dict:
             cols = ["task", "metric", "strategy", "budget", "preset", "backend", "batch_size", "dtype", "limit",
                     *varies, "mean", "spread", "n_seeds", "origins"]
             shown = shown.assign(limit=shown["limit"].map(lambda v: "all" if v != v or v is None else int(v)))
-            shown = shown.assign(spread=["deterministic" if d else "" if s != s else f"± {s:.3g}"
-                                         for d, s in zip(shown.deterministic, shown["std"])])
+            shown = shown.assign(spread=["deterministic" if d else "" if s != s else f"± {number(s, '.3g', m)}"
+                                         for d, s, m in zip(shown.deterministic, shown["std"], shown["mean"])],
+                                 mean=shown["mean"].map(number))
         else:
             cols = ["task", "metric", "strategy", "budget", "preset", "backend", "seed", "value", "stderr", "limit",
                     "status", "origin", "key"]
-            shown = shown.assign(key=shown.key.str[:12])
+            shown = shown.assign(key=shown.key.str[:12], value=shown["value"].map(number),
+                                 stderr=shown["stderr"].map(number))
         with pd.option_context("display.width", 240, "display.max_columns", 20, "display.max_colwidth", 60):
             print(shown[[c for c in cols if c in shown]].to_string(index=False) if len(df)
                   else "no stored results match")
-        if left_out:
-            print(_cut_note(left_out, df, shown, "summary" if args.summary else "result"))
+        if cut:
+            print(_cut_note(cut, df, what))
         _print_paired(rec, paired, args.max_rows)
         return None
-    out = {"store": str(st.path), "count": len(df), "rows": _records(shown)}
-    if args.summary:   # the same per-task cut as the text tables; *_count says how many rows there are in all
-        out["recovery"], out["paired"] = _records(_head(rec, args.max_rows)[0]), _records(_head(paired, args.max_rows)[0])
+    out = {"store": str(st.path), "count": len(df), "rows": _records(shown),
+           "left_out": _cut_note(cut, df, what) if cut else None}
+    if args.summary:   # the same cut as the text tables; *_count says how many rows there are in all
+        (r, rc), (p, pc) = _head(rec, args.max_rows, "recovered-fraction"), _head(paired, args.max_rows, "paired-delta")
+        out["recovery"], out["paired"] = _records(r), _records(p)
         out["recovery_count"], out["paired_count"] = len(rec), len(paired)
+        out["recovery_left_out"] = _cut_note(rc, rec, "recovered-fraction") if rc else None
+        out["paired_left_out"] = _cut_note(pc, paired, "paired-delta") if pc else None
     return out
 
 
 def _print_paired(rec, paired, max_rows: int) -> None:
-    """The recovered fraction and the paired deltas of ``runs --summary`` as text tables."""
+    """The recovered fraction and the paired deltas of ``runs --summary`` as text tables (numbers through
+    results.number, as the dashboard shows them)."""
     import pandas as pd
+    from .results import number
     with pd.option_context("display.width", 240, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         if rec is not None and len(rec):
             print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
                   "sampling = lm-eval stderr / |A-I|")
-            r, left_out = _head(rec, max_rows)
-            fmt = lambda col: ["not shown" if n else "" if v != v else f"{v:.4g}" for v, n in
-                               zip(r[col], r.recovered_note)]
+            r, cut = _head(rec, max_rows, "recovered-fraction")
+            fmt = lambda col: ["not shown" if n else number(v) for v, n in zip(r[col], r.recovered_note)]
             r = r.assign(**{c: fmt(c) for c in ("recovered", "recovered_lo", "recovered_hi", "sampling_se_recovered")})
             print(r[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered", "recovered_lo",
                      "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
             for note, n in rec.recovered_note[rec.recovered_note != ""].value_counts().items():
                 print(f"{note}: recovered fraction not shown ({n} rows)")
-            if left_out:
-                print(_cut_note(left_out, rec, r, "recovered-fraction"))
+            if cut:
+                print(_cut_note(cut, rec, "recovered-fraction"))
         if paired is not None and len(paired):
             print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
-            p, left_out = _head(paired, max_rows)
-            p = p.assign(sampling_se=["n/a" if v != v else f"{v:.4g}" for v in p.sampling_se])   # no lm-eval stderr
+            p, cut = _head(paired, max_rows, "paired-delta")
+            p = p.assign(**{c: p[c].map(number) for c in ("delta", "delta_lo", "delta_hi", "sampling_se")})
             print(p[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi",
                      "sampling_se", "verdict"]].to_string(index=False))
-            if left_out:
-                print(_cut_note(left_out, paired, p, "paired-delta"))
+            if cut:
+                print(_cut_note(cut, paired, "paired-delta"))
 
 
 def add_export(p):

@@ -22,6 +22,8 @@ each expert over its own tokens.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -36,11 +38,14 @@ N_BOOT = 1000
 # ------------------------------------------------------------------------------------------ criteria
 
 @torch.no_grad()
-def local_error_scores(lm, noise, ids: torch.Tensor, seeds=LOCAL_ERROR_SEEDS) -> list[np.ndarray]:
+def local_error_scores(lm, noise, ids: torch.Tensor, seeds=LOCAL_ERROR_SEEDS,
+                       progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
     """Local Output Error per MoE layer: float64 ``[E]`` each (see module docstring), nats-free units of
     hidden-state squared norm per token.
 
     ids: int64 ``[S, T]`` calibration sequences (``sensitivity.calibration_tokens``); seeds: noise seeds averaged.
+    progress(done, total) after each forward: the calibration forwards (8 sequences each), then the clean and the
+    noisy experts forward of every MoE layer under every seed (total = ceil(S / 8) + 2 x layers x seeds).
     Raises ValueError for bad noise or seeds.
     """
     from .replay import _Bank, _LayerForward, _decoder, _dispatch
@@ -55,10 +60,17 @@ def local_error_scores(lm, noise, ids: torch.Tensor, seeds=LOCAL_ERROR_SEEDS) ->
             enumerate(("hidden_states", "top_k_index", "top_k_weights")))), with_kwargs=True)
         for m in a.moe_layers]
     dec = _decoder(lm.model)
+    total, done = -(-ids.shape[0] // 8) + 2 * len(a.moe_layers) * len(seeds), [0]
+
+    def tick():
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
     with _lock(lm):
         try:
             for b in range(0, ids.shape[0], 8):
                 dec(input_ids=ids[b:b + 8].to(dev), use_cache=False)
+                tick()
         finally:
             for h in hooks:
                 h.remove()
@@ -75,7 +87,9 @@ def local_error_scores(lm, noise, ids: torch.Tensor, seeds=LOCAL_ERROR_SEEDS) ->
                 for seed in seeds:
                     bank = _Bank(m, noise, seed, nm)
                     clean = _LayerForward(bank, "clean").forward(m.experts, xk.clone(), ek, one).double()
+                    tick()
                     noisy = _LayerForward(bank, "noisy", gen_seed=seed).forward(m.experts, xk.clone(), ek, one).double()
+                    tick()
                     err = (noisy - clean).pow(2).sum(-1) * wk ** 2
                     out[m.index] += torch.bincount(ek.flatten(), weights=err, minlength=m.num_experts).cpu().numpy()
                 out[m.index] /= len(seeds) * x.shape[0]

@@ -134,7 +134,7 @@ def _result(spec: RunSpec, cached: bool, metrics: list[dict], run: dict | None =
 def evaluate_many(source: str = "default", *, store: Store | str | None = None, lm=None,
                   progress: Callable[[int, int, dict], None] | None = None, cancel: threading.Event | None = None,
                   trust_remote_code: bool = False, calibration: dict | None = None, write_every_s: float | None = None,
-                  **plan_kw) -> list[dict]:
+                  measure_progress: Callable[[str, int, int], None] | None = None, **plan_kw) -> list[dict]:
     """Evaluate the product strategies × budgets × presets × seeds × tasks (see :func:`plan`), cache first.
 
     Cached results are reported at once (progress(done, total, result) with result["cached"] True) and the model is
@@ -147,6 +147,9 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
     (its fingerprint keys the results; ``source`` is then only a label). ``calibration``: calibration *text*
     {domain: [texts]} for the routing-statistics strategies (default: ``sweep.calibration_text()``).
     ``cancel``: a threading.Event; when set, the running forward raises and the call returns the results so far.
+    ``measure_progress(line, done, total)``: called during the measurement a measured strategy (oracle,
+    local_error) makes before its first result, ``line`` = :func:`measurement_line` (e.g. "measuring expert damage
+    under paper-pcm-c1.5 for Oracle (measured damage): 37 / 1,370 forwards").
     Returns one dict per result: key, cached, ideal, task, strategy, budget, preset, seed, backend,
     metrics {name: value}, stderr {name: value}, higher_is_better {name: bool | None}, digital_share, duration_s,
     shared_from (the key of the identical computation whose numbers this result reuses, None when computed for
@@ -158,7 +161,7 @@ def evaluate_many(source: str = "default", *, store: Store | str | None = None, 
                                                               fingerprint=fp, **plan_kw)
     if todo:
         lm = _model_for(todo, lm, source, plan_kw, trust_remote_code)
-        _run_units(lm, todo, store, cancel, calibration, report, write_every_s, known)
+        _run_units(lm, todo, store, cancel, calibration, report, write_every_s, known, measure_progress)
     return [results[s.key] for s in specs if s.key in results]
 
 
@@ -218,9 +221,10 @@ def _model_for(todo: list[RunSpec], lm, source: str, plan_kw: dict, trust_remote
 
 
 def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report,
-               write_every_s: float | None = None, known: set | None = None) -> None:
+               write_every_s: float | None = None, known: set | None = None, measure_progress=None) -> None:
     """Compute the missing results unit by unit, each under the model's lock; stops quietly when cancelled.
-    ``known``: the compute keys stored for ``lm`` when the sweep began (None: read them here)."""
+    ``known``: the compute keys stored for ``lm`` when the sweep began (None: read them here);
+    ``measure_progress``: see :func:`evaluate_many`."""
     state = _state(lm)
     if _stats_missing(store, lm.fingerprint, "scores"):   # MaxNNScore / router norm, for the dashboard
         from .scores import expert_scores
@@ -230,7 +234,8 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
         known = store.computed_keys(lm.fingerprint)   # computations stored before this call (one read)
     writer = _Batched(store, max_s=write_every_s)
     try:
-        measured = _measured(lm, todo, store, calib_text, cancel)   # outside the model lock: it takes it
+        # outside the model lock: the measurement takes it
+        measured = _measured(lm, todo, store, calib_text, cancel, measure_progress)
         groups, placed = _seed_major(units(todo)), {}
         if len(groups) > 1:   # placements up front (under the model lock: a strategy may need routing statistics)
             with state["lock"]:
@@ -331,15 +336,35 @@ def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
     return out
 
 
-def _measured(lm, specs, store, calib_text, cancel) -> dict:
-    """Scores of the strategies that need a measurement (oracle, local_error) per (strategy, noise) the specs need."""
+def measurement_line(strategy: str | None, preset: str, done: int, total: int) -> str:
+    """The progress line of a measurement, the same in the dashboard's job progress and the CLI: "measuring expert
+    damage under paper-pcm-c1.5 for Oracle (measured damage): 37 / 1,370 forwards" (``strategy`` "oracle"; None:
+    ``validate``'s own measurement, "measuring expert damage under paper-pcm-c1.5: 37 / 1,370 forwards"),
+    "measuring Local output error under paper-pcm-c1.5: 5 / 14 forwards" ("local_error"). ``preset``: the noise
+    as the pages name it (``noise.preset_label``). A forward is one batched forward of ``sensitivity.measure``
+    (``measurement_forwards`` counts them) or, for the Local output error, one calibration forward or one MoE
+    layer's experts forward under one seed (``criteria.local_error_scores``)."""
+    from .strategies import label
+    what = (f"expert damage under {preset}" + (f" for {label(strategy)}" if strategy else "")
+            if strategy in (None, "oracle") else f"{label(strategy)} under {preset}")
+    return f"measuring {what}: {done:,} / {total:,} forwards"
+
+
+def _measured(lm, specs, store, calib_text, cancel, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Scores of the strategies that need a measurement (oracle, local_error) per (strategy, noise) the specs need.
+    ``progress(line, done, total)`` during each measurement (``measurement_line``)."""
     out = {}
     for s in specs:
         if not s.ideal and STRATEGIES[s.strategy].needs == "measurement" and (s.strategy, s.noise) not in out:
-            from .noise import NoiseConfig
+            from .noise import NoiseConfig, preset_label
             from .sensitivity import measured_scores
+            noise = NoiseConfig(**dict(s.noise))
+            tell = None
+            if progress is not None:
+                def tell(done, total, _strategy=s.strategy, _preset=preset_label(s.preset, s.noise)):
+                    progress(measurement_line(_strategy, _preset, done, total), done, total)
             out[(s.strategy, s.noise)] = measured_scores(
-                lm, s.strategy, NoiseConfig(**dict(s.noise)), store=store, texts=calib_text,
+                lm, s.strategy, noise, store=store, texts=calib_text, progress=tell,
                 cancel=(lambda: cancel.is_set()) if cancel is not None else None)
     return out
 

@@ -31,6 +31,9 @@ def page_job(key: str):
         job = _JOBS.get((key, st.query_params[key]))
         if job is not None:
             ss[key] = job
+        else:                    # a stale or mistyped link: say so once, keep the rest of the link
+            st.warning(unknown_job(key, st.query_params[key]))
+            del st.query_params[key]
     if job is not None and st.query_params.get(key) != job.id:
         _JOBS[(key, job.id)] = job
         st.query_params[key] = job.id
@@ -39,6 +42,20 @@ def page_job(key: str):
         if not j.running and now - (j.finished or now) > 3600:
             del _JOBS[k]
     return job
+
+
+JOB_WORDS = {"eval_job": ("evaluation", "Run", "the Results page"), "val_job": ("measurement", "Measure", "this page")}
+"""What a page's job is called, the button that starts one and where its stored outcome shows (``unknown_job``)."""
+
+
+def unknown_job(key: str, job_id: str) -> str:
+    """The one line a page shows for a link whose ``?<key>=<id>`` names no job this server knows (mistyped, or
+    ended over an hour ago, or the server restarted since): what finished is stored; start it again."""
+    from .models import shorten
+    what, button, where = JOB_WORDS.get(key, ("job", "its button", "this page"))
+    return (f"The link's {key}={shorten(job_id, 40)!r} names no {what} on this server (a finished one is kept for an "
+            f"hour; a restarted server forgets them). What it finished is stored and {where} shows it; press "
+            f"**{button}** to start a new {what}.")
 
 
 def recovered_job(key: str):
@@ -213,12 +230,17 @@ class Job(_BackgroundJob):
         if not result.get("cached"):    # the first computed result: any measurement before it is done
             self.step = None
 
+    def _measuring(self, line: str, done: int, total: int) -> None:
+        """A measured strategy's measurement moved on: the progress names it with its count
+        (``evaluate.measurement_line``: "measuring expert damage under … : 37 / 1,370 forwards")."""
+        self.step = line
+
     def _work(self) -> None:
         from .evaluate import evaluate_many
         with self._model_lock() as held:
             if held:
                 evaluate_many(lm=self.handle.lm, progress=self._progress, cancel=self.cancel, write_every_s=0,
-                              **self.kwargs)
+                              measure_progress=self._measuring, **self.kwargs)
 
 
 def measurement_step(lm, specs, store, calibration: dict | None = None) -> str | None:

@@ -207,14 +207,38 @@ def _join(parts: list[str]) -> str:
 
 
 NA = "n/a"
+ROUNDING = 1e-9
+"""Relative size below which a number is float rounding, shown as 0: sums and differences over seeds in float64
+leave ~1e-16 of their operands (e.g. the spread of five equal results, 4.97e-16); no metric, damage or interval
+this workbench reports resolves anything near 1e-9 of its scale."""
+
+
+def number(v, spec: str = ".4g", scale=None) -> str:
+    """One number as the dashboard and the CLI print it (the one formatter both use): ``format(v, spec)``; a missing
+    value (None, NaN, pandas NA) reads NA ("n/a"), never "None", "nan" or "NaN"; float rounding reads 0 at the shown
+    precision: |v| below ROUNDING x max(1, |scale|) is 0 (``scale``: the magnitude ``v`` is a spread or difference
+    of, e.g. the mean for a std), and a zero never carries a minus sign. -1.056e-14 gives "0"."""
+    if v is None or isinstance(v, str):
+        return NA if v is None else v
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return NA if pd.isna(v) else str(v)
+    if x != x:
+        return NA
+    ref = abs(float(scale)) if scale is not None and scale == scale else 1.0
+    if abs(x) < ROUNDING * max(ref, 1.0):
+        x = 0.0
+    text = format(x, spec)
+    if text.startswith("-") and not any(c in "123456789" for c in text.split("e")[0]):
+        text = text[1:]     # "-0.0000": a negative number that rounds to zero at this precision
+    return text
 
 
 def as_text(frame: pd.DataFrame, formats: dict) -> pd.DataFrame:
-    """``frame`` with the columns of ``formats`` ({column: format spec, e.g. ".4g"}) as text, a missing value (None,
-    NaN) as NA — a table cell never shows the word "None" or "nan" where a number has no meaning."""
-    def fmt(v, spec):
-        return NA if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-    return frame.assign(**{c: [fmt(v, f) for v in frame[c]] for c, f in formats.items() if c in frame})
+    """``frame`` with the columns of ``formats`` ({column: format spec, e.g. ".4g"}) as text (``number``): a missing
+    value reads NA — a table cell never shows the word "None" or "nan" where a number has no meaning."""
+    return frame.assign(**{c: [number(v, f) for v in frame[c]] for c, f in formats.items() if c in frame})
 
 
 def strategy_label(name) -> str:
@@ -259,12 +283,11 @@ def paired_view(deltas: pd.DataFrame, metric: str | None = None, context: bool =
     metric; a recovered fraction of a noise loss inside the noise (paired.noise_loss); one seed, no interval.
     ``context``: lead with task, metric and limit (the report's table spans tasks); ``metric`` names the metric
     in the notes (default: the metrics of the rows without a stderr). Column help: PAIRED_HELP."""
-    def num(v):
-        return NA if v is None or v != v else f"{v:.4g}"
+    num = number
     cols = {"preset": deltas["preset"], "digital budget": deltas["budget"].map(percent),
             "strategy A": deltas["a"].map(strategy_label), "strategy B": deltas["b"].map(strategy_label),
             "seeds": deltas["n_seeds"], "A − B": deltas["delta"].map(num),
-            "95% interval": [NA if lo != lo else f"[{lo:.4g}, {hi:.4g}]"
+            "95% interval": [NA if lo != lo else f"[{number(lo)}, {number(hi)}]"
                              for lo, hi in zip(deltas["delta_lo"], deltas["delta_hi"])],
             "A − B recovered": deltas["delta_recovered"].map(num), "sampling SE": deltas["sampling_se"].map(num),
             "verdict": deltas["verdict"].map(_verdict)}
@@ -306,13 +329,13 @@ def drift_view(rows: list[dict]) -> tuple[pd.DataFrame, list[str]]:
     """Routing-drift rows (sensitivity.drift_rows) as the pages show them: shares in percent, load ratios with two
     decimals, a missing standard error as "n/a" (never "None") and a note saying why (one seed: no spread)."""
     df = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
-    pct = lambda x: NA if x is None or x != x else f"{100 * x:.1f}%"  # noqa: E731
+    pct = lambda x: NA if x is None or x != x else number(100 * x, ".1f") + "%"  # noqa: E731
     out = pd.DataFrame({
         DRIFT_COLUMNS["layer"]: [f"L{int(x)}" for x in df.layer],
         DRIFT_COLUMNS["changed_share"]: [pct(x) for x in df.changed_share],
         DRIFT_COLUMNS["changed_share_se"]: [pct(x) for x in df.changed_share_se],
-        DRIFT_COLUMNS["load_max_over_mean_ideal"]: [NA if x != x else f"{x:.2f}" for x in df.load_max_over_mean_ideal],
-        DRIFT_COLUMNS["load_max_over_mean_noisy"]: [NA if x != x else f"{x:.2f}" for x in df.load_max_over_mean_noisy]})
+        DRIFT_COLUMNS["load_max_over_mean_ideal"]: [number(x, ".2f") for x in df.load_max_over_mean_ideal],
+        DRIFT_COLUMNS["load_max_over_mean_noisy"]: [number(x, ".2f") for x in df.load_max_over_mean_noisy]})
     notes = (["± SE n/a: one noise seed gives no spread over seeds."]
              if df.changed_share_se.isna().any() else [])
     return out, notes

@@ -497,7 +497,8 @@ def measured_scores(lm, strategy: str, noise, *, store=None, texts=None, seeds=O
 
     "oracle": mean only-this damage from ``validate`` (same request as ``validate``'s defaults, so a stored
     validation is reused and a new one is stored); "local_error": ``criteria.local_error_scores`` on the
-    calibration text. Raises ValueError for another strategy or bad input.
+    calibration text. ``progress(done, total)`` after each forward of the measurement (a stored oracle
+    measurement: never called). Raises ValueError for another strategy or bad input.
     """
     if strategy == "oracle":
         return validate(lm, noise, seeds=seeds, texts=texts, tokens=tokens, store=store, progress=progress,
@@ -505,7 +506,7 @@ def measured_scores(lm, strategy: str, noise, *, store=None, texts=None, seeds=O
     if strategy == "local_error":
         from .criteria import LOCAL_ERROR_TOKENS, local_error_scores
         ids = calibration_tokens(lm.tokenizer, _texts(texts, lm.source)[0], LOCAL_ERROR_TOKENS)
-        return local_error_scores(lm, noise, ids)
+        return local_error_scores(lm, noise, ids, progress=progress)
     raise ValueError(f"strategy {strategy!r} is not measured; measured strategies are oracle, local_error")
 
 

@@ -125,8 +125,8 @@ class Store(StoreFile):
             computed = set() if model_fingerprint is None else _computed_keys(con, model_fingerprint)
         for k, task, metric, value, stderr, seed, hib in rows:
             if k in out:
-                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr, "seed": seed,
-                                          "higher_is_better": hib})
+                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr,
+                                          "seed": seed, "higher_is_better": hib})
         return out, computed
 
     def existing_keys(self, keys) -> set[str]:
@@ -350,12 +350,13 @@ class Store(StoreFile):
 
 def _computed_keys(con, model_fingerprint: str) -> set[str]:
     return {r[0] for r in con.execute("SELECT DISTINCT compute_key FROM runs WHERE model_fingerprint=? AND status='ok' "
-                                      "AND shared_from IS NULL AND compute_key IS NOT NULL", [model_fingerprint]).fetchall()}
+                                      "AND shared_from IS NULL AND compute_key IS NOT NULL",
+                                      [model_fingerprint]).fetchall()}
 
 
 def _insert(con, table: str, rows: dict | list[dict], ignore: bool = False, chunk: int = 256) -> None:
-    """Insert a row or ``rows`` (column -> value) with one multi-row INSERT per set of columns and ``chunk`` rows: DuckDB
-    prepares each statement afresh (~2 ms), so one statement per row would cost more than the forward passes of
+    """Insert a row or ``rows`` (column -> value) with one multi-row INSERT per set of columns and ``chunk`` rows:
+    DuckDB prepares each statement afresh (~2 ms), so one statement per row would cost more than the forward passes of
     a small sweep's results. ``ignore``: INSERT OR IGNORE (rows whose primary key is stored are skipped)."""
     groups: dict = {}
     for r in [rows] if isinstance(rows, dict) else rows:
@@ -371,8 +372,8 @@ def _insert(con, table: str, rows: dict | list[dict], ignore: bool = False, chun
 
 def _runs_sql(filters: dict | None, status: str | None) -> tuple[str, list]:
     where, params = _where(filters, status)
-    return (f"SELECT r.*, m.metric, m.value, m.stderr, m.higher_is_better FROM runs r LEFT JOIN metrics m ON m.key = r.key "
-            f"{where} ORDER BY r.created_at DESC, r.key, m.metric"), params
+    return (f"SELECT r.*, m.metric, m.value, m.stderr, m.higher_is_better FROM runs r "
+            f"LEFT JOIN metrics m ON m.key = r.key {where} ORDER BY r.created_at DESC, r.key, m.metric"), params
 
 
 def _where(filters: dict | None, status: str | None):

@@ -110,7 +110,8 @@ class StoreFile:
                         raise StoreBusy(f"store {self.path} is locked by another program: {e}") from None
                     time.sleep(0.02 + random.random() * 0.05)
                 except duckdb.Error as e:
-                    raise ValueError(f"{self.path} is not a readable DuckDB store ({e}); use another --store path") from None
+                    raise ValueError(f"{self.path} is not a readable DuckDB store ({e}); use another --store "
+                                     "path") from None
             try:
                 yield con
             finally:

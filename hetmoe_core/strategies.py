@@ -82,6 +82,16 @@ def label(name: str) -> str:
     return s.label if s else name
 
 
+def ordered(names) -> list:
+    """Strategy names in the registry's canonical order (the order of declaration: MaxNNScore, Activation frequency,
+    Activation weight, Router norm, Random, Oracle, Local output error), each once; names outside the registry
+    ("ideal", a strategy a stored result names but this version lacks) follow, by label. For every list of
+    strategies people pick from (the Results page's chips): machine names sorted would put Activation frequency
+    before MaxNNScore and Local output error before Oracle."""
+    rank = {n: i for i, n in enumerate(STRATEGIES)}
+    return sorted(dict.fromkeys(names), key=lambda n: (rank.get(n, len(rank)), label(n)))
+
+
 def strategy_scores(strategy: str, *, num_experts: list[int], scores=None, stats=None, measured=None,
                     seed: int = 0) -> list:
     """Per-layer float64 [E] scores for a placement strategy (higher -> digital); NaN counts as 0.

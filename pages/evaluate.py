@@ -32,8 +32,10 @@ base = PRESETS[preset]
 
 
 def noise_help(doc: dict) -> str:
-    """A parameter's tooltip: its meaning and the source of its formula, from the field metadata."""
-    return f"{doc['help']}\n\nSource: {doc['source']}."
+    """A parameter's tooltip: its meaning, allowed range (ui.allowed_text) and the source of its formula, from the
+    field metadata."""
+    allowed = ui.allowed_text(doc)
+    return f"{doc['help']}\n\n{f'Allowed: {allowed}. ' if allowed else ''}Source: {doc['source']}."
 
 
 def noise_label(name: str, doc: dict) -> str:
@@ -55,19 +57,19 @@ with st.expander("Noise parameters (units in the labels, meaning and source in t
             vals[name] = col.selectbox(label, allowed, index=allowed.index(v), **kw)
         elif isinstance(allowed[0], bool):
             vals[name] = col.checkbox(label, v, **kw)
+        # numbers: no widget bounds — a browser holds an out-of-range entry red and sends the old value, so the
+        # run would silently use it; NoiseConfig's range check (the field metadata) refuses it in one line below
         elif isinstance(allowed[0], int):                           # optional: 0 stands for None
-            lo = 0 if doc["optional"] else allowed[0]
-            num = int(col.number_input(label, lo, allowed[1], (v or 0) if doc["optional"] else v, **kw))
+            num = int(col.number_input(label, value=(v or 0) if doc["optional"] else v, step=1, **kw))
             vals[name] = (num or None) if doc["optional"] else num
         else:
-            lo = 0.0 if doc["optional"] else float(allowed[0])
-            num = col.number_input(label, lo, float(allowed[1]), float(v or 0.0), format="%.4g", **kw)
+            num = col.number_input(label, value=float(v or 0.0), format="%.4g", **kw)
             vals[name] = (num or None) if doc["optional"] else num
 overrides = {k: v for k, v in vals.items() if v != getattr(base, k)}
 try:
     noise = base.replace(**overrides)
-except ValueError as e:
-    st.error(f"{e}\n\nChange the parameter named above.")
+except ValueError as e:            # one line naming the parameter and its allowed range; nothing runs
+    st.error(f"{e} above.")
     st.stop()
 preset_label = preset_label_of(preset, noise)
 if overrides:

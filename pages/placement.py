@@ -34,6 +34,8 @@ except (ValueError, RuntimeError, OSError):     # an unknown preset or a store a
     m_validation, m_scores = None, {}
 STRATEGIES = [n for n, s in REGISTRY.items() if s.needs != "measurement" or n in m_scores]
 if ss.get("strategy") not in STRATEGIES:
+    if ss.get("strategy") in REGISTRY:      # a measured strategy without its measurement: say so, not silently
+        st.warning(ui.unavailable_strategy(ss["strategy"], m_preset))
     ss["strategy"] = "maxnn"
 
 # the settings a slider move does not change: outside the view, drawn once per full run (a change reruns the page)

@@ -6,6 +6,7 @@ from hetmoe_core.hardware import HARDWARE
 from hetmoe_core.paired import paired_deltas, recovery_table
 from hetmoe_core.placement import SHARE_HELP
 from hetmoe_core.store import Store, shown_path
+from hetmoe_core.strategies import ordered
 
 ui.frame()
 st.title("Results")
@@ -61,10 +62,11 @@ def _remember(key):
     ss[f"_{key}_chosen"] = list(ss[key])          # the user's own choice, kept while the options change
 
 
-def kept_filter(col, label, column, key, **kw):
+def kept_filter(col, label, column, key, order=sorted, **kw):
     """A multiselect whose choice survives a change of its options (another limit, task or metric): values still
-    offered stay selected; when none is left, every option is shown and the page says which ones went."""
-    options = sorted(noisy[column].unique())
+    offered stay selected; when none is left, every option is shown and the page says which ones went. ``order``
+    lists the options (strategies: the registry's order, not their machine names')."""
+    options = order(noisy[column].unique())
     kept, dropped = results.keep_selection(ss.get(f"_{key}_chosen"), options)
     ss[key] = kept
     chosen = col.multiselect(label, options, key=key, on_change=_remember, args=(key,), wrap=True, **kw)
@@ -75,7 +77,7 @@ def kept_filter(col, label, column, key, **kw):
 
 c1, c2, c3 = st.columns([2, 3, 1])   # strategy labels are the longest chips
 presets = kept_filter(c1, "Presets", "preset", "res_presets")
-strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies",
+strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies", order=ordered,
                          format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
 backends = kept_filter(c3, "Backends", "backend", "res_backends")
 shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noisy.backend.isin(backends)]

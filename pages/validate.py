@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from hetmoe_core import figures, jobs, ui
+from hetmoe_core.evaluate import measurement_line
 from hetmoe_core.validation import calibration_source, correlation_table, damage_resolved, signed
 
 ui.frame()
@@ -70,7 +71,8 @@ def ended(j) -> None:
         st.error(f"The measurement stopped: {j.error}")
 
 
-jobs.job_progress("val_job", lambda j: f"measuring · {j.done} / {j.total or '?'} · {j.elapsed:.0f} s", ended,
+jobs.job_progress("val_job", lambda j: (measurement_line(None, j.preset, j.done, j.total) if j.total else
+                                       "measuring") + f" · {j.elapsed:.0f} s", ended,
                 cancel_key="val_cancel",
                 cancel_note="Cancelling: the measurement stops within one layer's forward; nothing is stored.")
 

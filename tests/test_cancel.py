@@ -1,7 +1,7 @@
 """Cancel stops a running evaluation / validation within one layer's forward: the dashboard's own background jobs
 (jobs.Job, jobs.ValidationJob) on the real default model and a real DuckDB store in tmp, cancelled from this thread
-while the job's thread is inside a forward pass. Bounds are ratios to work timed in the same test, never seconds
-(bench/bench_cancel.py measures the latency itself)."""
+while the job's thread is inside a forward pass. Bounds count the modules entered after the cancel, never
+seconds (bench/bench_cancel.py measures the latency itself)."""
 import threading
 import time
 
@@ -20,59 +20,61 @@ def handle():
 
 def _cancel_inside_forward(model, start, armed) -> tuple:
     """Start a job; once ``armed(job)`` holds, cancel it from this thread as soon as its thread enters decoder
-    layer 0 of a forward. Returns (job, seconds from cancel to the job's thread ending, seconds from the first
-    entry into layer 0 to the armed one)."""
-    inside, box, seen = threading.Event(), {}, []
+    layer 0 of a forward. Returns (job, modules entered after the cancel, modules one forward enters): every
+    decoder layer and the LM head are counted by a pre-hook registered before the job's own cancel checks, so an
+    entry the cancel stops still counts."""
+    inside, box, entered = threading.Event(), {}, []
+    modules = [*model.get_decoder().layers, model.get_output_embeddings()]
 
-    def hook(_m, _a):
-        seen.append(time.perf_counter())
-        if "job" in box and armed(box["job"]) and not inside.is_set():
-            box["inside"] = seen[-1]
+    def hook(m, _a):
+        entered.append(m)
+        if m is modules[0] and "job" in box and armed(box["job"]) and not inside.is_set():
             inside.set()
-    h = model.get_decoder().layers[0].register_forward_pre_hook(hook)
+    hooks = [m.register_forward_pre_hook(hook) for m in modules]
     try:
         job = box["job"] = start()
         assert inside.wait(300), f"the job never reached a forward after arming (status {job.status}: {job.error})"
-        t0 = time.perf_counter()
+        before = len(entered)
         job.cancel.set()
         job.thread.join(300)
-        return job, time.perf_counter() - t0, box["inside"] - seen[0]
+        assert not job.thread.is_alive(), "the job still runs 300 s after its cancel"
+        return job, len(entered) - before, len(modules)
     finally:
-        h.remove()
+        for h in hooks:
+            h.remove()
 
 
-def test_evaluate_cancel_stops_within_a_fraction_of_one_result(handle, tmp_path):
-    """Cancelled in the middle of a noisy task's forward: stopped in under half the time one computed result took
-    in the same job (before: the check ran once per full forward, and the task's lm-eval bookkeeping, the next
-    unit's noise programming and lm-eval's environment report ran unchecked: about one result's time)."""
+def test_evaluate_cancel_stops_within_one_layer(handle, tmp_path):
+    """Cancelled in the middle of a noisy task's forward: at most the module running then and the one whose check
+    raises are entered after the cancel (before: the check ran once per full forward, so the rest of that forward
+    ran, and the task's lm-eval bookkeeping and the next unit's noise programming ran unchecked: the next unit's
+    forwards would enter more layers). Counted, not timed (bench/bench_cancel.py times the latency)."""
     from hetmoe_core.store import Store
     store = tmp_path / "r.duckdb"
     clean = {n: p.detach().clone() for n, p in handle.lm.model.named_parameters()}
-    job, latency, _ = _cancel_inside_forward(
+    job, after, per_forward = _cancel_inside_forward(
         handle.lm.model,
         lambda: jobs.Job(handle, source="default", store=str(store), strategies=["maxnn"], budgets=[0.0, 0.25, 0.5],
                        presets=["paper-pcm-c1.5"], seeds=2, tasks=["hetmoe_cloze"], limit=4, batch_size=8,
                        backend="fast", scope="layer"),
         armed=lambda j: j.done >= 3)         # the ideal reference and two noisy results are stored
     assert job.status == "cancelled", job.error
-    unit = min(r["duration_s"] for r in job.results if not r["cached"] and r["duration_s"])
+    assert per_forward > 3 and after <= 2, f"{after} of the {per_forward} modules of a forward ran after the cancel"
     assert 3 <= len(job.results) < 7
-    assert latency < 0.5 * unit, f"cancel took {latency:.3f} s, one result {unit:.3f} s"
     assert Store(store).counts()["runs"] == len(job.results)      # what finished stays stored, nothing else
     assert all(torch.equal(p, clean[n]) for n, p in handle.lm.model.named_parameters())   # restored bit for bit
 
 
-def test_validate_cancel_stops_within_a_fraction_of_one_pass(handle, tmp_path):
-    """Cancelled inside the noisy base pass: stopped in under half the time of one base pass, timed in the same
-    job from the clean pass's entry into decoder layer 0 to the noisy pass's (before: the check ran once per
-    pass, so the rest of the pass, LM head and NLL included, ran after the cancel)."""
+def test_validate_cancel_stops_within_one_layer(handle, tmp_path):
+    """Cancelled inside the noisy base pass: at most two modules entered after the cancel (before: the check ran
+    once per pass, so the rest of the pass, LM head included, ran after the cancel)."""
     lm = handle.lm
     clean = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    job, latency, one_pass = _cancel_inside_forward(
+    job, after, per_forward = _cancel_inside_forward(
         lm.model, lambda: jobs.ValidationJob(handle, "paper-pcm-c1.5", 2, 1024, tmp_path / "v.duckdb"),
         armed=lambda j: j.done >= 1)         # the clean base pass is done: this is the noisy one
     assert job.status == "cancelled" and job.result is None, job.error
-    assert latency < 0.5 * one_pass, f"cancel took {latency:.3f} s, one base pass {one_pass:.3f} s"
+    assert per_forward > 3 and after <= 2, f"{after} of the {per_forward} modules of a forward ran after the cancel"
     assert all(torch.equal(p, clean[n]) for n, p in lm.model.named_parameters())   # restored bit for bit
 
 
@@ -130,3 +132,29 @@ def test_measurement_step_names_the_edited_preset(handle, tmp_path):
                  preset_overrides={"adc_bits": 6}, fingerprint=handle.lm.fingerprint)
     step = jobs.measurement_step(handle.lm, specs, Store(tmp_path / "s.duckdb"))
     assert step.startswith("measuring per-expert damage under paper-dac-adc-8bit (edited: adc_bits) for Oracle"), step
+
+
+def test_evaluate_job_progress_counts_the_measurement_forwards(tmp_path):
+    """While a Local output error sweep measures before its first result, the job's progress line counts the
+    measurement's forwards ("measuring … : 3 / 10 forwards"), read inside the measurement's own forwards (before:
+    the plan's step text, no count, for all that time)."""
+    owner = "test_cancel_tiny"
+    h = ui.MODELS.hold(("tiny:olmoe", "cpu", "float32"), owner)
+    seen = []
+    hook = h.lm.model.get_decoder().layers[0].register_forward_pre_hook(
+        lambda *_: seen.append(getattr(box.get("job"), "step", None)))
+    box = {}
+    try:
+        box["job"] = job = jobs.Job(h, source="tiny:olmoe", store=str(tmp_path / "s.duckdb"),
+                                    strategies=["local_error"], budgets=[0.25], presets=["paper-pcm-c1.5"], seeds=1,
+                                    tasks=["paper_arc_easy"], limit=1, batch_size=8, backend="fast", scope="layer")
+        job.thread.join(300)
+    finally:
+        hook.remove()
+        ui.MODELS.release(owner)
+    assert job.status == "done", job.error
+    counted = [s for s in seen if s and s.endswith(" forwards")]
+    assert counted, seen[:3]
+    done, total = counted[-1].removeprefix("measuring Local output error under paper-pcm-c1.5: ").split(" forwards")[
+        0].split(" / ")
+    assert done == total == "13"      # 1 calibration forward + 2 layers x 3 seeds x (clean, noisy)

@@ -129,19 +129,29 @@ def test_place_oracle_answers_from_the_stored_measurement(tmp_path):
 
 def test_runs_summary_cut_tables_name_every_task_and_what_they_left_out(tmp_path, capsys, example_results):
     """The example results fill 200 rows with one task per table: each of the three `runs --summary` tables
-    shows every task and says how many of its rows it left out."""
+    shows every task with every metric of the configurations it keeps (before: each task's first rows in name
+    order, bits_per_byte only, so word_perplexity was cut away), and says which configurations it left out."""
     from hetmoe_core.cli import main
     path = example_results(tmp_path / "ex.duckdb")
     rc = main(["runs", "--store", str(path), "--summary", "--where", "strategy=maxnn,frequency,ideal",
-               "--max-rows", "14"])
+               "--max-rows", "42"])
     out = capsys.readouterr().out
     assert rc == 0
     tables = out.split("\n\n")
     assert len(tables) == 3 and "recovered fraction" in tables[1] and "paired deltas" in tables[2]
     for table in tables:
-        rows = [ln.split()[0] for ln in table.strip().splitlines() if ln.strip().startswith("hetmoe_ppl_")]
-        assert len(rows) == 14 and len(set(rows)) == 7          # 2 rows of each of the 7 tasks, not 14 of one
+        rows = [ln.split()[:2] for ln in table.strip().splitlines() if ln.strip().startswith("hetmoe_ppl_")]
+        assert len(rows) == 42 and len({t for t, _ in rows}) == 7          # 6 rows of each of the 7 tasks
+        assert {(t, m) for t, m in rows} == {(t, m) for t, _ in rows for m in
+                                             ("bits_per_byte", "byte_perplexity", "word_perplexity")}
     notes = [ln for ln in out.splitlines() if ln.startswith("(") and "more" in ln]
-    assert len(notes) == 3 and all("shown: the first 2 of each of 7 tasks" in n for n in notes)
-    # 7 tasks x 3 metrics x 2 presets x 2 strategies x 5 budgets
-    assert notes[1].startswith("(406 more recovered-fraction rows") and "--max-rows to 420" in notes[1]
+    assert len(notes) == 3 and all("7 tasks (hetmoe_ppl_bible_en … hetmoe_ppl_sotu): the first 2 of " in n
+                                   and "every metric of each (bits_per_byte, byte_perplexity, word_perplexity)" in n
+                                   for n in notes)
+    # summary: 7 tasks x 3 metrics x (2 presets x 2 strategies x 5 budgets + ideal); table order strategy, budget,
+    # preset: frequency at budget 0 under both presets is shown, then budget 0.125 under paper-pcm-c1.5 is cut
+    assert notes[0].startswith("(399 more summary rows left out") and "--max-rows to 441" in notes[0]
+    assert "every one from frequency, budget 0.125, paper-pcm-c1.5 on left out (of strategies frequency, ideal, " \
+           "maxnn)" in notes[0]
+    assert notes[1].startswith("(378 more recovered-fraction rows") and "--max-rows to 420" in notes[1]
+    assert "every one from paper-pcm-c1.5, budget 0.5, frequency vs maxnn on left out" in notes[2]

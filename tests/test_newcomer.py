@@ -176,3 +176,68 @@ def test_empty_choices_speak_the_page_and_keep_run_disabled(store_env):
     note = [c.value for c in at.caption if c.value.startswith("Calibration: built-in sentences")]
     assert note == ["Calibration: built-in sentences (7 short texts, for tiny: test models only; load a real model "
                     "for real statistics)."], [c.value for c in at.caption]
+
+
+def test_bad_links_say_which_value_and_keep_the_rest(store_env):
+    """Three links a newcomer pasted were silently half-ignored: an unknown job id, a model that is no model, and
+    the oracle under the ideal preset (no measurement can exist). Each now shows one line naming the value and what
+    to do, and the link's valid parts stay."""
+    at = page(app({"eval_job": "unknown", "budget": "0.25"}), "evaluate")
+    w = [x.value for x in at.warning if "eval_job" in x.value]
+    assert len(w) == 1 and w[0].startswith("The link's eval_job='unknown' names no evaluation on this server") \
+        and "press **Run**" in w[0], w
+    assert "eval_job" not in at.query_params and at.text_input(key="ev_budgets").value == "25"
+    at = app({"model": "garbage", "strategy": "random"})    # results?model=garbage: the sidebar says it once
+    w = " ".join(x.value for x in at.sidebar.warning)
+    assert "The link held an invalid value" in w and "model='garbage'" in w and "hub id" in w, w
+    page(at, "results")
+    assert at.session_state["source"] == "default" and at.session_state["strategy"] == "random"
+    at = page(app({"strategy": "oracle", "preset": "ideal", "budget": "0.25"}), "placement")
+    w = [x.value for x in at.warning if "strategy=oracle" in x.value]
+    assert len(w) == 1 and "**ideal** damages nothing: showing MaxNNScore instead" in w[0], w
+    assert at.session_state["strategy"] == "maxnn" and at.session_state["preset"] == "ideal" \
+        and at.slider(key="budget_pct").value == 25.0
+
+
+def test_out_of_range_noise_value_is_refused_in_one_line_not_silently_replaced(store_env):
+    """adc_bits=99 showed the field red (the widget's own bound) while the run used the old 8. The widget has no
+    bound of its own now, so the value reaches NoiseConfig, whose field metadata refuses it in one line naming the
+    allowed range, and nothing can run with another value meanwhile."""
+    at = page(app(), "evaluate")
+    p = at.selectbox(key="preset").value
+    adc = at.number_input(key=f"nz_{p}_adc_bits")
+    assert not adc.proto.has_max and not adc.proto.has_min and "Allowed: 1 to 24 bits, or 0 for ideal ADC." in adc.help
+    adc.set_value(99).run()
+    assert [e.value for e in at.error] == ["noise parameter not allowed: adc_bits=99: allowed an integer in [1, 24] "
+                                           "bits, or None for ideal ADC; change the parameter named above."]
+    assert "ev_run" not in [b.key for b in at.button]
+    at.number_input(key=f"nz_{p}_adc_bits").set_value(6).run()
+    assert not at.error and any("adc_bits = 6" in c.value for c in at.caption)
+
+
+def test_strategy_chips_follow_the_registry_not_machine_names(store_env):
+    """The Results page's strategy chips read "Activation frequency, Local output error, MaxNNScore, …" (machine
+    names sorted: frequency < local_error < maxnn); they follow the registry's order, MaxNNScore first."""
+    from test_app import _put
+    from hetmoe_core.store import Store
+    from hetmoe_core.strategies import STRATEGIES, ordered
+    assert ordered(["zeta", "ideal", "local_error", "maxnn", "maxnn"]) == ["maxnn", "local_error", "ideal", "zeta"]
+    store = Store(store_env)
+    names = ["random", "local_error", "frequency", "oracle", "maxnn"]
+    for i, s in enumerate(names):
+        _put(store, f"k{i}", "pa", 20, 0.25, 0.5 + i / 100, strategy=s)
+    at = page(app(), "results")
+    chips = at.multiselect(key="res_strategies")
+    assert chips.options == [STRATEGIES[n].label for n in ("maxnn", "frequency", "random", "oracle", "local_error")]
+    assert chips.value == ["maxnn", "frequency", "random", "oracle", "local_error"]
+
+
+def test_hardware_constant_below_its_range_is_refused_not_silently_kept(store_env):
+    """The hardware editor had the same widget bound (min 1e-9): 0 pJ/MAC was held red in the browser while the
+    view kept the preset's value. 0 now reaches get_hardware, whose field metadata refuses it in one line."""
+    at = page(app(), "placement")
+    mac = at.number_input(key="hw_h100+pcm_digital_mac_energy")
+    assert not mac.proto.has_min and not mac.proto.has_max and "Allowed: 0.0001 to 1000." in mac.help
+    mac.set_value(0.0).run()
+    assert any("mac_energy=0.0: allowed a number in [0.0001, 1000] pJ/MAC" in w.value for w in at.warning), \
+        [w.value for w in at.warning]

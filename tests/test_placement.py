@@ -180,8 +180,9 @@ def test_measured_strategies_caption_says_by_what_they_place_or_why_they_are_abs
                            "**paper-pcm-c1.5**") and f"{len(v.seeds)} seeds × {v.tokens:,} tokens" in text
     only = measured_caption("paper-pcm-c1.5", v, {"oracle": scores["oracle"]})
     assert only.startswith("Oracle (measured damage) places by") and "Local output error" not in only
-    assert measured_caption("ideal", None, {}) == ("Oracle (measured damage) and Local output error are not offered: "
-                                                   "the Evaluate page's noise preset is *ideal*, which damages nothing.")
+    assert measured_caption("ideal", None, {}) == (
+        "Oracle (measured damage) and Local output error are not offered: the Evaluate page's noise preset is "
+        "*ideal*, which damages nothing.")
     none = measured_caption("paper-pcm-c2.5", *stored_strategy_scores("default", "paper-pcm-c2.5",
                                                                       store=tmp_path / "empty.duckdb"))
     assert "not offered: no damage measurement of this model under **paper-pcm-c2.5**" in none

@@ -167,6 +167,38 @@ def test_damage_scatter_log_axis_spans_the_informative_damages_only():
     assert "1 below 2.6e-12 nats (10^-4 of the largest) not shown" in fig.layout.title.text
 
 
+def test_one_number_formatter_reads_rounding_as_0_and_missing_as_n_a():
+    """results.number is the dashboard's and the CLI's formatter: float rounding (-1.056e-14, a std of 4.97e-16
+    over five equal results) reads 0 at the shown precision, never "-0.0000"; missing values read n/a, never
+    NaN, nan or None; real small numbers stay."""
+    from hetmoe_core.results import NA, as_text, number
+    assert number(-1.056e-14) == "0" and number(-4e-15, ".4f") == "0.0000" and number(4.97e-16, ".3g", 3.32) == "0"
+    assert number(-0.00001, ".4f") == "0.0000" and number(4.5e-8, ".3g", 450.0) == "0" and number(4.5e-8) == "4.5e-08"
+    assert [number(x) for x in (None, float("nan"), pd.NA, np.float64("nan"))] == [NA] * 4
+    assert number(-1e-8) == "-1e-08" and number(0.00123) == "0.00123" and number(-5.111e4) == "-5.111e+04"
+    assert list(as_text(pd.DataFrame({"m": [1.5, None, -3e-15]}), {"m": ".4f"}).m) == ["1.5000", NA, "0.0000"]
+
+
+def test_cli_prints_numbers_as_the_dashboard_does(tmp_path, capsys, example_results):
+    """`runs --summary` printed the recovered fraction at budget 0 as -4.192e-15, the spread of equal results as
+    ± 4.97e-16 and missing numbers as NaN or blank; `runs` printed NaN where the dashboard says n/a."""
+    from hetmoe_core.cli import main
+    path = example_results(tmp_path / "ex.duckdb")
+    where = ["--where", "task=hetmoe_ppl_bible_en", "--where", "strategy=maxnn,ideal",
+             "--where", "preset=paper-pcm-c2.5,ideal"]
+    assert main(["runs", "--store", str(path), "--summary", *where]) == 0
+    out = capsys.readouterr().out
+    assert "e-1" not in out and "NaN" not in out and "nan" not in out
+    full = next(ln for ln in out.splitlines() if " maxnn " in ln and " 1.000 " in ln and "bits_per_byte" in ln)
+    assert " ± 0 " in full                                  # five equal results at a full digital budget
+    rec = [ln.split() for ln in out.split("recovered fraction of the")[1].splitlines() if " maxnn " in ln]
+    at0 = next(r for r in rec if r[1] == "bits_per_byte" and r[4] == "0")
+    assert at0[6:9] == ["0", "0", "0"] and at0[9] == "n/a"  # recovered and its interval; no lm-eval stderr
+    assert main(["runs", "--store", str(path), *where, "--max-rows", "3"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:4]
+    assert all(r.split()[8] == "n/a" for r in rows), rows   # stderr of a perplexity: none from lm-eval
+
+
 def test_results_page_opens_on_the_sessions_last_run_else_the_most_results_at_the_newest_limit(tmp_path):
     """Task: the session's last evaluation when it is of the model shown, else the task with the most results (not
     the first by name). Limit: the session's run, else the newest stored result's limit (not the largest), else the

@@ -209,3 +209,34 @@ def test_example_snapshot_restores_the_stored_measurement(tmp_path):
     assert cli.main(["export", str(tmp_path / "y.zip"), "--store", str(c.path)]) == 0
     assert cli.main(["import", str(tmp_path / "y.zip"), "--store", str(d.path)]) == 0
     assert stored_validation("tiny:olmoe", "paper-pcm-c2.5", store=d, **kw).experts == v.experts
+
+
+def test_measurements_before_the_first_result_count_their_forwards(lm, tmp_path, capsys):
+    """Oracle and Local output error measure before an evaluation's first result; their progress counts forwards
+    up to the total, in the line the dashboard's job progress and the CLI show (before: the step, no count)."""
+    from hetmoe_core import evaluate as ev
+    from hetmoe_core.store import Store
+    specs = ev.plan("tiny:olmoe", fingerprint=lm.fingerprint, strategies=["oracle", "local_error"], budgets=[0.25],
+                    presets=["paper-pcm-c2.5"], seeds=1, tasks=["paper_arc_easy"], limit=2)
+    seen = []
+    ev._measured(lm, specs, Store(tmp_path / "s.duckdb"), BUILTIN_CALIBRATION, None,
+                 lambda line, done, total: seen.append((line, done, total)))
+    for head, n in (("measuring expert damage under paper-pcm-c2.5 for Oracle (measured damage): ", 5),
+                    ("measuring Local output error under paper-pcm-c2.5: ", 0)):
+        got = [(d, t) for line, d, t in seen if line == f"{head}{d:,} / {t:,} forwards"]
+        total = got[-1][1]
+        assert [d for d, _ in got] == list(range(1, total + 1)) and {t for _, t in got} == {total}
+        if n:   # the oracle: validate's count, sensitivity.measurement_forwards, for the tokens the text holds
+            assert total == S.measurement_forwards(lm.anatomy, seeds=n, tokens=S.calibration_tokens(
+                lm.tokenizer, BUILTIN_CALIBRATION, S.ORACLE_TOKENS).numel())
+    assert len(seen) == sum(t for _, d, t in seen if d == 1)
+    # the CLI prints the same line on stderr (not a terminal here: at every tenth of the way and at the end)
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n".join(sum(BUILTIN_CALIBRATION.values(), [])))
+    assert cli.main(["place", "tiny:olmoe", "--strategy", "local_error", "--preset", "paper-pcm-c2.5", "--budget",
+                     "0.25", "--calib", str(calib), "--store", str(tmp_path / "s.duckdb")]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("measuring Local output error under paper-pcm-c2.5: ") and \
+        lines[-1].endswith(" forwards") and 2 <= len(lines) <= 11
+    done, total = lines[-1].split(": ")[1].split(" forwards")[0].split(" / ")
+    assert done == total

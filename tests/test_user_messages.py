@@ -74,7 +74,9 @@ def test_bad_sources_say_what_is_valid_in_one_short_line(source, expect, says):
 
 
 def test_sidebar_hub_id_is_validated_without_blaming_the_network(store_env):
-    at = app({"model": "a" * 300 + "/" + "b" * 300})
+    at = app()
+    at.sidebar.radio(key="source_kind").set_value("Hub id").run().run()   # AppTest draws the box a run later
+    at.sidebar.text_input(key="source_text").set_value("a" * 300 + "/" + "b" * 300).run()
     assert not at.exception and at.sidebar.radio(key="source_kind").value == "Hub id"
     err = at.error[0].value
     assert "is not a valid hub id" in err and "96 characters" in err and "a" * 41 not in err

@@ -1,0 +1,161 @@
+"""What the dashboard's forms say and check: the hardware-constants editor, the time and note of a measured
+strategy's measurement, a noise field's allowed range, a measured strategy that cannot be offered, and the Evaluate
+form's budgets and empty choices, each as one line in the form's own words.
+
+Streamlit-side where a widget or the session is involved; ranges and help come from the dataclasses' field
+metadata. Importing this module imports streamlit.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from .modelcache import ModelHandle
+
+
+# ------------------------------------------------------------------------------------------- hardware constants
+def hardware_editor(key: str = "hw"):
+    """A hardware preset and its constants, editable in an expander (labels, units, help and sources are read
+    from the field metadata of ``hardware.DigitalConfig`` / ``AnalogConfig``). Returns the ``Hardware``; an
+    invalid edit shows one warning and returns the preset unchanged."""
+    from .hardware import HARDWARE, HARDWARE_DOCS, AnalogConfig, DigitalConfig, field_docs, get_hardware
+    with st.expander("Hardware constants (units and sources in the tooltips)"):
+        name = st.selectbox("Hardware preset", list(HARDWARE), key=f"{key}_preset", format_func=lambda n: n,
+                            help=" · ".join(f"{n}: {d}" for n, d in HARDWARE_DOCS.items()))
+        base, changes = HARDWARE[name], {"digital": {}, "analog": {}}
+        for part, cls in (("digital", DigitalConfig), ("analog", AnalogConfig)):
+            title = cls.PART
+            st.markdown(f"**{title}** · {getattr(base, part).name}")
+            cols = st.columns(3)
+            for i, f in enumerate(field_docs(cls)):
+                v = getattr(getattr(base, part), f["name"])
+                is_int = isinstance(v, int)
+                # no widget bound: a browser holds an out-of-range entry red and sends the old value, so the
+                # view would silently keep it; get_hardware's range check (field metadata) refuses it below
+                w = cols[i % 3].number_input(
+                    f"{f['name']} ({f['unit']})", value=v,
+                    step=1 if is_int else None, format=None if is_int else "%.4g",
+                    key=f"{key}_{name}_{part}_{f['name']}",
+                    help=f"{f['help']} Unit: {f['unit']}. Allowed: {f['allowed'][0]:g} to {f['allowed'][1]:g}. "
+                         f"Source: {f['source']}")
+                if w != v:
+                    changes[part][f["name"]] = int(w) if is_int else float(w)
+        try:
+            hw = get_hardware(name, **changes)
+        except ValueError as e:
+            st.warning(f"{e} — using the preset's values.")
+            return base
+        if changes["digital"] or changes["analog"]:
+            st.caption("Edited: " + ", ".join(f"{p}.{k}" for p in changes for k in changes[p]))
+    return hw
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _forward_seconds(fingerprint: str, dtype: str, device: str, _handle: ModelHandle) -> float:
+    """sensitivity.forward_seconds of the loaded model, timed once per model (weights fingerprint, dtype, device)."""
+    from .sensitivity import forward_seconds
+    return forward_seconds(_handle.lm)
+
+
+def _duration(seconds: float) -> str:
+    return (f"about {seconds / 3600:.1f} h" if seconds > 5400 else f"about {seconds / 60:.0f} min" if seconds > 90
+            else f"about {seconds:.0f} s")
+
+
+def measurement_time(handle: ModelHandle, seeds: int, tokens: int) -> str:
+    """How long measuring the damage (``sensitivity.validate``) of the held model takes here, in words with its
+    basis: "about 12 min here at most (1,370 forwards × 0.5 s, one forward timed on this machine)"."""
+    from .sensitivity import measurement_estimate
+    fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"], handle)
+    e = measurement_estimate(handle.lm, seeds=seeds, tokens=tokens, forward_s=fs)
+    return (f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards × {fs:.1f} s, one forward "
+            "timed on this machine)")
+
+
+def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_label: str) -> str | None:
+    """What the measured strategies among ``strategies`` compute before the run's first result, for the Evaluate
+    page (None when nothing): the oracle needs ``validate``'s measurement under ``noise`` — from the store when
+    it is there (validation.stored_validation), else measured first, with sensitivity.measurement_estimate's
+    time (forwards x one clean forward timed on this machine); Local output error one calibration pass."""
+    from .criteria import LOCAL_ERROR_TOKENS
+    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS
+    from .validation import stored_validation
+    from .noise import PRESETS
+    if noise == PRESETS["ideal"]:      # nothing is analog-noisy: every result is the ideal reference
+        return None
+    out = []
+    if "oracle" in strategies:
+        try:
+            have = stored_validation(handle.lm.source, noise, store=store, device=st.session_state["device"],
+                                     dtype=st.session_state["dtype"]) is not None
+        except ValueError:
+            have = False
+        if not have:
+            out.append(f"**Oracle** needs a measured damage under {preset_label}: none is stored, so this run "
+                       f"measures it first ({ORACLE_SEEDS} seeds × {ORACLE_TOKENS:,} tokens) — "
+                       f"{measurement_time(handle, ORACLE_SEEDS, ORACLE_TOKENS)}; or measure it on the "
+                       "**Validate** page.")
+    if "local_error" in strategies:
+        out.append(f"**Local output error** runs the model once over {LOCAL_ERROR_TOKENS:,} calibration tokens "
+                   f"under {preset_label} before its first result (not stored: every run repeats it).")
+    return "\n\n".join(out) or None
+
+
+def allowed_text(doc: dict) -> str:
+    """A number field's allowed range as the Evaluate form states it, from its field metadata (noise.field_docs):
+    "1 to 24 bits, or 0 for ideal ADC" (the form's 0 stands for an optional field's None); "" for choices."""
+    allowed = doc.get("allowed")
+    if not allowed or isinstance(allowed[0], (str, bool)):
+        return ""
+    unit = f" {doc['unit']}" if doc.get("unit") and doc["unit"] not in ("unitless", "on/off") else ""
+    zero = f", or 0 for {doc['optional']}" if doc.get("optional") else ""
+    return f"{allowed[0]:g} to {allowed[1]:g}{unit}{zero}"
+
+
+def unavailable_strategy(strategy: str, preset: str) -> str:
+    """The Placement page's one line when the session's strategy (a link's ``strategy=oracle``, or one chosen under
+    another noise preset) needs a damage measurement this model lacks under ``preset``: what it needs, that
+    MaxNNScore is shown instead, and what to do."""
+    from .sensitivity import ORACLE_SEEDS, ORACLE_TOKENS
+    from .strategies import label
+    head = f"Strategy **{label(strategy)}** (strategy={strategy}) places by the damage measured under the noise preset"
+    if preset == "ideal":
+        return (f"{head}, and **ideal** damages nothing: showing MaxNNScore instead. Choose a noisy preset on the "
+                "Evaluate page, then this strategy again.")
+    return (f"{head} **{preset}**, and none of this model is stored: showing MaxNNScore instead. Measure it on the "
+            f"Validate page ({ORACLE_SEEDS} seeds × {ORACLE_TOKENS:,} tokens), then choose this strategy again.")
+
+
+BUDGETS_HELP = ("Percentages of routed experts kept digital, e.g. 0, 12.5, 25. Decimals take a dot (12.5); budgets "
+                "are separated by a comma and a space, a semicolon or spaces. A comma between two digits (12,5) is "
+                "refused, since it reads as 12.5 in Europe and as 12 and 5 elsewhere.")
+
+
+def budgets_from_text(text: str) -> list[float]:
+    """The Evaluate page's digital budgets (percent text, see BUDGETS_HELP) as fractions in [0, 1]
+    (placement.budgets_from_percent after the separators are checked). Raises ValueError with one line that says
+    what to type when a comma stands between two digits ("12,5" or "12 ,5": a decimal comma or two budgets?)."""
+    import re
+    from .placement import budgets_from_percent
+    if m := re.search(r"\d+\s*,\d+", text):   # "12,5" and "12 ,5": only a comma and a space separate
+        a, b = (x.strip() for x in m.group().split(",", 1))
+        raise ValueError(f"'{m.group()}' is ambiguous: use a dot for decimals ({a}.{b}); separate budgets with a "
+                         f"comma and a space, a semicolon or spaces ({a}, {b})")
+    return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))
+
+
+def sweep_form_problem(strategies, tasks) -> str | None:
+    """The Evaluate form's one-line error, in its widget labels, for an empty Strategies or Tasks choice (the
+    CLI's own wording, sweep._check_grid and tasks.resolve_tasks, names its flags); None when both are given."""
+    if not strategies:
+        return "Choose at least one strategy above (Strategies)."
+    if not tasks:
+        return "Choose at least one task above (Tasks)."
+    return None
+
+
+def budget_notes(budgets, anatomy, scope: str = "layer") -> list[str]:
+    """placement.empty_budget_note for each budget (fractions) on this model's MoE layers: the budgets below 1 %
+    that keep no expert digital, as when "0.25" is typed for 25 %."""
+    from .placement import empty_budget_note
+    ne = [m.num_experts for m in anatomy.moe_layers]
+    return [n for b in budgets if (n := empty_budget_note(b, ne, scope))]
