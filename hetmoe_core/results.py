@@ -74,6 +74,40 @@ def latest(store, model_fingerprint: str | None = None, task: str | None = None)
             "limit": ALL if lim is None or (isinstance(lim, float) and math.isnan(lim)) else int(lim)}
 
 
+def session_run(job) -> dict:
+    """Model fingerprint, task and limit (``ALL`` for every document) of this session's last evaluation: ``job`` is
+    the Evaluate page's ``jobs.Job`` (or None); the task is that of its newest result. {} when there is no job or it
+    has no result yet."""
+    if job is None or not job.results:
+        return {}
+    return {"model_fingerprint": getattr(getattr(job.handle, "lm", None), "fingerprint", None),
+            "task": job.results[-1]["task"], "limit": job.kwargs.get("limit") or ALL}
+
+
+def opening_task(rows: pd.DataFrame, model: str, last_run: dict) -> str:
+    """The task the Results page opens on among ``rows`` (the summary rows of ``model``, not empty): the task of
+    this session's last evaluation (``last_run``, from :func:`session_run`) when it is of this model and has rows
+    here, else the task with the most rows (not the first by name: one stray result of another task must not hide
+    the others)."""
+    tasks = set(rows.task)
+    if last_run.get("model_fingerprint") == model and last_run.get("task") in tasks:
+        return last_run["task"]
+    return rows.groupby("task").size().idxmax()
+
+
+def opening_limit(store, limits: list, model: str, task: str, last_run: dict) -> int:
+    """Index into ``limits`` (:func:`limit_choices`) of the limit the Results page opens on for ``model`` and
+    ``task``: the limit of this session's last evaluation when it ran this model and task, else that of the newest
+    stored result of them (:func:`latest`: the limit run last, not the largest one, whose results an earlier CLI
+    run may have left), else the last choice. Reads ``store`` (a ``store.Store``) only when the session's run does
+    not decide."""
+    if last_run.get("model_fingerprint") == model and last_run.get("task") == task:
+        last = last_run
+    else:
+        last = latest(store, model, task) or {}
+    return limits.index(last["limit"]) if last.get("limit") in limits else len(limits) - 1
+
+
 def at_limit(summary: pd.DataFrame, limit) -> pd.DataFrame:
     """Rows of ``summary`` computed with ``limit`` documents per task (``ALL``: every document)."""
     if limit == ALL:

@@ -5,7 +5,7 @@ Layout: ``manifest.json`` ({"format": "hetmoe-snapshot", "schema_version", "crea
 expert_stats. Import never writes archive members to disk: every member is checked (name, declared size,
 compression ratio, sha256, columns) and read into memory with a bounded read, then merged into the store in one
 transaction (idempotent: rows whose primary key exists are kept as they are). Any failure leaves the store untouched.
-Imported metric values are checked against their range (store.metric_problem) and every imported run records its
+Imported metric values are checked against their range (store_schema.metric_problem) and every imported run records its
 origin ("imported from <file> (exported <time>)"); snapshots of schema 1 get the schema-2 columns filled on import.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .store import (ADDED_COLUMNS, canonical_json, SCHEMA_VERSION, TABLES, V2_COLUMNS, Store, _where, atomic_write, metric_problem,
-                    output_path)
+from .store import Store, _where, atomic_write, canonical_json, output_path
+from .store_schema import ADDED_COLUMNS, SCHEMA_VERSION, TABLES, V2_COLUMNS, metric_problem
 
 FORMAT = "hetmoe-snapshot"
 MAX_FILE_BYTES = 512 << 20          # snapshot file on disk

@@ -1,17 +1,7 @@
 """DuckDB results store: runs, metrics, expert statistics and placements, with honest caching.
 
-Concurrency design (DuckDB lets one read-write process lock out every other process, readers included):
-  * no connection lives longer than one operation: open, run one query or one transaction, close (the file is
-    attached to the thread's in-memory DuckDB connection for the operation and detached after, ``dbhost``: the
-    same lock as a connection of its own, without building a DuckDB instance per operation);
-  * every operation first takes an advisory ``fcntl.flock`` on a sidecar file ``<db>.lock``: shared for reads,
-    exclusive for writes, so DuckDB's own lock is never contended by hetmoe processes or threads (each
-    operation opens its own file descriptor, so threads of one process exclude each other like processes do);
-    a second lock ``<db>.lock-gate`` gives writers preference, so polling readers can never starve a sweep;
-  * a DuckDB lock error from a foreign process (e.g. the duckdb CLI) is retried with backoff until ``timeout`` s;
-  * results are append-only: one transaction writes a run and all its metrics, so ``kill -9`` leaves whole
-    results only (DuckDB's WAL drops the uncommitted transaction on the next open).
-Connections are never shared between threads; every public method is safe to call from any thread.
+Concurrency: see :mod:`hetmoe_core.store_file` (every connection opens there, under the store's locks).
+Schema, version marker, upgrades and metric ranges: :mod:`hetmoe_core.store_schema`.
 
 Safety: a store is recognised by its schema marker (``meta.schema_version``); an existing file without it (another
 program's DuckDB database) is refused before anything is written, so its bytes stay identical. Stores opened with
@@ -21,30 +11,19 @@ folders the user cannot write; a write to a store that is not writable raises on
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import random
-import re
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import duckdb
-
-from .dbhost import open_attached
+from . import store_schema as schema
 from .outputs import atomic_write, output_path  # noqa: F401  (re-export: snapshot and report write through them)
+from .store_file import _READY, StoreBusy, StoreFile, _file_id  # noqa: F401  (re-export)
+from .store_schema import (ADDED_COLUMNS, METRIC_RANGES, RUN_FILTERS, SCHEMA_VERSION, TABLES,  # noqa: F401  (re-export)
+                           V2_COLUMNS, metric_problem)
 
-SCHEMA_VERSION = 2
-# Columns added by schema 2, with the SQL that fills them in a version 1 store or snapshot: dtype of the model,
-# where the result came from (origin: "computed" here, or "imported from <snapshot> ..."), the hash of the
-# computation that produced the numbers (compute_key) and, for a result reused from an identical computation,
-# the key of the run that computed it (shared_from; NULL when computed for this very key).
-V2_COLUMNS = {"dtype": "json_extract_string(config, '$.model.dtype')", "origin": "'computed'",
-              "compute_key": "NULL", "shared_from": "NULL"}
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "cache" / "results.duckdb"
-TABLES = ("runs", "metrics", "placements", "expert_stats")
 
 
 def shown_path(path: str | os.PathLike) -> str:
@@ -55,69 +34,6 @@ def shown_path(path: str | os.PathLike) -> str:
         return p.relative_to(DEFAULT_PATH.parent.parent).as_posix()
     except ValueError:
         return p.name
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS runs (
-    key VARCHAR PRIMARY KEY, status VARCHAR NOT NULL, created_at TIMESTAMP, started_at TIMESTAMP,
-    duration_s DOUBLE, model_source VARCHAR, model_fingerprint VARCHAR, strategy VARCHAR, budget DOUBLE,
-    scope VARCHAR, preset VARCHAR, seed INTEGER, backend VARCHAR, task VARCHAR, task_version VARCHAR,
-    "limit" DOUBLE, num_fewshot INTEGER, batch_size INTEGER, placement_key VARCHAR, digital_share DOUBLE,
-    config VARCHAR, versions VARCHAR, error VARCHAR, dtype VARCHAR, origin VARCHAR, compute_key VARCHAR,
-    shared_from VARCHAR);
-CREATE TABLE IF NOT EXISTS metrics (
-    key VARCHAR, task VARCHAR, metric VARCHAR, value DOUBLE, stderr DOUBLE, seed INTEGER,
-    PRIMARY KEY (key, task, metric));
-CREATE TABLE IF NOT EXISTS placements (
-    key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR, strategy VARCHAR, budget DOUBLE, scope VARCHAR,
-    seed INTEGER, placement VARCHAR, created_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS expert_stats (
-    model_fingerprint VARCHAR, name VARCHAR, stats VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (model_fingerprint, name));
-CREATE TABLE IF NOT EXISTS sensitivity (
-    key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR, preset VARCHAR, config VARCHAR, versions VARCHAR,
-    result VARCHAR, created_at TIMESTAMP);
-ALTER TABLE metrics ADD COLUMN IF NOT EXISTS higher_is_better BOOLEAN;
-"""
-_TABLES_OF_SCHEMA = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
-# Columns added after schema version 1 (nullable, so older stores and snapshots stay readable: NULL = not stored).
-ADDED_COLUMNS = {"metrics": ("higher_is_better",)}
-# Columns a caller may filter runs by (whitelist: filter names are spliced into SQL, values are parameters).
-RUN_FILTERS = ("key", "status", "model_source", "model_fingerprint", "strategy", "budget", "scope", "preset",
-               "seed", "backend", "task", "limit", "num_fewshot", "batch_size", "dtype", "origin")
-
-# Valid range of a metric value by lm-eval metric name (the part before a "[filter]" suffix); anything else only
-# has to be finite. Accuracies are fractions; perplexities are exp(mean NLL) >= 1; bits per byte >= 0.
-METRIC_RANGES = {**{m: (0.0, 1.0) for m in ("acc", "acc_norm", "acc_mutual_info", "exact_match")},
-                 **{m: (1.0, float("inf")) for m in ("perplexity", "word_perplexity", "byte_perplexity")},
-                 "bits_per_byte": (0.0, float("inf"))}
-
-
-def metric_problem(metric: str, value, stderr=None) -> str | None:
-    """Why a stored metric value is impossible (None when it is fine): not a finite number, outside the metric's
-    range (METRIC_RANGES), or a negative / non-finite stderr."""
-    import math
-    name = str(metric).split("[", 1)[0]
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        return f"{metric} = {value!r} is not a finite number"
-    lo, hi = METRIC_RANGES.get(name, (-float("inf"), float("inf")))
-    if not lo <= value <= hi:
-        return f"{metric} = {value!r} is outside its range [{lo:g}, {hi:g}]"
-    if stderr is not None and not (isinstance(stderr, (int, float)) and math.isfinite(stderr) and stderr >= 0):
-        return f"stderr of {metric} = {stderr!r} is not a finite number >= 0"
-    return None
-
-
-_READY: set = set()   # (device, inode, mtime, size, path) of store files whose schema this process checked
-
-
-def _file_id(path: Path) -> tuple:
-    info = path.stat()
-    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size, str(path))
-
-
-class StoreBusy(RuntimeError):
-    """Raised when the store stays locked by another process for longer than the timeout."""
 
 
 def canonical_json(obj) -> str:
@@ -134,7 +50,7 @@ def _now():
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-class Store:
+class Store(StoreFile):
     """Results store at ``path`` (default ``cache/results.duckdb``); creates the file and schema if missing.
 
     read_only: never write (every DuckDB connection is ``read_only=True``; a write raises ValueError); for
@@ -146,12 +62,10 @@ class Store:
 
     def __init__(self, path: str | os.PathLike | None = None, timeout: float = 60.0, create: bool = True,
                  read_only: bool = False):
-        self.path = Path(path or os.environ.get("HETMOE_STORE") or DEFAULT_PATH).expanduser().resolve()
-        self.timeout = timeout
-        self.read_only = read_only
+        super().__init__(Path(path or os.environ.get("HETMOE_STORE") or DEFAULT_PATH).expanduser().resolve(), timeout,
+                         read_only)
         if self.path.is_dir():
             raise ValueError(f"{self.path} is a folder; give a .duckdb file path as the store")
-        self._lockfile = str(self.path) + ".lock"
         exists = self.path.is_file() and self.path.stat().st_size > 0
         if not exists and (read_only or not create):
             raise ValueError(f"no results store at {self.path}; run `evaluate`/`sweep` or `import` first")
@@ -159,137 +73,20 @@ class Store:
             return   # marker and schema already checked by this process for this very file
         if exists:
             with self._connect(write=False) as con:
-                version = _schema_version(con, self.path)
-                have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
-                                                  "WHERE table_catalog = current_database()").fetchall()}
-                have |= {f"{t}.{c}" for t, c in con.execute(
-                    "SELECT table_name, column_name FROM information_schema.columns "
-                    "WHERE table_catalog = current_database()").fetchall()}
+                version = schema.schema_version(con, self.path)
+                incomplete = schema.missing(con)
             if version < SCHEMA_VERSION and (read_only or not self.writable):
                 raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
                                  f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "
                                  f"{SCHEMA_VERSION}")
-            wanted = {*_TABLES_OF_SCHEMA, *(f"{t}.{c}" for t, cs in ADDED_COLUMNS.items() for c in cs)}
-            if (version < SCHEMA_VERSION or not wanted <= have) and self.writable:
-                self._upgrade()   # tables added since the store was made (new features) are created too
+            if (version < SCHEMA_VERSION or incomplete) and self.writable:
+                with self._connect(write=True) as con:   # tables added since the store was made are created too
+                    schema.upgrade(con, self.path)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._create()
+            with self._connect(write=True) as con:
+                schema.create(con, self.path)
         _READY.add(_file_id(self.path))
-
-    @property
-    def writable(self) -> bool:
-        """True when this process may write the store file and create files next to it (WAL, lock)."""
-        if self.read_only:
-            return False
-        f = self.path if self.path.exists() else self.path.parent
-        return os.access(f, os.W_OK) and os.access(self.path.parent, os.W_OK | os.X_OK)
-
-    def _create(self) -> None:
-        """Schema and marker of a new store in one transaction (a killed creation leaves no half store)."""
-        with self._connect(write=True) as con:
-            if con.execute("SELECT count(*) FROM information_schema.tables "
-                           "WHERE table_catalog = current_database()").fetchone()[0]:
-                _schema_version(con, self.path)   # created meanwhile by another process: check it is ours
-                return
-            con.execute("BEGIN TRANSACTION")
-            con.execute(_SCHEMA)
-            con.execute("INSERT INTO meta VALUES ('schema_version', ?), ('format', 'hetmoe-results')",
-                        [str(SCHEMA_VERSION)])
-            con.execute("COMMIT")
-
-    def _upgrade(self) -> None:
-        """Create missing tables; schema 1 -> 2: add V2_COLUMNS to runs, filled from each run's config (one
-        transaction, on a store whose marker was checked)."""
-        with self._connect(write=True) as con:
-            con.execute("BEGIN TRANSACTION")
-            con.execute(_SCHEMA)
-            if _schema_version(con, self.path) < SCHEMA_VERSION:
-                for col, fill in V2_COLUMNS.items():
-                    con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {col} VARCHAR")
-                    con.execute(f"UPDATE runs SET {col} = {fill} WHERE {col} IS NULL")
-                con.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", [str(SCHEMA_VERSION)])
-            con.execute("COMMIT")
-
-    # -- connection handling -------------------------------------------------------------------------------
-    def _lock_fd(self, suffix: str, write: bool) -> int | None:
-        """File descriptor of a sidecar lock file; None for a reader that cannot create one (read-only folder,
-        where no hetmoe writer can work either). ValueError for a writer that cannot."""
-        try:
-            return os.open(self._lockfile + suffix, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError:
-            try:
-                return os.open(self._lockfile + suffix, os.O_RDONLY)   # flock works on read-only descriptors
-            except OSError:
-                if write:
-                    raise ValueError(self._read_only_message()) from None
-                return None
-
-    def _read_only_message(self) -> str:
-        why = "was opened read-only" if self.read_only else "is read-only (the file or its folder is not writable)"
-        return (f"store {self.path} {why}; this command writes results: give a writable --store path "
-                f"(or copy the store somewhere writable)")
-
-    @contextlib.contextmanager
-    def _connect(self, write: bool):
-        if write and not self.writable:
-            raise ValueError(self._read_only_message())
-        deadline = time.monotonic() + self.timeout
-        gate = self._lock_fd("-gate", write)
-        fd = self._lock_fd("", write)
-        try:
-            # Writer preference: a writer holds the gate exclusively while it waits for the readers inside to
-            # leave, so a stream of short reads (dashboards polling) can never starve the sweep's writes.
-            if gate is not None:
-                self._flock(gate, fcntl.LOCK_EX if write else fcntl.LOCK_SH, deadline)
-            try:
-                if fd is not None:
-                    self._flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH, deadline)
-            finally:
-                if not write and gate is not None:
-                    fcntl.flock(gate, fcntl.LOCK_UN)
-            # a write changes the file's mtime: the schema this process checked stays known (under the lock)
-            checked = _file_id(self.path) if write and self.path.is_file() else None
-            checked = checked if checked in _READY else None
-            while True:
-                try:
-                    con, close = open_attached(self.path, write)
-                    break
-                except duckdb.IOException as e:   # lock held by a process outside this protocol
-                    msg = str(e).lower()
-                    if "permission denied" in msg or "read-only" in msg:
-                        raise ValueError(self._read_only_message()) from None
-                    if "lock" not in msg:
-                        raise ValueError(f"{self.path} is not a readable DuckDB store ({str(e).splitlines()[0]}); "
-                                         "use another --store path") from None
-                    if time.monotonic() > deadline:
-                        raise StoreBusy(f"store {self.path} is locked by another program: {e}") from None
-                    time.sleep(0.02 + random.random() * 0.05)
-                except duckdb.Error as e:
-                    raise ValueError(f"{self.path} is not a readable DuckDB store ({e}); use another --store path") from None
-            failed = True
-            try:
-                yield con
-                failed = False
-            finally:
-                close(failed)
-                if checked is not None:
-                    _READY.discard(checked)
-                    _READY.add(_file_id(self.path))
-        finally:
-            for f in (fd, gate):   # closing releases the flocks
-                if f is not None:
-                    os.close(f)
-
-    def _flock(self, fd: int, mode: int, deadline: float) -> None:
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StoreBusy(f"store {self.path} busy for {self.timeout:.0f} s; retry later") from None
-                time.sleep(0.002 + random.random() * 0.01)
 
     def query(self, sql: str, params=()):
         """Run one read-only query; returns a pandas DataFrame."""
@@ -328,8 +125,8 @@ class Store:
             computed = set() if model_fingerprint is None else _computed_keys(con, model_fingerprint)
         for k, task, metric, value, stderr, seed, hib in rows:
             if k in out:
-                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr, "seed": seed,
-                                          "higher_is_better": hib})
+                out[k]["metrics"].append({"task": task, "metric": metric, "value": value, "stderr": stderr,
+                                          "seed": seed, "higher_is_better": hib})
         return out, computed
 
     def existing_keys(self, keys) -> set[str]:
@@ -551,25 +348,10 @@ class Store:
             yield con
 
 
-def _schema_version(con, path) -> int:
-    """Schema version from the store's marker; ValueError for a DuckDB file that is not a hetmoe store of a
-    version this hetmoe reads."""
-    try:
-        row = con.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-    except duckdb.Error:
-        row = None
-    if row is None:
-        raise ValueError(f"{path} is a DuckDB database but not a hetmoe results store (no hetmoe schema marker); "
-                         "it was left untouched: give another --store path")
-    if not str(row[0]).isdigit() or not 1 <= int(row[0]) <= SCHEMA_VERSION:
-        raise ValueError(f"store {path} has schema version {row[0]}, this hetmoe reads 1..{SCHEMA_VERSION}: "
-                         "use another --store path")
-    return int(row[0])
-
-
 def _computed_keys(con, model_fingerprint: str) -> set[str]:
     return {r[0] for r in con.execute("SELECT DISTINCT compute_key FROM runs WHERE model_fingerprint=? AND status='ok' "
-                                      "AND shared_from IS NULL AND compute_key IS NOT NULL", [model_fingerprint]).fetchall()}
+                                      "AND shared_from IS NULL AND compute_key IS NOT NULL",
+                                      [model_fingerprint]).fetchall()}
 
 
 def _insert(con, table: str, rows: dict | list[dict], ignore: bool = False, chunk: int = 256) -> None:
@@ -632,8 +414,8 @@ def _arrow_table(cols: tuple, rows: list[dict]):
 
 def _runs_sql(filters: dict | None, status: str | None) -> tuple[str, list]:
     where, params = _where(filters, status)
-    return (f"SELECT r.*, m.metric, m.value, m.stderr, m.higher_is_better FROM runs r LEFT JOIN metrics m ON m.key = r.key "
-            f"{where} ORDER BY r.created_at DESC, r.key, m.metric"), params
+    return (f"SELECT r.*, m.metric, m.value, m.stderr, m.higher_is_better FROM runs r "
+            f"LEFT JOIN metrics m ON m.key = r.key {where} ORDER BY r.created_at DESC, r.key, m.metric"), params
 
 
 def _where(filters: dict | None, status: str | None):

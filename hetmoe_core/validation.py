@@ -225,3 +225,26 @@ def stored_strategy_scores(source: str, preset, *, store=None, dtype: str = "flo
         return None, {}
     found = {s: v.strategy_scores(s) for s in ("oracle", "local_error")}
     return v, {s: x for s, x in found.items() if x is not None}
+
+
+def measured_caption(preset: str, validation: Validation | None, scores: dict) -> str:
+    """The line under the Placement page's strategy choice about the measured strategies (oracle, local_error), in
+    Markdown: which of them place by the damage stored under ``preset`` (the Evaluate page's noise preset) and from
+    how many seeds and tokens, or why none is offered: ``preset`` is noise-free, or no measurement of the model
+    under it is stored (then where to make it, with the seeds and tokens of the request
+    :func:`stored_strategy_scores` looks up). ``validation`` and ``scores`` are what
+    :func:`stored_strategy_scores` returned for ``preset``."""
+    from .placement import MEASURED_STRATEGIES
+    from .strategies import label
+    if scores:
+        verb = "places" if len(scores) == 1 else "place"
+        return (f"{' and '.join(label(n) for n in scores)} {verb} by the damage measured under **{preset}** "
+                f"(the Evaluate page's noise preset; {len(validation.seeds)} seeds × {validation.tokens:,} "
+                "tokens, stored from the Validate page): read from the store, nothing is recomputed.")
+    names = " and ".join(label(n) for n in MEASURED_STRATEGIES)
+    if preset == "ideal":
+        return f"{names} are not offered: the Evaluate page's noise preset is *ideal*, which damages nothing."
+    asked = stored_validation.__kwdefaults__            # the request stored_strategy_scores reads
+    return (f"{names} are not offered: no damage measurement of this model under **{preset}** (the Evaluate "
+            f"page's noise preset) is stored. Measure it on the Validate page ({asked['seeds']} seeds × "
+            f"{asked['tokens']:,} tokens).")

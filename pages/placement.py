@@ -8,9 +8,9 @@ import pyarrow as pa
 import streamlit as st
 
 from hetmoe_core import energy, figures, strategies, ui
-from hetmoe_core.placement import DENSE_KINDS, MEASURED_STRATEGIES, DensePolicy, digital_share, overlap, place
+from hetmoe_core.placement import DENSE_KINDS, DensePolicy, digital_share, overlap, place
 from hetmoe_core.strategies import STRATEGIES as REGISTRY, get_strategy, strategy_scores
-from hetmoe_core.validation import stored_strategy_scores
+from hetmoe_core.validation import measured_caption, stored_strategy_scores
 
 ui.frame()
 st.title("Digital placement")
@@ -43,16 +43,7 @@ c1, c2 = st.columns(2)
 c1.selectbox("Strategy", STRATEGIES, key="strategy", persist_state="session", format_func=label,
              help="MaxNNScore (paper), Activation frequency / weight (from calibration text), Router norm, Random; "
                   "Oracle and Local output error from the damage measured under a noise preset (Validate page).")
-m_names = " and ".join(label(n) for n in MEASURED_STRATEGIES)
-if m_scores:
-    c1.caption(f"{' and '.join(label(n) for n in m_scores)} place by the damage measured under **{m_preset}** "
-               f"(the Evaluate page's noise preset; {len(m_validation.seeds)} seeds × {m_validation.tokens:,} "
-               "tokens, stored from the Validate page): read from the store, nothing is recomputed.")
-elif m_preset == "ideal":
-    c1.caption(f"{m_names} are not offered: the Evaluate page's noise preset is *ideal*, which damages nothing.")
-else:
-    c1.caption(f"{m_names} are not offered: no damage measurement of this model under **{m_preset}** (the "
-               "Evaluate page's noise preset) is stored. Measure it on the Validate page (5 seeds × 16,384 tokens).")
+c1.caption(measured_caption(m_preset, m_validation, m_scores))
 c2.radio("Scope", ["layer", "global"], key="scope", persist_state="session", horizontal=True,
          help="layer: the budget applies within each MoE layer (paper); global: one ranking over all experts.")
 c1, c2 = st.columns(2)

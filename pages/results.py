@@ -38,33 +38,22 @@ if summary.empty:
 h = ui.get_model(show_errors=False)
 models = sorted(summary.model_fingerprint.dropna().unique())
 cur = h.lm.fingerprint if h is not None else None
-# the page opens on this session's last evaluation (its task and limit), else on the task with the most results
-# at the limit run last (not the largest limit: an earlier CLI run's limit showed "No results" for a new run)
-job = ss.get("eval_job")
-just_run = ({"model_fingerprint": getattr(getattr(job.handle, "lm", None), "fingerprint", None),
-             "task": job.results[-1]["task"],
-             "limit": job.kwargs.get("limit") or results.ALL} if job is not None and job.results else {})
+just_run = results.session_run(ss.get("eval_job"))   # the page opens on it (results.opening_task / _limit)
 c1, c2, c3, c4 = st.columns(4)
 names = {f: ", ".join(summary[summary.model_fingerprint == f].model_source.unique()) for f in models}
 model = c1.selectbox("Model", models, index=models.index(cur) if cur in models else 0, key="res_model",
                      format_func=lambda f: f"{names[f]} ({f[:20]})")
 s = summary[summary.model_fingerprint == model]
 tasks = sorted(s.task.unique())
-most = s.groupby("task").size().idxmax()   # else the task with the most results, not the first by name
-if just_run.get("model_fingerprint") == model and just_run.get("task") in tasks:
-    most = just_run["task"]
-task = c2.selectbox("Task", tasks, index=tasks.index(most), key="res_task")
+task = c2.selectbox("Task", tasks, index=tasks.index(results.opening_task(s, model, just_run)), key="res_task")
 s = s[s.task == task]
 metrics = sorted(s.metric.unique())
 prefer = [m for m in ("acc", "acc_norm", "word_perplexity", "perplexity") if m in metrics]
 metric = c3.selectbox("Metric", metrics, index=metrics.index(prefer[0]) if prefer else 0, key="res_metric")
 s = s[s.metric == metric]
 limits = results.limit_choices(s)
-last = just_run if just_run.get("model_fingerprint") == model and just_run.get("task") == task else \
-    (results.latest(store, model, task) or {})
-lim_at = limits.index(last["limit"]) if last.get("limit") in limits else len(limits) - 1
-lim = c4.selectbox("Limit (documents)", limits, index=lim_at, key="res_limit",
-                   help="Results with different limits are not comparable.")
+lim = c4.selectbox("Limit (documents)", limits, index=results.opening_limit(store, limits, model, task, just_run),
+                   key="res_limit", help="Results with different limits are not comparable.")
 s = results.at_limit(s, lim)
 noisy = s[s.strategy != "ideal"]
 

@@ -78,12 +78,10 @@ def test_validate_cancel_stops_within_one_layer(handle, tmp_path):
     assert all(torch.equal(p, clean[n]) for n, p in lm.model.named_parameters())   # restored bit for bit
 
 
-def test_evaluate_job_names_the_measurement_it_makes_first(handle, tmp_path):
+def test_evaluate_job_names_the_measurement_it_makes_first(handle, tmp_path, example_results):
     """An Oracle sweep whose damage under the preset is not stored says from its first poll that it measures it
     (before: "0 / ? results · loading the model and the tasks" for the minutes the measurement took); with the
     measurement stored (the example results) it says nothing of the kind."""
-    from hetmoe_core.examples import load_examples
-    from hetmoe_core.store import Store
     kw = dict(source="default", strategies=["oracle"], budgets=[0.25], presets=["paper-pcm-c1.5"], seeds=1,
               tasks=["hetmoe_cloze"], limit=2, batch_size=8, backend="fast", scope="layer")
     job = jobs.Job(handle, store=str(tmp_path / "empty.duckdb"), **kw)
@@ -94,7 +92,7 @@ def test_evaluate_job_names_the_measurement_it_makes_first(handle, tmp_path):
     assert step == ("measuring per-expert damage under paper-pcm-c1.5 for Oracle (measured damage): 4 layers × 16 "
                     "experts, each alone on analog, × 5 seeds on 16,384 calibration tokens (minutes on a CPU; "
                     "stored, so later runs skip it)")
-    load_examples(Store(tmp_path / "ex.duckdb"))
+    example_results(tmp_path / "ex.duckdb")
     job = jobs.Job(handle, store=str(tmp_path / "ex.duckdb"), **kw)
     step = job.step
     job.cancel.set()

@@ -127,14 +127,12 @@ def test_place_oracle_answers_from_the_stored_measurement(tmp_path):
     assert "lm_eval" not in heavy and sum(again["per_layer_digital"]) == 4     # 25 % of 2 layers x 8 experts
 
 
-def test_runs_summary_cut_tables_name_every_task_and_what_they_left_out(tmp_path, capsys):
+def test_runs_summary_cut_tables_name_every_task_and_what_they_left_out(tmp_path, capsys, example_results):
     """The example results fill 200 rows with one task per table: each of the three `runs --summary` tables
     shows every task with every metric of the configurations it keeps (before: each task's first rows in name
     order, bits_per_byte only, so word_perplexity was cut away), and says which configurations it left out."""
     from hetmoe_core.cli import main
-    from hetmoe_core.examples import load_examples
-    path = tmp_path / "ex.duckdb"
-    load_examples(Store(path))
+    path = example_results(tmp_path / "ex.duckdb")
     rc = main(["runs", "--store", str(path), "--summary", "--where", "strategy=maxnn,frequency,ideal",
                "--max-rows", "42"])
     out = capsys.readouterr().out

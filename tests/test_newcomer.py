@@ -137,11 +137,9 @@ def test_done_banner_is_the_previous_runs_once_inputs_change_and_plan_lists_real
     assert at.selectbox(key="res_task").value == eval_task() and at.selectbox(key="res_limit").value == 4
 
 
-def test_oracle_note_is_gone_when_the_measurement_is_stored(store_env):
+def test_oracle_note_is_gone_when_the_measurement_is_stored(store_env, example_results):
     """The example results carry the oracle's measurement under paper-pcm-c1.5: no 'measures it first' note."""
-    from hetmoe_core.examples import load_examples
-    from hetmoe_core.store import Store
-    load_examples(Store(store_env))
+    example_results(store_env)
     at = page(app({"preset": "paper-pcm-c1.5"}), "evaluate")
     at.multiselect(key="ev_strategies").set_value(["oracle"]).run()
     assert not any("Oracle" in w.value for w in at.warning), [w.value for w in at.warning]

@@ -164,3 +164,26 @@ def test_cli_place(capsys, tmp_path):
         assert main(["place", "tiny:olmoe", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_measured_strategies_caption_says_by_what_they_place_or_why_they_are_absent(tmp_path, example_results):
+    """The Placement page's line about Oracle / Local output error: with the example results stored (their damage
+    measurement under paper-pcm-c1.5) it names both, the preset and the measurement's seeds x tokens; under the
+    ideal preset it says nothing is damaged; with nothing stored it says where to measure and with what request."""
+    from hetmoe_core.store import Store
+    from hetmoe_core.validation import measured_caption, stored_strategy_scores
+    st = Store(example_results(tmp_path / "ex.duckdb"))
+    v, scores = stored_strategy_scores("default", "paper-pcm-c1.5", store=st)
+    assert set(scores) == {"oracle", "local_error"}
+    text = measured_caption("paper-pcm-c1.5", v, scores)
+    assert text.startswith("Oracle (measured damage) and Local output error place by the damage measured under "
+                           "**paper-pcm-c1.5**") and f"{len(v.seeds)} seeds × {v.tokens:,} tokens" in text
+    only = measured_caption("paper-pcm-c1.5", v, {"oracle": scores["oracle"]})
+    assert only.startswith("Oracle (measured damage) places by") and "Local output error" not in only
+    assert measured_caption("ideal", None, {}) == (
+        "Oracle (measured damage) and Local output error are not offered: the Evaluate page's noise preset is "
+        "*ideal*, which damages nothing.")
+    none = measured_caption("paper-pcm-c2.5", *stored_strategy_scores("default", "paper-pcm-c2.5",
+                                                                      store=tmp_path / "empty.duckdb"))
+    assert "not offered: no damage measurement of this model under **paper-pcm-c2.5**" in none
+    assert none.endswith("Measure it on the Validate page (5 seeds × 16,384 tokens).")

@@ -21,7 +21,10 @@ SWEEP = dict(strategies=["maxnn"], budgets=[0.25], presets=["paper-pcm-c1.5"], s
 def ray_local():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20)
+    # no idle workers started with the cluster: run_units' actors carry their own runtime env, so Ray never hands
+    # them one, and on 2 cores their start-up only slows what the tests run meanwhile
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20,
+             _system_config={"prestart_worker_first_driver": False})
     # units defined in this test module must reach the workers by value (tests/ is not on their path)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray

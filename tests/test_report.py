@@ -158,40 +158,43 @@ def test_report_one_plotlyjs_strategy_colours_and_no_fraction_inside_the_noise(t
     assert score["layout"]["legend"]["yref"] == "container" and score["layout"]["margin"]["b"] >= 60 + 21 * 2
 
 
-def test_report_charts_do_not_overlap_in_chromium(tmp_path):
-    """Rendered in headless Chromium at 1300 and 1920 px: every drawn chart keeps inside its own box."""
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium (Debian's, via Playwright) for this module's drawing checks."""
     from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def test_report_charts_do_not_overlap_in_chromium(tmp_path, chromium):
+    """Rendered in headless Chromium at 1300 and 1920 px: every drawn chart keeps inside its own box."""
     st = Store(tmp_path / "r.duckdb")
     _put_two(st)
     write_report(st, tmp_path / "r.html")
     js = """() => [...document.querySelectorAll('.fig')].filter(e => e.querySelector('.main-svg')).map(e => {
         const r = e.querySelector('.main-svg').getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; })"""
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox", "--disable-gpu"])
-        try:
-            for width in (1300, 1920):
-                page = b.new_page(viewport={"width": width, "height": 1400})
-                page.goto((tmp_path / "r.html").as_uri())
-                page.wait_for_function("document.querySelectorAll('.fig .main-svg').length >= 2", timeout=30000)
-                boxes = page.evaluate(js)
-                assert len(boxes) >= 2
-                (l1, t1, r1, b1), (l2, t2, r2, b2) = boxes[:2]
-                assert abs(t1 - t2) < 1 and r1 <= l2 and r2 <= width     # side by side, no overlap, on screen
-                for i, (l, t, r, bt) in enumerate(boxes):
-                    for (l_, t_, r_, b_) in boxes[i + 1:]:
-                        assert r <= l_ + 1 or r_ <= l + 1 or bt <= t_ + 1 or b_ <= t + 1
-                page.close()
-        finally:
-            b.close()
+    for width in (1300, 1920):
+        page = chromium.new_page(viewport={"width": width, "height": 1400})
+        page.goto((tmp_path / "r.html").as_uri())
+        page.wait_for_function("document.querySelectorAll('.fig .main-svg').length >= 2", timeout=30000)
+        boxes = page.evaluate(js)
+        assert len(boxes) >= 2
+        (l1, t1, r1, b1), (l2, t2, r2, b2) = boxes[:2]
+        assert abs(t1 - t2) < 1 and r1 <= l2 and r2 <= width     # side by side, no overlap, on screen
+        for i, (l, t, r, bt) in enumerate(boxes):
+            for (l_, t_, r_, b_) in boxes[i + 1:]:
+                assert r <= l_ + 1 or r_ <= l + 1 or bt <= t_ + 1 or b_ <= t + 1
+        page.close()
 
 
-def test_legend_rows_drawn_are_the_rows_counted_at_any_width(tmp_path):
+def test_legend_rows_drawn_are_the_rows_counted_at_any_width(tmp_path, chromium):
     """A score chart with 7 strategies x 2 presets + references, drawn in Chromium in a 606 px cell (the report's
     grid at 1300 px) and a 1000 px one: the whole legend lies inside the figure (before: Plotly put one entry per
     row in the narrow cell, so the last six entries fell below the figure's bottom edge)."""
     import pandas as pd
     import plotly.io as pio
-    from playwright.sync_api import sync_playwright
     from hetmoe_core.figures import STRATEGY_LABELS, metric_vs_budget
     rows = [dict(strategy=s, preset=p, budget=b, mean=1 + b + i / 10, std=0.01, n_seeds=5)
             for i, s in enumerate(list(STRATEGY_LABELS)[:7]) for p in ("paper-pcm-c1.5", "paper-pcm-c2.5")
@@ -203,16 +206,11 @@ def test_legend_rows_drawn_are_the_rows_counted_at_any_width(tmp_path):
                        config={"responsive": True})
     inside = """() => { const L = document.querySelector('.legend').getBoundingClientRect(),
         F = document.querySelector('.main-svg').getBoundingClientRect(); return [L.bottom, F.bottom, L.right, F.right]; }"""
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--headless", "--no-sandbox", "--disable-gpu"])
-        try:
-            for width in (606, 1000):
-                (tmp_path / "f.html").write_text(html.replace("<body>", f"<body style='width:{width}px;margin:0'>"))
-                page = b.new_page(viewport={"width": width, "height": 1200})
-                page.goto((tmp_path / "f.html").as_uri())
-                page.wait_for_selector(".legend", timeout=30000)
-                lb, fb, lr, fr = page.evaluate(inside)
-                assert lb <= fb + 1 and lr <= fr + 1, (width, lb, fb, lr, fr)
-                page.close()
-        finally:
-            b.close()
+    for width in (606, 1000):
+        (tmp_path / "f.html").write_text(html.replace("<body>", f"<body style='width:{width}px;margin:0'>"))
+        page = chromium.new_page(viewport={"width": width, "height": 1200})
+        page.goto((tmp_path / "f.html").as_uri())
+        page.wait_for_selector(".legend", timeout=30000)
+        lb, fb, lr, fr = page.evaluate(inside)
+        assert lb <= fb + 1 and lr <= fr + 1, (width, lb, fb, lr, fr)
+        page.close()

@@ -179,14 +179,11 @@ def test_one_number_formatter_reads_rounding_as_0_and_missing_as_n_a():
     assert list(as_text(pd.DataFrame({"m": [1.5, None, -3e-15]}), {"m": ".4f"}).m) == ["1.5000", NA, "0.0000"]
 
 
-def test_cli_prints_numbers_as_the_dashboard_does(tmp_path, capsys):
+def test_cli_prints_numbers_as_the_dashboard_does(tmp_path, capsys, example_results):
     """`runs --summary` printed the recovered fraction at budget 0 as -4.192e-15, the spread of equal results as
     ± 4.97e-16 and missing numbers as NaN or blank; `runs` printed NaN where the dashboard says n/a."""
     from hetmoe_core.cli import main
-    from hetmoe_core.examples import load_examples
-    from hetmoe_core.store import Store
-    path = tmp_path / "ex.duckdb"
-    load_examples(Store(path))
+    path = example_results(tmp_path / "ex.duckdb")
     where = ["--where", "task=hetmoe_ppl_bible_en", "--where", "strategy=maxnn,ideal",
              "--where", "preset=paper-pcm-c2.5,ideal"]
     assert main(["runs", "--store", str(path), "--summary", *where]) == 0
@@ -200,3 +197,29 @@ def test_cli_prints_numbers_as_the_dashboard_does(tmp_path, capsys):
     assert main(["runs", "--store", str(path), *where, "--max-rows", "3"]) == 0
     rows = capsys.readouterr().out.splitlines()[1:4]
     assert all(r.split()[8] == "n/a" for r in rows), rows   # stderr of a perplexity: none from lm-eval
+
+
+def test_results_page_opens_on_the_sessions_last_run_else_the_most_results_at_the_newest_limit(tmp_path):
+    """Task: the session's last evaluation when it is of the model shown, else the task with the most results (not
+    the first by name). Limit: the session's run, else the newest stored result's limit (not the largest), else the
+    last choice. On a real store: task "b" holds most results; its newest result ran limit 4 after a limit-20 one."""
+    from hetmoe_core.store import Store
+    st = Store(tmp_path / "r.duckdb")
+    for i, (task, limit, seed) in enumerate([("a", 2, 0), ("b", 20, 0), ("b", 20, 1), ("b", 4, 0)]):
+        st.put_result(f"k{i}", {"model_source": "default", "model_fingerprint": "fp", "strategy": "maxnn",
+                                "budget": 0.25, "preset": "p", "seed": seed, "task": task, "limit": limit},
+                      [{"task": task, "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": seed}])
+    rows = st.summary_frame()
+    assert results.opening_task(rows, "fp", {}) == "b"                      # the most results, not "a" by name
+    mine = {"model_fingerprint": "fp", "task": "a", "limit": 2}
+    assert results.opening_task(rows, "fp", mine) == "a"                     # this session's run
+    assert results.opening_task(rows, "fp", {**mine, "model_fingerprint": "other"}) == "b"   # of another model
+    assert results.opening_task(rows, "fp", {**mine, "task": "gone"}) == "b"  # a task with no row here
+    limits = results.limit_choices(rows[rows.task == "b"])
+    assert limits == [4, 20]
+    assert results.opening_limit(st, limits, "fp", "b", {}) == 0             # newest stored: 4, not the largest 20
+    assert results.opening_limit(st, limits, "fp", "b", {**mine, "task": "b", "limit": 20}) == 1   # session's run
+    assert results.opening_limit(st, limits, "fp", "b", mine) == 0           # its run was of task "a": the store
+    assert results.opening_limit(st, limits, "fp", "b", {**mine, "task": "b", "limit": results.ALL}) == 1
+    assert results.opening_limit(st, [4, 20, results.ALL], "fp", "b", {}) == 0
+    assert results.session_run(None) == {}

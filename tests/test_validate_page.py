@@ -88,25 +88,11 @@ def test_validate_cancel_answers_and_enables_measure(store_env):
     assert stored_validations(Store(store_env), source_fingerprint("default")) == {}
 
 
-def test_empty_store_offers_the_example_results(store_env):
-    from hetmoe_core.examples import EXAMPLES
-    from hetmoe_core.store import Store
-    assert EXAMPLES.is_file(), "the example snapshot ships with the package"
-    at = open_page("results")
-    at.button(key="res_load_examples").click().run()
-    assert not at.exception
-    assert Store(store_env).counts()["runs"] > 0
-    charts = at.get("plotly_chart")
-    assert len(charts) >= 2   # metric vs budget beside the recovered fraction
-
-
-def test_results_first_shows_the_task_with_the_most_results(store_env):
+def test_results_first_shows_the_task_with_the_most_results(store_env, example_results):
     """One stray result of another task (a cancelled run at limit 1) must not hide the example curves."""
-    from hetmoe_core.examples import load_examples
     from hetmoe_core.fingerprints import source_fingerprint
     from hetmoe_core.store import Store
-    st = Store(store_env)
-    load_examples(st)
+    st = Store(example_results(store_env))
     st.put_result("stray", {"model_source": "default", "model_fingerprint": source_fingerprint("default"),
                             "strategy": "maxnn", "budget": 0.125, "preset": "paper-pcm-c1.5", "seed": 0,
                             "task": "hetmoe_cloze", "limit": 1.0, "scope": "layer", "backend": "fast"},
