@@ -161,28 +161,32 @@ def test_kill_9_leaves_whole_results_and_resume_runs_only_missing(tmp_path):
 def test_cli_sweep_killed_mid_way_then_resumed(tmp_path):
     """A real `sweep` process (tiny model, real lm-eval runs) killed with SIGKILL, then rerun: it completes,
     only the missing results run, and no result is duplicated. Each result is written as it is done
-    (HETMOE_WRITE_EVERY_S=0; a sweep writes every 2 s by default, which the tiny sweep would not outlast)."""
+    (HETMOE_WRITE_EVERY_S=0; a sweep writes every 2 s by default, which the tiny sweep would not outlast).
+    13 results: a result of the tiny model takes tens of ms, so a sweep of 5 could end between two polls."""
     import json
     from hetmoe_core.evaluate import plan
     db = str(tmp_path / "r.duckdb")
-    sw = [sys.executable, "-m", "hetmoe_core", "sweep", "tiny:olmoe", "--budgets", "0,0.25", "--strategies",
-          "maxnn,random", "--presets", "paper-pcm-c1.5", "--seeds", "1", "--tasks", "paper_arc_easy", "--limit", "2",
+    grid = dict(strategies="maxnn,random", budgets="0,0.25,0.5", presets="paper-pcm-c1.5", seeds=2,
+                tasks="paper_arc_easy", limit=2)
+    sw = [sys.executable, "-m", "hetmoe_core", "sweep", "tiny:olmoe", "--budgets", grid["budgets"], "--strategies",
+          grid["strategies"], "--presets", grid["presets"], "--seeds", "2", "--tasks", grid["tasks"], "--limit", "2",
           "--store", db, "--json"]
-    keys = {x.key for x in plan("tiny:olmoe", strategies="maxnn,random", budgets="0,0.25", presets="paper-pcm-c1.5",
-                                 seeds=1, tasks="paper_arc_easy", limit=2)}
+    keys = {x.key for x in plan("tiny:olmoe", **grid)}
+    n = len(keys)
+    assert n == 13
     st = Store(db)
     p = subprocess.Popen(sw, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "HETMOE_WRITE_EVERY_S": "0"})
     deadline = time.time() + 240
     while len(st.existing_keys(keys)) < 2 and time.time() < deadline:   # the dashboard's kind of polling
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.kill(p.pid, signal.SIGKILL)
     p.communicate()
     done = len(Store(db).existing_keys(keys))
-    assert 2 <= done < 5
+    assert 2 <= done < n
     out = subprocess.run(sw, cwd=ROOT, capture_output=True, text=True, timeout=400)
     res = json.loads(out.stdout)
-    assert len(res["results"]) == 5 and res["computed"] == 5 - done and res["cached"] == done, out.stderr
+    assert len(res["results"]) == n and res["computed"] == n - done and res["cached"] == done, out.stderr
     runs = Store(db).runs_frame()
     assert set(runs.key) == keys and len(runs) == 2 * len(keys)   # 2 metrics per run, no duplicates
 
