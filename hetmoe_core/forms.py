@@ -126,20 +126,33 @@ def unavailable_strategy(strategy: str, preset: str) -> str:
 
 
 BUDGETS_HELP = ("Percentages of routed experts kept digital, e.g. 0, 12.5, 25. Decimals take a dot (12.5); budgets "
-                "are separated by a comma and a space, a semicolon or spaces. A comma between two digits (12,5) is "
-                "refused, since it reads as 12.5 in Europe and as 12 and 5 elsewhere.")
+                "are separated by commas, semicolons or spaces. Without a dot anywhere, a comma between two digits "
+                "(12,5) is refused, since it reads as 12.5 in Europe and as 12 and 5 elsewhere; once a dot marks the "
+                "decimals (12.5,25), every comma separates budgets.")
 
 
 def budgets_from_text(text: str) -> list[float]:
     """The Evaluate page's digital budgets (percent text, see BUDGETS_HELP) as fractions in [0, 1]
-    (placement.budgets_from_percent after the separators are checked). Raises ValueError with one line that says
-    what to type when a comma stands between two digits ("12,5" or "12 ,5": a decimal comma or two budgets?)."""
+    (placement.budgets_from_percent after the separators are checked).
+
+    A decimal dot anywhere in the text makes every comma a separator ("12.5,25" is 12.5 % and 25 %). Without one, a
+    comma with digits on both sides ("12,5", "12 ,5") is a decimal comma or a separator: ValueError says so in one
+    line that quotes the whole text and its readings ("12, 5" is unambiguous)."""
     import re
     from .placement import budgets_from_percent
-    if m := re.search(r"\d+\s*,\d+", text):   # "12,5" and "12 ,5": only a comma and a space separate
-        a, b = (x.strip() for x in m.group().split(",", 1))
-        raise ValueError(f"'{m.group()}' is ambiguous: use a dot for decimals ({a}.{b}); separate budgets with a "
-                         f"comma and a space, a semicolon or spaces ({a}, {b})")
+    pairs = [] if "." in text else list(re.finditer(r"(\d)\s*,(?=\d)", text))
+    if pairs:
+        def reading(sep):
+            out, at = [], 0
+            for m in pairs:
+                out += [text[at:m.end(1)], sep]
+                at = m.end()
+            return "".join(out + [text[at:]]).strip()
+        dec = reading(".")
+        if not all(re.fullmatch(r"\d+(\.\d+)?%?", t) for t in re.split(r"[\s,;]+", dec.strip(" ,;")) if t):
+            dec = "e.g. " + re.sub(r"\s*,", ".", re.search(r"\d+\s*,\d+", text).group())   # 12,5,25: no one reading
+        raise ValueError(f"'{text.strip()}' is ambiguous: use a dot for decimals ({dec}); separate budgets with a "
+                         f"comma and a space, a semicolon or spaces ({reading(', ')})")
     return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))
 
 

@@ -241,3 +241,20 @@ def test_hardware_constant_below_its_range_is_refused_not_silently_kept(store_en
     mac.set_value(0.0).run()
     assert any("mac_energy=0.0: allowed a number in [0.0001, 1000] pJ/MAC" in w.value for w in at.warning), \
         [w.value for w in at.warning]
+
+
+def test_dotted_budgets_joined_by_a_bare_comma_are_two_budgets(store_env):
+    """"12.5,25" is 12.5 % and 25 % (the dot marks the decimals, so the comma separates); it was refused as
+    "'5,25' is ambiguous", a fragment of what was typed. Without a dot the refusal quotes the whole text."""
+    import pytest
+    from hetmoe_core.ui import budgets_from_text
+    assert budgets_from_text("12.5,25") == [0.125, 0.25]
+    assert budgets_from_text("1.5,2,3") == [0.015, 0.02, 0.03]
+    with pytest.raises(ValueError, match=r"^'0, 12,5' is ambiguous: use a dot for decimals \(0, 12.5\); .*\(0, 12, 5\)$"):
+        budgets_from_text("0, 12,5")
+    at = page(app(), "evaluate")
+    at.text_input(key="ev_budgets").set_value("12.5,12.5").run()
+    assert not at.error and not at.button(key="ev_run").disabled
+    at.text_input(key="ev_budgets").set_value("12.5,25").run()
+    assert not at.error and not at.button(key="ev_run").disabled
+    assert any(m.value.startswith("**3 results** in this sweep") for m in at.markdown), [m.value for m in at.markdown]
