@@ -156,6 +156,33 @@ def budgets_from_text(text: str) -> list[float]:
     return budgets_from_percent(re.sub(r"\s+", ",", text.strip()))
 
 
+# The Evaluate form's whole-number fields: label, allowed range and help, the one source of the widgets' labels, help
+# and the range check (the lower bounds are sweep._check_grid's; 0 = all documents for Limit)
+SWEEP_NUMBERS = {
+    "seeds": ("Seeds", 1, 20, "Noise seeds 0..N-1; results show mean ± std."),
+    "limit": ("Limit (documents per task, 0 = all)", 0, 100000,
+              "lm-eval --limit: a small number gives a quick, rough answer."),
+    "batch_size": ("Batch size", 1, 256, "lm-eval --batch_size: requests scored per forward pass."),
+}
+
+
+def sweep_number_help(name: str) -> str:
+    """A SWEEP_NUMBERS field's tooltip: its help and allowed range."""
+    _, lo, hi, text = SWEEP_NUMBERS[name]
+    return f"{text}\n\nAllowed: a whole number from {lo} to {hi:,}."
+
+
+def sweep_number_problem(**values) -> str | None:
+    """The Evaluate form's one line for the first SWEEP_NUMBERS value outside its range (the widgets carry no bounds
+    of their own: a browser would hold such an entry red and send the old value, so Run would use it silently);
+    None when all are allowed. ``values``: field name -> the number typed."""
+    for name, v in values.items():
+        label, lo, hi, _ = SWEEP_NUMBERS[name]
+        if not lo <= v <= hi:
+            return f"{label}: {v:,} is outside the allowed range; type a whole number from {lo} to {hi:,}."
+    return None
+
+
 def sweep_form_problem(strategies, tasks) -> str | None:
     """The Evaluate form's one-line error, in its widget labels, for an empty Strategies or Tasks choice (the
     CLI's own wording, sweep._check_grid and tasks.resolve_tasks, names its flags); None when both are given."""

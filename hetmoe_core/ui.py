@@ -23,7 +23,8 @@ from .view_state import DEFAULTS, QUERY, budget, init_state, source_kind, sync_q
 from .page_cache import (activation_stats, calibration, expert_scores, scores, shapes, stats_for,  # noqa: F401
                          store_read, store_state)
 from .forms import (BUDGETS_HELP, allowed_text, budget_notes, budgets_from_text, hardware_editor,  # noqa: F401
-                    measurement_notice, measurement_time, sweep_form_problem, unavailable_strategy)
+                    SWEEP_NUMBERS, measurement_notice, measurement_time, sweep_form_problem, sweep_number_help,
+                    sweep_number_problem, unavailable_strategy)
 
 
 # ------------------------------------------------------------------------------------------- page frame

@@ -96,13 +96,14 @@ first = next((t for t in ("hetmoe_cloze", "hetmoe_choice") if t in tasks_all), t
 tasks = c3.multiselect("Tasks", tasks_all, default=[first] if first else [], key="ev_tasks", persist_state="session",
                        help="hetmoe_* tasks ship with the default model; paper_* are the paper's zero-shot suite.")
 c1, c2, c3, c4 = st.columns(4)
-seeds = c1.number_input("Seeds", 1, 20, 1, key="ev_seeds", persist_state="session",
-                        help="Noise seeds 0..N-1; results show mean ± std.")
-limit = c2.number_input("Limit (documents per task, 0 = all)", 0, 100000, 20, key="ev_limit", persist_state="session",
-                        help="lm-eval --limit: a small number gives a quick, rough answer.")
+# whole numbers: no widget bounds (as for the noise fields); ui.sweep_number_problem refuses a value out of range below
+nums = {name: int(col.number_input(ui.SWEEP_NUMBERS[name][0], value=default, step=1, key=key, persist_state="session",
+                                   help=ui.sweep_number_help(name)))
+        for name, col, default, key in (("seeds", c1, 1, "ev_seeds"), ("limit", c2, 20, "ev_limit"),
+                                        ("batch_size", c4, 8, "ev_batch"))}
+seeds, limit, batch = nums["seeds"], nums["limit"], nums["batch_size"]
 backend = c3.radio("Backend", list(ev.BACKENDS), key="ev_backend", persist_state="session", horizontal=True,
                    help="fast: vectorised, aihwkit's noise functions; aihwkit: reference, one layer per expert (slow).")
-batch = c4.number_input("Batch size", 1, 256, 8, key="ev_batch", persist_state="session")
 dense = {k: bool(ss.get(f"dense_{k}", True)) for k in DENSE_KINDS}
 st.caption(f"Placement page: budget **{ui.budget() * 100:g}%**, scope **{ss.get('scope', 'layer')}**; dense modules "
            "digital: " + (", ".join(figures.KIND_LABELS[k] for k, v in dense.items()
@@ -119,7 +120,7 @@ def _blocked(message: str) -> None:
     st.stop()
 
 
-if problem := ui.sweep_form_problem(strategies, tasks):
+if problem := ui.sweep_form_problem(strategies, tasks) or ui.sweep_number_problem(**nums):
     _blocked(problem)
 try:
     budgets = ui.budgets_from_text(budgets_txt)

@@ -258,3 +258,21 @@ def test_dotted_budgets_joined_by_a_bare_comma_are_two_budgets(store_env):
     at.text_input(key="ev_budgets").set_value("12.5,25").run()
     assert not at.error and not at.button(key="ev_run").disabled
     assert any(m.value.startswith("**3 results** in this sweep") for m in at.markdown), [m.value for m in at.markdown]
+
+
+def test_out_of_range_seeds_limit_batch_are_refused_in_one_line_with_run_disabled(store_env):
+    """Seeds -3, Limit 99,999,999, Batch size 0 showed the field red (the widget's own bound) while the summary kept
+    "2 results" and Run used the old value. No widget bound now: one line naming the allowed range, Run disabled."""
+    at = page(app(), "evaluate")
+    assert not at.number_input(key="ev_seeds").proto.has_min and "from 1 to 20" in at.number_input(key="ev_seeds").help
+    for key, bad, line in (("ev_seeds", -3, "Seeds: -3 is outside the allowed range; type a whole number from 1 to 20."),
+                           ("ev_limit", 99999999, "Limit (documents per task, 0 = all): 99,999,999 is outside the "
+                                                  "allowed range; type a whole number from 0 to 100,000."),
+                           ("ev_batch", 0, "Batch size: 0 is outside the allowed range; type a whole number from 1 "
+                                           "to 256.")):
+        good = at.number_input(key=key).value
+        at.number_input(key=key).set_value(bad).run()
+        assert [e.value for e in at.error] == [line]
+        assert at.button(key="ev_run").disabled and not any("in this sweep" in m.value for m in at.markdown)
+        at.number_input(key=key).set_value(good).run()
+        assert not at.error and not at.button(key="ev_run").disabled
