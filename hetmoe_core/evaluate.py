@@ -336,6 +336,14 @@ def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
     return out
 
 
+def cancelled_line(n_results: int) -> str:
+    """The Evaluate page's line for a cancelled sweep: what finished before the cancel is stored, each result as it
+    was done (jobs.Job); with none finished, nothing was."""
+    if not n_results:
+        return "Cancelled after 0 results: none had finished, so nothing was stored."
+    return f"Cancelled after {n_results} result{'s' if n_results > 1 else ''} (those are stored)."
+
+
 def measurement_line(strategy: str | None, preset: str, done: int, total: int) -> str:
     """The progress line of a measurement, the same in the dashboard's job progress and the CLI: "measuring expert
     damage under paper-pcm-c1.5 for Oracle (measured damage): 37 / 1,370 forwards" (``strategy`` "oracle"; None:

@@ -165,10 +165,7 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
         if j.running and j.cancel.is_set():
             j.thread.join(wait_s)
         if j.running:
-            step = getattr(j, "step", None)     # a long step before the first result (Job.step) names itself
-            if j.waiting:
-                step = "waiting for another run on this model to finish"
-            text = f"{j.done} / {j.total or '?'} results · {step} · {j.elapsed:.0f} s" if step else running_text(j)
+            text = waiting_text(j) or running_text(j)
             if j.cancel.is_set():
                 st.progress(j.fraction, text=f"Cancelling … {text}")
             else:
@@ -182,10 +179,23 @@ def job_progress(key: str, running_text, ended, *, cancel_key: str, cancel_note:
     panel()
 
 
+def waiting_text(job) -> str | None:
+    """A job's progress line while it waits for another run on its model ("waiting for another run on this model to
+    finish") or runs a long step before its first result (``Job.step``), counted in the job's own unit
+    (``job.unit``: results, or a measurement's forwards) once its total is known; None otherwise (the page's own
+    line)."""
+    step = "waiting for another run on this model to finish" if job.waiting else getattr(job, "step", None)
+    if not step:
+        return None
+    count = f"{job.done:,} / {job.total:,} {job.unit} · " if job.total else ""
+    return f"{count}{step} · {job.elapsed:.0f} s"
+
+
 class Job(_BackgroundJob):
     """A background evaluation: ``evaluate.evaluate_many`` on the held model, one progress step per result, each
     result written to the store as it is done (what the page shows as done is stored; a cancel has nothing to write)."""
     name = "hetmoe-eval"
+    unit = "results"
 
     def __init__(self, handle: ModelHandle, **kwargs):
         self.kwargs, self.results = kwargs, []
@@ -284,6 +294,7 @@ class ValidationJob(_BackgroundJob):
     The thread takes the model lock (noise is programmed into the weights while it measures). ``result`` is
     Validation.to_dict() once done; it is also kept in the store (examples.put_validation) for the next visit."""
     name = "hetmoe-validate"
+    unit = "forwards"   # sensitivity.measure's progress counts batched forwards (measurement_forwards)
 
     def __init__(self, handle: ModelHandle, preset: str, seeds: int, tokens: int, store_path=None):
         self.preset, self.seeds, self.tokens, self.store_path, self.result = preset, seeds, tokens, store_path, None

@@ -43,6 +43,20 @@ def _se(x: np.ndarray) -> float | None:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
 
 
+def seeds_text(n: int) -> str:
+    """'1 seed', '5 seeds'."""
+    return f"{n} seed{'' if n == 1 else 's'}"
+
+
+def spread_text(se: float | None, n_seeds: int) -> str:
+    """A damage's standard error over the noise seeds as the Validate page states it: '± 0.002 over 5 seeds'; with
+    one seed the seed spread is unknown: '± n/a with 1 seed' (results.NA, as the paired tables write it)."""
+    from .results import NA
+    if n_seeds < 2 or se is None or se != se:
+        return f"± {NA} with {seeds_text(n_seeds)}"
+    return f"± {se:.2g} over {seeds_text(n_seeds)}"
+
+
 def signed(x: float | None, unit: str = "nats") -> str:
     """A signed difference as the cards show it: '+0.0123 nats', '-3.2e-08 nats' (scientific below 1e-3 in
     magnitude, so a tiny value never reads as '+-0.0000'), '0 nats' for exactly zero, '—' for None/NaN."""
@@ -239,7 +253,7 @@ def measured_caption(preset: str, validation: Validation | None, scores: dict) -
     if scores:
         verb = "places" if len(scores) == 1 else "place"
         return (f"{' and '.join(label(n) for n in scores)} {verb} by the damage measured under **{preset}** "
-                f"(the Evaluate page's noise preset; {len(validation.seeds)} seeds × {validation.tokens:,} "
+                f"(the Evaluate page's noise preset; {seeds_text(len(validation.seeds))} × {validation.tokens:,} "
                 "tokens, stored from the Validate page): read from the store, nothing is recomputed.")
     names = " and ".join(label(n) for n in MEASURED_STRATEGIES)
     if preset == "ideal":

@@ -166,14 +166,15 @@ def running_text(j) -> str:
 def ended(j) -> None:
     if j.kwargs != {"source": ss["source"], "store": None, **kw}:   # the form changed since: say whose it is
         how = {"done": "done", "cancelled": "cancelled"}.get(j.status, f"stopped ({j.error})")
+        kept = "they are stored; the Results page shows them" if j.results else "nothing was stored"
         st.info(f"Previous run, with other settings than the form shows now: {how}, {len(j.results)} results in "
-                f"{j.elapsed:.1f} s (they are stored; the Results page shows them).")
+                f"{j.elapsed:.1f} s ({kept}).")
         return
     if j.status == "done":
         st.success(f"Done: {len(j.results)} results in {j.elapsed:.1f} s "
                    f"({sum(r['cached'] for r in j.results)} from the cache).")
     elif j.status == "cancelled":
-        st.warning(f"Cancelled after {len(j.results)} results (those are stored).")
+        st.warning(ev.cancelled_line(len(j.results)))
     else:
         st.error(f"The evaluation stopped: {j.error}")
     if j.results:

@@ -5,7 +5,8 @@ import streamlit as st
 
 from hetmoe_core import figures, jobs, ui
 from hetmoe_core.evaluate import measurement_line
-from hetmoe_core.validation import calibration_source, correlation_table, damage_resolved, signed
+from hetmoe_core.validation import (calibration_source, correlation_table, damage_resolved, seeds_text, signed,
+                                   spread_text)
 
 ui.frame()
 st.title("Validate the criteria")
@@ -85,7 +86,7 @@ else:
     same_preset = [d for d in stored.values() if d["preset"] == preset]
     v = (match or same_preset or [None])[-1]
     if not match and not running:
-        st.caption(f"Not stored yet: measuring {seeds} seed{'s' if seeds > 1 else ''} × {tokens:,} tokens takes "
+        st.caption(f"Not stored yet: measuring {seeds_text(seeds)} × {tokens:,} tokens takes "
                    f"{ui.measurement_time(h, seeds, tokens)}.")
 if v is None:
     st.info("Press **Measure** to measure each expert's damage under this preset"
@@ -94,7 +95,7 @@ if v is None:
     st.stop()
 nv = n_seeds(v["seeds"])
 if (v["preset"], nv, v["tokens"]) != (preset, seeds, tokens):
-    st.caption(f"Showing the stored measurement closest to the request: {v['preset']}, {nv} seeds, "
+    st.caption(f"Showing the stored measurement closest to the request: {v['preset']}, {seeds_text(nv)}, "
                f"{v['tokens']:,} tokens.")
 
 cal = v.get("calibration") or {}
@@ -105,7 +106,7 @@ m1, m2 = st.columns(2)
 m3, m4 = st.columns([3, 1])
 m1.metric("clean NLL (nats/token)", f"{v['clean_nll']:.4f}")
 m2.metric("all routed experts analog", signed(v["all_experts"]["damage"]),
-          help=f"± {v['all_experts']['se'] or 0:.2g} (standard error over {nv} seeds)")
+          help=f"{spread_text(v['all_experts']['se'], nv)} (standard error of the mean)")
 if resolved:
     m3.metric("best criterion", figures.STRATEGY_LABELS.get(best.get("criterion"), best.get("criterion") or "—"),
               help="highest pooled Spearman correlation with the measured only-this damage")
@@ -116,9 +117,10 @@ else:
               help="the all-analog damage is not resolved from zero, so every correlation ranks noise")
     m4.metric("margin over the next", "—")
     st.warning(f"With every routed expert on analog the NLL changes by {signed(v['all_experts']['damage'])} "
-               f"(± {v['all_experts']['se'] or 0:.1g}), not resolved from zero: no criterion can be judged under "
-               "this preset. Choose a noisier preset or more tokens.")
-st.caption(f"{nv} seeds × {v['tokens']:,} tokens of {calibration_source(v)} "
+               f"({spread_text(v['all_experts']['se'], nv)}), not resolved from zero: no criterion can be judged "
+               "under this preset. " + ("Measure 2 or more seeds, or choose a noisier preset or more tokens."
+                                        if nv < 2 else "Choose a noisier preset or more tokens."))
+st.caption(f"{seeds_text(nv)} × {v['tokens']:,} tokens of {calibration_source(v)} "
            f"(hash {str(cal.get('hash', ''))[:12]}) · noise {v['preset']}.")
 
 # ---------------------------------------------------------------- heatmaps: measured vs MaxNNScore

@@ -158,3 +158,24 @@ def test_evaluate_job_progress_counts_the_measurement_forwards(tmp_path):
     done, total = counted[-1].removeprefix("measuring Local output error under paper-pcm-c1.5: ").split(" forwards")[
         0].split(" / ")
     assert done == total == "13"      # 1 calibration forward + 2 layers x 3 seeds x (clean, noisy)
+
+
+def test_validation_job_waiting_counts_in_its_own_unit(handle, tmp_path):
+    """A Validate measurement queued behind an evaluation said "0 / ? results · waiting…": it counts forwards, and
+    their number is unknown until it measures; an evaluation keeps its results count. A sweep cancelled before any
+    result finished said "Cancelled after 0 results (those are stored)"."""
+    from hetmoe_core.evaluate import cancelled_line
+    with handle.lock:                     # the evaluation that holds the model
+        job = jobs.ValidationJob(handle, "paper-pcm-c1.5", 1, 256, str(tmp_path / "s.duckdb"))
+        deadline = time.time() + 30
+        while not job.waiting and time.time() < deadline:
+            time.sleep(0.05)
+        text = jobs.waiting_text(job)
+        job.total, job.unit = 42, "results"          # as an evaluation's Job counts
+        counted = jobs.waiting_text(job)
+        job.cancel.set()
+        job.thread.join(30)
+    assert text.startswith("waiting for another run on this model to finish · ") and "results" not in text, text
+    assert counted.startswith("0 / 42 results · waiting for another run"), counted
+    assert cancelled_line(0) == "Cancelled after 0 results: none had finished, so nothing was stored."
+    assert cancelled_line(1) == "Cancelled after 1 result (those are stored)."

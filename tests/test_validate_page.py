@@ -100,3 +100,17 @@ def test_results_first_shows_the_task_with_the_most_results(store_env, example_r
     at = open_page("results")
     assert at.selectbox(key="res_task").value.startswith("hetmoe_ppl_")
     assert len(at.get("plotly_chart")) >= 2
+
+
+def test_one_seed_says_its_spread_is_unknown(store_env):
+    """With 1 seed the warning said "(± 0), not resolved from zero" and the caption "1 seeds × 256 tokens"."""
+    at = open_page("validate")
+    at.number_input(key="val_seeds").set_value(1)
+    at.selectbox(key="val_tokens").set_value(256)
+    at.selectbox(key="val_preset").set_value("paper-pcm-c2.5").run()
+    assert any(c.value.startswith("Not stored yet: measuring 1 seed × 256 tokens") for c in at.caption)
+    at.button(key="val_run").click().run()
+    assert _wait(at).status == "done"
+    warning = next(w.value for w in at.warning if "not resolved from zero" in w.value)
+    assert "(± n/a with 1 seed), not resolved from zero" in warning and "Measure 2 or more seeds" in warning, warning
+    assert any(c.value.startswith("1 seed × 256 tokens of ") for c in at.caption), [c.value for c in at.caption]
