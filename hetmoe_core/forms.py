@@ -175,11 +175,15 @@ def sweep_number_help(name: str) -> str:
 def sweep_number_problem(**values) -> str | None:
     """The Evaluate form's one line for the first SWEEP_NUMBERS value outside its range (the widgets carry no bounds
     of their own: a browser would hold such an entry red and send the old value, so Run would use it silently);
-    None when all are allowed. ``values``: field name -> the number typed."""
+    None when all are allowed. ``values``: field name -> the number typed, a float: the page's boxes are float boxes
+    shown as "%g", since Streamlit's integer box reads "1e9" as 1 (parseInt) where a float box reads 1e9."""
     for name, v in values.items():
         label, lo, hi, _ = SWEEP_NUMBERS[name]
-        if not lo <= v <= hi:
-            return f"{label}: {v:,} is outside the allowed range; type a whole number from {lo} to {hi:,}."
+        whole = float(v).is_integer()
+        if not whole or not lo <= v <= hi:
+            shown = f"{int(v):,}" if whole else f"{v:g}"
+            why = "is outside the allowed range" if whole else "is not a whole number"
+            return f"{label}: {shown} {why}; type a whole number from {lo} to {hi:,}."
     return None
 
 

@@ -226,8 +226,8 @@ class Job(_BackgroundJob):
         kw, docs = self.kwargs, field_docs()
         preset = kw["presets"][0]
         form = {"preset": preset, "ev_strategies": list(kw["strategies"]), "ev_budgets": percent_text(kw["budgets"]),
-                "ev_tasks": list(kw["tasks"]), "ev_seeds": int(kw["seeds"]), "ev_limit": int(kw["limit"] or 0),
-                "ev_backend": kw["backend"], "ev_batch": int(kw["batch_size"]), "scope": kw["scope"],
+                "ev_tasks": list(kw["tasks"]), "ev_seeds": float(kw["seeds"]), "ev_limit": float(kw["limit"] or 0),
+                "ev_backend": kw["backend"], "ev_batch": float(kw["batch_size"]), "scope": kw["scope"],
                 **{f"dense_{k}": bool(v) for k, v in (kw.get("dense") or {}).items()}}
         for name, v in (kw.get("preset_overrides") or {}).items():
             zero = 0 if isinstance(docs[name]["allowed"][0], int) else 0.0

@@ -97,11 +97,11 @@ tasks = c3.multiselect("Tasks", tasks_all, default=[first] if first else [], key
                        help="hetmoe_* tasks ship with the default model; paper_* are the paper's zero-shot suite.")
 c1, c2, c3, c4 = st.columns(4)
 # whole numbers: no widget bounds (as for the noise fields); ui.sweep_number_problem refuses a value out of range below
-nums = {name: int(col.number_input(ui.SWEEP_NUMBERS[name][0], value=default, step=1, key=key, persist_state="session",
-                                   help=ui.sweep_number_help(name)))
+# float boxes shown as whole numbers: Streamlit's integer box reads a typed "1e9" as 1, a float box as 1e9 (refused)
+nums = {name: float(col.number_input(ui.SWEEP_NUMBERS[name][0], value=float(default), step=1.0, format="%g", key=key,
+                                     persist_state="session", help=ui.sweep_number_help(name)))
         for name, col, default, key in (("seeds", c1, 1, "ev_seeds"), ("limit", c2, 20, "ev_limit"),
                                         ("batch_size", c4, 8, "ev_batch"))}
-seeds, limit, batch = nums["seeds"], nums["limit"], nums["batch_size"]
 backend = c3.radio("Backend", list(ev.BACKENDS), key="ev_backend", persist_state="session", horizontal=True,
                    help="fast: vectorised, aihwkit's noise functions; aihwkit: reference, one layer per expert (slow).")
 dense = {k: bool(ss.get(f"dense_{k}", True)) for k in DENSE_KINDS}
@@ -122,6 +122,7 @@ def _blocked(message: str) -> None:
 
 if problem := ui.sweep_form_problem(strategies, tasks) or ui.sweep_number_problem(**nums):
     _blocked(problem)
+seeds, limit, batch = (int(nums[k]) for k in ("seeds", "limit", "batch_size"))
 try:
     budgets = ui.budgets_from_text(budgets_txt)
 except ValueError as e:

@@ -269,7 +269,11 @@ def test_out_of_range_seeds_limit_batch_are_refused_in_one_line_with_run_disable
                            ("ev_limit", 99999999, "Limit (documents per task, 0 = all): 99,999,999 is outside the "
                                                   "allowed range; type a whole number from 0 to 100,000."),
                            ("ev_batch", 0, "Batch size: 0 is outside the allowed range; type a whole number from 1 "
-                                           "to 256.")):
+                                           "to 256."),
+                           # a float box: "1e9" typed reads 1e9 (an integer box's parseInt read it as 1, silently)
+                           ("ev_limit", 1e9, "Limit (documents per task, 0 = all): 1,000,000,000 is outside the "
+                                             "allowed range; type a whole number from 0 to 100,000."),
+                           ("ev_seeds", 2.5, "Seeds: 2.5 is not a whole number; type a whole number from 1 to 20.")):
         good = at.number_input(key=key).value
         at.number_input(key=key).set_value(bad).run()
         assert [e.value for e in at.error] == [line]
