@@ -230,8 +230,8 @@ class Job(_BackgroundJob):
                 "ev_backend": kw["backend"], "ev_batch": float(kw["batch_size"]), "scope": kw["scope"],
                 **{f"dense_{k}": bool(v) for k, v in (kw.get("dense") or {}).items()}}
         for name, v in (kw.get("preset_overrides") or {}).items():
-            zero = 0 if isinstance(docs[name]["allowed"][0], int) else 0.0
-            form[f"nz_{preset}_{name}"] = zero if v is None else v
+            number = isinstance(docs[name]["allowed"][0], (int, float)) and not isinstance(v, bool)
+            form[f"nz_{preset}_{name}"] = float(v or 0) if number else v   # the page's number boxes are float boxes
         return form
 
     def _progress(self, done: int, total: int, result: dict) -> None:

@@ -59,8 +59,11 @@ with st.expander("Noise parameters (units in the labels, meaning and source in t
             vals[name] = col.checkbox(label, v, **kw)
         # numbers: no widget bounds — a browser holds an out-of-range entry red and sends the old value, so the
         # run would silently use it; NoiseConfig's range check (the field metadata) refuses it in one line below
+        # integers: a float box shown as %g (Streamlit's integer box reads a typed "1e9" as 1); a whole number goes
+        # on as an int, anything else as typed, for NoiseConfig to refuse
         elif isinstance(allowed[0], int):                           # optional: 0 stands for None
-            num = int(col.number_input(label, value=(v or 0) if doc["optional"] else v, step=1, **kw))
+            x = col.number_input(label, value=float((v or 0) if doc["optional"] else v), step=1.0, format="%g", **kw)
+            num = int(x) if float(x).is_integer() else x
             vals[name] = (num or None) if doc["optional"] else num
         else:
             num = col.number_input(label, value=float(v or 0.0), format="%.4g", **kw)

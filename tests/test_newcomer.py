@@ -211,6 +211,9 @@ def test_out_of_range_noise_value_is_refused_in_one_line_not_silently_replaced(s
     assert [e.value for e in at.error] == ["noise parameter not allowed: adc_bits=99: allowed an integer in [1, 24] "
                                            "bits, or None for ideal ADC; change the parameter named above."]
     assert "ev_run" not in [b.key for b in at.button]
+    at.number_input(key=f"nz_{p}_adc_bits").set_value(1e9).run()   # typed "1e9": an integer box read it as 1
+    assert [e.value for e in at.error] == ["noise parameter not allowed: adc_bits=1000000000: allowed an integer in "
+                                           "[1, 24] bits, or None for ideal ADC; change the parameter named above."]
     at.number_input(key=f"nz_{p}_adc_bits").set_value(6).run()
     assert not at.error and any("adc_bits = 6" in c.value for c in at.caption)
 
