@@ -532,7 +532,10 @@ WIDTH = 100
 
 
 def _scalar(v) -> str:
-    return f"{v:.6g}" if isinstance(v, float) else json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
+    """A value as text: floats to 6 significant digits, lists as JSON, anything else as str."""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
 
 
 def _print_item(k, v, indent: str) -> None:
