@@ -524,7 +524,39 @@ def _print(out, as_json: bool):
         print(json.dumps(out, indent=2, default=str))
         return
     for k, v in out.items():
-        print(f"{k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+        _print_item(k, v, "")
+
+
+WIDTH = 100
+"""Text output wraps at this many characters."""
+
+
+def _scalar(v) -> str:
+    """A value as text: floats to 6 significant digits, lists as JSON, anything else as str."""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
+
+
+def _print_item(k, v, indent: str) -> None:
+    """One key of a command's result as text: a scalar on its ``key: value`` line (wrapped at WIDTH), a dict of
+    same-keyed flat dicts as a small table (one row per key), any other dict as indented ``key: value`` lines."""
+    rows = isinstance(v, dict) and v and all(isinstance(r, dict) for r in v.values())
+    cols = list(next(iter(v.values()))) if rows else []
+    if rows and all(list(r) == cols and not any(isinstance(x, (dict, list)) for x in r.values()) for r in v.values()):
+        cells = [[""] + cols] + [[str(name)] + [_scalar(x) for x in r.values()] for name, r in v.items()]
+        w = [max(len(row[i]) for row in cells) for i in range(len(cols) + 1)]
+        print(f"{indent}{k}:")
+        for row in cells:
+            print(indent + "  " + "  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row)))
+    elif isinstance(v, dict):
+        print(f"{indent}{k}:")
+        for kk, vv in v.items():
+            _print_item(kk, vv, indent + "  ")
+    else:
+        import textwrap
+        print(textwrap.fill(_scalar(v), WIDTH, initial_indent=f"{indent}{k}: ", subsequent_indent=indent + "    ",
+                            break_long_words=False, break_on_hyphens=False) or f"{indent}{k}: ")
 
 
 def _quiet_progress_bars() -> None:

@@ -468,12 +468,31 @@ def table2(hardware: Hardware | str | None = None, batch: int = 32) -> list[dict
     return out
 
 
-if __name__ == "__main__":   # python -m hetmoe_core.energy [hardware] [batch]: the Table-2 comparison
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hetmoe_core.energy [hardware] [batch]``: print the Table-2 comparison (``table2``). Bad input
+    prints one line on stderr saying what to pass and returns 2 (the main CLI's convention), else 0."""
     import sys
-    hw = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_HARDWARE
+    args = sys.argv[1:] if argv is None else list(argv)
+    usage = f"usage: python -m hetmoe_core.energy [HARDWARE] [BATCH]; HARDWARE one of {', '.join(HARDWARE)}, " \
+            "BATCH an integer >= 1 (default 32)"
+    hw = args[0] if args else DEFAULT_HARDWARE
+    batch = args[1] if len(args) > 1 else "32"
+    if len(args) > 2 or hw in ("-h", "--help"):
+        print(usage, file=sys.stderr)
+        return 0 if hw in ("-h", "--help") else 2
     if hw not in HARDWARE:
-        sys.exit(f"unknown hardware {hw!r}; choose one of {', '.join(HARDWARE)}")
-    for r in table2(hw, int(sys.argv[2]) if len(sys.argv) > 2 else 32):
+        print(f"error: unknown hardware {hw!r}; choose one of {', '.join(HARDWARE)}", file=sys.stderr)
+        return 2
+    if not batch.isdigit() or int(batch) < 1:
+        print(f"error: batch must be an integer >= 1 (tokens per step), got {batch!r}; "
+              f"e.g. python -m hetmoe_core.energy {hw} 32", file=sys.stderr)
+        return 2
+    for r in table2(hw, int(batch)):
         print(f"{r['configuration']:<30} paper {r['paper_digital_share_pct']:6.2f}%  hetmoe "
               f"{r['digital_share_pct']:6.2f}%  acc {r['paper_accuracy']:<13} {r['tokens_per_j']:9.3g} tokens/J  "
               f"{r['tokens_per_s']:9.3g} tokens/s  {r['tiles']:6d} tiles  {r['chips']:5d} chips")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -557,11 +557,13 @@ def summarize(results: list[dict]) -> list[dict]:
     """Mean ± sample std over seeds per (strategy, budget, preset, backend, task, metric); ideal rows included.
 
     Returns [{strategy, budget, preset, backend, task, metric, mean, std, n_seeds, ideal, cached}] where cached is
-    True when every seed came from the cache; std is None for one seed.
+    True when every seed came from the cache; std is None for one seed. Rows come in the order of ``results`` (the
+    plan's), metrics by name within each: a computed result lists lm-eval's order, a stored one another, and a
+    rerun must print the same rows in the same order.
     """
     groups: dict = {}
     for r in results:
-        for m, v in r["metrics"].items():
+        for m, v in sorted(r["metrics"].items()):
             k = (r["strategy"], r["budget"], r["preset"], r["backend"], r["task"], m)
             groups.setdefault(k, []).append((v, r["cached"], r["ideal"]))
     out = []

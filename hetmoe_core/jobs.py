@@ -67,6 +67,13 @@ def recovered_job(key: str):
     return page_job(key)
 
 
+def restore_form(key: str) -> None:
+    """After a reload (``recovered_job``), put the running job's request into the page's widgets
+    (``job.form_values()``) before they are drawn, so the form and the result shown agree; else nothing."""
+    if (back := recovered_job(key)) is not None:
+        st.session_state.update(back.form_values())
+
+
 class _BackgroundJob:
     """A thread doing one long piece of work for a page, with progress, cancel and a final status.
 
@@ -90,6 +97,10 @@ class _BackgroundJob:
         self.thread.start()
 
     def _work(self) -> str | None:
+        raise NotImplementedError
+
+    def form_values(self) -> dict:
+        """The page's widget values (by widget key) of this job's request (``restore_form``)."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -299,6 +310,10 @@ class ValidationJob(_BackgroundJob):
     def __init__(self, handle: ModelHandle, preset: str, seeds: int, tokens: int, store_path=None):
         self.preset, self.seeds, self.tokens, self.store_path, self.result = preset, seeds, tokens, store_path, None
         super().__init__(handle)
+
+    def form_values(self) -> dict:
+        """The Validate page's widget values of this request: noise preset, seeds, calibration tokens."""
+        return {"val_preset": self.preset, "val_seeds": int(self.seeds), "val_tokens": int(self.tokens)}
 
     def _progress(self, done, total=None, *_):
         self.done, self.total = int(done), int(total or 0)

@@ -14,8 +14,7 @@ st.caption("Run the model with its analog part on simulated AIMC tiles and score
            "Every result is stored; a configuration that was run before is answered from the store at once.")
 ss = st.session_state
 h = ui.require_model()
-if (back := jobs.recovered_job("eval_job")) is not None:   # a reload: the form shows the running job's request
-    ss.update(back.form_values())
+jobs.restore_form("eval_job")   # a reload: the form shows the running job's request, not the defaults
 
 # ---------------------------------------------------------------- noise preset, every field editable
 # Help, unit and allowed range of every widget come from NoiseConfig's field metadata (noise.field_docs), the one

@@ -40,6 +40,7 @@ if not stored and EXAMPLES.is_file() and ss["source"] == "default":
             st.error(str(e))
 
 # ---------------------------------------------------------------- request
+jobs.restore_form("val_job")   # a reload: the form shows the running measurement's request, not the defaults
 presets = [p for p in PRESETS if p != "ideal"]
 c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
 if ss.get("val_preset") not in presets:

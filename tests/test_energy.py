@@ -241,3 +241,16 @@ def test_tiles_match_the_analog_backends_coverage(tiny):
         covered = rep.tiles
     c = cost(s, p, get_hardware("h100+pcm", analog={"tile_size": 16}))
     assert c.tiles == covered > 0
+
+
+def test_energy_module_cli_bad_batch_is_one_line(capsys):
+    """`python -m hetmoe_core.energy h100+pcm abc` (or 0, -5): one line saying what to pass, exit code 2."""
+    from hetmoe_core.energy import main
+    for batch in ("abc", "0", "-5"):
+        assert main(["h100+pcm", batch]) == 2
+        err = capsys.readouterr().err
+        assert "batch must be an integer >= 1" in err and repr(batch) in err and len(err.strip().splitlines()) == 1
+    assert main(["tpu"]) == 2 and "unknown hardware 'tpu'" in capsys.readouterr().err
+    assert main(["h100+pcm", "8"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 4 and all("tokens/J" in r for r in rows)

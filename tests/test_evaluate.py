@@ -311,3 +311,18 @@ def test_units_of_a_seed_run_in_a_chain_of_near_placements(tmp_path):
                                                                                    "budgets": [r["budget"]]})[0]
              for i, r in enumerate(res[:3])]
     assert [r["metrics"] for r in res[:3]] == [r["metrics"] for r in alone]
+
+
+def test_cli_evaluate_rerun_prints_the_same_rows_in_the_same_order(tmp_path, capsys):
+    """A rerun answered from the store lists its rows as the first run did (plan order, metrics by name): before,
+    stored results listed their metrics in another order than the freshly computed ones."""
+    from hetmoe_core.cli import main
+    argv = ["evaluate", "tiny:olmoe", "--strategy", "maxnn,random", "--budget", "0.5", "--seeds", "1",
+            "--tasks", "hetmoe_ppl_sotu", "--limit", "2", "--no-ideal", "--store", str(tmp_path / "r.duckdb")]
+    rows = []
+    for _ in range(2):
+        assert main(argv) == 0
+        rows.append([ln.removesuffix(" cached").split()[:3] for ln in capsys.readouterr().out.splitlines()[:-1]])
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    assert [r[1] for r in rows[0][:3]] == ["bits_per_byte", "byte_perplexity", "word_perplexity"]
+    assert [r[2] for r in rows[0]] == ["maxnn"] * 3 + ["random"] * 3

@@ -187,3 +187,15 @@ def test_measured_strategies_caption_says_by_what_they_place_or_why_they_are_abs
                                                                       store=tmp_path / "empty.duckdb"))
     assert "not offered: no damage measurement of this model under **paper-pcm-c2.5**" in none
     assert none.endswith("Measure it on the Validate page (5 seeds × 16,384 tokens).")
+
+
+def test_place_text_output_is_readable(capsys):
+    """`place` without --json: nested results as indented key: value lines and tables, no line over 110 chars
+    (before: placement, by_kind, help and energy were each one JSON line of hundreds of characters)."""
+    from hetmoe_core.cli import main
+    assert main(["place", "tiny:olmoe", "--budget", "0.25"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 110 and "  digital: [[4, 6], [3, 7]]" in lines
+    row = next(ln.split() for ln in lines if ln.split()[:1] == ["routed_experts"])
+    assert row == ["routed_experts", "24576", "6144", "18432", "0"]          # params, digital, analog, memory
+    assert any(ln.startswith("  energy_per_token_j: ") for ln in lines)

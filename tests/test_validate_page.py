@@ -114,3 +114,27 @@ def test_one_seed_says_its_spread_is_unknown(store_env):
     warning = next(w.value for w in at.warning if "not resolved from zero" in w.value)
     assert "(± n/a with 1 seed), not resolved from zero" in warning and "Measure 2 or more seeds" in warning, warning
     assert any(c.value.startswith("1 seed × 256 tokens of ") for c in at.caption), [c.value for c in at.caption]
+
+
+def test_a_reloaded_validate_page_shows_the_running_measurements_request(store_env):
+    """A reload while a measurement runs: the form shows the job's preset, seeds and tokens (not the defaults
+    5 seeds x 16,384 tokens), so the result it ends with matches the request the form shows."""
+    at = open_page("validate")
+    at.number_input(key="val_seeds").set_value(2)
+    at.selectbox(key="val_tokens").set_value(256)
+    at.selectbox(key="val_preset").set_value("paper-pcm-c2.5").run()
+    at.button(key="val_run").click().run()
+    job = at.session_state["val_job"]
+    assert job.id in str(at.query_params["val_job"])
+    again = AppTest.from_file(APP, default_timeout=180)          # the reloaded tab: same URL, new session
+    again.query_params.update({"val_job": job.id})
+    again.run()
+    again.switch_page("pages/validate.py").run()
+    assert not again.exception, [e.value for e in again.exception]
+    assert again.session_state["val_job"] is job
+    assert (again.selectbox(key="val_preset").value, again.number_input(key="val_seeds").value,
+            again.selectbox(key="val_tokens").value) == ("paper-pcm-c2.5", 2, 256)
+    if job.running:
+        again.button(key="val_cancel").click().run()
+    job.thread.join(120)
+    assert job.status in ("cancelled", "done")
