@@ -313,7 +313,7 @@ class ValidationJob(_BackgroundJob):
 
     def form_values(self) -> dict:
         """The Validate page's widget values of this request: noise preset, seeds, calibration tokens."""
-        return {"val_preset": self.preset, "val_seeds": int(self.seeds), "val_tokens": int(self.tokens)}
+        return {"val_preset": self.preset, "val_seeds": float(self.seeds), "val_tokens": int(self.tokens)}
 
     def _progress(self, done, total=None, *_):
         self.done, self.total = int(done), int(total or 0)

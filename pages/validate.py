@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from hetmoe_core import figures, jobs, ui
+from hetmoe_core import figures, forms, jobs, ui
 from hetmoe_core.evaluate import measurement_line
 from hetmoe_core.validation import (calibration_source, correlation_table, damage_resolved, seeds_text, signed,
                                    spread_text)
@@ -46,7 +46,12 @@ c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
 if ss.get("val_preset") not in presets:
     ss["val_preset"] = ss.get("preset") if ss.get("preset") in presets else presets[0]
 preset = c1.selectbox("Noise preset", presets, key="val_preset")
-seeds = int(c2.number_input("Seeds", 1, 20, 5, key="val_seeds", help="noise seeds 0..N-1, the same for every expert"))
+# a float box shown as a whole number: Streamlit's integer box reads a typed "1e9" as 1 (forms.sweep_number_problem)
+seeds_typed = c2.number_input("Seeds", value=5.0, step=1.0, format="%g", key="val_seeds",
+                              help="Noise seeds 0..N-1, the same for every expert.\n\n"
+                                   + forms.sweep_number_help("seeds").split("\n\n")[-1])
+seeds_problem = forms.sweep_number_problem(seeds=seeds_typed)
+seeds = int(seeds_typed) if seeds_problem is None else 1
 tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, key="val_tokens",
                           help="calibration tokens the damage is measured on (the default model's validation text)"))
 job = jobs.page_job("val_job")   # after a reload: the job the URL names
@@ -58,9 +63,12 @@ def _start():
     ss["val_job"] = jobs.ValidationJob(h, ss["val_preset"], int(ss["val_seeds"]), int(ss["val_tokens"]), store.path)
 
 
-c4.button("Measure", type="primary", disabled=running, key="val_run", on_click=_start,
-          help="Disabled while a measurement runs." if running else
+c4.button("Measure", type="primary", disabled=running or seeds_problem is not None, key="val_run", on_click=_start,
+          help="Disabled while a measurement runs." if running else seeds_problem or
           "Stored results come back at once; a new request runs in the background.")
+if seeds_problem:
+    st.error(seeds_problem)
+    st.stop()
 
 
 def ended(j) -> None:
