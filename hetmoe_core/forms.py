@@ -166,10 +166,11 @@ SWEEP_NUMBERS = {
 }
 
 
-def sweep_number_help(name: str) -> str:
-    """A SWEEP_NUMBERS field's tooltip: its help and allowed range."""
-    _, lo, hi, text = SWEEP_NUMBERS[name]
-    return f"{text}\n\nAllowed: a whole number from {lo} to {hi:,}."
+def sweep_number_help(name: str, text: str | None = None) -> str:
+    """A SWEEP_NUMBERS field's tooltip: its help (``text`` where a page words it for its own use, as Validate's
+    Seeds) and allowed range."""
+    _, lo, hi, own = SWEEP_NUMBERS[name]
+    return f"{text or own}\n\nAllowed: a whole number from {lo} to {hi:,}."
 
 
 def sweep_number_problem(**values) -> str | None:

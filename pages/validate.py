@@ -48,8 +48,7 @@ if ss.get("val_preset") not in presets:
 preset = c1.selectbox("Noise preset", presets, key="val_preset")
 # a float box shown as a whole number: Streamlit's integer box reads a typed "1e9" as 1 (forms.sweep_number_problem)
 seeds_typed = c2.number_input("Seeds", value=5.0, step=1.0, format="%g", key="val_seeds",
-                              help="Noise seeds 0..N-1, the same for every expert.\n\n"
-                                   + forms.sweep_number_help("seeds").split("\n\n")[-1])
+                              help=forms.sweep_number_help("seeds", "Noise seeds 0..N-1, the same for every expert."))
 seeds_problem = forms.sweep_number_problem(seeds=seeds_typed)
 seeds = int(seeds_typed) if seeds_problem is None else 1
 tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, key="val_tokens",

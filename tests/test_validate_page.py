@@ -144,6 +144,8 @@ def test_out_of_range_or_huge_seeds_are_refused_with_measure_disabled(store_env)
     """Validate's Seeds box was an integer box with its own bounds: a typed "1e9" read as 1 (Streamlit's parseInt)
     and -3 stayed red while Measure used the old value. Now the Evaluate form's one line, and Measure is disabled."""
     at = open_page("validate")
+    assert at.number_input(key="val_seeds").help == ("Noise seeds 0..N-1, the same for every expert.\n\n"
+                                                      "Allowed: a whole number from 1 to 20.")
     for typed, shown in ((-3, "-3 is outside"), (1e9, "1,000,000,000 is outside"), (2.5, "2.5 is not a whole")):
         at.number_input(key="val_seeds").set_value(typed).run()
         assert [e.value for e in at.error] == [f"Seeds: {shown}{' the allowed range' if 'outside' in shown else ' number'}"
