@@ -53,8 +53,8 @@ def main():
         cmds = {"import torch": [py, "-c", "import torch"],
                 "runs --json": [py, "-c", PROBE, "runs", "--store", store, "--json"],
                 "evaluate (cache hit)": [py, "-c", PROBE, *ev],
-                "export": [py, "-c", PROBE, "export", "--store", store, snap, "--json"],
-                "report": [py, "-c", PROBE, "report", snap, "--out", html, "--json"]}
+                "export": [py, "-c", PROBE, "export", "--store", store, snap, "--json", "--force"],
+                "report": [py, "-c", PROBE, "report", snap, "--out", html, "--json", "--force"]}
         times, heavy = {k: [] for k in cmds}, {}
         for _ in range(a.rounds):
             for k, argv in cmds.items():

@@ -36,7 +36,9 @@ sys.path.insert(0, sys.argv[2])
 import torch, safetensors
 from hetmoe_core.scores import stream_scores
 from hetmoe_core.shards import _jobs, _plan, _shards
+from hetmoe_core import kernels
 from pathlib import Path
+route = kernels.route()   # builds (first run on a machine) or loads the compiled kernels before the clock starts
 if int(sys.argv[3]):
     torch.set_num_threads(int(sys.argv[3]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -53,7 +55,7 @@ for ls in s.layers:
     h.update(ls.router_norm.tobytes())
 print(json.dumps({"seconds": dt, "cpu_s": cpu, "bytes": sum(p.nbytes for p in plan),
                   "largest_job": max(j.nbytes for j in jobs), "rss_base": base, "rss_peak": peak,
-                  "layers": len(s.layers), "digest": h.hexdigest()[:16]}))
+                  "layers": len(s.layers), "digest": h.hexdigest()[:16], "route": route}))
 """
 
 
@@ -150,7 +152,7 @@ def bench(folder: Path, repeat: int, threads: int, workers: int) -> dict:
                      "stream_bytes": st["bytes"], "stream_GBps": st_bps / 1e9, "ratio": st_bps / cat_bps,
                      "cat_cpu_s_per_GB": min(c for _, c in cats) / (total / 1e9),
                      "stream_cpu_s_per_GB": min(r["cpu_s"] for r in streams) / (st["bytes"] / 1e9),
-                     "digests": sorted({r["digest"] for r in streams})}
+                     "digests": sorted({r["digest"] for r in streams}), "route": st["route"]}
         res["rss"] = {"base_MB": st["rss_base"] / 2**20, "peak_MB": st["rss_peak"] / 2**20,
                       "increment_MB": (st["rss_peak"] - st["rss_base"]) / 2**20,
                       "largest_job_MB": st["largest_job"] / 2**20, "largest_tensor_MB": largest / 2**20,
@@ -189,7 +191,8 @@ def main() -> None:
             print(f"== layout {layout}, {args.dtype}, workers {args.workers or 'default'}, torch threads "
                   f"{args.threads}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores, "
                   f"{r['files_bytes'] / 1e9:.2f} GB in "
-                  f"{len(list(folder.glob('*.safetensors')))} shards (generated in {gen:.0f} s)")
+                  f"{len(list(folder.glob('*.safetensors')))} shards (generated in {gen:.0f} s); bf16 kernels: "
+                  f"{r['warm']['route']}")
             for mode in ("cold", "warm"):
                 m = r[mode]
                 print(f"  {mode}: cat {m['cat_GBps']:.2f} GB/s ({m['cat_s']:.2f} s), stream {m['stream_GBps']:.2f} "
