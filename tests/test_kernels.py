@@ -88,3 +88,20 @@ def test_norms_of_a_strided_bf16_tensor_equal_its_contiguous_copy():
         assert torch.equal(a, b)
         ref = w.double().square().sum(dim).sqrt()
         np.testing.assert_allclose(a.numpy(), ref.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("env, why", [({"HETMOE_NATIVE": "0"}, "torch (HETMOE_NATIVE=0)"),
+                                      ({"CC": "false"}, "torch (false failed")])
+def test_without_the_compiled_kernels_the_torch_route_is_taken(env, why):
+    import os
+    import subprocess
+    import sys
+    code = ("import torch; from hetmoe_core import kernels, scores\n"
+            "x = (torch.randn(9, 200, generator=torch.Generator().manual_seed(4)) * 3).bfloat16()\n"
+            "print(kernels.route()); print(scores._norms(x, 1).numpy().tobytes().hex())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env}, cwd=os.path.dirname(os.path.dirname(__file__)))
+    route, norms = done.stdout.splitlines()
+    assert route.startswith(why), route
+    x = (torch.randn(9, 200, generator=torch.Generator().manual_seed(4)) * 3).bfloat16()
+    assert norms == _norms(x, 1).numpy().tobytes().hex()      # compiled here, torch there: the same bits
