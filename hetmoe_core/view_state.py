@@ -63,15 +63,18 @@ def init_state() -> None:
 
 
 def sync_query_params() -> None:
-    """Write the current view (model, strategy, budget, preset) into the URL (only values that changed)."""
-    ss = st.session_state
+    """Write the current view (model, strategy, budget, preset) into the URL: the values that changed, in one write
+    (the browser adds a history entry per write: one per parameter made Back need several presses)."""
+    ss, changed = st.session_state, {}
     for q, key in QUERY.items():
         v = ss.get(key)
         if v is None:
             continue
         v = f"{float(v) / 100:g}" if q == "budget" else str(v)
         if st.query_params.get(q) != v:
-            st.query_params[q] = v
+            changed[q] = v
+    if changed:
+        st.query_params.update(changed)
 
 
 def source_kind(source: str) -> str:

@@ -548,3 +548,20 @@ def _run_sweep(pg) -> None:
         idle(pg)
     pg.get_by_role("button", name="Run").click()
     pg.locator("[data-testid='stProgress']").wait_for(timeout=60000)
+
+
+def test_back_button_needs_one_press_per_view(server, browser):
+    """Each page view adds one browser-history entry: the view's parameters go into the URL in one write (each
+    st.query_params item set was a history entry of its own: ~5 per view, so Back took several presses)."""
+    base, _ = server
+    pg = _new_page(browser)
+    pg.goto(f"{base}/placement?model=default")
+    idle(pg)
+    first = pg.evaluate("history.length")
+    nav(pg, "Sensitivity")
+    idle(pg)
+    assert pg.evaluate("history.length") - first <= 1
+    pg.go_back()
+    idle(pg)
+    assert "/placement" in pg.url, pg.url
+    pg.context.close()
