@@ -229,12 +229,15 @@ def share_bars(by_kind: dict, tied_lm_head: bool = False) -> go.Figure:
     return go.Figure(dict(data=data, layout=layout))
 
 
-def metric_axis(values) -> dict:
+def metric_axis(values, metric: str | None = None) -> dict:
     """y-axis settings (``fig.update_yaxes(**...)``) of a metric chart holding ``values`` (means, mean ± std, the
     reference lines): ticks with at most 4 significant digits (Plotly's own format printed a float's binary
     expansion, "0.2000000000000000111", when every value was equal), and when the values span (almost) nothing —
     equal results, or a panel whose only point is the ideal reference line, which Plotly drew on -1…4 — a range
-    of ± 5 % of the value (at least ± 0.05) around them."""
+    of ± 5 % of the value (at least ± 0.05) around them. With ``metric`` (an lm-eval metric name, "[filter]"
+    suffix allowed), that range stays within the metric's valid range (store_schema.METRIC_RANGES) plus 2 % of
+    its width: an accuracy axis never runs to -0.5."""
+    from .store_schema import METRIC_RANGES
     v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(x)])
     axis = dict(tickformat=".4~g")
     if len(v) == 0:
@@ -242,7 +245,12 @@ def metric_axis(values) -> dict:
     lo, hi = float(v.min()), float(v.max())
     if hi - lo <= 1e-9 * max(1.0, abs(hi)):
         pad = max(0.05 * abs(hi), 0.05)
-        axis["range"] = [lo - pad, hi + pad]
+        r0, r1 = lo - pad, hi + pad
+        vlo, vhi = METRIC_RANGES.get(str(metric or "").split("[", 1)[0], (-np.inf, np.inf))
+        if np.isfinite(vlo) and np.isfinite(vhi):
+            margin = 0.02 * (vhi - vlo)
+            r0, r1 = max(r0, vlo - margin), min(r1, vhi + margin)
+        axis["range"] = [r0, r1]
     return axis
 
 
@@ -278,7 +286,7 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
     fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
     m, sd = frame["mean"].astype(float), frame["std"].astype(float).fillna(0)
     fig.update_yaxes(title_text=metric, **metric_axis([*(m - sd), *(m + sd), *(y for _, y, _ in refs
-                                                                               if y is not None)]))
+                                                                               if y is not None)], metric))
     return fig
 
 
@@ -524,7 +532,9 @@ def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title
                                                                        " (lower is better)"),
                       **legend_below(len(fig.data)))
     fig.update_xaxes(type="log", title_text="energy per token (J, log scale)")
-    fig.update_yaxes(title_text=metric)
+    sd = points["std"].astype(float).fillna(0) if len(points) else []
+    fig.update_yaxes(title_text=metric, **metric_axis([*(points["mean"] - sd), *(points["mean"] + sd)]
+                                                      if len(points) else [], metric))
     return fig
 
 

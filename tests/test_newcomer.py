@@ -90,6 +90,14 @@ def test_metric_axes_and_results_filters_read_well(store_env):
     assert metric_axis([0.2, 0.2, 0.2]) == {"tickformat": ".4~g", "range": [0.15000000000000002, 0.25]}
     assert metric_axis([0.0]) == {"tickformat": ".4~g", "range": [-0.05, 0.05]}
     assert metric_axis([0.1, 0.3]) == {"tickformat": ".4~g"}
+    assert metric_axis([0.0], "acc") == {"tickformat": ".4~g", "range": [-0.02, 0.05]}   # an accuracy stays >= -2 %
+    assert metric_axis([1.0], "acc_norm[none]")["range"] == [0.95, 1.02]
+    assert metric_axis([3.0], "perplexity")["range"] == [2.85, 3.15]                    # no finite top: unclipped
+    import pandas as pd
+    from hetmoe_core.figures import accuracy_vs_energy
+    pts = pd.DataFrame(dict(strategy=["ideal", "maxnn"], budget=[1.0, 0.25], preset=["none", "p"], mean=[0.0, 0.0],
+                            std=[0.0, float("nan")], n_seeds=[1, 1], energy_per_token_j=[2e-3, 1e-3]))
+    assert list(accuracy_vs_energy(pts, "acc").layout.yaxis.range) == [-0.02, 0.05]    # was Plotly's -0.5…1
     store = Store(store_env)
     for k, b in (("a", 0.0), ("b", 0.5)):
         _put(store, k, "pa", 20, b, 0.2)
