@@ -3,9 +3,10 @@
 Layout: ``manifest.json`` ({"format": "hetmoe-snapshot", "schema_version", "created_at", "hetmoe_version",
 "tables": {name: {"file", "sha256", "rows", "bytes"}}}) and ``<table>.parquet`` for runs, metrics, placements,
 expert_stats and model_shapes (the shapes energy costs need, ``energy.ModelShapes``: since schema 3; a snapshot of
-schema 1 or 2 has no such member and imports without it). Import never writes archive members to disk: every member is checked (name, declared size,
-compression ratio, sha256, columns) and read into memory with a bounded read, then merged into the store in one
-transaction (idempotent: rows whose primary key exists are kept as they are). Any failure leaves the store untouched.
+schema 1 or 2 has no such member and imports without it). Import never writes archive members to disk: every
+member is checked (name, declared size, compression ratio, sha256, columns) and read into memory with a bounded
+read, then merged into the store in one transaction (idempotent: rows whose primary key exists are kept as they
+are). Any failure leaves the store untouched.
 Imported metric values are checked against their range (store_schema.metric_problem) and every imported run records its
 origin ("imported from <file> (exported <time>)"); snapshots of schema 1 get the schema-2 columns filled on import.
 """

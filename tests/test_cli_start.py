@@ -78,7 +78,9 @@ def computed(tmp_path_factory):
 def _energy_titles(html_path) -> list[str]:
     """The subtitle (hardware, routing, batch, how the shapes were had) of each energy figure of a report."""
     import re
-    text = Path(html_path).read_text(encoding="utf-8").replace("\\u003c", "<").replace("\\u003e", ">").replace("\\u002f", "/")
+    text = Path(html_path).read_text(encoding="utf-8")
+    for code, char in (("\\u003c", "<"), ("\\u003e", ">"), ("\\u002f", "/")):   # as plotly's JSON escapes them
+        text = text.replace(code, char)
     return re.findall(r"vs energy per token[^\"]*?<sup>([^<]*)</sup>", text)
 
 
@@ -117,7 +119,21 @@ def test_cache_hit_of_computed_results_and_presets_without_deep_learning_stack(c
     rc, out, heavy = run_cli("presets")
     assert rc == 0 and heavy == [] and "paper-pcm-c1.5" in out
     rc, out, heavy = run_cli("presets", "paper-pcm-c2.5", "--json")
-    assert rc == 0 and heavy == [] and json.loads(out)["paper-pcm-c2.5"]["parameters"]["prog_noise_scale"]["value"] == 2.5
+    assert rc == 0 and heavy == []
+    assert json.loads(out)["paper-pcm-c2.5"]["parameters"]["prog_noise_scale"]["value"] == 2.5
+
+
+def test_example_report_without_deep_learning_stack(tmp_path, example_results):
+    """The shipped example snapshot carries the default model's shapes (exactly the meta-device model's), so its
+    report prices every placement without building the model."""
+    from hetmoe_core.energy import shapes_from_source, stored_shapes
+    from hetmoe_core.examples import EXAMPLES
+    st = Store(example_results(tmp_path / "ex.duckdb"), read_only=True)
+    (fp,) = st.runs_frame().model_fingerprint.unique()
+    assert stored_shapes(st, fp, "default") == shapes_from_source("default")[0]
+    rc, out, heavy = run_cli("report", str(EXAMPLES), "--out", str(tmp_path / "ex.html"), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["energy_figures"] == 7      # 7 domains, word_perplexity
+    assert set(_energy_titles(tmp_path / "ex.html")) == {"h100+pcm, measured routing, batch 32"}
 
 
 def _as_schema_2(zip_in, zip_out):
