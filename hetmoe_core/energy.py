@@ -108,7 +108,11 @@ class ExpertLayer:
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """The matrix shapes a cost needs — no weights. ``total_params`` counts every parameter (embeddings, norms)."""
+    """The matrix shapes a cost needs — no weights. ``total_params`` counts every parameter (embeddings, norms).
+
+    The results store keeps them per model fingerprint (``Store.put_model_shapes``, written as a model's results
+    are computed; ``keep_shapes``), so costing stored results (``run_costs``: the report, the Results page) never
+    builds the model."""
     source: str
     dense: tuple
     moe: tuple
@@ -117,6 +121,36 @@ class ModelShapes:
     @property
     def num_experts(self) -> tuple:
         return tuple(m.num_experts for m in self.moe)
+
+    def to_dict(self) -> dict:
+        """JSON-able form (``from_dict`` gives back an equal ModelShapes): matrices as [rows, cols] lists."""
+        return {"source": self.source, "total_params": self.total_params,
+                "dense": [{"kind": m.kind, "name": m.name, "matrices": [list(x) for x in m.matrices],
+                           "depth": m.depth} for m in self.dense],
+                "moe": [{"num_experts": m.num_experts, "top_k": m.top_k, "matrices": [list(x) for x in m.matrices]}
+                        for m in self.moe]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShapes":
+        """The ModelShapes of ``to_dict``'s output. Raises ValueError naming what is missing or malformed (a
+        matrix is [rows, cols] of two integers >= 1; counts are integers >= 1)."""
+        def count(v, what):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{what} must be an integer >= 1, got {v!r}")
+            return v
+
+        def mats(v, what):
+            if not isinstance(v, list) or not v or not all(isinstance(x, list) and len(x) == 2 for x in v):
+                raise ValueError(f"{what} must be a non-empty list of [rows, cols] pairs")
+            return tuple((count(r, what), count(c, what)) for r, c in v)
+        try:
+            dense = tuple(DenseModule(str(m["kind"]), str(m["name"]), mats(m["matrices"], f"dense {m['name']}"),
+                                      count(m["depth"], "depth")) for m in d["dense"])
+            moe = tuple(ExpertLayer(count(m["num_experts"], "num_experts"), count(m["top_k"], "top_k"),
+                                    mats(m["matrices"], "expert matrices")) for m in d["moe"])
+            return cls(str(d["source"]), dense, moe, count(d["total_params"], "total_params"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"model shapes lack or mistype {e}") from None
 
 
 def shapes_of(model, anatomy, source: str = "") -> ModelShapes:
@@ -174,6 +208,26 @@ def shapes_from_source(source: str) -> tuple[ModelShapes, object]:
     model = meta_model(_config_of(source))
     anatomy = anatomy_of(model)
     return shapes_of(model, anatomy, source), anatomy
+
+
+def keep_shapes(store, lm) -> bool:
+    """Store the shapes of a loaded ``models.LoadedModel`` under its fingerprint, once (``Store.put_model_shapes``,
+    append-only; a store object without that method, e.g. an older outbox, is skipped). Returns True when written.
+    evaluate calls it as it computes results, so ``run_costs`` reads them instead of building the model."""
+    put = getattr(store, "put_model_shapes", None)
+    if put is None:
+        return False
+    return put(lm.fingerprint, lm.source, shapes_of(lm.model, lm.anatomy, lm.source).to_dict())
+
+
+def stored_shapes(store, model_fingerprint: str, source: str | None = None) -> ModelShapes | None:
+    """The ModelShapes stored for ``model_fingerprint`` (None when the store holds none: a store or snapshot made
+    before hetmoe stored them, or results put there without computing them), labelled ``source`` when given (a
+    cost does not depend on the label). Raises ValueError when the stored JSON is malformed."""
+    d = store.get_model_shapes(model_fingerprint)
+    if d is None:
+        return None
+    return ModelShapes.from_dict(d if source is None else {**d, "source": source})
 
 
 OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
@@ -388,7 +442,11 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
     ``energy_per_token_j``, ``tokens_per_s`` and ``tiles`` (columns added), routing measured when the store holds
     the model's activation statistics, else uniform.
 
-    Returns (DataFrame, note) — the frame is None with a note saying why when the model's config cannot be read."""
+    The model's shapes come from the store (``stored_shapes``: nothing heavy is imported); only a store or
+    snapshot that holds none for the model (made before hetmoe stored them) has them built from the model's config
+    on the meta device (``shapes_from_source``: imports torch and transformers), and the note says so.
+    Returns (DataFrame, note) — the frame is None with a note saying why when the shapes are neither stored nor
+    buildable (the model's config cannot be read)."""
     import json
     from .placement import Placement
     runs = store.runs_frame({"model_fingerprint": model_fingerprint})
@@ -402,10 +460,18 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
             bad += 1
     if not placements:   # nothing to price: do not build the model's shapes (that imports transformers)
         return None, "no stored placement is readable"
+    source, built = str(runs.model_source.iloc[0]), ""
     try:
-        shapes, _ = shapes_from_source(str(runs.model_source.iloc[0]))
+        shapes = stored_shapes(store, model_fingerprint, source)
     except ValueError as e:
-        return None, f"energy needs the model's config: {e}"
+        shapes, built = None, f"stored shapes unreadable ({e})"
+    if shapes is None:   # a store from before the model_shapes table: the config on the meta device
+        try:
+            shapes, _ = shapes_from_source(source)
+        except ValueError as e:
+            return None, f"energy needs the model's config: {e}"
+        built = "; model shapes built from its config: " + (built or "the store holds none for this model "
+                                                              "(made before hetmoe stored them)")
     stats = store.query("SELECT stats FROM expert_stats WHERE model_fingerprint = ? AND name LIKE 'activation:%' "
                         "ORDER BY created_at DESC LIMIT 1", [model_fingerprint])
     freq = json.loads(stats.stats.iloc[0])["frequency"] if len(stats) else None
@@ -420,7 +486,7 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
     cols = np.array([rows.get(k, (np.nan, np.nan, 0)) for k in runs.placement_key], dtype=float).reshape(-1, 3)
     out = runs.assign(energy_per_token_j=cols[:, 0], tokens_per_s=cols[:, 1], tiles=cols[:, 2])
     note = f"{'measured' if freq is not None else 'uniform'} routing, batch {batch}"
-    return out, note + (f"; {bad} placement(s) do not fit the model's config: left out" if bad else "")
+    return out, note + built + (f"; {bad} placement(s) do not fit the model's config: left out" if bad else "")
 
 
 CONFIG_COLUMNS = ("task", "metric", "limit", "strategy", "budget", "scope", "preset", "backend")

@@ -229,6 +229,9 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
     if _stats_missing(store, lm.fingerprint, "scores"):   # MaxNNScore / router norm, for the dashboard
         from .scores import expert_scores
         store.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
+    if _stats_missing(store, lm.fingerprint, SHAPES):   # what energy costs need: the report never builds the model
+        from .energy import keep_shapes
+        keep_shapes(store, lm)
     memo: dict = {}
     if known is None:
         known = store.computed_keys(lm.fingerprint)   # computations stored before this call (one read)
@@ -527,12 +530,14 @@ def _activation_stats(lm, store: Store, calib_text: dict | None):
 
 
 _STATS_KEPT: set = set()   # (store file, inode, model fingerprint, name) of expert statistics known to be stored
+SHAPES = "(model shapes)"  # as a name for _stats_missing: the model's row of the model_shapes table
 
 
 def _stats_missing(store, fingerprint: str, name: str) -> bool:
-    """True when the store lacks the expert statistics ``name`` of the model (the caller then puts them); looked up
-    once per process and store file (a connection costs ~10 ms), once per store object for a store without a path
-    (a Ray worker's outbox). A store file replaced by a new one (new inode) is looked up again."""
+    """True when the store lacks the expert statistics ``name`` of the model, or its shapes for ``name`` = SHAPES
+    (the caller then puts them); looked up once per process and store file (a connection costs ~10 ms), once per
+    store object for a store without a path (a Ray worker's outbox). A store file replaced by a new one (new
+    inode) is looked up again."""
     path = getattr(store, "path", None)
     if path is None:
         seen, key = store.__dict__.setdefault("_stats_kept", set()), (fingerprint, name)
@@ -541,7 +546,8 @@ def _stats_missing(store, fingerprint: str, name: str) -> bool:
         key = (str(path), path.stat().st_ino if path.exists() else None, fingerprint, name)
     if key in seen:
         return False
-    missing = store.get_expert_stats(fingerprint, name) is None
+    missing = (store.get_model_shapes(fingerprint) if name == SHAPES else
+               store.get_expert_stats(fingerprint, name)) is None
     seen.add(key)
     return missing
 

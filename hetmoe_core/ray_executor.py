@@ -243,6 +243,13 @@ class _Outbox:
     def put_expert_stats(self, model_fingerprint, name, stats) -> None:
         self.writes.append(("stats", model_fingerprint, name, stats))
 
+    def get_model_shapes(self, model_fingerprint):
+        return None          # the driver keeps the first copy it receives
+
+    def put_model_shapes(self, model_fingerprint, model_source, shapes) -> bool:
+        self.writes.append(("shapes", model_fingerprint, model_source, shapes))
+        return True
+
     def get_sensitivity(self, key):
         return self.sensitivities.get(key)
 
@@ -274,8 +281,10 @@ class SweepUnit:
                              f"{lm.fingerprint}, the driver's is {head.fingerprint}: put the same weights on every node")
         box = _Outbox(cache.setdefault("sensitivities", dict(self.sensitivities)))
         if not cache.get("scores_sent"):          # MaxNNScore / router norm for the dashboard, once per worker
+            from .energy import keep_shapes
             from .scores import expert_scores
             box.put_expert_stats(lm.fingerprint, "scores", expert_scores(lm.anatomy).to_dict())
+            keep_shapes(box, lm)                  # and the shapes energy costs need
             cache["scores_sent"] = True
         memo = cache.setdefault("memo", {})       # budget 0 gives all strategies one placement: computed once
         measured = cache.setdefault("measured", {})   # oracle / local_error scores, once per worker and noise
@@ -333,6 +342,10 @@ def evaluate_many_ray(source: str = "default", *, store=None, progress=None, can
                 store.put_failure(w[1], w[2], w[3])
             elif w[0] == "sensitivity":
                 store.put_sensitivity(*w[1:])
+            elif w[0] == "shapes":
+                if ("shapes", w[1]) not in stats_done:   # append-only: a second copy changes nothing
+                    store.put_model_shapes(w[1], w[2], w[3])
+                    stats_done.add(("shapes", w[1]))
             elif (w[1], w[2]) not in stats_done:
                 if store.get_expert_stats(w[1], w[2]) is None:
                     store.put_expert_stats(w[1], w[2], w[3])

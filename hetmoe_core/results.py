@@ -174,7 +174,8 @@ def summary_table(rows: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
 _TABLE_WORDS = {"runs": ("result", "results"), "metrics": ("metric value", "metric values"),
                 "placements": ("placement", "placements"), "expert_stats": ("expert statistics table",
                                                                         "expert statistics tables"),
-                "sensitivity": ("measured sensitivity", "measured sensitivities")}
+                "sensitivity": ("measured sensitivity", "measured sensitivities"),
+                "model_shapes": ("model's shapes", "models' shapes")}
 
 
 def _count(n: int, table: str) -> str:

@@ -1,10 +1,12 @@
 """Portable snapshots of stored results: one zip of Parquet tables plus a manifest (no pickle anywhere).
 
 Layout: ``manifest.json`` ({"format": "hetmoe-snapshot", "schema_version", "created_at", "hetmoe_version",
-"tables": {name: {"file", "sha256", "rows", "bytes"}}}) and ``<table>.parquet`` for runs, metrics, placements and
-expert_stats. Import never writes archive members to disk: every member is checked (name, declared size,
-compression ratio, sha256, columns) and read into memory with a bounded read, then merged into the store in one
-transaction (idempotent: rows whose primary key exists are kept as they are). Any failure leaves the store untouched.
+"tables": {name: {"file", "sha256", "rows", "bytes"}}}) and ``<table>.parquet`` for runs, metrics, placements,
+expert_stats and model_shapes (the shapes energy costs need, ``energy.ModelShapes``: since schema 3; a snapshot of
+schema 1 or 2 has no such member and imports without it). Import never writes archive members to disk: every
+member is checked (name, declared size, compression ratio, sha256, columns) and read into memory with a bounded
+read, then merged into the store in one transaction (idempotent: rows whose primary key exists are kept as they
+are). Any failure leaves the store untouched.
 Imported metric values are checked against their range (store_schema.metric_problem) and every imported run records its
 origin ("imported from <file> (exported <time>)"); snapshots of schema 1 get the schema-2 columns filled on import.
 """
@@ -20,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .store import Store, _where, atomic_write, canonical_json, output_path
-from .store_schema import ADDED_COLUMNS, SCHEMA_VERSION, TABLES, V2_COLUMNS, metric_problem
+from .store_schema import ADDED_COLUMNS, SCHEMA_VERSION, TABLES, V2_COLUMNS, metric_problem, table_names, tables_of
 
 FORMAT = "hetmoe-snapshot"
 MAX_FILE_BYTES = 512 << 20          # snapshot file on disk
@@ -55,7 +57,8 @@ def _read_parquet(blob: bytes):
 def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: dict | None = None,
                     overwrite: bool = False) -> dict:
     """Write the chosen successful runs (by cache ``keys`` and/or runs_frame ``filters``; all when neither) with
-    their metrics, placements and their models' expert statistics to the zip ``path`` (written atomically).
+    their metrics, placements and their models' expert statistics and shapes to the zip ``path`` (written
+    atomically).
 
     Returns the manifest. Raises ValueError when nothing matches, for an unknown filter, when ``path`` is a
     folder, exists and ``overwrite`` is False, or is the store itself (see store.output_path).
@@ -74,9 +77,13 @@ def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: d
         "placements": f"SELECT * FROM placements WHERE key IN (SELECT placement_key FROM runs WHERE key IN ({sel})) ORDER BY key",
         "expert_stats": f"SELECT * FROM expert_stats WHERE model_fingerprint IN "
                         f"(SELECT model_fingerprint FROM runs WHERE key IN ({sel})) ORDER BY model_fingerprint, name",
+        "model_shapes": f"SELECT * FROM model_shapes WHERE model_fingerprint IN "
+                        f"(SELECT model_fingerprint FROM runs WHERE key IN ({sel})) ORDER BY model_fingerprint",
     }
     with store.read_connection() as con:
-        tables = {t: con.sql(q, params=params).to_arrow_table() for t, q in queries.items()}
+        have = table_names(con)   # a schema-2 store read as it is has no model_shapes: exported empty
+        tables = {t: con.sql(q, params=params).to_arrow_table() if t in have else _empty(t)
+                  for t, q in queries.items()}
         measured = con.sql(f"SELECT model_fingerprint, key, config, result, created_at FROM sensitivity WHERE "
                            f"model_fingerprint IN (SELECT model_fingerprint FROM runs WHERE key IN ({sel})) "
                            "ORDER BY created_at", params=params).fetchall()
@@ -98,6 +105,15 @@ def export_snapshot(store: Store, path: str | os.PathLike, keys=None, filters: d
     return manifest
 
 
+def _empty(table: str):
+    """An empty pyarrow table with the columns and types of the store's ``table`` (from this schema)."""
+    import duckdb
+    from .store_schema import SCHEMA
+    with duckdb.connect() as con:
+        con.execute(SCHEMA)
+        return con.sql(f"SELECT * FROM {table}").to_arrow_table()
+
+
 def _read(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
         with z.open(info) as f:
@@ -110,11 +126,13 @@ def _read(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
 
 
 def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Validate a snapshot and return (manifest, {table: pyarrow.Table}) without touching any store.
+    """Validate a snapshot and return (manifest, {table: pyarrow.Table}) without touching any store; the tables are
+    those of the snapshot's schema version (``store_schema.tables_of``: no model_shapes before schema 3).
 
     Raises SnapshotError (a ValueError) for: a missing, oversized or non-zip file; a member whose name escapes the
     archive (absolute, '..', backslash, drive) or is unexpected; declared sizes over the limits or a compression
-    ratio typical of zip bombs; a wrong format or schema version; a checksum mismatch; unreadable Parquet.
+    ratio typical of zip bombs; a wrong format or schema version; a checksum mismatch; unreadable Parquet; stored
+    model shapes that do not read as ``energy.ModelShapes``.
     """
     path = Path(path)
     if not path.is_file():
@@ -157,11 +175,12 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
         if manifest.get("schema_version") not in range(1, SCHEMA_VERSION + 1):
             raise SnapshotError(f"snapshot schema version {manifest.get('schema_version')!r}; this hetmoe reads "
                                 f"versions 1..{SCHEMA_VERSION}: export it again with a matching hetmoe")
+        expected = tables_of(manifest["schema_version"])
         described = manifest.get("tables")
-        if not isinstance(described, dict) or set(described) != set(TABLES):
-            raise SnapshotError(f"manifest must describe exactly the tables {', '.join(TABLES)}")
+        if not isinstance(described, dict) or set(described) != set(expected):
+            raise SnapshotError(f"manifest must describe exactly the tables {', '.join(expected)}")
         tables = {}
-        for t in TABLES:
+        for t in expected:
             d = described[t]
             name = f"{t}.parquet"
             if not isinstance(d, dict) or d.get("file") != name or name not in infos:
@@ -175,14 +194,31 @@ def read_snapshot(path: str | os.PathLike) -> tuple[dict, dict]:
                 raise SnapshotError(f"table {t}: unreadable Parquet ({e})") from None
             if tables[t].num_rows != d.get("rows"):
                 raise SnapshotError(f"table {t}: {tables[t].num_rows} rows, manifest says {d.get('rows')}")
-        extra = set(infos) - {"manifest.json"} - {f"{t}.parquet" for t in TABLES}
+        extra = set(infos) - {"manifest.json"} - {f"{t}.parquet" for t in expected}
         if extra:
             raise SnapshotError(f"unexpected members {sorted(extra)}")
     runs = set(tables["runs"].column("key").to_pylist()) if "key" in tables["runs"].column_names else set()
     if "key" in tables["metrics"].column_names and not set(tables["metrics"].column("key").to_pylist()) <= runs:
         raise SnapshotError("metrics refer to runs the snapshot does not hold")
     _check_metrics(tables["metrics"])
+    if "model_shapes" in tables:
+        _check_shapes(tables["model_shapes"])
     return manifest, tables
+
+
+def _check_shapes(shapes) -> None:
+    """Refuse a snapshot whose stored model shapes do not read as ``energy.ModelShapes`` (energy costs use them)."""
+    from .energy import ModelShapes
+    if "shapes" not in shapes.column_names:
+        return   # the column check of import_snapshot reports it
+    fps = shapes.column("model_fingerprint").to_pylist() if "model_fingerprint" in shapes.column_names \
+        else [None] * shapes.num_rows
+    for fp, js in zip(fps, shapes.column("shapes").to_pylist()):
+        try:
+            ModelShapes.from_dict(json.loads(js))
+        except (TypeError, ValueError) as e:
+            raise SnapshotError(f"model shapes of {str(fp)[:40]}: {e}; refusing the snapshot (nothing was "
+                                "imported)") from None
 
 
 def _check_metrics(metrics) -> None:
@@ -248,7 +284,7 @@ def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
     added, unfit = {}, None
     try:
         with store.write_transaction() as con:
-            for t in TABLES:
+            for t in tables:   # TABLES order; a snapshot of schema 1 or 2 holds no model_shapes
                 cols = [r[0] for r in con.execute(f"DESCRIBE {t}").fetchall()]
                 later = set(ADDED_COLUMNS.get(t, ()))   # a snapshot from before they existed lacks them: NULL
                 if sorted(tables[t].column_names) != sorted(cols) and \
@@ -272,4 +308,4 @@ def import_snapshot(path: str | os.PathLike, store: Store) -> dict:
     restored = restore_measurements(store)   # measured sensitivities travel as expert statistics
     if restored:
         added["sensitivity"] = restored
-    return {"added": added, "snapshot_rows": {t: manifest["tables"][t]["rows"] for t in TABLES}}
+    return {"added": added, "snapshot_rows": {t: manifest["tables"][t]["rows"] for t in tables}}

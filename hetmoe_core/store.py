@@ -75,18 +75,22 @@ class Store(StoreFile):
             with self._connect(write=False) as con:
                 version = schema.schema_version(con, self.path)
                 incomplete = schema.missing(con)
-            if version < SCHEMA_VERSION and (read_only or not self.writable):
+            if version < schema.READ_AS_IS and (read_only or not self.writable):
                 raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
                                  f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "
                                  f"{SCHEMA_VERSION}")
-            if (version < SCHEMA_VERSION or incomplete) and self.writable:
+            pending = version < SCHEMA_VERSION or incomplete
+            if pending and self.writable:
                 with self._connect(write=True) as con:   # tables added since the store was made are created too
                     schema.upgrade(con, self.path)
+                pending = False
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self._connect(write=True) as con:
                 schema.create(con, self.path)
-        _READY.add(_file_id(self.path))
+            pending = False
+        if not pending:   # an older store read as it is stays unchecked: a later writer of this process upgrades it
+            _READY.add(_file_id(self.path))
 
     def query(self, sql: str, params=()):
         """Run one read-only query; returns a pandas DataFrame."""
@@ -317,10 +321,33 @@ class Store(StoreFile):
             return self.query("SELECT * FROM placements ORDER BY created_at")
         return self.query("SELECT * FROM placements WHERE list_contains(?, key) ORDER BY created_at", [list(keys)])
 
-    def counts(self) -> dict:
-        """Row count per table."""
+    # -- model shapes (energy.ModelShapes): what a cost needs, stored so that costing never builds the model ----
+    def put_model_shapes(self, model_fingerprint: str, model_source: str, shapes: dict) -> bool:
+        """Store the JSON-able shapes (``energy.ModelShapes.to_dict``) of one model fingerprint. Append-only: returns
+        False and changes nothing when that fingerprint's shapes are stored (the same weights have the same
+        shapes)."""
+        with self._append_once("SELECT 1 FROM model_shapes WHERE model_fingerprint=?", [model_fingerprint]) as con:
+            if con is None:
+                return False
+            _insert(con, "model_shapes", {"model_fingerprint": model_fingerprint, "model_source": model_source,
+                                          "shapes": canonical_json(shapes), "created_at": _now()})
+        return True
+
+    def get_model_shapes(self, model_fingerprint: str) -> dict | None:
+        """The stored shapes (JSON dict) of one model fingerprint; None when none are stored, also in a store of
+        schema 2 read as it is (no model_shapes table: ``store_schema.READ_AS_IS``)."""
         with self._connect(write=False) as con:
-            return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+            if "model_shapes" not in schema.table_names(con):
+                return None
+            row = con.execute("SELECT shapes FROM model_shapes WHERE model_fingerprint=?",
+                              [model_fingerprint]).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def counts(self) -> dict:
+        """Row count per table (0 for a table a store of an older schema, read as it is, does not hold)."""
+        with self._connect(write=False) as con:
+            have = schema.table_names(con)
+            return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] if t in have else 0 for t in TABLES}
 
     def signature(self) -> str:
         """Changes whenever results are added or removed: the run count and the newest run's time (a cache key for

@@ -10,15 +10,22 @@ import re
 
 import duckdb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Columns added by schema 2, with the SQL that fills them in a version 1 store or snapshot: dtype of the model,
 # where the result came from (origin: "computed" here, or "imported from <snapshot> ..."), the hash of the
 # computation that produced the numbers (compute_key) and, for a result reused from an identical computation,
 # the key of the run that computed it (shared_from; NULL when computed for this very key).
 V2_COLUMNS = {"dtype": "json_extract_string(config, '$.model.dtype')", "origin": "'computed'",
               "compute_key": "NULL", "shared_from": "NULL"}
-TABLES = ("runs", "metrics", "placements", "expert_stats")
+TABLES = ("runs", "metrics", "placements", "expert_stats", "model_shapes")
 """Tables a snapshot carries and ``Store.counts`` counts."""
+TABLES_SINCE = {"model_shapes": 3}
+"""Tables added after schema 1 (name -> the schema version that brought them): a store or snapshot of an older
+version lacks them (``tables_of``)."""
+READ_AS_IS = 2
+"""The oldest schema version a reader (a store opened read-only, or on a file it cannot write) reads without
+upgrading: schema 3 only added the model_shapes table, which reads of a version-2 store find absent (no stored
+shapes: energy then builds them from the model's config). Schema 1 lacks columns every read needs."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
@@ -41,6 +48,8 @@ CREATE TABLE IF NOT EXISTS expert_stats (
 CREATE TABLE IF NOT EXISTS sensitivity (
     key VARCHAR PRIMARY KEY, model_fingerprint VARCHAR, preset VARCHAR, config VARCHAR, versions VARCHAR,
     result VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS model_shapes (
+    model_fingerprint VARCHAR PRIMARY KEY, model_source VARCHAR, shapes VARCHAR, created_at TIMESTAMP);
 ALTER TABLE metrics ADD COLUMN IF NOT EXISTS higher_is_better BOOLEAN;
 """
 TABLES_OF_SCHEMA = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", SCHEMA))
@@ -72,6 +81,17 @@ def metric_problem(metric: str, value, stderr=None) -> str | None:
     return None
 
 
+def tables_of(version: int) -> tuple:
+    """The TABLES a store or snapshot of schema ``version`` holds (those of TABLES_SINCE from their version on)."""
+    return tuple(t for t in TABLES if TABLES_SINCE.get(t, 1) <= version)
+
+
+def table_names(con) -> set:
+    """Names of the tables in the store open on ``con`` (a version-2 store read as it is has no model_shapes)."""
+    return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
+                                      "WHERE table_catalog = current_database()").fetchall()}
+
+
 def schema_version(con, path) -> int:
     """Schema version from the store's marker; ValueError for a DuckDB file that is not a hetmoe store of a
     version this hetmoe reads."""
@@ -91,8 +111,7 @@ def schema_version(con, path) -> int:
 def missing(con) -> bool:
     """True when the store open on ``con`` lacks a table or an added column of this schema (a store made by an older
     hetmoe, before a feature that brought them)."""
-    have = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables "
-                                      "WHERE table_catalog = current_database()").fetchall()}
+    have = table_names(con)
     have |= {f"{t}.{c}" for t, c in con.execute(
         "SELECT table_name, column_name FROM information_schema.columns "
         "WHERE table_catalog = current_database()").fetchall()}
@@ -113,13 +132,17 @@ def create(con, path) -> None:
 
 
 def upgrade(con, path) -> None:
-    """Create missing tables; schema 1 -> 2: add V2_COLUMNS to runs, filled from each run's config (one transaction,
-    on a store whose marker was checked)."""
+    """Create missing tables; schema 1 -> 2: add V2_COLUMNS to runs, filled from each run's config; 2 -> 3: the
+    model_shapes table, created empty (shapes are stored as a model's results are next computed; until then
+    ``energy.run_costs`` builds them from the model's config and says so). One transaction, on a store whose
+    marker was checked."""
     con.execute("BEGIN TRANSACTION")
-    con.execute(SCHEMA)
-    if schema_version(con, path) < SCHEMA_VERSION:
+    con.execute(SCHEMA)   # 2 -> 3 is this alone (CREATE TABLE IF NOT EXISTS model_shapes)
+    version = schema_version(con, path)
+    if version < 2:
         for col, fill in V2_COLUMNS.items():
             con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {col} VARCHAR")
             con.execute(f"UPDATE runs SET {col} = {fill} WHERE {col} IS NULL")
+    if version < SCHEMA_VERSION:
         con.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", [str(SCHEMA_VERSION)])
     con.execute("COMMIT")

@@ -14,6 +14,8 @@ strategy and budget on its first seeds.
 
     nohup python scripts/example_results.py > cache/example_results.log 2>&1 &   # hours on a shared 2-core CPU
     python scripts/example_results.py --export-only                             # rewrite the snapshot
+    python scripts/example_results.py --store /tmp/ex.duckdb --from-snapshot hetmoe_core/assets/examples/default.zip \
+        --export-only     # the shipped snapshot in this hetmoe's format, from its own results (nothing recomputed)
 Output: hetmoe_core/assets/examples/default.zip (snapshot.export_snapshot format) and its manifest printed.
 """
 import os
@@ -88,6 +90,22 @@ def run_validations(a, store) -> None:
             f"best={d.get('best')}")
 
 
+def keep_model_shapes(store, filters: dict) -> None:
+    """The shapes of every exported model in the store (evaluate stores them as it computes; results computed before
+    hetmoe stored shapes, or imported from an older snapshot, get them here), so that a report of the snapshot never
+    builds the model. The model is loaded from its source and must have the fingerprint its results were keyed by."""
+    from hetmoe_core.energy import keep_shapes
+    from hetmoe_core.models import load_model
+    for source, fp in store.runs_frame(filters)[["model_source", "model_fingerprint"]].drop_duplicates().values:
+        if store.get_model_shapes(fp) is None:
+            lm = load_model(source, tokenizer=False)
+            if lm.fingerprint != fp:
+                raise SystemExit(f"{source} now has fingerprint {lm.fingerprint}, its results {fp}: not the same "
+                                 "weights, no shapes stored")
+            keep_shapes(store, lm)
+            log(f"model shapes of {source} ({fp}) stored")
+
+
 def export(a, store) -> dict:
     from hetmoe_core.evaluate import task_aliases
     from hetmoe_core.snapshot import export_snapshot
@@ -97,6 +115,7 @@ def export(a, store) -> dict:
     if a.strategies != "all":
         filters["strategy"] = strategies(a.strategies) + ["ideal"]
     out = Path(a.out).resolve()
+    keep_model_shapes(store, filters)
     m = export_snapshot(store, out, keys=keys, filters=filters,   # the shipped snapshot is this script's own output
                         overwrite=a.force or out == SNAPSHOT.resolve())
     log(f"snapshot {a.out}: {Path(a.out).stat().st_size / 1e3:.0f} KB, "
@@ -260,6 +279,9 @@ def main() -> int:
     ap.add_argument("--only-seeds", default="", help="e.g. 4,3: this worker's seeds, in this order (a second "
                     "worker on the same store shares the work; the store's locks keep both safe)")
     ap.add_argument("--export-only", action="store_true", help="only write the snapshot of what is stored")
+    ap.add_argument("--from-snapshot", default=None, metavar="ZIP", help="first import this snapshot into --store "
+                    "(idempotent): with --export-only, rewrites a snapshot in this hetmoe's format from its own "
+                    "results, nothing recomputed (the runs' origin then names the import)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out file (the shipped snapshot, "
                     "the default --out, is always rewritten: the script owns it)")
     ap.add_argument("--no-validate", action="store_true")
@@ -276,6 +298,9 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("HETMOE_THREADS", "2")))
     from hetmoe_core.store import Store
     store = Store(a.store)
+    if a.from_snapshot:
+        from hetmoe_core.snapshot import import_snapshot
+        log(f"imported {a.from_snapshot}: {import_snapshot(a.from_snapshot, store)['added']}")
     t0 = time.time()
     if not a.export_only:
         if (a.validate_first or a.validate_only) and not a.no_validate:

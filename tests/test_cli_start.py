@@ -62,6 +62,127 @@ def test_export_and_report_without_deep_learning_stack(store, tmp_path):
     assert rc == 0 and heavy == [] and (tmp_path / "r.html").stat().st_size > 10_000
 
 
+EVAL = ("evaluate", "tiny:olmoe", "--tasks", "hetmoe_cloze", "--limit", "2", "--json")
+
+
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory):
+    """A store of real results computed by `evaluate` in a fresh interpreter (tiny:olmoe, hetmoe_cloze, 2 documents:
+    the ideal and maxnn at 12.5 %), so it holds their placements and the model's shapes as evaluate stores them."""
+    path = tmp_path_factory.mktemp("computed") / "c.duckdb"
+    rc, out, heavy = run_cli(*EVAL, "--store", str(path))
+    assert rc == 0 and "torch" in heavy and json.loads(out)["computed"] == 2
+    return path
+
+
+def _energy_titles(html_path) -> list[str]:
+    """The subtitle (hardware, routing, batch, how the shapes were had) of each energy figure of a report."""
+    import re
+    text = Path(html_path).read_text(encoding="utf-8")
+    for code, char in (("\\u003c", "<"), ("\\u003e", ">"), ("\\u002f", "/")):   # as plotly's JSON escapes them
+        text = text.replace(code, char)
+    return re.findall(r"vs energy per token[^\"]*?<sup>([^<]*)</sup>", text)
+
+
+def test_report_prices_stored_runs_without_deep_learning_stack(computed, tmp_path):
+    """The energy figures price each stored placement with the model's stored shapes: neither the report of the
+    store nor that of its snapshot builds the model (before: a transformers model on the meta device, ~8 s)."""
+    from hetmoe_core.energy import run_costs, shapes_from_source
+    st = Store(computed, read_only=True)
+    assert st.counts()["model_shapes"] == 1 and st.counts()["placements"] == 2
+    rc, out, heavy = run_cli("report", str(computed), "--out", str(tmp_path / "a.html"), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["energy_figures"] == 2        # acc, perplexity
+    assert _energy_titles(tmp_path / "a.html") == ["h100+pcm, uniform routing, batch 32"] * 2
+    rc, out, heavy = run_cli("export", "--store", str(computed), str(tmp_path / "s.zip"), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["tables"]["model_shapes"]["rows"] == 1
+    rc, out, heavy = run_cli("report", str(tmp_path / "s.zip"), "--out", str(tmp_path / "b.html"), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["energy_figures"] == 2
+    assert _energy_titles(tmp_path / "b.html") == _energy_titles(tmp_path / "a.html")
+    # the very energies the meta-device model gives (here in the test's process, which may import torch)
+    runs, note = run_costs(st, "tiny:olmoe:seed0")
+    assert note == "uniform routing, batch 32" and runs.energy_per_token_j.notna().all()
+    import shutil
+    import duckdb
+    shutil.copy(computed, tmp_path / "none.duckdb")
+    with duckdb.connect(str(tmp_path / "none.duckdb")) as con:   # as if the shapes had never been stored
+        con.execute("DELETE FROM model_shapes")
+    shapes_from_source.cache_clear()
+    meta, meta_note = run_costs(Store(tmp_path / "none.duckdb", read_only=True), "tiny:olmoe:seed0")
+    assert meta_note.startswith("uniform routing, batch 32; model shapes built from its config")
+    assert meta.energy_per_token_j.tolist() == runs.energy_per_token_j.tolist()
+    assert meta.tokens_per_s.tolist() == runs.tokens_per_s.tolist() and meta.tiles.tolist() == runs.tiles.tolist()
+
+
+def test_cache_hit_of_computed_results_and_presets_without_deep_learning_stack(computed):
+    rc, out, heavy = run_cli(*EVAL, "--store", str(computed))
+    assert rc == 0 and heavy == [] and (json.loads(out)["computed"], json.loads(out)["cached"]) == (0, 2)
+    rc, out, heavy = run_cli("presets")
+    assert rc == 0 and heavy == [] and "paper-pcm-c1.5" in out
+    rc, out, heavy = run_cli("presets", "paper-pcm-c2.5", "--json")
+    assert rc == 0 and heavy == []
+    assert json.loads(out)["paper-pcm-c2.5"]["parameters"]["prog_noise_scale"]["value"] == 2.5
+
+
+def test_example_report_without_deep_learning_stack(tmp_path, example_results):
+    """The shipped example snapshot carries the default model's shapes (exactly the meta-device model's), so its
+    report prices every placement without building the model."""
+    from hetmoe_core.energy import shapes_from_source, stored_shapes
+    from hetmoe_core.examples import EXAMPLES
+    st = Store(example_results(tmp_path / "ex.duckdb"), read_only=True)
+    (fp,) = st.runs_frame().model_fingerprint.unique()
+    assert stored_shapes(st, fp, "default") == shapes_from_source("default")[0]
+    rc, out, heavy = run_cli("report", str(EXAMPLES), "--out", str(tmp_path / "ex.html"), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["energy_figures"] == 7      # 7 domains, word_perplexity
+    assert set(_energy_titles(tmp_path / "ex.html")) == {"h100+pcm, measured routing, batch 32"}
+
+
+def _as_schema_2(zip_in, zip_out):
+    """A snapshot as hetmoe wrote it with schema 2: no model_shapes member."""
+    import zipfile
+    with zipfile.ZipFile(zip_in) as zin, zipfile.ZipFile(zip_out, "w") as zout:
+        manifest = json.loads(zin.read("manifest.json"))
+        manifest["schema_version"] = 2
+        del manifest["tables"]["model_shapes"]
+        for name in zin.namelist():
+            if name not in ("manifest.json", "model_shapes.parquet"):
+                zout.writestr(name, zin.read(name))
+        zout.writestr("manifest.json", json.dumps(manifest))
+
+
+def test_schema_2_store_and_snapshot_are_read_and_upgraded(computed, tmp_path):
+    """A store of schema 2 (before the model_shapes table) is read as it is, read-only: `runs` answers, the report
+    prices its runs with shapes built from the config and says so; a writer upgrades it to schema 3 with an empty
+    model_shapes table, nothing lost. A schema-2 snapshot (no model_shapes member) imports and reports alike."""
+    import shutil
+    import duckdb
+    from hetmoe_core.snapshot import import_snapshot
+    from hetmoe_core.store_schema import SCHEMA_VERSION
+    old = tmp_path / "old.duckdb"
+    shutil.copy(computed, old)
+    con = duckdb.connect(str(old))
+    con.execute("DROP TABLE model_shapes")
+    con.execute("UPDATE meta SET value='2' WHERE name='schema_version'")
+    con.close()
+    rc, out, heavy = run_cli("runs", "--store", str(old), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["count"] == 4
+    assert Store(old, read_only=True).counts()["model_shapes"] == 0
+    rc, out, heavy = run_cli("report", str(old), "--out", str(tmp_path / "old.html"), "--json")
+    assert rc == 0 and json.loads(out)["energy_figures"] == 2 and "torch" in heavy    # the fallback builds it
+    built = ("h100+pcm, uniform routing, batch 32; model shapes built from its config: the store holds none for "
+             "this model (made before hetmoe stored them)")
+    assert _energy_titles(tmp_path / "old.html") == [built] * 2
+    rc, out, heavy = run_cli("export", "--store", str(old), str(tmp_path / "s.zip"), "--json")
+    assert rc == 0 and heavy == [] and json.loads(out)["tables"]["model_shapes"]["rows"] == 0
+    st = Store(old)                                                     # a writer upgrades it in place
+    assert st.query("SELECT value FROM meta WHERE name='schema_version'").value[0] == str(SCHEMA_VERSION) == "3"
+    assert st.counts() == {"runs": 2, "metrics": 4, "placements": 2, "expert_stats": 1, "model_shapes": 0}
+    _as_schema_2(tmp_path / "s.zip", tmp_path / "s2.zip")
+    added = import_snapshot(tmp_path / "s2.zip", Store(tmp_path / "new.duckdb"))["added"]
+    assert added == {"runs": 2, "metrics": 4, "placements": 2, "expert_stats": 1}
+    rc, out, heavy = run_cli("report", str(tmp_path / "s2.zip"), "--out", str(tmp_path / "s2.html"), "--json")
+    assert rc == 0 and json.loads(out)["energy_figures"] == 2 and _energy_titles(tmp_path / "s2.html") == [built] * 2
+
+
 def test_cache_hit_evaluate_without_deep_learning_stack(store):
     """The key of every result is computed from the request and the weights' file hash, not from the model."""
     rc, out, heavy = run_cli("evaluate", "default", "--store", str(store), "--tasks", "hetmoe_cloze", "--limit", "2",

@@ -216,8 +216,13 @@ def test_stored_runs_energy_and_report(tiny, tmp_path):
                           {"key": p.key, "model_fingerprint": "tiny:olmoe:seed0", "strategy": "maxnn", "budget": b,
                            "scope": "layer", "seed": 0, "placement": p.to_json()})
             i += 1
+    runs, note = run_costs(st, "tiny:olmoe:seed0", "h100+pcm", 32)   # no shapes stored: built from the config
+    assert note == ("uniform routing, batch 32; model shapes built from its config: the store holds none for this "
+                    "model (made before hetmoe stored them)")
+    built = runs.energy_per_token_j.tolist()
+    assert st.put_model_shapes("tiny:olmoe:seed0", "tiny:olmoe", s.to_dict())   # as evaluate stores them
     runs, note = run_costs(st, "tiny:olmoe:seed0", "h100+pcm", 32)
-    assert note == "uniform routing, batch 32"
+    assert note == "uniform routing, batch 32" and runs.energy_per_token_j.tolist() == built
     pts = config_points(runs).sort_values("budget")
     assert pts.n_seeds.tolist() == [2] * 4 and pts["mean"].tolist() == pytest.approx([0.405, 0.465, 0.455, 0.505])
     assert pts.energy_per_token_j.tolist() == pytest.approx(
@@ -227,6 +232,34 @@ def test_stored_runs_energy_and_report(tiny, tmp_path):
     rep = write_report(st, tmp_path / "r.html")
     html = (tmp_path / "r.html").read_text()
     assert rep["energy_figures"] == 1 and "vs energy per token" in html and "Pareto front" in html
+
+
+@pytest.mark.parametrize("source", ["default", "tiny:olmoe", "tiny:qwen2_moe", "tiny:deepseek_v3"])
+def test_stored_shapes_are_the_meta_models(source, tmp_path):
+    """The shapes evaluate stores (keep_shapes: from the loaded model) read back from the store exactly as the
+    meta-device route builds them from the config (shapes_from_source), through the store's JSON."""
+    from hetmoe_core.energy import keep_shapes, shapes_from_source, stored_shapes
+    from hetmoe_core.models import load_model
+    from hetmoe_core.store import Store
+    lm = load_model(source, tokenizer=False)
+    st = Store(tmp_path / "s.duckdb")
+    assert keep_shapes(st, lm) and not keep_shapes(st, lm)          # append-only: once per fingerprint
+    got = stored_shapes(Store(tmp_path / "s.duckdb", read_only=True), lm.fingerprint)
+    meta, _ = shapes_from_source(source)
+    assert got == meta == shapes_of(lm.model, lm.anatomy, source)
+    assert got.total_params == lm.anatomy.total_params and len(got.moe) == len(lm.anatomy.moe_layers)
+
+
+def test_malformed_stored_shapes_are_refused_with_one_line(tiny):
+    from hetmoe_core.energy import ModelShapes
+    d = tiny[2].to_dict()
+    assert ModelShapes.from_dict(json.loads(json.dumps(d))) == tiny[2]
+    with pytest.raises(ValueError, match="lack or mistype 'moe'"):
+        ModelShapes.from_dict({k: v for k, v in d.items() if k != "moe"})
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1, got 0"):
+        ModelShapes.from_dict({**d, "moe": [{**d["moe"][0], "top_k": 0}]})
+    with pytest.raises(ValueError, match=r"expert matrices must be a non-empty list of \[rows, cols\] pairs"):
+        ModelShapes.from_dict({**d, "moe": [{**d["moe"][0], "matrices": [[16, 32, 1]]}]})
 
 
 def test_tiles_match_the_analog_backends_coverage(tiny):

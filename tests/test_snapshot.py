@@ -33,7 +33,14 @@ def _filled(path) -> Store:
                       {"key": pk, "model_fingerprint": "sha256:abc", "strategy": s, "budget": b, "scope": "layer",
                        "seed": 0, "placement": json.dumps({"digital": [[0], []]})})
     st.put_expert_stats("sha256:abc", "scores", {"layers": [{"maxnn": [1.0, 2.0]}]})
+    st.put_model_shapes("sha256:abc", "default", SHAPES)
     return st
+
+
+SHAPES = {"source": "default", "total_params": 120, "dense": [{"kind": "attention", "name": "a", "depth": 1,
+                                                              "matrices": [[4, 4]]}],
+          "moe": [{"num_experts": 2, "top_k": 1, "matrices": [[8, 4], [4, 4]]}]}
+"""Stand-in model shapes (energy.ModelShapes.to_dict form) of the filled store's model."""
 
 
 @pytest.fixture
@@ -55,8 +62,10 @@ def test_round_trip_same_numbers_and_idempotent(snap, tmp_path):
         assert not any(n.endswith((".pkl", ".pickle")) for n in z.namelist())
     dst = Store(tmp_path / "dst.duckdb")
     out = import_snapshot(path, dst)
-    assert out["added"] == {"runs": 9, "metrics": 18, "placements": 5, "expert_stats": 1}
-    assert import_snapshot(path, dst)["added"] == {"runs": 0, "metrics": 0, "placements": 0, "expert_stats": 0}
+    assert out["added"] == {"runs": 9, "metrics": 18, "placements": 5, "expert_stats": 1, "model_shapes": 1}
+    assert import_snapshot(path, dst)["added"] == {"runs": 0, "metrics": 0, "placements": 0, "expert_stats": 0,
+                                                   "model_shapes": 0}
+    assert dst.get_model_shapes("sha256:abc") == SHAPES
     a, b = src.summary_frame(), dst.summary_frame()
     assert a.drop(columns=["seeds", "origins"]).equals(b.drop(columns=["seeds", "origins"]))
     assert set(a.origins) == {"computed"} and set(b.origins) == {f"imported from snap.zip (exported "
@@ -108,6 +117,27 @@ def _plus(name):
     return lambda n, d: [(n, d)] + ([(name, b"x")] if n == "manifest.json" else [])
 
 
+def _bad_shapes(path, out):
+    """The snapshot with its model shapes made impossible (top-k 0), checksums and sizes made to match."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    with zipfile.ZipFile(path) as z:
+        t = pq.read_table(io.BytesIO(z.read("model_shapes.parquet")))
+    bad = {**SHAPES, "moe": [{**SHAPES["moe"][0], "top_k": 0}]}
+    t = t.set_column(t.column_names.index("shapes"), "shapes", pa.array([json.dumps(bad)]))
+    buf = io.BytesIO()
+    pq.write_table(t, buf)
+    blob = buf.getvalue()
+
+    def edit(n, d):
+        if n == "manifest.json":
+            m = json.loads(d)
+            m["tables"]["model_shapes"].update(sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
+            return [(n, json.dumps(m))]
+        return [(n, blob if n == "model_shapes.parquet" else d)]
+    return _rewrite(path, out, edit)
+
+
 def _bad_snapshots(path, tmp):
     def flip(n, d):
         return [(n, d[:-20] + bytes(20) if n == "metrics.parquet" else d)]
@@ -116,6 +146,7 @@ def _bad_snapshots(path, tmp):
         m["schema_version"] = 99
 
     yield "schema version 99", _rewrite(path, tmp / "v.zip", _manifest_edit(version))
+    yield "model shapes of sha256:abc: top_k must be an integer >= 1, got 0", _bad_shapes(path, tmp / "sh.zip")
     yield "checksum mismatch", _rewrite(path, tmp / "c.zip", flip)
     yield "escapes the archive", _rewrite(path, tmp / "s.zip", _plus("../evil.parquet"))
     yield "escapes the archive", _rewrite(path, tmp / "a.zip", _plus("/etc/evil.parquet"))
@@ -135,12 +166,12 @@ def test_bad_snapshots_rejected_store_untouched(snap, tmp_path):
     Store(dst)
     before = _file_hash(dst)
     cases = list(_bad_snapshots(path, tmp_path))
-    assert len(cases) == 8
+    assert len(cases) == 9
     for msg, bad in cases:
         with pytest.raises(SnapshotError, match=msg):
             import_snapshot(bad, Store(dst))
         assert _file_hash(dst) == before, msg
-    assert Store(dst).counts() == {"runs": 0, "metrics": 0, "placements": 0, "expert_stats": 0}
+    assert Store(dst).counts() == {"runs": 0, "metrics": 0, "placements": 0, "expert_stats": 0, "model_shapes": 0}
 
 
 def test_lying_declared_size_and_oversized(snap, tmp_path, monkeypatch):
