@@ -97,6 +97,17 @@ def toy_lesson(maxnn, error) -> dict:
             "rank": int((error > error[top]).sum()) + 1, "n": len(maxnn)}
 
 
+def lesson_head(lesson: dict) -> str:
+    """First sentence of the Learn page's take-away from a :func:`toy_lesson`: the top-MaxNNScore expert and where
+    its output error ranks ("only the 11th largest" when it is not the largest: with close scores a strong trend
+    and a top expert that is not the worst go together)."""
+    k = lesson["rank"]
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    place = "the largest" if k == 1 else f"only the {k}{suffix} largest"
+    return (f"Expert **{lesson['top']}** has the largest MaxNNScore in this layer; its output error is "
+            f"{lesson['ratio']:.1f}× the layer's median, {place} of the {lesson['n']} experts' errors.")
+
+
 def matrix_pair(clean, noisy, title: str) -> go.Figure:
     """Two heatmaps side by side: a weight matrix [rows = neurons, cols = inputs] and its programming error, each
     on its own symmetric colour scale (the error is far smaller than the weights; the subtitle gives the ratio)."""

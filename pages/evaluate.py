@@ -204,7 +204,7 @@ if noisy:
                    "changes, and the max/mean expert load before and after (ROMER, arXiv 2605.11800, reports noise "
                    "breaking expert load balance).")
         if st.button("Measure routing drift", key="ev_drift", disabled=running,
-                     help="Waits for no run: disabled while an evaluation runs on this model."):
+                     help="Routes the calibration tokens through the digital and the noisy model (a few seconds). Disabled while an evaluation runs on this model."):
             try:
                 with st.spinner("Routing the calibration tokens, digital and noisy …"):
                     ss["ev_drift_rows"] = (first.key, ev.spec_routing_drift(h.lm, first, store))

@@ -5,7 +5,7 @@ import streamlit as st
 from hetmoe_core import ui
 from hetmoe_core.noise import get_preset
 from hetmoe_core.placement import digital_count
-from hetmoe_core.toy import matrix_pair, shows_outlier, toy_expert_errors, toy_figure, toy_lesson
+from hetmoe_core.toy import lesson_head, matrix_pair, shows_outlier, toy_expert_errors, toy_figure, toy_lesson
 
 ui.frame()
 st.title("Learn: why some experts must stay digital")
@@ -114,13 +114,13 @@ def _elsewhere(c: float) -> str:
 
 def _lesson(les: dict, c: float) -> str:
     """The toy's take-away, worded after what this layer (and, for a pointer, the model's other layers) shows."""
-    head = (f"Expert **{les['top']}** has the largest MaxNNScore in this layer; its output error is "
-            f"{les['ratio']:.1f}× the layer's median (rank {les['rank']} of {les['n']} by error).")
+    head = lesson_head(les)
     if shows_outlier(les):
         return head + (" Moving the few high-score experts to digital removes the largest errors at a small "
                        "cost.")
     if les["r"] >= 0.5:
-        return head + (" In this layer no single expert stands out, but the trend holds across all of them "
+        return head + (" No single expert stands out here (their scores are close), but the trend holds across all "
+                       "of them "
                        f"(r = {les['r']:+.2f}): higher score, larger error. " + _elsewhere(c))
     return head + (f" Here the link is weak (r = {les['r']:+.2f}): the scores of this layer's experts are close, so "
                    "the ranking matters little. " + _elsewhere(c))

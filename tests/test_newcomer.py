@@ -291,3 +291,13 @@ def test_out_of_range_seeds_limit_batch_are_refused_in_one_line_with_run_disable
         assert at.button(key="ev_run").disabled and not any("in this sweep" in m.value for m in at.markdown)
         at.number_input(key=key).set_value(good).run()
         assert not at.error and not at.button(key="ev_run").disabled
+
+
+def test_learn_lesson_says_where_the_top_expert_ranks():
+    """The Learn page read "rank 11 of 16 by error" next to "r = +0.97", which looked like a contradiction."""
+    from hetmoe_core.toy import lesson_head, toy_lesson
+    les = toy_lesson([1.0, 2.0, 3.0, 3.1], [1.0, 2.0, 4.0, 3.0])     # the top score is the 2nd largest error
+    assert (les["top"], les["rank"], les["n"]) == (3, 2, 4)
+    assert lesson_head(les).endswith("1.2× the layer's median, only the 2nd largest of the 4 experts' errors.")
+    assert "the largest of the 4" in lesson_head({**les, "rank": 1})
+    assert "only the 11th largest" in lesson_head({**les, "rank": 11})
