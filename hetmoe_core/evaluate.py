@@ -115,7 +115,8 @@ def _state(lm) -> dict:
         if lm not in _per_model:
             # tasks: tasks._built_tasks; stats: routing statistics by (calibration hash, default text) and the
             # expert scores ("scores"), computed once per loaded model
-            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}, "tasks": {}, "stats": {}}
+            # last_digital: see _chained
+            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}, "tasks": {}, "stats": {}, "last_digital": {}}
         return _per_model[lm]
 
 
@@ -243,14 +244,22 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
                     if cancel is not None and cancel.is_set():
                         break
                     placed[id(g)] = _unit_placement(lm, store, g[0], calib_text, measured)
-            groups = _chained(groups, placed)
+                groups = _chained(groups, placed, state["last_digital"])
         for group in groups:
             if cancel is not None and cancel.is_set():
                 break
             with state["lock"]:
+                ran = False
                 for spec, metrics, run in _run_unit(lm, state, group, writer, cancel, calib_text, memo, measured,
                                                     known, placed.get(id(group))):
+                    ran = ran or run["shared_from"] is None
                     report(spec, _result(spec, False, metrics, run))
+                if ran and id(group) in placed and not group[0].ideal:   # the next call's chain starts near it
+                    last = state["last_digital"]
+                    last.pop((group[0].noise, group[0].seed, group[0].backend), None)
+                    last[(group[0].noise, group[0].seed, group[0].backend)] = _digital_set(placed[id(group)])
+                    while len(last) > _LAST_KEPT:
+                        last.pop(next(iter(last)))
     except Cancelled:
         pass
     finally:
@@ -301,10 +310,11 @@ def _seed_major(groups: list[list[RunSpec]]) -> list[list[RunSpec]]:
     return sorted(groups, key=lambda g: first[(g[0].noise, g[0].seed, g[0].backend)])
 
 
+_LAST_KEPT = 64    # (noise, seed, backend) whose last digital set a model's state keeps for the next chain (_chained)
 _CHAIN_MAX = 512   # units per (noise, seed, backend) ordered by nearest placement (quadratic in their number)
 
 
-def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
+def _chained(groups: list[list[RunSpec]], placed: dict, before: dict | None = None) -> list[list[RunSpec]]:
     """Units of each run that shares (noise, seed, backend) (see :func:`_seed_major`) ordered so that each unit's
     analog experts differ from the previous unit's in few experts: the fast backend copies only the experts whose
     state changed into the fused tensors it keeps (``fast_backend.FastBackend._swap``), and a sweep's strategies at
@@ -312,7 +322,14 @@ def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
     nearest neighbour on the symmetric difference of the digital sets, which is the analog sets', from the run's
     first unit; a run of more
     than ``_CHAIN_MAX`` units, or one the chain would not shorten, keeps its order). Only the order of the work changes, no number (each unit's noise is
-    seeded by itself). ``placed``: {id(group): Placement}; a group without one keeps its place."""
+    seeded by itself). ``placed``: {id(group): Placement}; a group without one keeps its place.
+
+    ``before``: {(noise, seed, backend): digital set {(layer, expert)} of the unit that ran last with them in an
+    earlier call on this model} (``_run_units`` keeps it): a run with an entry starts at its unit nearest to that
+    set (first of equals) instead of its first unit, as the fused tensors still hold that unit's experts. A second
+    sweep at a seed, e.g. other budgets (``bench/bench_overhead.py``'s steady state), otherwise began by copying
+    ~20% of its expert copies to undo the first sweep's last placement (measured: 164 changed experts per preset
+    instead of 202)."""
     out, i = [], 0
     while i < len(groups):
         k = (groups[i][0].noise, groups[i][0].seed, groups[i][0].backend)
@@ -321,19 +338,27 @@ def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
             j += 1
         run = groups[i:j]
         if 2 < len(run) <= _CHAIN_MAX and all(id(g) in placed for g in run):
-            sets = {id(g): {(n, e) for n, d in enumerate(placed[id(g)].digital) for e in d} for g in run}
-            chain, left = [run[0]], run[1:]
+            sets = {id(g): _digital_set(placed[id(g)]) for g in run}
+            start = (before or {}).get(k)
+            head = 0 if start is None else min(range(len(run)), key=lambda q: len(start ^ sets[id(run[q])]))
+            chain, left = [run[head]], run[:head] + run[head + 1:]
             while left:
                 last = sets[id(chain[-1])]
                 nxt = min(range(len(left)), key=lambda q: len(last ^ sets[id(left[q])]))   # first of equals: stable
                 chain.append(left.pop(nxt))
 
             def changes(order):
-                return sum(len(sets[id(a)] ^ sets[id(b)]) for a, b in zip(order, order[1:]))
+                return sum(len(sets[id(a)] ^ sets[id(b)]) for a, b in zip(order, order[1:])) + \
+                    (len(start ^ sets[id(order[0])]) if start is not None else 0)
             run = chain if changes(chain) < changes(run) else run   # greedy is no optimum: never worse than given
         out += run
         i = j
     return out
+
+
+def _digital_set(placement) -> set:
+    """{(MoE layer number, expert)} of a placement's digital experts."""
+    return {(n, e) for n, d in enumerate(placement.digital) for e in d}
 
 
 def cancelled_line(n_results: int) -> str:

@@ -198,6 +198,25 @@ def _torch_seed_cheap() -> None:
     evaluator.set_torch_seed = set_torch_seed
 
 
+def _task_log_when_shown() -> None:
+    """Make lm-eval list the selected tasks (``evaluator._log_selected_tasks``) only when its logger shows INFO.
+
+    ``simple_evaluate`` calls it on every call; it only logs (``evaluator_utils.eval_logger.info`` lines of the task hierarchy and
+    each task's yaml path), but builds those lines first: ~0.15 ms per call (measured, ``bench/bench_overhead.py``),
+    and hetmoe sets lm-eval's logger to ERROR (``_run_task``), where none of them is shown. With INFO shown (a user
+    raising lm-eval's log level), lm-eval's own function runs."""
+    from lm_eval import evaluator, evaluator_utils
+    if getattr(evaluator._log_selected_tasks, "hetmoe_shown", False):
+        return
+    full = evaluator._log_selected_tasks
+
+    def _log_selected_tasks(*a, **k):
+        if evaluator_utils.eval_logger.isEnabledFor(logging.INFO):
+            full(*a, **k)
+    _log_selected_tasks.hetmoe_shown, _log_selected_tasks.lm_eval_log_selected_tasks = True, full
+    evaluator._log_selected_tasks = _log_selected_tasks
+
+
 _TEMPLATES_KEPT = 1024   # compiled Jinja templates kept per process (a task has a few; lm-eval's registry ~14,000 files)
 
 
@@ -241,6 +260,7 @@ def _built_tasks(tm, ref: TaskRef, num_fewshot, built: dict | None) -> list:
         loaded = tm.load([ref.name])
         for task in loaded["tasks"].values():
             _config_once(task)
+            _requests_once(task)
         built[key] = _Kept([loaded["groups"][ref.name]] if ref.name in loaded["groups"] else loaded["tasks"].values())
         built[key].task_manager = tm
     return list(built[key])
@@ -272,6 +292,49 @@ def _config_once(task) -> None:
     task.dump_config = dump_config
 
 
+_REQUESTS_OWN = {"samples": None, "cache_requests": False, "rewrite_requests_cache": False,
+                 "apply_chat_template": False, "chat_template": None}   # any other value: lm-eval's own build
+
+
+def _requests_once(task) -> None:
+    """Make a kept lm-eval Task build its requests (``Task.build_all_requests``) once per (limit, rank, world size,
+    tokenizer name, generation kwargs) while it runs zero-shot, not on every call.
+
+    ``simple_evaluate`` rebuilds every request of every call: it iterates the task's documents (a ``datasets``
+    row read each) and renders their prompts, ~0.7 ms per call of a one-document task (measured,
+    ``bench/bench_overhead.py``'s steady state, where a sweep's 24 results at ``--limit 1`` re-ran it 24 times
+    for the same document). Zero-shot, a request depends only on the task's fixed documents and config and on
+    those arguments (no few-shot sampler draws), so each later call gets fresh copies of the first build's
+    ``Instance`` objects (the same document, arguments and metadata; empty ``resps`` / ``filtered_resps``, which
+    lm-eval fills per call); the system instruction and ``fewshot_as_multiturn`` enter the key too. Any other
+    case (few-shot, ``samples``, lm-eval's request cache on disk, a chat template) takes lm-eval's own build
+    unchanged. The numbers equal a fresh build's (test)."""
+    import copy
+    own = type(task).build_all_requests
+    kept: dict = {}
+
+    def fresh(insts):
+        out = []
+        for inst in insts:
+            c = copy.copy(inst)
+            c.resps, c.filtered_resps = [], {}
+            out.append(c)
+        return out
+
+    def build_all_requests(**kw):
+        rest = {k: v for k, v in kw.items() if k not in _REQUESTS_OWN}
+        if task.config.num_fewshot not in (0, None) or any(kw.get(k, v) is not v for k, v in _REQUESTS_OWN.items()) \
+                or not all(v is None or isinstance(v, (str, int, bool)) for v in rest.values()):
+            return own(task, **kw)
+        key = (tuple(sorted(rest.items())), repr(task.config.generation_kwargs))
+        if key not in kept:
+            own(task, **kw)
+            kept[key] = fresh(task._instances)
+        task._instances = fresh(kept[key])
+    task.build_all_requests = build_all_requests
+    task.build_all_requests.kept = kept
+
+
 def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]:
     """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr, higher_is_better}]
     (the direction as the task's results declare it, ``results["higher_is_better"][task]``). ``built``: see
@@ -280,6 +343,7 @@ def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]
     _env_info_once()
     _templates_once()
     _torch_seed_cheap()
+    _task_log_when_shown()
     kept = built.get((ref.name, ref.include_path, spec.num_fewshot)) if built is not None else None
     tm = kept.task_manager if kept is not None else \
         _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)

@@ -6,6 +6,7 @@ Every draw is seeded per (seed, module) through :func:`_derive_seed`: same confi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from contextlib import contextmanager
 
@@ -40,9 +41,16 @@ def _seeded_global_rng(seed: int, device: torch.device):
 
 def split_sizes(size: int, tile: int) -> list[int]:
     """Tile split of a matrix dimension, as aihwkit's ``TileModuleArray.get_split_sizes``:
-    ceil(size / tile) near-equal parts (700 with 512 -> [350, 350])."""
+    ceil(size / tile) near-equal parts (700 with 512 -> [350, 350]). A new list each call; aihwkit's answer is
+    kept per (size, tile) (``_kept_split``): the fast backend asks twice per MoE layer and placement, and the
+    import plus aihwkit's call cost ~30 us each (measured, ``bench/bench_overhead.py``'s steady state)."""
+    return list(_kept_split(int(size), int(tile)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _kept_split(size: int, tile: int) -> tuple:
     from aihwkit.simulator.tiles.array import TileModuleArray
-    return TileModuleArray.get_split_sizes(None, size, tile)
+    return tuple(TileModuleArray.get_split_sizes(None, size, tile))
 
 
 def _quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
