@@ -261,6 +261,7 @@ def _built_tasks(tm, ref: TaskRef, num_fewshot, built: dict | None) -> list:
         for task in loaded["tasks"].values():
             _config_once(task)
             _requests_once(task)
+            _docs_once(task)
         built[key] = _Kept([loaded["groups"][ref.name]] if ref.name in loaded["groups"] else loaded["tasks"].values())
         built[key].task_manager = tm
     return list(built[key])
@@ -292,6 +293,7 @@ def _config_once(task) -> None:
     task.dump_config = dump_config
 
 
+_KEPT_MAX = 4096   # requests / documents of one kept build at most (tasks._requests_once, tasks._docs_once)
 _REQUESTS_OWN = {"samples": None, "cache_requests": False, "rewrite_requests_cache": False,
                  "apply_chat_template": False, "chat_template": None}   # any other value: lm-eval's own build
 
@@ -307,8 +309,9 @@ def _requests_once(task) -> None:
     those arguments (no few-shot sampler draws), so each later call gets fresh copies of the first build's
     ``Instance`` objects (the same document, arguments and metadata; empty ``resps`` / ``filtered_resps``, which
     lm-eval fills per call); the system instruction and ``fewshot_as_multiturn`` enter the key too. Any other
-    case (few-shot, ``samples``, lm-eval's request cache on disk, a chat template) takes lm-eval's own build
-    unchanged. The numbers equal a fresh build's (test)."""
+    case (few-shot, ``samples``, lm-eval's request cache on disk, a chat template) and a build of more than
+    ``_KEPT_MAX`` requests take lm-eval's own build unchanged. The documents are shared between calls, as lm-eval's
+    own request cache (``cache_requests``) shares them. The numbers equal a fresh build's (test)."""
     import copy
     own = type(task).build_all_requests
     kept: dict = {}
@@ -329,10 +332,40 @@ def _requests_once(task) -> None:
         key = (tuple(sorted(rest.items())), repr(task.config.generation_kwargs))
         if key not in kept:
             own(task, **kw)
+            if len(task._instances) > _KEPT_MAX:   # a large build: its forwards dwarf building it again
+                return None
             kept[key] = fresh(task._instances)
         task._instances = fresh(kept[key])
     task.build_all_requests = build_all_requests
     task.build_all_requests.kept = kept
+
+
+def _docs_once(task) -> None:
+    """Make a kept lm-eval Task list its documents (``Task.doc_iterator``) once per (rank, limit, world size), not on
+    every call.
+
+    lm-eval's ``evaluate`` iterates the task's documents after the forwards to score each one
+    (``process_results``); every iteration reads each row from the ``datasets`` table anew, ~0.4 ms per call of a
+    one-document task (measured, ``bench/bench_overhead.py``'s steady state). A kept task's documents are fixed,
+    so later calls iterate the (doc id, document) pairs the first one listed: the documents lm-eval's own request
+    cache (``cache_requests``) and the kept requests (:func:`_requests_once`) share between calls too. With
+    ``samples``, or more than ``_KEPT_MAX`` documents, lm-eval's own iterator runs. The numbers equal lm-eval's
+    (test)."""
+    own = type(task).doc_iterator
+    kept: dict = {}
+
+    def doc_iterator(*, rank=0, limit=None, world_size=1, samples=None):
+        if samples:
+            return own(task, rank=rank, limit=limit, world_size=world_size, samples=samples)
+        key = (int(rank), int(limit) if limit else None, int(world_size))
+        if key not in kept:
+            docs = list(own(task, rank=rank, limit=limit, world_size=world_size, samples=samples))
+            if len(docs) > _KEPT_MAX:
+                return iter(docs)
+            kept[key] = docs
+        return iter(kept[key])
+    task.doc_iterator = doc_iterator
+    task.doc_iterator.kept = kept
 
 
 def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]:

@@ -229,7 +229,7 @@ def test_built_tasks_give_the_numbers_of_a_fresh_build():
 def test_kept_requests_give_the_numbers_of_a_fresh_build(monkeypatch, caplog):
     """A kept zero-shot lm-eval task builds its requests once per limit (tasks._requests_once) and every later call
     runs fresh copies of them: the numbers of lm-eval's own build each call, for a local and a paper task; a
-    few-shot task builds them every call. lm-eval's list of selected tasks is built only when its logger shows
+    few-shot task builds them every call. Each kept task lists its documents once per limit (tasks._docs_once). lm-eval's list of selected tasks is built only when its logger shows
     INFO (tasks._task_log_when_shown), and then it is logged."""
     import logging
     from types import SimpleNamespace
@@ -256,6 +256,8 @@ def test_kept_requests_give_the_numbers_of_a_fresh_build(monkeypatch, caplog):
             assert len(builds) - n == mine + 1 and any(r["value"] > 0 for r in kept)
         (task,) = built[(ref.name, ref.include_path, shots)]
         own = [b for b in builds if b[0] == task.config.task]
+        assert sorted(task.doc_iterator.kept) == [(0, 2, 1), (0, 3, 1)]   # documents listed once per limit
+        assert [d for _, d in task.doc_iterator.kept[(0, 2, 1)]] == list(task.eval_docs)[:2]
         if shots == 0:   # two kept builds (limits 2 and 3) for five calls, each request fresh per call
             assert sorted(k[0][0] for k in task.build_all_requests.kept) == [("fewshot_as_multiturn", True)] * 2
             assert all(not i.resps and not i.filtered_resps for v in task.build_all_requests.kept.values() for i in v)
