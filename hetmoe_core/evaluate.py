@@ -240,10 +240,14 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
         groups, placed = _seed_major(units(todo)), {}
         if len(groups) > 1:   # placements up front (under the model lock: a strategy may need routing statistics)
             with state["lock"]:
+                same: dict = {}
                 for g in groups:
                     if cancel is not None and cancel.is_set():
                         break
-                    placed[id(g)] = _unit_placement(lm, store, g[0], calib_text, measured)
+                    k = _placement_inputs(g[0], calib_text)
+                    if k not in same:
+                        same[k] = _unit_placement(lm, store, g[0], calib_text, measured)
+                    placed[id(g)] = same[k]
                 groups = _chained(groups, placed, state["last_digital"])
         for group in groups:
             if cancel is not None and cancel.is_set():
@@ -402,6 +406,16 @@ def _measured(lm, specs, store, calib_text, cancel, progress: Callable[[str, int
     return out
 
 
+def _placement_inputs(head: RunSpec, calib_text) -> tuple:
+    """Everything :func:`_unit_placement` reads from a unit's head spec (and whether the calibration text is the
+    default): units with equal inputs get the same (frozen) Placement, placed once. A sweep's presets share each
+    placement but for a measured strategy (its scores are measured under the unit's noise): placing one and making
+    its JSON and key took ~0.3 ms per unit (measured, ``bench/bench_overhead.py``'s steady state)."""
+    measured = not head.ideal and STRATEGIES[head.strategy].needs == "measurement"
+    return (head.ideal, head.strategy, head.budget, head.scope, head.dense, head.seed, head.calibration,
+            calib_text is None, head.noise if measured else None)
+
+
 def _unit_placement(lm, store: Store, head: RunSpec, calib_text, measured: dict):
     """The placement of a unit: all digital for the ideal reference, else ``place`` with what the strategy needs."""
     from .placement import DensePolicy, Placement, place
@@ -476,10 +490,9 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
     there (one computed meanwhile by another process is computed again: the same numbers, not marked shared).
     ``placement``: the unit's placement when the caller built it already (None: built here).
     """
-    from .placement import digital_share
     head = group[0]
     placement = placement if placement is not None else _unit_placement(lm, store, head, calib_text, measured)
-    share = digital_share(placement, lm.anatomy)["digital_share"]
+    share = _digital_share(placement, lm.anatomy)
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}
     from .noise import NoiseConfig
@@ -530,6 +543,22 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
                 raise
             memo[comp(spec)] = (spec.key, metrics)
             yield save(spec, metrics, started, time.perf_counter() - t0)
+
+
+_SHARES_KEPT = 256   # placements whose digital share an anatomy keeps (_digital_share)
+
+
+def _digital_share(placement, anatomy) -> float:
+    """``digital_share(placement, anatomy)["digital_share"]`` (``placement``), kept on the anatomy per placement key (the
+    last ``_SHARES_KEPT``): a sweep stores it with every result, each preset's units of one placement alike, and
+    counting the parameters took ~0.1 ms per result (measured, ``bench/bench_overhead.py``'s steady state)."""
+    from .placement import digital_share
+    memo = anatomy.__dict__.setdefault("_share_memo", {})
+    if placement.key not in memo:
+        memo[placement.key] = digital_share(placement, anatomy)["digital_share"]
+        while len(memo) > _SHARES_KEPT:
+            memo.pop(next(iter(memo)))
+    return memo[placement.key]
 
 
 def _raiser(cancelled: Callable[[], bool] | None) -> Callable[[], None]:
