@@ -549,9 +549,9 @@ _SHARES_KEPT = 256   # placements whose digital share an anatomy keeps (_digital
 
 
 def _digital_share(placement, anatomy) -> float:
-    """``digital_share(placement, anatomy)["digital_share"]`` (``placement``), kept on the anatomy per placement key (the
-    last ``_SHARES_KEPT``): a sweep stores it with every result, each preset's units of one placement alike, and
-    counting the parameters took ~0.1 ms per result (measured, ``bench/bench_overhead.py``'s steady state)."""
+    """``placement.digital_share(placement, anatomy)["digital_share"]``, kept on the anatomy per placement key
+    (the last ``_SHARES_KEPT``): a sweep stores it with every result, each preset's units of one placement alike,
+    and counting the parameters took ~0.1 ms per result (measured, ``bench/bench_overhead.py``'s steady state)."""
     from .placement import digital_share
     memo = anatomy.__dict__.setdefault("_share_memo", {})
     if placement.key not in memo:

@@ -201,10 +201,10 @@ def _torch_seed_cheap() -> None:
 def _task_log_when_shown() -> None:
     """Make lm-eval list the selected tasks (``evaluator._log_selected_tasks``) only when its logger shows INFO.
 
-    ``simple_evaluate`` calls it on every call; it only logs (``evaluator_utils.eval_logger.info`` lines of the task hierarchy and
-    each task's yaml path), but builds those lines first: ~0.15 ms per call (measured, ``bench/bench_overhead.py``),
-    and hetmoe sets lm-eval's logger to ERROR (``_run_task``), where none of them is shown. With INFO shown (a user
-    raising lm-eval's log level), lm-eval's own function runs."""
+    ``simple_evaluate`` calls it on every call; it only logs (``evaluator_utils.eval_logger.info`` lines of the task
+    hierarchy and each task's yaml path), but builds those lines first: ~0.15 ms per call (measured,
+    ``bench/bench_overhead.py``), and hetmoe sets lm-eval's logger to ERROR (``_run_task``), where none of them is
+    shown. With INFO shown (a user raising lm-eval's log level), lm-eval's own function runs."""
     from lm_eval import evaluator, evaluator_utils
     if getattr(evaluator._log_selected_tasks, "hetmoe_shown", False):
         return

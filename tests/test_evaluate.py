@@ -229,8 +229,9 @@ def test_built_tasks_give_the_numbers_of_a_fresh_build():
 def test_kept_requests_give_the_numbers_of_a_fresh_build(monkeypatch, caplog):
     """A kept zero-shot lm-eval task builds its requests once per limit (tasks._requests_once) and every later call
     runs fresh copies of them: the numbers of lm-eval's own build each call, for a local and a paper task; a
-    few-shot task builds them every call. Each kept task lists its documents once per limit (tasks._docs_once). lm-eval's list of selected tasks is built only when its logger shows
-    INFO (tasks._task_log_when_shown), and then it is logged."""
+    few-shot task builds them every call. Each kept task lists its documents once per limit (tasks._docs_once).
+    lm-eval's list of selected tasks is built only when its logger shows INFO (tasks._task_log_when_shown), and
+    then it is logged."""
     import logging
     from types import SimpleNamespace
     from lm_eval.api.task import ConfigurableTask
