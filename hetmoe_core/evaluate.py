@@ -15,6 +15,7 @@ loaded model is guarded by its own lock while its weights are noisy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import math
 import threading
@@ -460,6 +461,14 @@ def spec_routing_drift(lm, spec: RunSpec, store: Store | str | None = None, *, t
     return routing_drift(lm, placement, noise, ids, seeds=[spec.seed])
 
 
+@functools.lru_cache(maxsize=256)
+def _noise_of(items: tuple):
+    """The NoiseConfig of a spec's ``noise`` items (``NoiseConfig.to_dict()`` items), one frozen object per value:
+    building and validating one took ~30 us, twice per unit (measured, ``bench/bench_overhead.py``)."""
+    from .noise import NoiseConfig
+    return NoiseConfig(**dict(items))
+
+
 def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
     """(lm-eval HFLM of the batch size, context that makes the model noisy for this unit; ``check()`` runs between
     the programmed layers and may raise Cancelled)."""
@@ -470,8 +479,7 @@ def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
     if head.ideal:
         return state["hflm"][bs], contextlib.nullcontext()
     from .analog import analog
-    from .noise import NoiseConfig
-    return state["hflm"][bs], analog(lm.model, lm.anatomy, placement, NoiseConfig(**dict(head.noise)),
+    return state["hflm"][bs], analog(lm.model, lm.anatomy, placement, _noise_of(head.noise),
                                      seed=head.seed, backend=head.backend, check=check)
 
 
@@ -495,8 +503,7 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
     share = _digital_share(placement, lm.anatomy)
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}
-    from .noise import NoiseConfig
-    same_any_seed = head.ideal or NoiseConfig(**dict(head.noise)).deterministic
+    same_any_seed = head.ideal or _noise_of(head.noise).deterministic
     cfg = head.config()
     ident = {"model": cfg["model"], "device": cfg["device"], "versions": cfg["versions"], "ideal": head.ideal,
              "digital": placement.digital, "dense": placement.dense, "noise": dict(head.noise),

@@ -171,9 +171,10 @@ class ProgrammedCache:
     converters act: half the bytes of a float32 draw for a bfloat16 model, and no arithmetic per placement),
     ``g`` ``[1, O, T]`` float32 ADC-code-to-output factors (None without converters); ``form`` names what the
     stored form depends on besides the draw (converter grids, dtype, layout). Fused entries:
-    ``("fused", experts module name, "in"|"down") -> (tensor, tag, analog experts)``, a whole fused expert tensor
-    holding the analog experts of the placement last run (``tag``: their seed, noise and form) and every other
-    expert clean, which the next placement updates where its analog set differs (:meth:`take` / :meth:`keep`).
+    ``("fused", experts module name, "in"|"down") -> (tensor, tag, analog experts, g_out, experts in g_out)`` (and
+    a spare's five after them), a whole fused expert tensor holding the analog experts of the placement last run
+    (``tag``: their seed, noise and form) and every other expert clean, which the next placement updates where its
+    analog set differs, with its ADC factors (:meth:`take` / :meth:`keep`, ``fast_backend.FastBackend._swap``).
     Least recently used out first beyond ``max_bytes`` (default ``HETMOE_PROGRAM_CACHE_MB`` MiB, 512): the
     default model holds ~30 MB per seed; an OLMoE-1B-7B-sized model (6.4 G expert weights, 13 GB per seed in
     bfloat16) keeps few and programs each placement afresh with the same numbers. Lives on the model object

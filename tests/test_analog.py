@@ -395,7 +395,8 @@ def test_placement_from_a_warm_cache_is_the_cold_one_bit_for_bit(dtype):
     cache in the form the forward reads, the fused tensors swapped in and updated only where an expert changed
     state) gives the logits of the same placement programmed afresh with an empty cache, and of the path that
     writes the slices in place (a model whose fused tensors do not fit the cache); two presets alternating at one
-    seed each keep their own fused tensor; every parameter is restored."""
+    seed each keep their own fused tensor, with the ADC factors of every expert analog there so far (each written
+    once); every parameter is restored."""
     from hetmoe_core.tiles import ProgrammedCache
     model = tiny_model("olmoe").to(dtype)
     a, ids = anatomy_of(model), _ids()
@@ -416,7 +417,10 @@ def test_placement_from_a_warm_cache_is_the_cold_one_bit_for_bit(dtype):
     assert torch.equal(run(p, cfg, 5), cold)                   # warm: updated from another placement's tensors
     run(Placement.all_analog(a), other, 5)                     # two presets alternate: each keeps its own tensor
     fused = [v for k, v in cache.entries.items() if k[0] == "fused"]
-    assert fused and all(len(v) == 8 and {v[1][1], v[5][1]} == {cfg, other} for v in fused)
+    assert fused and all(len(v) == 10 and {v[1][1], v[6][1]} == {cfg, other} for v in fused)
+    for v in fused:   # ADC factors kept with the tensor: the current analog experts' and those of earlier placements
+        buf, tag, analog_ids, g_out, g_have = next(e for e in (v[:5], v[5:]) if e[1][1] == cfg)
+        assert g_out is not None and analog_ids < g_have and len(g_have) == g_out.shape[1]
     assert torch.equal(run(p, cfg, 5), cold)                   # from its own tensor, kept as the spare
     assert _same_state(model, before)
     cache.max_bytes = 0                                        # nothing kept: slices written in place, restored
