@@ -451,6 +451,63 @@ class _TokenMemo:
                 self.bytes -= len(k[0].encode()) + 4 * len(old)
 
 
+_ROWS_LM_EVAL = "0.4.13"   # the lm-eval whose HFLM._loglikelihood_tokens was read for _Logits (requirements.txt)
+_rows_ok: list = []
+
+
+def _rows_deferred() -> bool:
+    """Whether the installed lm-eval is the one ``_Logits`` was written against (else lm-eval's own path runs)."""
+    if not _rows_ok:
+        import importlib.metadata
+        _rows_ok.append(importlib.metadata.version("lm_eval") == _ROWS_LM_EVAL)
+    return _rows_ok[0]
+
+
+class _Logits:
+    """The logits ``[batch, positions, vocab]`` of one batch of a quiet wrapper's loglikelihood requests, handed to
+    lm-eval's ``HFLM._loglikelihood_tokens`` in place of the tensor its ``_model_call`` returns.
+
+    lm-eval takes ``F.log_softmax(logits, dim=-1)`` of the whole batch, then keeps of each request's row only the
+    positions of its continuation (``_select_cont_toks``): at ``--limit 1`` the log-softmax over the vocabulary of
+    every padded position was ~0.5-1 ms per result, a sixth of a sweep's steady-state overhead (measured,
+    ``bench/bench_overhead.py``), for the one to few positions scored. Here that ``F.log_softmax`` (reached through
+    ``__torch_function__``) gives one :class:`_RowLogits` per request, and the quiet wrapper's ``_select_cont_toks``
+    takes lm-eval's own slice of the raw row and the log-softmax of that slice alone, with lm-eval's arguments
+    (``dtype``: its ``softmax_dtype``). A log-softmax over the last dimension computes each position on its own, so
+    the values are those of the whole batch's, bit for bit (test: lm-eval's own HFLM gives the same numbers). Any
+    other function reaching it runs on the tensor unchanged."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        import torch
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.log_softmax and isinstance(args[0], _Logits):
+            x = args[0].logits
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim is not None and dim % x.dim() == x.dim() - 1 and len(args) <= 2:
+                return [_RowLogits(row, kwargs.get("dtype")) for row in x]
+        return func(*[a.logits if isinstance(a, _Logits) else a for a in args], **kwargs)
+
+
+class _RowLogits:
+    """One request's raw logits ``[positions, vocab]`` (``raw``) whose log-softmax over the vocabulary is taken only
+    where lm-eval slices it (:class:`_Logits`); ``shape`` is the row's, as lm-eval reads it."""
+
+    def __init__(self, raw, dtype):
+        self.raw, self.dtype = raw, dtype
+
+    @property
+    def shape(self):
+        return self.raw.shape
+
+    def log_softmax(self, sliced):
+        import torch
+        return torch.nn.functional.log_softmax(sliced, dim=-1, dtype=self.dtype)
+
+
 def quiet_hflm(**kw):
     """lm-eval's ``HFLM(**kw)`` without its per-request progress bars ("Tokenizing inputs", "Running loglikelihood
     requests", ...): hetmoe shows one overall bar per sweep instead. lm-eval passes ``disable_tqdm`` explicitly
@@ -462,7 +519,9 @@ def quiet_hflm(**kw):
     strings it encoded last (``_TokenMemo``): a sweep encodes the same documents for every result, and lm-eval's
     encode of one short request (the tokenizer's encode plus a ``decode`` of the BOS token, each call) took ~0.5 ms
     (measured, ``bench/bench_overhead.py``); the tokenizer and the wrapper's BOS setting are fixed for the
-    wrapper's life, so the ids are the ones lm-eval computes (a fresh list per call: callers may edit it)."""
+    wrapper's life, so the ids are the ones lm-eval computes (a fresh list per call: callers may edit it). Its
+    loglikelihood requests take the log-softmax over the vocabulary only at the positions lm-eval scores
+    (``_Logits``)."""
     if not _QUIET:
         from lm_eval.models.huggingface import HFLM
 
@@ -487,7 +546,24 @@ def quiet_hflm(**kw):
                 got = HFLM.tok_encode(self, string, add_special_tokens, left_truncate_len)
                 memo.put(key, got)
             return got
-        names = ("loglikelihood", "loglikelihood_rolling", "generate_until", "_loglikelihood_tokens")
+        def _loglikelihood_tokens(self, *a, **k):
+            self._hetmoe_rows = _rows_deferred() and self.batch_size != "auto"
+            try:
+                return HFLM._loglikelihood_tokens(self, *a, **{**k, "disable_tqdm": True})
+            finally:
+                self._hetmoe_rows = False
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            out = HFLM._model_call(self, inps, attn_mask, labels)
+            return _Logits(out) if self.__dict__.get("_hetmoe_rows") else out
+
+        def _select_cont_toks(self, logits, contlen=None, inplen=None):
+            if isinstance(logits, _RowLogits):
+                return logits.log_softmax(HFLM._select_cont_toks(self, logits.raw, contlen, inplen))
+            return HFLM._select_cont_toks(self, logits, contlen, inplen)
+        names = ("loglikelihood", "loglikelihood_rolling", "generate_until")
         _QUIET.append(type("QuietHFLM", (HFLM,), {**{n: quiet(n) for n in names}, "get_model_info": get_model_info,
-                                                   "tok_encode": tok_encode}))
+                                                   "tok_encode": tok_encode,
+                                                   "_loglikelihood_tokens": _loglikelihood_tokens,
+                                                   "_model_call": _model_call, "_select_cont_toks": _select_cont_toks}))
     return _QUIET[0](**kw)

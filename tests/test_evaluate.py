@@ -339,6 +339,46 @@ def test_kept_token_ids_and_cpu_seeding_give_lm_evals_numbers(monkeypatch):
     evaluator.set_torch_seed(1234)
     assert torch.equal(torch.get_rng_state(), want)
 
+
+def test_log_softmax_at_scored_positions_gives_lm_evals_numbers(monkeypatch):
+    """The quiet wrapper takes the log-softmax over the vocabulary only at the positions lm-eval scores
+    (tasks._Logits): the rows equal those of lm-eval's whole-batch log-softmax bit for bit (float32, bfloat16, with
+    lm-eval's softmax dtype), every loglikelihood request goes that way (a cloze answer's over fewer positions than
+    its row), and a loglikelihood task, a rolling perplexity task and a few-shot paper task score as lm-eval's own
+    HFLM does."""
+    from types import SimpleNamespace
+    import torch
+    import torch.nn.functional as F
+    from lm_eval.models.huggingface import HFLM
+    from hetmoe_core import tasks
+    x = torch.randn(3, 9, 4096, generator=torch.Generator().manual_seed(0)) * 6
+    for dt, sd in ((torch.float32, None), (torch.bfloat16, torch.float32), (torch.bfloat16, None)):
+        rows = F.log_softmax(tasks._Logits(x.to(dt)), dim=-1, dtype=sd)
+        full = F.log_softmax(x.to(dt), dim=-1, dtype=sd)
+        assert [r.shape for r in rows] == [full[0].shape] * 3
+        for r, f, (s0, s1) in zip(rows, full, ((6, 9), (0, 1), (2, 7))):
+            assert torch.equal(r.log_softmax(r.raw[s0:s1]), f[s0:s1])
+    assert torch.equal(F.softmax(tasks._Logits(x), dim=-1), F.softmax(x, dim=-1))   # anything else: unchanged
+    lm = load_model("tiny:olmoe")
+    hflm = tasks.quiet_hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    plain = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    scored = []
+    real = tasks._RowLogits.log_softmax
+
+    def counted(self, sliced):
+        scored.append(sliced.shape[0] < self.raw.shape[0] or self.raw.shape[0] == 1)
+        return real(self, sliced)
+    monkeypatch.setattr(tasks._RowLogits, "log_softmax", counted)
+    for name, shots in (("hetmoe_cloze", 0), ("hetmoe_ppl_pycode", 0), ("paper_arc_easy", 2)):
+        (ref,) = tasks.resolve_tasks([name])
+        spec = SimpleNamespace(limit=3, num_fewshot=shots)
+        n = len(scored)
+        mine = tasks._run_task(hflm, ref, spec)
+        assert len(scored) > n and not hflm._hetmoe_rows, name
+        assert mine == tasks._run_task(plain, ref, spec) and any(r["value"] > 0 for r in mine), name
+        if name == "hetmoe_cloze":   # a cloze answer is a few tokens after its context: fewer positions than the row
+            assert all(scored[n:]), scored[n:]
+
 def test_units_of_a_seed_run_in_a_chain_of_near_placements(tmp_path):
     """Within one (noise, seed) the units run so that consecutive placements differ in fewer experts than in the
     planned order (the fast backend copies only changed experts), every unit once, the first one first; the sweep
