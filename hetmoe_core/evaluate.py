@@ -15,6 +15,7 @@ loaded model is guarded by its own lock while its weights are noisy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import math
 import threading
@@ -115,7 +116,8 @@ def _state(lm) -> dict:
         if lm not in _per_model:
             # tasks: tasks._built_tasks; stats: routing statistics by (calibration hash, default text) and the
             # expert scores ("scores"), computed once per loaded model
-            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}, "tasks": {}, "stats": {}}
+            # last_digital: see _chained
+            _per_model[lm] = {"lock": threading.Lock(), "hflm": {}, "tasks": {}, "stats": {}, "last_digital": {}}
         return _per_model[lm]
 
 
@@ -242,18 +244,30 @@ def _run_units(lm, todo: list[RunSpec], store: Store, cancel, calib_text, report
         groups, placed = _seed_major(units(todo)), {}
         if len(groups) > 1:   # placements up front (under the model lock: a strategy may need routing statistics)
             with state["lock"]:
+                same: dict = {}
                 for g in groups:
                     if cancel is not None and cancel.is_set():
                         break
-                    placed[id(g)] = _unit_placement(lm, store, g[0], calib_text, measured)
-            groups = _chained(groups, placed)
+                    k = _placement_inputs(g[0], calib_text)
+                    if k not in same:
+                        same[k] = _unit_placement(lm, store, g[0], calib_text, measured)
+                    placed[id(g)] = same[k]
+                groups = _chained(groups, placed, state["last_digital"])
         for group in groups:
             if cancel is not None and cancel.is_set():
                 break
             with state["lock"]:
+                ran = False
                 for spec, metrics, run in _run_unit(lm, state, group, writer, cancel, calib_text, memo, measured,
                                                     known, placed.get(id(group))):
+                    ran = ran or run["shared_from"] is None
                     report(spec, _result(spec, False, metrics, run))
+                if ran and id(group) in placed and not group[0].ideal:   # the next call's chain starts near it
+                    last = state["last_digital"]
+                    last.pop((group[0].noise, group[0].seed, group[0].backend), None)
+                    last[(group[0].noise, group[0].seed, group[0].backend)] = _digital_set(placed[id(group)])
+                    while len(last) > _LAST_KEPT:
+                        last.pop(next(iter(last)))
     except Cancelled:
         pass
     finally:
@@ -304,10 +318,11 @@ def _seed_major(groups: list[list[RunSpec]]) -> list[list[RunSpec]]:
     return sorted(groups, key=lambda g: first[(g[0].noise, g[0].seed, g[0].backend)])
 
 
+_LAST_KEPT = 64    # (noise, seed, backend) whose last digital set a model's state keeps for the next chain (_chained)
 _CHAIN_MAX = 512   # units per (noise, seed, backend) ordered by nearest placement (quadratic in their number)
 
 
-def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
+def _chained(groups: list[list[RunSpec]], placed: dict, before: dict | None = None) -> list[list[RunSpec]]:
     """Units of each run that shares (noise, seed, backend) (see :func:`_seed_major`) ordered so that each unit's
     analog experts differ from the previous unit's in few experts: the fast backend copies only the experts whose
     state changed into the fused tensors it keeps (``fast_backend.FastBackend._swap``), and a sweep's strategies at
@@ -315,7 +330,14 @@ def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
     nearest neighbour on the symmetric difference of the digital sets, which is the analog sets', from the run's
     first unit; a run of more
     than ``_CHAIN_MAX`` units, or one the chain would not shorten, keeps its order). Only the order of the work changes, no number (each unit's noise is
-    seeded by itself). ``placed``: {id(group): Placement}; a group without one keeps its place."""
+    seeded by itself). ``placed``: {id(group): Placement}; a group without one keeps its place.
+
+    ``before``: {(noise, seed, backend): digital set {(layer, expert)} of the unit that ran last with them in an
+    earlier call on this model} (``_run_units`` keeps it): a run with an entry starts at its unit nearest to that
+    set (first of equals) instead of its first unit, as the fused tensors still hold that unit's experts. A second
+    sweep at a seed, e.g. other budgets (``bench/bench_overhead.py``'s steady state), otherwise began by copying
+    ~20% of its expert copies to undo the first sweep's last placement (measured: 164 changed experts per preset
+    instead of 202)."""
     out, i = [], 0
     while i < len(groups):
         k = (groups[i][0].noise, groups[i][0].seed, groups[i][0].backend)
@@ -324,19 +346,27 @@ def _chained(groups: list[list[RunSpec]], placed: dict) -> list[list[RunSpec]]:
             j += 1
         run = groups[i:j]
         if 2 < len(run) <= _CHAIN_MAX and all(id(g) in placed for g in run):
-            sets = {id(g): {(n, e) for n, d in enumerate(placed[id(g)].digital) for e in d} for g in run}
-            chain, left = [run[0]], run[1:]
+            sets = {id(g): _digital_set(placed[id(g)]) for g in run}
+            start = (before or {}).get(k)
+            head = 0 if start is None else min(range(len(run)), key=lambda q: len(start ^ sets[id(run[q])]))
+            chain, left = [run[head]], run[:head] + run[head + 1:]
             while left:
                 last = sets[id(chain[-1])]
                 nxt = min(range(len(left)), key=lambda q: len(last ^ sets[id(left[q])]))   # first of equals: stable
                 chain.append(left.pop(nxt))
 
             def changes(order):
-                return sum(len(sets[id(a)] ^ sets[id(b)]) for a, b in zip(order, order[1:]))
+                return sum(len(sets[id(a)] ^ sets[id(b)]) for a, b in zip(order, order[1:])) + \
+                    (len(start ^ sets[id(order[0])]) if start is not None else 0)
             run = chain if changes(chain) < changes(run) else run   # greedy is no optimum: never worse than given
         out += run
         i = j
     return out
+
+
+def _digital_set(placement) -> set:
+    """{(MoE layer number, expert)} of a placement's digital experts."""
+    return {(n, e) for n, d in enumerate(placement.digital) for e in d}
 
 
 def cancelled_line(n_results: int) -> str:
@@ -378,6 +408,16 @@ def _measured(lm, specs, store, calib_text, cancel, progress: Callable[[str, int
                 lm, s.strategy, noise, store=store, texts=calib_text, progress=tell,
                 cancel=(lambda: cancel.is_set()) if cancel is not None else None)
     return out
+
+
+def _placement_inputs(head: RunSpec, calib_text) -> tuple:
+    """Everything :func:`_unit_placement` reads from a unit's head spec (and whether the calibration text is the
+    default): units with equal inputs get the same (frozen) Placement, placed once. A sweep's presets share each
+    placement but for a measured strategy (its scores are measured under the unit's noise): placing one and making
+    its JSON and key took ~0.3 ms per unit (measured, ``bench/bench_overhead.py``'s steady state)."""
+    measured = not head.ideal and STRATEGIES[head.strategy].needs == "measurement"
+    return (head.ideal, head.strategy, head.budget, head.scope, head.dense, head.seed, head.calibration,
+            calib_text is None, head.noise if measured else None)
 
 
 def _unit_placement(lm, store: Store, head: RunSpec, calib_text, measured: dict):
@@ -424,6 +464,14 @@ def spec_routing_drift(lm, spec: RunSpec, store: Store | str | None = None, *, t
     return routing_drift(lm, placement, noise, ids, seeds=[spec.seed])
 
 
+@functools.lru_cache(maxsize=256)
+def _noise_of(items: tuple):
+    """The NoiseConfig of a spec's ``noise`` items (``NoiseConfig.to_dict()`` items), one frozen object per value:
+    building and validating one took ~30 us, twice per unit (measured, ``bench/bench_overhead.py``)."""
+    from .noise import NoiseConfig
+    return NoiseConfig(**dict(items))
+
+
 def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
     """(lm-eval HFLM of the batch size, context that makes the model noisy for this unit; ``check()`` runs between
     the programmed layers and may raise Cancelled)."""
@@ -434,8 +482,7 @@ def _unit_model(lm, state: dict, head: RunSpec, placement, check=None):
     if head.ideal:
         return state["hflm"][bs], contextlib.nullcontext()
     from .analog import analog
-    from .noise import NoiseConfig
-    return state["hflm"][bs], analog(lm.model, lm.anatomy, placement, NoiseConfig(**dict(head.noise)),
+    return state["hflm"][bs], analog(lm.model, lm.anatomy, placement, _noise_of(head.noise),
                                      seed=head.seed, backend=head.backend, check=check)
 
 
@@ -454,14 +501,12 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
     there (one computed meanwhile by another process is computed again: the same numbers, not marked shared).
     ``placement``: the unit's placement when the caller built it already (None: built here).
     """
-    from .placement import digital_share
     head = group[0]
     placement = placement if placement is not None else _unit_placement(lm, store, head, calib_text, measured)
-    share = digital_share(placement, lm.anatomy)["digital_share"]
+    share = _digital_share(placement, lm.anatomy)
     prow = {"key": placement.key, "model_fingerprint": lm.fingerprint, "strategy": placement.strategy,
             "budget": placement.budget, "scope": placement.scope, "seed": placement.seed, "placement": placement.to_json()}
-    from .noise import NoiseConfig
-    same_any_seed = head.ideal or NoiseConfig(**dict(head.noise)).deterministic
+    same_any_seed = head.ideal or _noise_of(head.noise).deterministic
     cfg = head.config()
     ident = {"model": cfg["model"], "device": cfg["device"], "versions": cfg["versions"], "ideal": head.ideal,
              "digital": placement.digital, "dense": placement.dense, "noise": dict(head.noise),
@@ -508,6 +553,22 @@ def _run_unit(lm, state, group: list[RunSpec], store: Store, cancel, calib_text,
                 raise
             memo[comp(spec)] = (spec.key, metrics)
             yield save(spec, metrics, started, time.perf_counter() - t0)
+
+
+_SHARES_KEPT = 256   # placements whose digital share an anatomy keeps (_digital_share)
+
+
+def _digital_share(placement, anatomy) -> float:
+    """``placement.digital_share(placement, anatomy)["digital_share"]``, kept on the anatomy per placement key
+    (the last ``_SHARES_KEPT``): a sweep stores it with every result, each preset's units of one placement alike,
+    and counting the parameters took ~0.1 ms per result (measured, ``bench/bench_overhead.py``'s steady state)."""
+    from .placement import digital_share
+    memo = anatomy.__dict__.setdefault("_share_memo", {})
+    if placement.key not in memo:
+        memo[placement.key] = digital_share(placement, anatomy)["digital_share"]
+        while len(memo) > _SHARES_KEPT:
+            memo.pop(next(iter(memo)))
+    return memo[placement.key]
 
 
 def _raiser(cancelled: Callable[[], bool] | None) -> Callable[[], None]:

@@ -13,6 +13,8 @@ dense modules.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -21,6 +23,16 @@ from .moe_dispatch import apply_gate, grouped_matmul, set_state
 from .noise import NoiseConfig
 from .tiles import (ProgrammedCache, _channel_absmax, _cumstarts, _derive_seed, _quantize, _w_in,
                     program_weights, split_sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _io_res(noise: NoiseConfig):
+    """(``inp_res``, ``out_res``) of ``noise.io_parameters()`` as a namespace, kept per (frozen, hashable) noise
+    config: building aihwkit's IOParameters took ~25 us per MoE layer and placement (measured), and the experts'
+    state reads only these two fields."""
+    from types import SimpleNamespace
+    io = noise.io_parameters()
+    return SimpleNamespace(inp_res=io.inp_res, out_res=io.out_res)
 
 
 class _FastExperts:
@@ -44,7 +56,7 @@ class _FastExperts:
         self.all_analog = all(self.analog_list)
         self.in_sizes: dict[str, list[int]] = {}
         self.g_out: dict[str, torch.Tensor] = {}
-        io = noise.io_parameters()
+        io = _io_res(noise)
         # converter grids (aihwkit UniformQuantize: step = 2 * bound * res; the DAC's bound is 1 range)
         self.step_in = 2.0 * io.inp_res if noise.dac_bits else None
         self.step_out = self.levels = None
@@ -427,42 +439,48 @@ class FastBackend(AnalogBackend):
         """Point ``p`` at a fused tensor of the cache holding this placement's analog experts (the rest clean) and
         back at its own clean tensor on exit: only experts whose analog/digital state differs from the placement
         that last used that tensor at the same (seed, noise, form) are copied, and the model's own weights are
-        never written. With converters, the ADC factors ``g_out [T, E, O]`` kept with that tensor are likewise
-        set only for the newly analog experts: a digital expert's factors are never read (its rows take the
-        plain matmul's output, ``_FastExperts._readout``), so those a former analog expert leaves there change
-        no number. ``spare``: keep a second fused tensor, that of the last other (seed, noise, form), so that a
-        sweep alternating two presets at one seed updates each from its own last placement instead of rewriting
-        the whole tensor at every switch (the caller allows it when two fit the cache). ``ready``: [(w, g)] per
-        expert of ``ids``; ``g_shape``: ``(T, E, O)``."""
+        never written. With converters, the ADC factors ``g_out [T, E, O]`` kept with that tensor are set only
+        for the experts whose factors it does not hold yet (``g_have``): an expert's factors are those of its
+        programmed draw, the same at every placement of one (seed, noise, form), so once written they stay right
+        for every later placement there; before, every newly analog expert's were written again (a cat and an
+        indexed write per projection and layer, ~0.2 ms per result, measured in ``bench/bench_overhead.py``'s
+        steady state). A digital expert's factors are never read (its rows take the plain matmul's output,
+        ``_FastExperts._readout``). ``spare``: keep a second fused tensor, that of the last other (seed, noise,
+        form), so that a sweep alternating two presets at one seed updates each from its own last placement
+        instead of rewriting the whole tensor at every switch (the caller allows it when two fit the cache).
+        ``ready``: [(w, g)] per expert of ``ids``; ``g_shape``: ``(T, E, O)``."""
         slot = ("fused", m.experts_name, key)
         got = cache.take(slot) or ()
-        kept = [got[i:i + 4] for i in range(0, len(got), 4)   # (tensor, tag, analog experts, g_out), newest first
-                if (got[i].shape, got[i].dtype, got[i].device) == (p.shape, p.dtype, p.device)]
+        kept = [got[i:i + 5] for i in range(0, len(got), 5)   # (tensor, tag, analog experts, g_out, g_have),
+                if (got[i].shape, got[i].dtype, got[i].device) == (p.shape, p.dtype, p.device)]   # newest first
         mine = next((k for k in kept if k[1] == tag), None)
         other = [k for k in kept if k is not mine][:1] if spare else []
         if mine is not None:
-            buf, have, g_out = mine[0], mine[2], mine[3]
+            buf, have, g_out, g_have = mine[0], mine[2], mine[3], mine[4]
         else:   # the oldest kept tensor is rewritten whole (a new one while a spare may be kept)
             buf = kept[-1][0] if kept and not (spare and len(kept) < 2) else torch.empty_like(p.data)
             other = [k for k in other if k[0] is not buf]
             _copy(buf, p.data)
-            have, g_out = frozenset(), None
+            have, g_out, g_have = frozenset(), None, frozenset()
         want = {e: r for e, r in zip(ids, ready)}
         back = [e for e in sorted(have) if e not in want]
         new = [e for e in ids if e not in have]
         _copy_rows(buf, [(e, p.data, e) for e in back] + [(e, want[e][0], 0) for e in new])
         if state.io_out:
             if g_out is None or tuple(g_out.shape) != g_shape:
-                g_out, new = torch.ones(g_shape, dtype=torch.float32, device=p.device), ids
-            if new:
-                g_out[:, new] = torch.cat([want[e][1] for e in new]).permute(2, 0, 1)
+                g_out, g_have = torch.ones(g_shape, dtype=torch.float32, device=p.device), frozenset()
+            todo = [e for e in ids if e not in g_have]
+            if todo:
+                g_out[:, todo] = torch.cat([want[e][1] for e in todo]).permute(2, 0, 1)
+                g_have = g_have | frozenset(todo)
             state.g_out[key] = g_out
+        else:
+            g_out, g_have = None, frozenset()
         clean = p.data
 
         def restore():
             p.data = clean
-            cache.keep(slot, (buf, tag, frozenset(want), g_out if state.io_out else None,
-                              *(x for k in other for x in k)))
+            cache.keep(slot, (buf, tag, frozenset(want), g_out, g_have, *(x for k in other for x in k)))
         p.data = buf
         stack.callback(restore)
         return buf.numel() * buf.element_size() + (g_out.numel() * 4 if state.io_out else 0)

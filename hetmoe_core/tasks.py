@@ -198,6 +198,25 @@ def _torch_seed_cheap() -> None:
     evaluator.set_torch_seed = set_torch_seed
 
 
+def _task_log_when_shown() -> None:
+    """Make lm-eval list the selected tasks (``evaluator._log_selected_tasks``) only when its logger shows INFO.
+
+    ``simple_evaluate`` calls it on every call; it only logs (``evaluator_utils.eval_logger.info`` lines of the task
+    hierarchy and each task's yaml path), but builds those lines first: ~0.15 ms per call (measured,
+    ``bench/bench_overhead.py``), and hetmoe sets lm-eval's logger to ERROR (``_run_task``), where none of them is
+    shown. With INFO shown (a user raising lm-eval's log level), lm-eval's own function runs."""
+    from lm_eval import evaluator, evaluator_utils
+    if getattr(evaluator._log_selected_tasks, "hetmoe_shown", False):
+        return
+    full = evaluator._log_selected_tasks
+
+    def _log_selected_tasks(*a, **k):
+        if evaluator_utils.eval_logger.isEnabledFor(logging.INFO):
+            full(*a, **k)
+    _log_selected_tasks.hetmoe_shown, _log_selected_tasks.lm_eval_log_selected_tasks = True, full
+    evaluator._log_selected_tasks = _log_selected_tasks
+
+
 _TEMPLATES_KEPT = 1024   # compiled Jinja templates kept per process (a task has a few; lm-eval's registry ~14,000 files)
 
 
@@ -241,6 +260,8 @@ def _built_tasks(tm, ref: TaskRef, num_fewshot, built: dict | None) -> list:
         loaded = tm.load([ref.name])
         for task in loaded["tasks"].values():
             _config_once(task)
+            _requests_once(task)
+            _docs_once(task)
         built[key] = _Kept([loaded["groups"][ref.name]] if ref.name in loaded["groups"] else loaded["tasks"].values())
         built[key].task_manager = tm
     return list(built[key])
@@ -272,6 +293,81 @@ def _config_once(task) -> None:
     task.dump_config = dump_config
 
 
+_KEPT_MAX = 4096   # requests / documents of one kept build at most (tasks._requests_once, tasks._docs_once)
+_REQUESTS_OWN = {"samples": None, "cache_requests": False, "rewrite_requests_cache": False,
+                 "apply_chat_template": False, "chat_template": None}   # any other value: lm-eval's own build
+
+
+def _requests_once(task) -> None:
+    """Make a kept lm-eval Task build its requests (``Task.build_all_requests``) once per (limit, rank, world size,
+    tokenizer name, generation kwargs) while it runs zero-shot, not on every call.
+
+    ``simple_evaluate`` rebuilds every request of every call: it iterates the task's documents (a ``datasets``
+    row read each) and renders their prompts, ~0.7 ms per call of a one-document task (measured,
+    ``bench/bench_overhead.py``'s steady state, where a sweep's 24 results at ``--limit 1`` re-ran it 24 times
+    for the same document). Zero-shot, a request depends only on the task's fixed documents and config and on
+    those arguments (no few-shot sampler draws), so each later call gets fresh copies of the first build's
+    ``Instance`` objects (the same document, arguments and metadata; empty ``resps`` / ``filtered_resps``, which
+    lm-eval fills per call); the system instruction and ``fewshot_as_multiturn`` enter the key too. Any other
+    case (few-shot, ``samples``, lm-eval's request cache on disk, a chat template) and a build of more than
+    ``_KEPT_MAX`` requests take lm-eval's own build unchanged. The documents are shared between calls, as lm-eval's
+    own request cache (``cache_requests``) shares them. The numbers equal a fresh build's (test)."""
+    import copy
+    own = type(task).build_all_requests
+    kept: dict = {}
+
+    def fresh(insts):
+        out = []
+        for inst in insts:
+            c = copy.copy(inst)
+            c.resps, c.filtered_resps = [], {}
+            out.append(c)
+        return out
+
+    def build_all_requests(**kw):
+        rest = {k: v for k, v in kw.items() if k not in _REQUESTS_OWN}
+        if task.config.num_fewshot not in (0, None) or any(kw.get(k, v) is not v for k, v in _REQUESTS_OWN.items()) \
+                or not all(v is None or isinstance(v, (str, int, bool)) for v in rest.values()):
+            return own(task, **kw)
+        key = (tuple(sorted(rest.items())), repr(task.config.generation_kwargs))
+        if key not in kept:
+            own(task, **kw)
+            if len(task._instances) > _KEPT_MAX:   # a large build: its forwards dwarf building it again
+                return None
+            kept[key] = fresh(task._instances)
+        task._instances = fresh(kept[key])
+    task.build_all_requests = build_all_requests
+    task.build_all_requests.kept = kept
+
+
+def _docs_once(task) -> None:
+    """Make a kept lm-eval Task list its documents (``Task.doc_iterator``) once per (rank, limit, world size), not on
+    every call.
+
+    lm-eval's ``evaluate`` iterates the task's documents after the forwards to score each one
+    (``process_results``); every iteration reads each row from the ``datasets`` table anew, ~0.4 ms per call of a
+    one-document task (measured, ``bench/bench_overhead.py``'s steady state). A kept task's documents are fixed,
+    so later calls iterate the (doc id, document) pairs the first one listed: the documents lm-eval's own request
+    cache (``cache_requests``) and the kept requests (:func:`_requests_once`) share between calls too. With
+    ``samples``, or more than ``_KEPT_MAX`` documents, lm-eval's own iterator runs. The numbers equal lm-eval's
+    (test)."""
+    own = type(task).doc_iterator
+    kept: dict = {}
+
+    def doc_iterator(*, rank=0, limit=None, world_size=1, samples=None):
+        if samples:
+            return own(task, rank=rank, limit=limit, world_size=world_size, samples=samples)
+        key = (int(rank), int(limit) if limit else None, int(world_size))
+        if key not in kept:
+            docs = list(own(task, rank=rank, limit=limit, world_size=world_size, samples=samples))
+            if len(docs) > _KEPT_MAX:
+                return iter(docs)
+            kept[key] = docs
+        return iter(kept[key])
+    task.doc_iterator = doc_iterator
+    task.doc_iterator.kept = kept
+
+
 def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]:
     """One lm-eval task on the model as it is now; returns [{task, metric, value, stderr, higher_is_better}]
     (the direction as the task's results declare it, ``results["higher_is_better"][task]``). ``built``: see
@@ -280,6 +376,7 @@ def _run_task(hflm, ref: TaskRef, spec, built: dict | None = None) -> list[dict]
     _env_info_once()
     _templates_once()
     _torch_seed_cheap()
+    _task_log_when_shown()
     kept = built.get((ref.name, ref.include_path, spec.num_fewshot)) if built is not None else None
     tm = kept.task_manager if kept is not None else \
         _task_manager((ref.include_path,) if ref.include_path else (), ref.include_path is None)
@@ -354,6 +451,63 @@ class _TokenMemo:
                 self.bytes -= len(k[0].encode()) + 4 * len(old)
 
 
+_ROWS_LM_EVAL = "0.4.13"   # the lm-eval whose HFLM._loglikelihood_tokens was read for _Logits (requirements.txt)
+_rows_ok: list = []
+
+
+def _rows_deferred() -> bool:
+    """Whether the installed lm-eval is the one ``_Logits`` was written against (else lm-eval's own path runs)."""
+    if not _rows_ok:
+        import importlib.metadata
+        _rows_ok.append(importlib.metadata.version("lm_eval") == _ROWS_LM_EVAL)
+    return _rows_ok[0]
+
+
+class _Logits:
+    """The logits ``[batch, positions, vocab]`` of one batch of a quiet wrapper's loglikelihood requests, handed to
+    lm-eval's ``HFLM._loglikelihood_tokens`` in place of the tensor its ``_model_call`` returns.
+
+    lm-eval takes ``F.log_softmax(logits, dim=-1)`` of the whole batch, then keeps of each request's row only the
+    positions of its continuation (``_select_cont_toks``): at ``--limit 1`` the log-softmax over the vocabulary of
+    every padded position was ~0.5-1 ms per result, a sixth of a sweep's steady-state overhead (measured,
+    ``bench/bench_overhead.py``), for the one to few positions scored. Here that ``F.log_softmax`` (reached through
+    ``__torch_function__``) gives one :class:`_RowLogits` per request, and the quiet wrapper's ``_select_cont_toks``
+    takes lm-eval's own slice of the raw row and the log-softmax of that slice alone, with lm-eval's arguments
+    (``dtype``: its ``softmax_dtype``). A log-softmax over the last dimension computes each position on its own, so
+    the values are those of the whole batch's, bit for bit (test: lm-eval's own HFLM gives the same numbers). Any
+    other function reaching it runs on the tensor unchanged."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        import torch
+        kwargs = dict(kwargs or {})
+        if func is torch.nn.functional.log_softmax and isinstance(args[0], _Logits):
+            x = args[0].logits
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim is not None and dim % x.dim() == x.dim() - 1 and len(args) <= 2:
+                return [_RowLogits(row, kwargs.get("dtype")) for row in x]
+        return func(*[a.logits if isinstance(a, _Logits) else a for a in args], **kwargs)
+
+
+class _RowLogits:
+    """One request's raw logits ``[positions, vocab]`` (``raw``) whose log-softmax over the vocabulary is taken only
+    where lm-eval slices it (:class:`_Logits`); ``shape`` is the row's, as lm-eval reads it."""
+
+    def __init__(self, raw, dtype):
+        self.raw, self.dtype = raw, dtype
+
+    @property
+    def shape(self):
+        return self.raw.shape
+
+    def log_softmax(self, sliced):
+        import torch
+        return torch.nn.functional.log_softmax(sliced, dim=-1, dtype=self.dtype)
+
+
 def quiet_hflm(**kw):
     """lm-eval's ``HFLM(**kw)`` without its per-request progress bars ("Tokenizing inputs", "Running loglikelihood
     requests", ...): hetmoe shows one overall bar per sweep instead. lm-eval passes ``disable_tqdm`` explicitly
@@ -365,7 +519,9 @@ def quiet_hflm(**kw):
     strings it encoded last (``_TokenMemo``): a sweep encodes the same documents for every result, and lm-eval's
     encode of one short request (the tokenizer's encode plus a ``decode`` of the BOS token, each call) took ~0.5 ms
     (measured, ``bench/bench_overhead.py``); the tokenizer and the wrapper's BOS setting are fixed for the
-    wrapper's life, so the ids are the ones lm-eval computes (a fresh list per call: callers may edit it)."""
+    wrapper's life, so the ids are the ones lm-eval computes (a fresh list per call: callers may edit it). Its
+    loglikelihood requests take the log-softmax over the vocabulary only at the positions lm-eval scores
+    (``_Logits``)."""
     if not _QUIET:
         from lm_eval.models.huggingface import HFLM
 
@@ -390,7 +546,24 @@ def quiet_hflm(**kw):
                 got = HFLM.tok_encode(self, string, add_special_tokens, left_truncate_len)
                 memo.put(key, got)
             return got
-        names = ("loglikelihood", "loglikelihood_rolling", "generate_until", "_loglikelihood_tokens")
+        def _loglikelihood_tokens(self, *a, **k):
+            self._hetmoe_rows = _rows_deferred() and self.batch_size != "auto"
+            try:
+                return HFLM._loglikelihood_tokens(self, *a, **{**k, "disable_tqdm": True})
+            finally:
+                self._hetmoe_rows = False
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            out = HFLM._model_call(self, inps, attn_mask, labels)
+            return _Logits(out) if self.__dict__.get("_hetmoe_rows") else out
+
+        def _select_cont_toks(self, logits, contlen=None, inplen=None):
+            if isinstance(logits, _RowLogits):
+                return logits.log_softmax(HFLM._select_cont_toks(self, logits.raw, contlen, inplen))
+            return HFLM._select_cont_toks(self, logits, contlen, inplen)
+        names = ("loglikelihood", "loglikelihood_rolling", "generate_until")
         _QUIET.append(type("QuietHFLM", (HFLM,), {**{n: quiet(n) for n in names}, "get_model_info": get_model_info,
-                                                   "tok_encode": tok_encode}))
+                                                   "tok_encode": tok_encode,
+                                                   "_loglikelihood_tokens": _loglikelihood_tokens,
+                                                   "_model_call": _model_call, "_select_cont_toks": _select_cont_toks}))
     return _QUIET[0](**kw)

@@ -6,6 +6,7 @@ Every draw is seeded per (seed, module) through :func:`_derive_seed`: same confi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from contextlib import contextmanager
 
@@ -40,9 +41,16 @@ def _seeded_global_rng(seed: int, device: torch.device):
 
 def split_sizes(size: int, tile: int) -> list[int]:
     """Tile split of a matrix dimension, as aihwkit's ``TileModuleArray.get_split_sizes``:
-    ceil(size / tile) near-equal parts (700 with 512 -> [350, 350])."""
+    ceil(size / tile) near-equal parts (700 with 512 -> [350, 350]). A new list each call; aihwkit's answer is
+    kept per (size, tile) (``_kept_split``): the fast backend asks twice per MoE layer and placement, and the
+    import plus aihwkit's call cost ~30 us each (measured, ``bench/bench_overhead.py``'s steady state)."""
+    return list(_kept_split(int(size), int(tile)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _kept_split(size: int, tile: int) -> tuple:
     from aihwkit.simulator.tiles.array import TileModuleArray
-    return TileModuleArray.get_split_sizes(None, size, tile)
+    return tuple(TileModuleArray.get_split_sizes(None, size, tile))
 
 
 def _quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
@@ -163,9 +171,10 @@ class ProgrammedCache:
     converters act: half the bytes of a float32 draw for a bfloat16 model, and no arithmetic per placement),
     ``g`` ``[1, O, T]`` float32 ADC-code-to-output factors (None without converters); ``form`` names what the
     stored form depends on besides the draw (converter grids, dtype, layout). Fused entries:
-    ``("fused", experts module name, "in"|"down") -> (tensor, tag, analog experts)``, a whole fused expert tensor
-    holding the analog experts of the placement last run (``tag``: their seed, noise and form) and every other
-    expert clean, which the next placement updates where its analog set differs (:meth:`take` / :meth:`keep`).
+    ``("fused", experts module name, "in"|"down") -> (tensor, tag, analog experts, g_out, experts in g_out)`` (and
+    a spare's five after them), a whole fused expert tensor holding the analog experts of the placement last run
+    (``tag``: their seed, noise and form) and every other expert clean, which the next placement updates where its
+    analog set differs, with its ADC factors (:meth:`take` / :meth:`keep`, ``fast_backend.FastBackend._swap``).
     Least recently used out first beyond ``max_bytes`` (default ``HETMOE_PROGRAM_CACHE_MB`` MiB, 512): the
     default model holds ~30 MB per seed; an OLMoE-1B-7B-sized model (6.4 G expert weights, 13 GB per seed in
     bfloat16) keeps few and programs each placement afresh with the same numbers. Lives on the model object

@@ -145,6 +145,37 @@ def test_bad_inputs_give_clear_errors():
         sum(p.numel() * 4 for m in a.moe_layers for p in (m.experts.gate_up_proj, m.experts.down_proj))
 
 
+def test_kept_coverage_rows_split_sizes_and_memory_reading_equal_fresh_ones():
+    """The coverage rows kept per dense policy (coverage._rows walks the model once; each new placement lists only
+    its experts) equal a fresh walk's for new placements and another dense policy; tile splits kept per size are
+    aihwkit's, a new list each call; a CPU memory reading stands for small estimates only (analog._fits): one
+    beyond half of it reads afresh and is refused when it does not fit, and an explicit limit is the limit."""
+    from hetmoe_core import analog as an
+    from hetmoe_core.coverage import _coverage, _dense_analog_units, _rows
+    model = tiny_model("olmoe")
+    a = anatomy_of(model)
+    noise = get_preset("paper-pcm-c1.5")
+    pls = [place(a, "random", 0.25, seed=s) for s in range(3)] + [Placement.all_analog(a, ALL_ANALOG_DENSE)]
+    kept = [_rows(model, a, pl, noise, _dense_analog_units(model, a, pl)) for pl in pls]
+    assert len(a.__dict__["_coverage_rest"]) == 2   # the model walked once per dense policy
+    for pl, rows in zip(pls, kept):
+        units = _dense_analog_units(model, a, pl)
+        a.__dict__.pop("_coverage_rest")
+        assert rows == _rows(model, a, pl, noise, units) and len(rows[0]) > sum(m.num_experts for m in a.moe_layers)
+        rep = _coverage(model, a, pl, noise, 0, "fast", units)   # from the kept rows and sums
+        assert rep.modules == list(rows[0]) and rep.analog_params == rows[1] == rep.expected_analog_params
+        assert rep.noise == noise.to_dict() and rep.total_params == a.total_params
+    assert split_sizes(700, 512) == [350, 350] and split_sizes(700, 512) is not split_sizes(700, 512)
+    cpu = torch.device("cpu")
+    an._available_kept.clear()
+    ok, avail = an._fits(1, cpu, None)
+    stamp = an._available_kept["cpu"][0]
+    assert ok and avail > 0 and an._available_kept["cpu"][1] == avail
+    assert an._fits(avail // 4, cpu, None) == (True, avail) and an._available_kept["cpu"][0] == stamp   # kept
+    assert an._fits(100 * avail, cpu, None)[0] is False and an._available_kept["cpu"][0] > stamp   # read afresh
+    assert an._fits(2048, cpu, 1024) == (False, 1024) and an._fits(1024, cpu, 1024) == (True, 1024)
+
+
 @pytest.mark.parametrize("backend", ["fast", "aihwkit"])
 def test_bfloat16_models_run_analog(backend):
     model = tiny_model("olmoe", dtype=torch.bfloat16)
@@ -364,7 +395,8 @@ def test_placement_from_a_warm_cache_is_the_cold_one_bit_for_bit(dtype):
     cache in the form the forward reads, the fused tensors swapped in and updated only where an expert changed
     state) gives the logits of the same placement programmed afresh with an empty cache, and of the path that
     writes the slices in place (a model whose fused tensors do not fit the cache); two presets alternating at one
-    seed each keep their own fused tensor; every parameter is restored."""
+    seed each keep their own fused tensor, with the ADC factors of every expert analog there so far (each written
+    once); every parameter is restored."""
     from hetmoe_core.tiles import ProgrammedCache
     model = tiny_model("olmoe").to(dtype)
     a, ids = anatomy_of(model), _ids()
@@ -385,7 +417,10 @@ def test_placement_from_a_warm_cache_is_the_cold_one_bit_for_bit(dtype):
     assert torch.equal(run(p, cfg, 5), cold)                   # warm: updated from another placement's tensors
     run(Placement.all_analog(a), other, 5)                     # two presets alternate: each keeps its own tensor
     fused = [v for k, v in cache.entries.items() if k[0] == "fused"]
-    assert fused and all(len(v) == 8 and {v[1][1], v[5][1]} == {cfg, other} for v in fused)
+    assert fused and all(len(v) == 10 and {v[1][1], v[6][1]} == {cfg, other} for v in fused)
+    for v in fused:   # ADC factors kept with the tensor: the current analog experts' and those of earlier placements
+        buf, tag, analog_ids, g_out, g_have = next(e for e in (v[:5], v[5:]) if e[1][1] == cfg)
+        assert g_out is not None and analog_ids < g_have and len(g_have) == g_out.shape[1]
     assert torch.equal(run(p, cfg, 5), cold)                   # from its own tensor, kept as the spare
     assert _same_state(model, before)
     cache.max_bytes = 0                                        # nothing kept: slices written in place, restored

@@ -226,6 +226,56 @@ def test_built_tasks_give_the_numbers_of_a_fresh_build():
             assert "dump_config" in vars(task) and task.dump_config() == type(task).dump_config(task)
 
 
+def test_kept_requests_give_the_numbers_of_a_fresh_build(monkeypatch, caplog):
+    """A kept zero-shot lm-eval task builds its requests once per limit (tasks._requests_once) and every later call
+    runs fresh copies of them: the numbers of lm-eval's own build each call, for a local and a paper task; a
+    few-shot task builds them every call. Each kept task lists its documents once per limit (tasks._docs_once).
+    lm-eval's list of selected tasks is built only when its logger shows INFO (tasks._task_log_when_shown), and
+    then it is logged."""
+    import logging
+    from types import SimpleNamespace
+    from lm_eval.api.task import ConfigurableTask
+    from hetmoe_core.tasks import _run_task, quiet_hflm, resolve_tasks
+    builds = []
+    real = ConfigurableTask.build_all_requests
+
+    def counted(self, **kw):
+        builds.append((self.config.task, kw["limit"]))
+        return real(self, **kw)
+    monkeypatch.setattr(ConfigurableTask, "build_all_requests", counted)
+    lm = load_model("tiny:olmoe")
+    hflm = quiet_hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    for name, shots in (("hetmoe_cloze", 0), ("paper_arc_easy", 0), ("paper_arc_easy", 2)):
+        (ref,) = resolve_tasks([name])
+        built: dict = {}
+        for limit in (2, 3, 2, 2, 3):
+            spec = SimpleNamespace(limit=limit, num_fewshot=shots)
+            n = len(builds)
+            kept = _run_task(hflm, ref, spec, built)
+            mine = len(builds) - n
+            assert kept == _run_task(hflm, ref, spec), (name, shots, limit)   # lm-eval's own build
+            assert len(builds) - n == mine + 1 and any(r["value"] > 0 for r in kept)
+        (task,) = built[(ref.name, ref.include_path, shots)]
+        own = [b for b in builds if b[0] == task.config.task]
+        assert sorted(task.doc_iterator.kept) == [(0, 2, 1), (0, 3, 1)]   # documents listed once per limit
+        assert [d for _, d in task.doc_iterator.kept[(0, 2, 1)]] == list(task.eval_docs)[:2]
+        if shots == 0:   # two kept builds (limits 2 and 3) for five calls, each request fresh per call
+            assert sorted(k[0][0] for k in task.build_all_requests.kept) == [("fewshot_as_multiturn", True)] * 2
+            assert all(not i.resps and not i.filtered_resps for v in task.build_all_requests.kept.values() for i in v)
+            assert len(own) == 2 + 5 and task.instances[0] is not next(iter(task.build_all_requests.kept.values()))[0]
+        else:
+            assert not task.build_all_requests.kept and len(own) == 10 and ("paper_arc_easy", 2) in builds
+        builds.clear()
+    (ref,) = resolve_tasks(["hetmoe_cloze"])
+    spec = SimpleNamespace(limit=1, num_fewshot=0)
+    with caplog.at_level(logging.INFO, logger="lm_eval.evaluator_utils"):
+        _run_task(hflm, ref, spec, {})
+    assert "Task: hetmoe_cloze" in caplog.text
+    caplog.clear()
+    _run_task(hflm, ref, spec, {})
+    assert "Task: hetmoe_cloze" not in caplog.text
+
+
 def test_kept_template_compiles_give_lm_evals_numbers(monkeypatch):
     """lm-eval's prompt templates compiled once per process (tasks._templates_once) render the prompts lm-eval's own
     per-call compile renders: the same metrics on a local task and a few-shot paper task, with the kept compiles
@@ -289,6 +339,46 @@ def test_kept_token_ids_and_cpu_seeding_give_lm_evals_numbers(monkeypatch):
     evaluator.set_torch_seed(1234)
     assert torch.equal(torch.get_rng_state(), want)
 
+
+def test_log_softmax_at_scored_positions_gives_lm_evals_numbers(monkeypatch):
+    """The quiet wrapper takes the log-softmax over the vocabulary only at the positions lm-eval scores
+    (tasks._Logits): the rows equal those of lm-eval's whole-batch log-softmax bit for bit (float32, bfloat16, with
+    lm-eval's softmax dtype), every loglikelihood request goes that way (a cloze answer's over fewer positions than
+    its row), and a loglikelihood task, a rolling perplexity task and a few-shot paper task score as lm-eval's own
+    HFLM does."""
+    from types import SimpleNamespace
+    import torch
+    import torch.nn.functional as F
+    from lm_eval.models.huggingface import HFLM
+    from hetmoe_core import tasks
+    x = torch.randn(3, 9, 4096, generator=torch.Generator().manual_seed(0)) * 6
+    for dt, sd in ((torch.float32, None), (torch.bfloat16, torch.float32), (torch.bfloat16, None)):
+        rows = F.log_softmax(tasks._Logits(x.to(dt)), dim=-1, dtype=sd)
+        full = F.log_softmax(x.to(dt), dim=-1, dtype=sd)
+        assert [r.shape for r in rows] == [full[0].shape] * 3
+        for r, f, (s0, s1) in zip(rows, full, ((6, 9), (0, 1), (2, 7))):
+            assert torch.equal(r.log_softmax(r.raw[s0:s1]), f[s0:s1])
+    assert torch.equal(F.softmax(tasks._Logits(x), dim=-1), F.softmax(x, dim=-1))   # anything else: unchanged
+    lm = load_model("tiny:olmoe")
+    hflm = tasks.quiet_hflm(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    plain = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=4)
+    scored = []
+    real = tasks._RowLogits.log_softmax
+
+    def counted(self, sliced):
+        scored.append(sliced.shape[0] < self.raw.shape[0] or self.raw.shape[0] == 1)
+        return real(self, sliced)
+    monkeypatch.setattr(tasks._RowLogits, "log_softmax", counted)
+    for name, shots in (("hetmoe_cloze", 0), ("hetmoe_ppl_pycode", 0), ("paper_arc_easy", 2)):
+        (ref,) = tasks.resolve_tasks([name])
+        spec = SimpleNamespace(limit=3, num_fewshot=shots)
+        n = len(scored)
+        mine = tasks._run_task(hflm, ref, spec)
+        assert len(scored) > n and not hflm._hetmoe_rows, name
+        assert mine == tasks._run_task(plain, ref, spec) and any(r["value"] > 0 for r in mine), name
+        if name == "hetmoe_cloze":   # a cloze answer is a few tokens after its context: fewer positions than the row
+            assert all(scored[n:]), scored[n:]
+
 def test_units_of_a_seed_run_in_a_chain_of_near_placements(tmp_path):
     """Within one (noise, seed) the units run so that consecutive placements differ in fewer experts than in the
     planned order (the fast backend copies only changed experts), every unit once, the first one first; the sweep
@@ -311,6 +401,34 @@ def test_units_of_a_seed_run_in_a_chain_of_near_placements(tmp_path):
                                                                                    "budgets": [r["budget"]]})[0]
              for i, r in enumerate(res[:3])]
     assert [r["metrics"] for r in res[:3]] == [r["metrics"] for r in alone]
+
+
+def test_a_second_sweep_at_a_seed_starts_its_chain_near_the_last_placement(tmp_path):
+    """A sweep keeps, per (noise, seed, backend), the digital set of the unit it ran last on the model; the next
+    sweep there starts its chain at its unit nearest to that set (the fused tensors still hold it), with fewer
+    changed experts in all than from its first unit, and stores the same numbers as without it."""
+    from hetmoe_core.sweep import units
+    lm = load_model("tiny:olmoe")
+    kw = dict(strategies=["maxnn", "random"], presets=["paper-pcm-c2.5"], seeds=[7], tasks=["hetmoe_cloze"], limit=1,
+              include_ideal=False)
+    evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "a.duckdb", budgets=[0.125, 0.25, 0.75], **kw)
+    last = ev._state(lm)["last_digital"]
+    (k,) = [k for k in last if k[1] == 7]
+    groups = ev._seed_major(units(plan("tiny:olmoe", fingerprint=lm.fingerprint, budgets=[0.375, 0.5, 0.625], **kw)))
+    placed = {id(g): ev._unit_placement(lm, None, g[0], None, {}) for g in groups}
+    sets = {id(g): ev._digital_set(placed[id(g)]) for g in groups}
+    chained = ev._chained(groups, placed, {k: last[k]})
+    near = min(groups, key=lambda g: len(last[k] ^ sets[id(g)]))
+
+    def changes(order):
+        return len(last[k] ^ sets[id(order[0])]) + sum(len(sets[id(a)] ^ sets[id(b)]) for a, b in zip(order, order[1:]))
+    assert chained[0] is near and sorted(map(id, chained)) == sorted(map(id, groups))
+    assert changes(chained) < changes(ev._chained(groups, placed)) and len(last[k] ^ sets[id(groups[0])]) > 0
+    second = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "a.duckdb", budgets=[0.375, 0.5, 0.625], **kw)
+    assert last[k] == sets[id(chained[-1])]   # where the next sweep's chain will start
+    last.clear()   # without the kept set: the chain starts at the first unit; the same numbers
+    again = evaluate_many("tiny:olmoe", lm=lm, store=tmp_path / "b.duckdb", budgets=[0.375, 0.5, 0.625], **kw)
+    assert [r["metrics"] for r in second] == [r["metrics"] for r in again] and not any(r["cached"] for r in again)
 
 
 def test_cli_evaluate_rerun_prints_the_same_rows_in_the_same_order(tmp_path, capsys):
