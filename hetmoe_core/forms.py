@@ -18,8 +18,12 @@ def hardware_editor(key: str = "hw"):
     from the field metadata of ``hardware.DigitalConfig`` / ``AnalogConfig``). Returns the ``Hardware``; an
     invalid edit shows one warning and returns the preset unchanged."""
     from .hardware import HARDWARE, HARDWARE_DOCS, AnalogConfig, DigitalConfig, field_docs, get_hardware
+    from .view_state import hardware_widget_key
+    # the widgets keep their values across pages (persist_state) and the hardware shown goes to
+    # st.session_state[f"{key}_changes"] ({"preset", "digital", "analog"}), which the link carries (view_state)
     with st.expander("Hardware constants (units and sources in the tooltips)"):
         name = st.selectbox("Hardware preset", list(HARDWARE), key=f"{key}_preset", format_func=lambda n: n,
+                            persist_state="session",
                             help=" · ".join(f"{n}: {d}" for n, d in HARDWARE_DOCS.items()))
         base, changes = HARDWARE[name], {"digital": {}, "analog": {}}
         for part, cls in (("digital", DigitalConfig), ("analog", AnalogConfig)):
@@ -34,7 +38,7 @@ def hardware_editor(key: str = "hw"):
                 w = cols[i % 3].number_input(
                     f"{f['name']} ({f['unit']})", value=v,
                     step=1 if is_int else None, format=None if is_int else "%.4g",
-                    key=f"{key}_{name}_{part}_{f['name']}",
+                    key=hardware_widget_key(key, name, part, f["name"]), persist_state="session",
                     help=f"{f['help']} Unit: {f['unit']}. Allowed: {f['allowed'][0]:g} to {f['allowed'][1]:g}. "
                          f"Source: {f['source']}")
                 if w != v:
@@ -43,7 +47,10 @@ def hardware_editor(key: str = "hw"):
             hw = get_hardware(name, **changes)
         except ValueError as e:
             st.warning(f"{e} — using the preset's values.")
+            st.session_state[f"{key}_changes"] = {
+                "preset": name, "digital": {}, "analog": {}}
             return base
+        st.session_state[f"{key}_changes"] = {"preset": name, **changes}
         if changes["digital"] or changes["analog"]:
             st.caption("Edited: " + ", ".join(f"{p}.{k}" for p in changes for k in changes[p]))
     return hw
