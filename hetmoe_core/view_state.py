@@ -1,5 +1,6 @@
 """The view state the dashboard's pages share (model source, device, dtype, strategy, digital budget, scope, noise
-preset, dense modules, hardware constants) and its mirror in the URL: a pasted link reproduces the view, and its bad values are named, not dropped.
+preset, dense modules, hardware constants, energy batch and routing) and its mirror in the URL: a pasted link
+reproduces the view, and its bad values are named, not dropped.
 
 Streamlit-side (st.session_state, st.query_params); no science here. Importing this module imports streamlit.
 """
@@ -9,10 +10,14 @@ import streamlit as st
 
 
 DEFAULTS = {"source": "default", "device": "cpu", "dtype": "float32", "strategy": "maxnn", "budget_pct": 12.5,
-            "scope": "layer", "preset": "paper-pcm-c1.5"}
+            "scope": "layer", "preset": "paper-pcm-c1.5", "energy_batch": 32, "energy_measured": False}
 QUERY = {"model": "source", "strategy": "strategy", "budget": "budget_pct", "scope": "scope", "preset": "preset"}
 """URL query parameter -> session-state key, always in the URL: a pasted link reproduces the view (budget in the URL
 is a fraction). The settings below are in the URL only while they differ from their defaults (``view_params``)."""
+ENERGY = {"batch": "energy_batch", "routing": "energy_measured"}
+"""URL query parameter -> session-state key of Placement's energy settings, in the URL only while they differ from
+``DEFAULTS``: batch (tokens per decode step, one of energy.BATCHES), routing ("measured" routing frequencies, or
+"uniform")."""
 ANALOG = "analog"
 """URL query parameter: the dense module kinds kept on analog (Placement's Dense modules toggles turned off), comma
 separated in ``placement.DENSE_KINDS`` order; absent when every dense module is digital (the paper's default).
@@ -70,11 +75,26 @@ def _number(raw: str, like):
 
 
 def _extra_from_query(params: dict, bad: list) -> dict:
-    """Session state of the URL's optional parameters (``ANALOG``, ``HW``, ``hw.<part>.<field>``): {key: value};
-    each bad parameter is appended to ``bad`` as the warning names it, and left out."""
+    """Session state of the URL's optional parameters (``ENERGY``, ``ANALOG``, ``HW``, ``hw.<part>.<field>``):
+    {key: value}; each bad parameter is appended to ``bad`` as the warning names it, and left out."""
     from .hardware import DEFAULT_HARDWARE, HARDWARE, get_hardware
     from .placement import DENSE_KINDS
     out: dict = {}
+    if "batch" in params:
+        from .energy import BATCHES
+        try:
+            b = _number(params["batch"], 1)
+        except ValueError:
+            b = None
+        if b in BATCHES:
+            out["energy_batch"] = b
+        else:
+            bad.append(f"batch={params['batch']!r} (one of {', '.join(map(str, BATCHES))})")
+    if "routing" in params:
+        if params["routing"] in ("measured", "uniform"):
+            out["energy_measured"] = params["routing"] == "measured"
+        else:
+            bad.append(f"routing={params['routing']!r} (measured or uniform)")
     if ANALOG in params:
         kinds = [k.strip() for k in params[ANALOG].split(",") if k.strip()]
         unknown = [k for k in kinds if k not in DENSE_KINDS]
@@ -111,7 +131,7 @@ def _extra_from_query(params: dict, bad: list) -> dict:
 
 
 def view_params() -> dict[str, str]:
-    """The URL query parameters of the current view: every ``QUERY`` value, and ``ANALOG`` / ``HW`` /
+    """The URL query parameters of the current view: every ``QUERY`` value, and ``ENERGY`` / ``ANALOG`` / ``HW`` /
     ``hw.<part>.<field>`` where they differ from the defaults — what a pasted link needs to show the same."""
     from .hardware import DEFAULT_HARDWARE
     from .placement import DENSE_KINDS
@@ -120,6 +140,10 @@ def view_params() -> dict[str, str]:
         v = ss.get(key)
         if v is not None:
             out[q] = f"{float(v) / 100:g}" if q == "budget" else str(v)
+    if int(ss.get("energy_batch", DEFAULTS["energy_batch"])) != DEFAULTS["energy_batch"]:
+        out["batch"] = str(int(ss["energy_batch"]))
+    if bool(ss.get("energy_measured", False)) != DEFAULTS["energy_measured"]:
+        out["routing"] = "measured" if ss["energy_measured"] else "uniform"
     analog = [k for k in DENSE_KINDS if ss.get(f"dense_{k}", True) is False]
     if analog:
         out[ANALOG] = ",".join(analog)
@@ -134,7 +158,7 @@ def view_params() -> dict[str, str]:
 
 def _optional(q: str) -> bool:
     """A URL parameter ``view_params`` writes only while it differs from the default (removed when it is back)."""
-    return q in (ANALOG, HW) or q.startswith(HW + ".")
+    return q in (ANALOG, HW, *ENERGY) or q.startswith(HW + ".")
 
 
 def init_state() -> None:
