@@ -53,6 +53,11 @@ def test_validate_measures_then_answers_from_the_store(store_env):
     assert list(table.spearman) == sorted(table.spearman, reverse=True)
     kept = stored_validations(Store(store_env), v["model_fingerprint"])
     assert len(kept) == 1 and next(iter(kept.values()))["experts"] == v["experts"]
+    # Placement's measured strategies place by it, though it is not the 5 seeds x 16,384 tokens Evaluate asks
+    from hetmoe_core.validation import stored_strategy_scores
+    placed, scores = stored_strategy_scores("default", "paper-pcm-c2.5", store=Store(store_env))
+    assert (len(placed.seeds), placed.tokens) == (2, 256) and set(scores) == {"oracle", "local_error"}
+    assert [list(x) for x in scores["oracle"]] == [list(x) for x in placed.only_this()]
     # the same request again: from the store at once, the same numbers
     at.button(key="val_run").click().run()
     job2 = _wait(at, timeout=60)
