@@ -72,15 +72,15 @@ def _duration(seconds: float) -> str:
 def measurement_time(handle: ModelHandle, seeds: int, tokens: int) -> str:
     """How long measuring the damage (``sensitivity.validate``) of the held model takes here, in words with its
     basis: "about 14 min here at most (1,370 forwards of 8,192 tokens × 0.5 s, one forward of that size timed on
-    this machine; 274 more for the criteria and the bootstrap)" (``sensitivity.measurement_estimate``: the
+    this machine; 274 forwards and 5 s more for the criteria and the bootstrap)" (``sensitivity.measurement_estimate``: the
     forward is timed at the measurement's own size)."""
     from .sensitivity import forward_tokens, measurement_estimate
     ft = forward_tokens(tokens)
     fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"], ft, handle)
     e = measurement_estimate(handle.lm, seeds=seeds, tokens=tokens, forward_s=fs)
     return (f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards of {ft:,} tokens × {fs:.2g} s, one "
-            f"forward of that size timed on this machine; {e['extra_forwards']:,} more for the criteria and the "
-            "bootstrap)")
+            f"forward of that size timed on this machine; {e['extra_forwards']:,} forwards and {e['fixed_s']:g} s more "
+            "for the criteria and the bootstrap)")
 
 
 def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_label: str) -> str | None:

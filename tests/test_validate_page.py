@@ -223,7 +223,7 @@ def test_time_estimate_times_a_forward_of_the_measurements_size(store_env):
         at.selectbox(key="val_tokens").set_value(tokens).run()
         text = next(c.value for c in at.caption if c.value.startswith("Not stored yet"))
         m = re.search(r"about ([\d.]+) (s|min|h) here at most \(([\d,]+) forwards of ([\d,]+) tokens × ([\d.e-]+) s, "
-                      r"one forward of that size timed on this machine; ([\d,]+) more for the criteria", text)
+                      r"one forward of that size timed on this machine; ([\d,]+) forwards and 5 s more for the criteria", text)
         assert m, text
         num = lambda g: float(m.group(g).replace(",", ""))          # noqa: E731
         return {"seconds": num(1) * {"s": 1, "min": 60, "h": 3600}[m.group(2)], "forwards": num(3),
