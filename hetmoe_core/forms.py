@@ -18,8 +18,12 @@ def hardware_editor(key: str = "hw"):
     from the field metadata of ``hardware.DigitalConfig`` / ``AnalogConfig``). Returns the ``Hardware``; an
     invalid edit shows one warning and returns the preset unchanged."""
     from .hardware import HARDWARE, HARDWARE_DOCS, AnalogConfig, DigitalConfig, field_docs, get_hardware
+    from .view_state import hardware_widget_key
+    # the widgets keep their values across pages (persist_state) and the hardware shown goes to
+    # st.session_state[f"{key}_changes"] ({"preset", "digital", "analog"}), which the link carries (view_state)
     with st.expander("Hardware constants (units and sources in the tooltips)"):
         name = st.selectbox("Hardware preset", list(HARDWARE), key=f"{key}_preset", format_func=lambda n: n,
+                            persist_state="session",
                             help=" · ".join(f"{n}: {d}" for n, d in HARDWARE_DOCS.items()))
         base, changes = HARDWARE[name], {"digital": {}, "analog": {}}
         for part, cls in (("digital", DigitalConfig), ("analog", AnalogConfig)):
@@ -34,7 +38,7 @@ def hardware_editor(key: str = "hw"):
                 w = cols[i % 3].number_input(
                     f"{f['name']} ({f['unit']})", value=v,
                     step=1 if is_int else None, format=None if is_int else "%.4g",
-                    key=f"{key}_{name}_{part}_{f['name']}",
+                    key=hardware_widget_key(key, name, part, f["name"]), persist_state="session",
                     help=f"{f['help']} Unit: {f['unit']}. Allowed: {f['allowed'][0]:g} to {f['allowed'][1]:g}. "
                          f"Source: {f['source']}")
                 if w != v:
@@ -43,17 +47,21 @@ def hardware_editor(key: str = "hw"):
             hw = get_hardware(name, **changes)
         except ValueError as e:
             st.warning(f"{e} — using the preset's values.")
+            st.session_state[f"{key}_changes"] = {
+                "preset": name, "digital": {}, "analog": {}}
             return base
+        st.session_state[f"{key}_changes"] = {"preset": name, **changes}
         if changes["digital"] or changes["analog"]:
             st.caption("Edited: " + ", ".join(f"{p}.{k}" for p in changes for k in changes[p]))
     return hw
 
 
-@st.cache_resource(max_entries=8, show_spinner=False)
-def _forward_seconds(fingerprint: str, dtype: str, device: str, _handle: ModelHandle) -> float:
-    """sensitivity.forward_seconds of the loaded model, timed once per model (weights fingerprint, dtype, device)."""
+@st.cache_resource(max_entries=32, show_spinner=False)
+def _forward_seconds(fingerprint: str, dtype: str, device: str, tokens: int, _handle: ModelHandle) -> float:
+    """sensitivity.forward_seconds of the loaded model for a forward of ``tokens`` tokens, timed once per model
+    (weights fingerprint, dtype, device) and forward size."""
     from .sensitivity import forward_seconds
-    return forward_seconds(_handle.lm)
+    return forward_seconds(_handle.lm, tokens)
 
 
 def _duration(seconds: float) -> str:
@@ -63,12 +71,16 @@ def _duration(seconds: float) -> str:
 
 def measurement_time(handle: ModelHandle, seeds: int, tokens: int) -> str:
     """How long measuring the damage (``sensitivity.validate``) of the held model takes here, in words with its
-    basis: "about 12 min here at most (1,370 forwards × 0.5 s, one forward timed on this machine)"."""
-    from .sensitivity import measurement_estimate
-    fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"], handle)
+    basis: "about 14 min here at most (1,370 forwards of 8,192 tokens × 0.5 s, one forward of that size timed on
+    this machine; 274 forwards and 5 s more for the criteria and the bootstrap)" (``sensitivity.measurement_estimate``: the
+    forward is timed at the measurement's own size)."""
+    from .sensitivity import forward_tokens, measurement_estimate
+    ft = forward_tokens(tokens)
+    fs = _forward_seconds(handle.lm.fingerprint, st.session_state["dtype"], st.session_state["device"], ft, handle)
     e = measurement_estimate(handle.lm, seeds=seeds, tokens=tokens, forward_s=fs)
-    return (f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards × {fs:.1f} s, one forward "
-            "timed on this machine)")
+    return (f"{_duration(e['seconds'])} here at most ({e['forwards']:,} forwards of {ft:,} tokens × {fs:.2g} s, one "
+            f"forward of that size timed on this machine; {e['extra_forwards']:,} forwards and {e['fixed_s']:g} s more "
+            "for the criteria and the bootstrap)")
 
 
 def measurement_notice(handle: ModelHandle, strategies, noise, store, preset_label: str) -> str | None:
@@ -122,7 +134,8 @@ def unavailable_strategy(strategy: str, preset: str) -> str:
         return (f"{head}, and **ideal** damages nothing: showing MaxNNScore instead. Choose a noisy preset on the "
                 "Evaluate page, then this strategy again.")
     return (f"{head} **{preset}**, and none of this model is stored: showing MaxNNScore instead. Measure it on the "
-            f"Validate page ({ORACLE_SEEDS} seeds × {ORACLE_TOKENS:,} tokens), then choose this strategy again.")
+            f"Validate page (any seeds and tokens; Evaluate's oracle measures {ORACLE_SEEDS} seeds × "
+            f"{ORACLE_TOKENS:,} tokens), then choose this strategy again.")
 
 
 BUDGETS_HELP = ("Percentages of routed experts kept digital, e.g. 0, 12.5, 25. Decimals take a dot (12.5); budgets "

@@ -527,6 +527,17 @@ def measurement_forwards(anatomy, *, seeds=ORACLE_SEEDS, tokens: int = ORACLE_TO
     return chunks * (1 + (1 + L) + 2 * experts + len(kinds)) * len(seeds)
 
 
+def forward_tokens(tokens: int, seq_len: int = SEQ_LEN) -> int:
+    """Tokens in one batched forward of ``measure`` with ``validate``'s settings (one expert per forward): whole
+    sequences of min(seq_len, tokens) tokens, as many as fit in ``ROWS_PER_FORWARD`` and the calibration holds
+    (256 tokens: one sequence of 256; 16,384: 32 sequences of 256 = 8,192). Raises ValueError for bad tokens."""
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}")
+    T = min(seq_len, tokens)
+    S = max(1, tokens // T)
+    return min(S, max(1, ROWS_PER_FORWARD // T)) * T
+
+
 def forward_seconds(lm, tokens: int = ROWS_PER_FORWARD, seq_len: int = SEQ_LEN) -> float:
     """Wall time (s) of one clean forward of ``tokens`` tokens (sequences of ``seq_len``) through the whole model,
     timed here. A measurement forward replays only the layers above the flipped expert and recomputes that
@@ -543,11 +554,29 @@ def forward_seconds(lm, tokens: int = ROWS_PER_FORWARD, seq_len: int = SEQ_LEN) 
         return time.perf_counter() - t
 
 
+ESTIMATE_FIXED_S = 5.0
+"""Seconds ``measurement_estimate`` adds for the part of ``validate`` that does not grow with the forwards: the
+criteria's weight scores, the bootstrap of the correlations (1,000 replicates) and a first run's imports — 2.2 s on
+the default model and 0.4-2.0 s on tiny:qwen3_moe on 2 shared CPU cores (``bench/bench_estimate.py``)."""
+
+
 def measurement_estimate(lm, *, seeds=ORACLE_SEEDS, tokens: int = ORACLE_TOKENS, forward_s: float | None = None
                          ) -> dict:
-    """About how long ``validate(lm, …, seeds, tokens)`` takes here: {"forwards": measurement_forwards,
-    "forward_s": one clean forward of ROWS_PER_FORWARD tokens (``forward_seconds``, or the value given),
-    "seconds": forwards x forward_s, an upper estimate}. Raises ValueError for bad seeds/tokens."""
+    """About how long ``validate(lm, …, seeds, tokens)`` takes here, an upper estimate: {"forwards":
+    measurement_forwards, "forward_tokens": tokens in each of them (``forward_tokens``), "forward_s": one clean
+    forward of that many tokens (``forward_seconds``, timed here at that size, or the value given, which must be
+    of a forward of that size), "extra_forwards": one seed's forwards more, and "fixed_s": ``ESTIMATE_FIXED_S``, for
+    what is not a measurement forward (the criteria: activation statistics and the local output error on the
+    calibration text, weight scores; the bootstrap), "seconds": (forwards + extra_forwards) x forward_s + fixed_s}.
+
+    Basis (2 shared CPU cores, ``bench/bench_estimate.py`` and a profile of ``validate`` on the default model): the
+    per-forward time is timed at the measurement's own forward size, not taken from another — a clean forward of 256
+    tokens took 0.06-0.08 s, one of 8,192 1.9-2.0 s (the old estimate of 1 seed x 256 tokens, 137 forwards x 2.4 s
+    ≈ 6 min, used the latter, for a run of 10-15 s); a measurement forward took 0.042 s at 256 tokens, below the
+    clean one; the criteria took 1.2 s and the bootstrap 0.6-1.0 s. Raises ValueError for bad seeds/tokens."""
     n = measurement_forwards(lm.anatomy, seeds=seeds, tokens=tokens)
-    t = forward_seconds(lm, min(tokens, ROWS_PER_FORWARD)) if forward_s is None else float(forward_s)
-    return {"forwards": n, "forward_s": t, "seconds": n * t}
+    extra = n // len(_seeds(seeds))
+    ft = forward_tokens(tokens)
+    t = forward_seconds(lm, ft) if forward_s is None else float(forward_s)
+    return {"forwards": n, "forward_tokens": ft, "forward_s": t, "extra_forwards": extra, "fixed_s": ESTIMATE_FIXED_S,
+            "seconds": (n + extra) * t + ESTIMATE_FIXED_S}

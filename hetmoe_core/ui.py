@@ -19,7 +19,8 @@ from contextlib import contextmanager
 import streamlit as st
 
 from .modelcache import ModelCache, ModelHandle, model_bytes
-from .view_state import DEFAULTS, QUERY, budget, init_state, source_kind, sync_query_params  # noqa: F401
+from .view_state import (DEFAULTS, QUERY, budget, init_state, source_kind, sync_query_params,  # noqa: F401
+                         view_params)
 from .page_cache import (activation_stats, calibration, expert_scores, scores, shapes, stats_for,  # noqa: F401
                          store_read, store_state)
 from .forms import (BUDGETS_HELP, allowed_text, budget_notes, budgets_from_text, hardware_editor,  # noqa: F401

@@ -8,6 +8,7 @@ Field meanings and units: ``sensitivity`` module docstring (API contract).
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -219,13 +220,58 @@ def stored_validation(source: str, preset, *, seeds=5, texts=None, tokens: int =
     return None if hit is None else Validation(**{**hit, "cached": True})
 
 
+def _size(v: dict) -> tuple:
+    """Sort key of a stored measurement, largest first: seeds x tokens, then tokens."""
+    n = len(v["seeds"]) if isinstance(v.get("seeds"), (list, tuple)) else int(v.get("seeds") or 1)
+    return (-n * int(v.get("tokens") or 0), -int(v.get("tokens") or 0))
+
+
+def stored_measurements(store, fingerprint: str, preset=None, *, dtype: str | None = None) -> list[dict]:
+    """Every stored validation (``Validation.to_dict()``, ``cached`` True) of the model with weights
+    ``fingerprint``, whatever seeds, tokens, calibration text or library versions it was asked with: the rows of
+    the store's ``sensitivity`` table (what ``python -m hetmoe_core validate`` and the dashboard store) and the
+    validations kept as expert statistics (``examples.put_validation``: the Validate page and the example results),
+    one per (preset, seeds, tokens, calibration hash). ``preset`` (a name or NoiseConfig) keeps those measured
+    under that noise (its name and, where stored, its full config); ``dtype`` keeps those measured in that dtype
+    where the record says. Largest first (seeds x tokens, then tokens; the newest of equal size first). Reads the
+    store only; an absent store holds nothing."""
+    from .examples import stored_validations
+    from .store import Store
+    noise = None if preset is None else _check_noise(preset)
+    try:
+        st = store if isinstance(store, Store) else Store(store, create=False)
+    except ValueError:     # no store yet: nothing is measured
+        return []
+    rows = st.query("SELECT config, result FROM sensitivity WHERE model_fingerprint = ? ORDER BY created_at",
+                    [fingerprint])
+    found = [(json.loads(r.config), json.loads(r.result)) for r in rows.itertuples()]
+    found += [(v.get("store_config") or {}, {k: x for k, x in v.items() if k not in ("store_key", "store_config")})
+              for v in stored_validations(st, fingerprint).values()]
+    out: dict[tuple, dict] = {}
+    for cfg, v in found:
+        if noise is not None and (v.get("preset") != noise.name
+                                  or (v.get("noise") and v["noise"] != noise.to_dict())):
+            continue
+        if dtype is not None and (cfg.get("model") or {}).get("dtype", dtype) != dtype:
+            continue
+        seeds = tuple(v["seeds"]) if isinstance(v.get("seeds"), (list, tuple)) else v.get("seeds")
+        key = (v.get("preset"), seeds, v.get("tokens"), (v.get("calibration") or {}).get("hash"))
+        out.pop(key, None)
+        out[key] = {**v, "cached": True}          # the newest of a key last
+    newest_first = list(out.values())[::-1]
+    return sorted(newest_first, key=_size)       # stable: equal sizes stay newest first
+
+
 def stored_strategy_scores(source: str, preset, *, store=None, dtype: str = "float32",
                            device: str = "cpu") -> tuple[Validation | None, dict[str, list[np.ndarray]]]:
-    """(the stored measurement, {measured strategy: per-layer float64 ``[E]`` scores}) that ``evaluate`` places
-    oracle / local_error with under ``preset``: the request ``sensitivity.measured_scores`` makes
-    (``validate``'s defaults, 5 seeds x 16,384 tokens of the default calibration text), read from the store
-    without a forward pass; (None, {}) when it is not stored, when ``preset`` is noise-free or when the store does
-    not exist. Raises ValueError for an unknown preset."""
+    """(the stored measurement, {measured strategy: per-layer float64 ``[E]`` scores}) that the Placement page
+    places oracle / local_error with under ``preset``, read from the store without a forward pass: the request
+    ``sensitivity.measured_scores`` makes (``validate``'s defaults, 5 seeds x 16,384 tokens of the default
+    calibration text) when it is stored, else the largest stored measurement of the model under ``preset``
+    whatever its seeds and tokens (:func:`stored_measurements`; the returned Validation says which); (None, {})
+    when none is stored, when ``preset`` is noise-free or when the store does not exist. Raises ValueError for an
+    unknown preset."""
+    from .fingerprints import source_fingerprint
     from .store import Store
     noise = _check_noise(preset)
     if noise.name == "ideal":
@@ -236,7 +282,10 @@ def stored_strategy_scores(source: str, preset, *, store=None, dtype: str = "flo
         return None, {}
     v = stored_validation(source, noise, store=st, dtype=dtype, device=device)
     if v is None:
-        return None, {}
+        others = stored_measurements(st, source_fingerprint(source), noise, dtype=dtype)
+        if not others:
+            return None, {}
+        v = Validation(**{k: x for k, x in others[0].items() if k in Validation.__dataclass_fields__})
     found = {s: v.strategy_scores(s) for s in ("oracle", "local_error")}
     return v, {s: x for s, x in found.items() if x is not None}
 
@@ -253,12 +302,13 @@ def measured_caption(preset: str, validation: Validation | None, scores: dict) -
     if scores:
         verb = "places" if len(scores) == 1 else "place"
         return (f"{' and '.join(label(n) for n in scores)} {verb} by the damage measured under **{preset}** "
-                f"(the Evaluate page's noise preset; {seeds_text(len(validation.seeds))} × {validation.tokens:,} "
-                "tokens, stored from the Validate page): read from the store, nothing is recomputed.")
+                f"(the Evaluate page's noise preset; the stored measurement of {seeds_text(len(validation.seeds))} × "
+                f"{validation.tokens:,} tokens of {calibration_source(validation.to_dict())}): read from the store, "
+                "nothing is recomputed.")
     names = " and ".join(label(n) for n in MEASURED_STRATEGIES)
     if preset == "ideal":
         return f"{names} are not offered: the Evaluate page's noise preset is *ideal*, which damages nothing."
-    asked = stored_validation.__kwdefaults__            # the request stored_strategy_scores reads
+    asked = stored_validation.__kwdefaults__            # the request stored_strategy_scores looks up first
     return (f"{names} are not offered: no damage measurement of this model under **{preset}** (the Evaluate "
-            f"page's noise preset) is stored. Measure it on the Validate page ({asked['seeds']} seeds × "
-            f"{asked['tokens']:,} tokens).")
+            f"page's noise preset) is stored. Measure it on the Validate page (any seeds and tokens; "
+            f"{asked['seeds']} seeds × {asked['tokens']:,} tokens is what Evaluate's oracle measures).")

@@ -115,10 +115,10 @@ def view(hw):
 
     # ------------------------------------------------------------ what the placement costs (hetmoe_core.energy)
     c1, c2 = energy_row.columns(2)
-    batch = c1.select_slider("Batch size (tokens per decode step)", energy.BATCHES, value=32, key="energy_batch",
-                             help="Paper: 32. At batch 1 the digital part is memory-bound: every weight fetched "
+    batch = c1.select_slider("Batch size (tokens per decode step)", energy.BATCHES, key="energy_batch",
+                             persist_state="session", help="Paper: 32. At batch 1 the digital part is memory-bound: every weight fetched "
                                   "from HBM serves one token.")
-    measured = c2.toggle("Measured routing frequencies", key="energy_measured",
+    measured = c2.toggle("Measured routing frequencies", key="energy_measured", persist_state="session",
                          help="Weight each expert by the share of calibration tokens routed to it (else uniform "
                               "top-k/E).")
     e_stats = (stats or ui.stats_for(h)) if measured else None

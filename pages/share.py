@@ -17,12 +17,13 @@ st.title("Share")
 ss = st.session_state
 
 st.subheader("Link to this view")
-params = {q: st.query_params[q] for q in ui.QUERY if q in st.query_params}
+params = ui.view_params()      # every setting that changes what Placement shows (view_state.view_params)
 base = (getattr(st.context, "url", None) or "http://127.0.0.1:8501/").split("?")[0].rstrip("/")
 base = base.rsplit("/share", 1)[0]
 st.code(f"{base}/placement?{urlencode(params)}", language=None)
-st.caption("Opens the Placement page with the same model, strategy, digital budget and noise preset "
-           "(every page keeps these in its URL).")
+st.caption("Opens the Placement page with the same model, strategy, digital budget, scope, noise preset, dense "
+           "modules and hardware constants (every page keeps these in its URL; dense modules and hardware only "
+           "where they differ from the defaults).")
 
 store = Store()
 

@@ -6,7 +6,7 @@ import streamlit as st
 from hetmoe_core import figures, forms, jobs, ui
 from hetmoe_core.evaluate import measurement_line
 from hetmoe_core.validation import (calibration_source, correlation_table, damage_resolved, seeds_text, signed,
-                                   spread_text)
+                                   spread_text, stored_measurements)
 
 ui.frame()
 st.title("Validate the criteria")
@@ -17,7 +17,7 @@ st.caption("Does MaxNNScore find the experts that really suffer on AIMC? Each ex
 ss = st.session_state
 
 try:
-    from hetmoe_core.examples import EXAMPLES, load_examples, n_seeds, stored_validations
+    from hetmoe_core.examples import EXAMPLES, load_examples, n_seeds
     from hetmoe_core.noise import PRESETS
     from hetmoe_core.store import Store
     store = Store()
@@ -28,7 +28,7 @@ except (ValueError, RuntimeError) as e:
 
 h = ui.require_model()
 fp = h.lm.fingerprint
-stored = stored_validations(store, fp)
+stored = stored_measurements(store, fp)     # every preset, whatever seeds and tokens, largest first
 if not stored and EXAMPLES.is_file() and ss["source"] == "default":
     st.info("No measured sensitivity of this model in the store yet. The example results hold it for both paper "
             "presets (computed by scripts/example_results.py).")
@@ -40,19 +40,42 @@ if not stored and EXAMPLES.is_file() and ss["source"] == "default":
             st.error(str(e))
 
 # ---------------------------------------------------------------- request
-jobs.restore_form("val_job")   # a reload: the form shows the running measurement's request, not the defaults
 presets = [p for p in PRESETS if p != "ideal"]
-c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
 if ss.get("val_preset") not in presets:
     ss["val_preset"] = ss.get("preset") if ss.get("preset") in presets else presets[0]
+
+
+def of_preset(name: str) -> list[dict]:
+    """The stored measurements of this model under preset ``name``, largest first."""
+    return [d for d in stored if d["preset"] == name]
+
+
+def open_stored(d: dict) -> None:
+    """Put a stored measurement's seeds and tokens into the form (before its widgets are drawn, or in a callback)."""
+    ss["val_seeds"], ss["val_tokens"] = float(n_seeds(d["seeds"])), int(d["tokens"])
+
+
+# a preset opened (first visit, or another preset chosen): the form opens its largest stored measurement, if any
+if ss.get("_val_opened") != ss["val_preset"]:
+    ss["_val_opened"] = ss["val_preset"]
+    if of_preset(ss["val_preset"]):
+        open_stored(of_preset(ss["val_preset"])[0])
+jobs.restore_form("val_job")   # a reload: the form shows the running measurement's request, not the defaults
+ss["_val_opened"] = ss["val_preset"]
+TOKENS = [256, 1024, 4096, 16384, 65536]     # offered for a new measurement; any stored value is added
+tokens_offered = sorted(set(TOKENS) | {int(d["tokens"]) for d in stored}
+                        | ({int(ss["val_tokens"])} if ss.get("val_tokens") else set()))
+c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
 preset = c1.selectbox("Noise preset", presets, key="val_preset")
 # a float box shown as a whole number: Streamlit's integer box reads a typed "1e9" as 1 (forms.sweep_number_problem)
 seeds_typed = c2.number_input("Seeds", value=5.0, step=1.0, format="%g", key="val_seeds",
                               help=forms.sweep_number_help("seeds", "Noise seeds 0..N-1, the same for every expert."))
 seeds_problem = forms.sweep_number_problem(seeds=seeds_typed)
 seeds = int(seeds_typed) if seeds_problem is None else 1
-tokens = int(c3.selectbox("Tokens", [256, 1024, 4096, 16384, 65536], index=3, key="val_tokens",
-                          help="calibration tokens the damage is measured on (the default model's validation text)"))
+tokens = int(c3.selectbox("Tokens", tokens_offered, index=tokens_offered.index(16384), key="val_tokens",
+                          format_func=lambda t: f"{t:,}",
+                          help="calibration tokens the damage is measured on (the default model's validation "
+                               "text); every token count stored for this model is offered"))
 job = jobs.page_job("val_job")   # after a reload: the job the URL names
 running = job is not None and job.running
 
@@ -68,6 +91,18 @@ c4.button("Measure", type="primary", disabled=running or seeds_problem is not No
 if seeds_problem:
     st.error(seeds_problem)
     st.stop()
+here = of_preset(preset)
+if here:       # the stored seed/token combinations of this preset: choosing one opens it
+    combos = [(n_seeds(d["seeds"]), int(d["tokens"])) for d in here]
+    combos = list(dict.fromkeys(combos))
+    ss["val_stored"] = (seeds, tokens) if (seeds, tokens) in combos else None
+    st.selectbox(f"Stored under {preset} ({len(combos)})", combos, index=None, key="val_stored",
+                 format_func=lambda c: f"{seeds_text(c[0])} × {c[1]:,} tokens",
+                 placeholder="a new request (not stored)",
+                 on_change=lambda: open_stored({"seeds": ss["val_stored"][0], "tokens": ss["val_stored"][1]})
+                 if ss["val_stored"] else None,
+                 help="The measurements of this model stored under this preset (from this page, the command line "
+                      "or the example results), largest first. Choosing one shows it.")
 
 
 def ended(j) -> None:
@@ -86,19 +121,18 @@ jobs.job_progress("val_job", lambda j: (measurement_line(None, j.preset, j.done,
                 cancel_note="Cancelling: the measurement stops within one layer's forward; nothing is stored.")
 
 # ---------------------------------------------------------------- which result to show
-stored = stored_validations(store, fp)
+stored = stored_measurements(store, fp)
 if job is not None and job.result is not None and job.result.get("model_fingerprint") == fp:
     v = job.result
 else:
-    match = [d for d in stored.values() if (d["preset"], n_seeds(d["seeds"]), d["tokens"]) == (preset, seeds, tokens)]
-    same_preset = [d for d in stored.values() if d["preset"] == preset]
-    v = (match or same_preset or [None])[-1]
+    match = [d for d in stored if (d["preset"], n_seeds(d["seeds"]), d["tokens"]) == (preset, seeds, tokens)]
+    v = (match or of_preset(preset) or [None])[0]         # the request, else this preset's largest
     if not match and not running:
         st.caption(f"Not stored yet: measuring {seeds_text(seeds)} × {tokens:,} tokens takes "
                    f"{ui.measurement_time(h, seeds, tokens)}.")
 if v is None:
     st.info("Press **Measure** to measure each expert's damage under this preset"
-            + (" (stored results of other presets: " + ", ".join(sorted({d['preset'] for d in stored.values()}))
+            + (" (stored results of other presets: " + ", ".join(sorted({d['preset'] for d in stored}))
                + ")." if stored else "."))
     st.stop()
 nv = n_seeds(v["seeds"])

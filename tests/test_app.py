@@ -441,3 +441,70 @@ def test_placement_at_full_budget_says_every_routed_expert_is_digital(store_env)
         "100% of routed experts"
     at.slider(key="budget_pct").set_value(12.5).run()
     assert {x.label: x.delta for x in at.metric}["Digital routed experts"] == "12.5% of routed experts"
+
+
+def url(at) -> dict:
+    """The page's URL query as {name: value} (AppTest keeps a list per name)."""
+    return {k: v[-1] if isinstance(v, list) else v for k, v in at.query_params.items()}
+
+
+def test_share_link_carries_scope_dense_modules_and_hardware(store_env):
+    """Placement at scope global showed one placement, the Share page's link opened in a new tab another (scope
+    layer): the link carried model, strategy, budget and preset only. Now scope always, dense modules, hardware
+    (preset and edited constants) and the energy batch where they differ from the defaults; a new session opened on
+    the link shows the same numbers."""
+    from urllib.parse import parse_qsl, urlsplit
+    at = page(app({"strategy": "router_norm", "budget": "0.375"}), "placement")
+    layer_scope = metric(at, "Per layer")
+    at.radio(key="scope").set_value("global").run()
+    at.toggle(key="dense_attention").set_value(False).run()
+    at.selectbox(key="hw_preset").set_value("a100+pcm").run()
+    at.number_input(key="hw_a100+pcm_analog_tile_size").set_value(256).run()
+    at.number_input(key="hw_a100+pcm_digital_hbm_bandwidth").set_value(2.5).run()
+    at.select_slider(key="energy_batch").set_value(8).run()
+    assert not at.exception and not at.warning
+    labels = ("Per layer", "Digital parameter share", "Analog parameters", "Energy per token", "AIMC tiles",
+              "Throughput (tokens/s)")
+    shown = {k: metric(at, k) for k in labels}
+    assert shown["Per layer"] != layer_scope, (shown, layer_scope)       # global scope places otherwise here
+    want = {"model": "default", "strategy": "router_norm", "budget": "0.375", "scope": "global",
+            "preset": "paper-pcm-c1.5", "analog": "attention", "hw": "a100+pcm", "hw.analog.tile_size": "256",
+            "hw.digital.hbm_bandwidth": "2.5", "batch": "8"}
+    assert url(at) == want                             # the page's own URL
+    page(at, "share")
+    link = at.code[0].value
+    assert link.startswith("http://127.0.0.1:8501/placement?") and dict(parse_qsl(urlsplit(link).query)) == want
+    new = AppTest.from_file(APP, default_timeout=120)                    # the link opened in a new tab
+    new.query_params.update(dict(parse_qsl(urlsplit(link).query)))
+    new.switch_page("pages/placement.py").run()
+    assert not new.exception and not new.sidebar.warning
+    assert (new.radio(key="scope").value, new.toggle(key="dense_attention").value, new.selectbox(key="hw_preset").value,
+            new.number_input(key="hw_a100+pcm_analog_tile_size").value, new.select_slider(key="energy_batch").value
+            ) == ("global", False, "a100+pcm", 256, 8)
+    assert {k: metric(new, k) for k in labels} == shown
+    # back to the defaults: the optional parameters leave the URL
+    new.toggle(key="dense_attention").set_value(True).run()
+    new.selectbox(key="hw_preset").set_value("h100+pcm").run()
+    new.select_slider(key="energy_batch").set_value(32).run()
+    assert url(new) == {k: v for k, v in want.items() if k in ("model", "strategy", "budget",
+                                                                                  "scope", "preset")}
+
+
+def test_a_links_bad_scope_dense_or_hardware_is_one_warning_line(store_env):
+    at = app({"scope": "diagonal", "analog": "attention,wings", "hw": "a100+pcm", "hw.analog.tile_size": "-5",
+              "hw.analog.colour": "red", "hw.digital.peak_tflops": "lots", "batch": "3", "routing": "sideways"})
+    assert not at.exception
+    (w,) = [x.value for x in at.sidebar.warning]
+    assert w.startswith("The link held 7 invalid values, ignored (the default is used instead): ") and "\n" not in w
+    for part in ("scope='diagonal' (layer or global)", "analog='attention,wings' (dense module kinds",
+                 "hw.analog.tile_size='-5' (AIMC chip constant out of range: tile_size=-5",
+                 "hw.analog.colour='red' (no such constant", "hw.digital.peak_tflops='lots' (not a number)",
+                 "batch='3' (one of 1, 2, 4, 8, 16, 32, 64, 128, 256)", "routing='sideways' (measured or uniform)"):
+        assert part in w, (part, w)
+    page(at, "placement")
+    # the valid ones are kept: the hardware preset; the rest at its defaults
+    assert (at.radio(key="scope").value, at.toggle(key="dense_attention").value,
+            at.selectbox(key="hw_preset").value) == ("layer", True, "a100+pcm")
+    assert at.number_input(key="hw_a100+pcm_analog_tile_size").value == 512
+    assert url(at) == {"model": "default", "strategy": "maxnn", "budget": "0.125", "scope": "layer",
+                                         "preset": "paper-pcm-c1.5", "hw": "a100+pcm"}

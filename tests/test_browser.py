@@ -565,3 +565,38 @@ def test_back_button_needs_one_press_per_view(server, browser):
     idle(pg)
     assert "/placement" in pg.url, pg.url
     pg.context.close()
+
+
+def test_share_link_opened_in_a_new_tab_keeps_the_scope(server, browser):
+    """Placement with tiny:qwen3_moe, router norm, budget 0.375, scope global showed "Per layer 2 4"; the Share
+    page's link, opened in a new tab, showed "3 3" (scope layer: the link carried no scope). Also a dense module
+    turned analog travels with it."""
+    base, _ = server
+    pg = _new_page(browser)
+
+    def per_layer(p):
+        return (p.locator("[data-testid='stMetric']").filter(has_text="Per layer")
+                .locator("[data-testid='stMetricValue']").inner_text())
+
+    pg.goto(f"{base}/placement?model=tiny:qwen3_moe&strategy=router_norm&budget=0.375")
+    pg.get_by_role("heading", level=1).filter(has_text="Digital placement").wait_for(timeout=90000)
+    idle(pg)
+    layer = per_layer(pg)
+    pg.locator("[data-testid='stRadio']").filter(has_text="Scope").get_by_text("global", exact=True).click()
+    idle(pg)
+    shown = per_layer(pg)
+    assert (layer, shown) == ("3 3", "2 4")
+    assert "scope=global" in pg.url
+    nav(pg, "Share")
+    pg.get_by_role("heading", level=1).filter(has_text="Share").wait_for(timeout=90000)
+    idle(pg)
+    link = pg.locator("[data-testid='stCode'] code").first.inner_text().strip()
+    assert link.startswith(f"{base}/placement?") and "scope=global" in link and "model=tiny%3Aqwen3_moe" in link, link
+    tab = _new_page(browser)
+    tab.goto(link)
+    tab.get_by_role("heading", level=1).filter(has_text="Digital placement").wait_for(timeout=90000)
+    idle(tab)
+    assert per_layer(tab) == "2 4"
+    no_errors(tab, "placement opened from the share link")
+    pg.context.close()
+    tab.context.close()

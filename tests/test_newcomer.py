@@ -24,7 +24,7 @@ def test_oracle_says_before_run_that_it_measures_first(store_env):
     assert "none is stored" in note and "1,370 forwards" in note and "Validate" in note, note
     page(at, "validate")   # the Validate page gives the same estimate before Measure
     assert any(c.value.startswith("Not stored yet: measuring 5 seeds × 16,384 tokens takes about ")
-               and "(1,370 forwards × " in c.value for c in at.caption)
+               and "(1,370 forwards of 8,192 tokens × " in c.value for c in at.caption)
 
 
 def test_decimal_comma_in_budgets_is_one_clear_line(store_env):

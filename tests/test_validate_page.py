@@ -53,6 +53,11 @@ def test_validate_measures_then_answers_from_the_store(store_env):
     assert list(table.spearman) == sorted(table.spearman, reverse=True)
     kept = stored_validations(Store(store_env), v["model_fingerprint"])
     assert len(kept) == 1 and next(iter(kept.values()))["experts"] == v["experts"]
+    # Placement's measured strategies place by it, though it is not the 5 seeds x 16,384 tokens Evaluate asks
+    from hetmoe_core.validation import stored_strategy_scores
+    placed, scores = stored_strategy_scores("default", "paper-pcm-c2.5", store=Store(store_env))
+    assert (len(placed.seeds), placed.tokens) == (2, 256) and set(scores) == {"oracle", "local_error"}
+    assert [list(x) for x in scores["oracle"]] == [list(x) for x in placed.only_this()]
     # the same request again: from the store at once, the same numbers
     at.button(key="val_run").click().run()
     job2 = _wait(at, timeout=60)
@@ -153,3 +158,84 @@ def test_out_of_range_or_huge_seeds_are_refused_with_measure_disabled(store_env)
         assert at.button(key="val_run").disabled
     at.number_input(key="val_seeds").set_value(3).run()
     assert not at.error and not at.button(key="val_run").disabled
+
+
+def test_measurements_stored_by_the_command_line_are_found_whatever_seeds_and_tokens(store_env, capsys):
+    """README's `validate … --seeds 5 --tokens 2048` stored a measurement the dashboard never found: the Validate page
+    said "Not stored yet … (stored results of other presets: …)" and offered no 2048 tokens, Placement's oracle said
+    none was stored. Here two CLI measurements (2 seeds x 256 and 1 seed x 128 tokens: 128 is no offered choice) of a
+    tiny model."""
+    from hetmoe_core.cli import main
+    from hetmoe_core.fingerprints import source_fingerprint
+    from hetmoe_core.store import Store
+    from hetmoe_core.validation import stored_measurements
+    src, preset = "tiny:qwen3_moe", "paper-pcm-c2.5"
+    for seeds, tokens in ((1, 128), (2, 256)):
+        assert main(["validate", src, "--preset", preset, "--seeds", str(seeds), "--tokens", str(tokens),
+                     "--store", str(store_env), "--json"]) == 0
+    capsys.readouterr()
+    found = stored_measurements(Store(store_env), source_fingerprint(src), preset)
+    assert [(len(d["seeds"]), d["tokens"]) for d in found] == [(2, 256), (1, 128)]      # largest first
+    assert stored_measurements(Store(store_env), source_fingerprint(src), "paper-pcm-c1.5") == []
+    big = found[0]
+
+    at = AppTest.from_file(APP, default_timeout=180)      # opened on the page: a link to it with the tiny model
+    at.query_params.update({"model": src})
+    at.switch_page("pages/validate.py").run()
+    assert at.session_state["source"] == src
+    at.selectbox(key="val_preset").set_value(preset).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not any(c.value.startswith("Not stored yet") for c in at.caption)
+    assert not any("Press **Measure**" in i.value for i in at.info)
+    # the largest stored measurement is opened: the form holds its request, the cards its numbers
+    assert (at.number_input(key="val_seeds").value, at.selectbox(key="val_tokens").value) == (2, 256)
+    assert at.selectbox(key="val_tokens").options == ["128", "256", "1,024", "4,096", "16,384", "65,536"]
+    assert at.selectbox(key="val_stored").options == ["2 seeds × 256 tokens", "1 seed × 128 tokens"]
+    assert next(m.value for m in at.metric if m.label == "clean NLL (nats/token)") == f"{big['clean_nll']:.4f}"
+    assert any(c.value.startswith("2 seeds × 256 tokens of ") for c in at.caption), [c.value for c in at.caption]
+    # the other stored combination, chosen from the list
+    at.selectbox(key="val_stored").set_value((1, 128)).run()
+    assert (at.number_input(key="val_seeds").value, at.selectbox(key="val_tokens").value) == (1, 128)
+    assert any(c.value.startswith("1 seed × 128 tokens of ") for c in at.caption)
+    assert not any(c.value.startswith("Not stored yet") for c in at.caption)
+
+    # Placement: a link's strategy=oracle places by the stored measurement of the preset, and says which one
+    pl = AppTest.from_file(APP, default_timeout=180)
+    pl.query_params.update({"model": src, "preset": preset, "strategy": "oracle"})
+    pl.switch_page("pages/placement.py").run()
+    assert not pl.exception, [e.value for e in pl.exception]
+    assert not any("none of this model is stored" in w.value for w in pl.warning), [w.value for w in pl.warning]
+    assert pl.selectbox(key="strategy").value == "oracle"
+    line = next(c.value for c in pl.caption if "by the damage measured under" in c.value)
+    assert f"**{preset}**" in line and "2 seeds × 256 tokens" in line, line
+
+
+def test_time_estimate_times_a_forward_of_the_measurements_size(store_env):
+    """1 seed x 256 tokens said "about 6 min here at most (137 forwards × 2.4 s)" — the time of a forward of 8,192
+    tokens — for a run of 12 s. The forward is now timed at the measurement's own size (256 tokens: one sequence;
+    16,384: 32 sequences = 8,192 per forward), and the estimate bounds a real run from above."""
+    import re
+    at = open_page("validate")
+    at.selectbox(key="val_preset").set_value("paper-pcm-c2.5").run()
+
+    def estimate(seeds, tokens):
+        at.number_input(key="val_seeds").set_value(seeds)
+        at.selectbox(key="val_tokens").set_value(tokens).run()
+        text = next(c.value for c in at.caption if c.value.startswith("Not stored yet"))
+        m = re.search(r"about ([\d.]+) (s|min|h) here at most \(([\d,]+) forwards of ([\d,]+) tokens × ([\d.e-]+) s, "
+                      r"one forward of that size timed on this machine; ([\d,]+) forwards and 5 s more for the criteria", text)
+        assert m, text
+        num = lambda g: float(m.group(g).replace(",", ""))          # noqa: E731
+        return {"seconds": num(1) * {"s": 1, "min": 60, "h": 3600}[m.group(2)], "forwards": num(3),
+                "forward_tokens": num(4), "forward_s": num(5), "extra": num(6)}
+
+    big, small = estimate(5, 16384), estimate(1, 256)
+    assert (big["forwards"], big["forward_tokens"], big["extra"]) == (1370, 8192, 274)
+    assert (small["forwards"], small["forward_tokens"], small["extra"]) == (137, 256, 137)
+    # 32x the tokens per forward: the per-forward time grows with them (measured ~33x; at least 8x on a busy CPU)
+    assert big["forward_s"] > 8 * small["forward_s"], (big, small)
+    assert small["seconds"] < 120, small          # was "about 6 min"
+    at.button(key="val_run").click().run()
+    job = _wait(at)
+    assert job.status == "done" and not job.result["cached"]
+    assert job.elapsed <= small["seconds"] + 1, (job.elapsed, small)     # an upper bound ("about N s" is rounded)
