@@ -556,9 +556,12 @@ def test_back_button_needs_one_press_per_view(server, browser):
     base, _ = server
     pg = _new_page(browser)
     pg.goto(f"{base}/placement?model=default")
+    written = "['strategy=', 'budget=', 'preset=', 'scope='].every(q => location.search.includes(q))"
+    pg.wait_for_function(written, timeout=90000)     # the view is in the URL (a loaded machine may be slow)
     idle(pg)
     first = pg.evaluate("history.length")
     nav(pg, "Sensitivity")
+    pg.wait_for_function("location.pathname.endsWith('/sensitivity') && " + written, timeout=90000)
     idle(pg)
     assert pg.evaluate("history.length") - first <= 1
     pg.go_back()
