@@ -330,20 +330,42 @@ def _run_eval(args, bar: bool) -> dict:
     finally:
         if pbar is not None:
             pbar.close()
-    out = {"results": res, "summary": summarize(res), "computed": sum(not r["cached"] for r in res),
-           "cached": sum(r["cached"] for r in res)}
-    if args.json:
-        return out
     from .noise import get_preset
     settled = {p: get_preset(p, **dict(args.settings)).deterministic for p in _names(args.presets)}
+    out = {"results": res, "summary": summarize(res), **_work_counts(res, settled)}
+    if args.json:
+        return out
     from .results import number   # the dashboard's formatter: n/a for missing, float rounding as 0
     for r in out["summary"]:
         std = (" deterministic" if r["ideal"] or settled.get(r["preset"])
                else "" if r["std"] is None else f" ± {number(r['std'], '.3g', r['mean'])}")
         print(f"{r['task']:<22} {r['metric']:<16} {r['strategy']:<11} budget={r['budget']:<6g} {r['preset']:<22} "
               f"{number(r['mean'])}{std} (n={r['n_seeds']}){' cached' if r['cached'] else ''}")
-    print(f"{out['computed']} computed, {out['cached']} from the cache")
+    print(_work_line(out))
     return None
+
+
+def _work_counts(res: list[dict], deterministic: dict) -> dict:
+    """How a sweep's results were obtained: computed (the model ran), shared (not run: an identical computation of
+    this call gave the numbers, ``shared_from``), of which shared_deterministic are other seeds of a deterministic
+    preset (``deterministic``: {preset: bool}) and the rest the same placement under another strategy (e.g.
+    budget 0, every routed expert analog), and cached (already in the store)."""
+    fresh = [r for r in res if not r["cached"]]
+    shared = [r for r in fresh if r.get("shared_from")]
+    return {"computed": len(fresh) - len(shared), "shared": len(shared),
+            "shared_deterministic": sum(bool(deterministic.get(r["preset"])) for r in shared),
+            "cached": len(res) - len(fresh)}
+
+
+def _work_line(counts: dict) -> str:
+    """_work_counts in words: "20 computed, 16 shared with identical computations (13 of deterministic presets,
+    3 the same placement under another strategy), 1 from the cache"."""
+    n, d = counts["shared"], counts["shared_deterministic"]
+    parts = [f"{d} of deterministic presets" if d else "",
+             f"{n - d} the same placement under another strategy" if n - d else ""]
+    why = ", ".join(p for p in parts if p)
+    shared = f"{n} shared with identical computations ({why}), " if n else ""
+    return f"{counts['computed']} computed, {shared}{counts['cached']} from the cache"
 
 
 LARGE_RUN = 200   # results: above this, say how many and about how long before starting

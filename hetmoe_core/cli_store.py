@@ -206,26 +206,35 @@ def _print_paired(rec, paired, max_rows: int) -> None:
     """The recovered fraction and the paired deltas of ``runs --summary`` as text tables (numbers through
     results.number, as the dashboard shows them)."""
     import pandas as pd
-    from .results import number
+    from .results import number, seeds_label
     with pd.option_context("display.width", 240, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         if rec is not None and len(rec):
             print("\nrecovered fraction of the noise loss (A-X)/(A-I), mean [95% t CI over seeds]; "
                   "sampling = lm-eval stderr / |A-I|")
             r, cut = _head(rec, max_rows, "recovered-fraction")
             fmt = lambda col: ["not shown" if n else number(v) for v, n in zip(r[col], r.recovered_note)]
-            r = r.assign(**{c: fmt(c) for c in ("recovered", "recovered_lo", "recovered_hi", "sampling_se_recovered")})
-            print(r[["task", "metric", "preset", "strategy", "budget", "n_seeds", "recovered", "recovered_lo",
+            r = r.assign(**{c: fmt(c) for c in ("recovered", "recovered_lo", "recovered_hi", "sampling_se_recovered")},
+                         seeds=[seeds_label(n, c) for n, c in zip(r.n_seeds, r.n_computations)])
+            print(r[["task", "metric", "preset", "strategy", "budget", "seeds", "recovered", "recovered_lo",
                      "recovered_hi", "sampling_se_recovered"]].to_string(index=False))
             for note, n in rec.recovered_note[rec.recovered_note != ""].value_counts().items():
                 print(f"{note}: recovered fraction not shown ({n} rows)")
+            if (rec.n_computations < rec.n_seeds).any():
+                print("deterministic presets: their seeds are copies of one computation, so the noise loss is judged "
+                      "by lm-eval's stderr (resolved only beyond 1.96 x stderr of A), not by an interval over copies")
             if cut:
                 print(_cut_note(cut, rec, "recovered-fraction"))
         if paired is not None and len(paired):
             print("\npaired deltas a - b on common seeds (metric units), mean [95% t CI]")
             p, cut = _head(paired, max_rows, "paired-delta")
-            p = p.assign(**{c: p[c].map(number) for c in ("delta", "delta_lo", "delta_hi", "sampling_se")})
-            print(p[["task", "metric", "preset", "budget", "a", "b", "n_seeds", "delta", "delta_lo", "delta_hi",
-                     "sampling_se", "verdict"]].to_string(index=False))
+            p = p.assign(**{c: p[c].map(number) for c in ("delta", "delta_lo", "delta_hi", "sampling_se",
+                                                                "sampling_lo", "sampling_hi")})
+            p = p.assign(seeds=[seeds_label(n, c) for n, c in zip(p.n_seeds, p.n_computations)])
+            print(p[["task", "metric", "preset", "budget", "a", "b", "seeds", "delta", "delta_lo", "delta_hi",
+                     "sampling_se", "sampling_lo", "sampling_hi", "verdict"]].to_string(index=False))
+            if (p.basis == "sampling error").any():
+                print("sampling_lo/hi: deterministic preset, one computation shared by its seeds (no seed spread): "
+                      "delta ± 1.96 x sqrt(se_a^2 + se_b^2) of lm-eval's sampling error decides the verdict")
             if cut:
                 print(_cut_note(cut, paired, "paired-delta"))
 

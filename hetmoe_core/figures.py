@@ -229,6 +229,11 @@ def share_bars(by_kind: dict, tied_lm_head: bool = False) -> go.Figure:
     return go.Figure(dict(data=data, layout=layout))
 
 
+AXIS_PAD = 0.08
+"""Share of a metric chart's data span left free above and below it (metric_axis): ~24 px of a 300 px plot,
+room for the outermost error-bar caps."""
+
+
 def metric_axis(values, metric: str | None = None) -> dict:
     """y-axis settings (``fig.update_yaxes(**...)``) of a metric chart holding ``values`` (means, mean ± std, the
     reference lines): ticks with at most 4 significant digits (Plotly's own format printed a float's binary
@@ -236,21 +241,25 @@ def metric_axis(values, metric: str | None = None) -> dict:
     equal results, or a panel whose only point is the ideal reference line, which Plotly drew on -1…4 — a range
     of ± 5 % of the value (at least ± 0.05) around them. With ``metric`` (an lm-eval metric name, "[filter]"
     suffix allowed), that range stays within the metric's valid range (store_schema.METRIC_RANGES) plus 2 % of
-    its width: an accuracy axis never runs to -0.5."""
+    its width: an accuracy axis never runs to -0.5. Values that do span something get AXIS_PAD of the span free
+    on each side (not clamped: a mean - std below 0 is drawn to its end): Plotly's autorange leaves a fixed 15 px,
+    so the outermost error-bar cap sat on the bottom gridline, where it read as cut off by the axis."""
     from .store_schema import METRIC_RANGES
     v = np.asarray([x for x in np.ravel(np.asarray(values, dtype=float)) if np.isfinite(x)])
     axis = dict(tickformat=".4~g")
     if len(v) == 0:
         return axis
     lo, hi = float(v.min()), float(v.max())
-    if hi - lo <= 1e-9 * max(1.0, abs(hi)):
-        pad = max(0.05 * abs(hi), 0.05)
-        r0, r1 = lo - pad, hi + pad
-        vlo, vhi = METRIC_RANGES.get(str(metric or "").split("[", 1)[0], (-np.inf, np.inf))
-        if np.isfinite(vlo) and np.isfinite(vhi):
-            margin = 0.02 * (vhi - vlo)
-            r0, r1 = max(r0, vlo - margin), min(r1, vhi + margin)
-        axis["range"] = [r0, r1]
+    if hi - lo > 1e-9 * max(1.0, abs(hi)):      # never clamped: an error bar's end is drawn where it falls
+        axis["range"] = [lo - AXIS_PAD * (hi - lo), hi + AXIS_PAD * (hi - lo)]
+        return axis
+    pad = max(0.05 * abs(hi), 0.05)
+    r0, r1 = lo - pad, hi + pad
+    vlo, vhi = METRIC_RANGES.get(str(metric or "").split("[", 1)[0], (-np.inf, np.inf))
+    if np.isfinite(vlo) and np.isfinite(vhi):
+        margin = 0.02 * (vhi - vlo)
+        r0, r1 = max(r0, vlo - margin), min(r1, vhi + margin)
+    axis["range"] = [r0, r1]
     return axis
 
 
@@ -291,6 +300,31 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
 
 
 # ------------------------------------------------------------------------------------------- paired recovery
+NOTE_WIDTH = 52
+"""Characters per line of a chart's note (recovery_vs_budget): ~340 px at 12 px, inside the plot of the report's
+and the dashboard's narrowest chart (520 px), so a note never runs under the y-axis title or off the right edge."""
+
+
+def _hidden_note(hidden) -> str:
+    """The note of recovery_vs_budget for its rows without a fraction: per preset, why (recovered_note; for a
+    deterministic preset, that its seeds are copies of one computation judged by lm-eval's stderr), wrapped at
+    NOTE_WIDTH characters with <br>; the reason and "recovered fraction not shown" are never split (they are
+    what a reader, and a search of the page, looks for)."""
+    import textwrap
+    keep = "recovered fraction not shown"
+    lines = []
+    for p, g in hidden.groupby("preset", sort=True):
+        why = (g["recovered_note"].iloc[0] if "recovered_note" in g else "") or "no noise loss measured"
+        head = why.split(" (")[0]
+        text = f"{p} — {why.replace(head, head.replace(' ', chr(160)), 1)}: {keep.replace(' ', chr(160))}"
+        if "n_computations" in g and (g["n_computations"] < g["n_seeds"]).all():
+            text += (f" (deterministic preset: its {int(g['n_seeds'].max())} seeds share one computation, judged "
+                     "by lm-eval's stderr, not by an interval over copies)")
+        lines += [x.replace(chr(160), " ") for x in textwrap.wrap(text, NOTE_WIDTH, subsequent_indent="  ",
+                                                                   break_long_words=False)]
+    return "<br>".join(lines)
+
+
 def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss", per_row: int = 2) -> go.Figure:
     """Recovered fraction (A - X) / (A - I) against digital budget, one line per (strategy, preset).
 
@@ -316,9 +350,10 @@ def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss
                          color=strategy_color(s), thickness=1),
             **line_style(s, p),
             customdata=np.stack([g["recovered_lo"].astype(float), g["recovered_hi"].astype(float),
-                                 g["n_seeds"].to_numpy(), samp], axis=-1),
+                                 g.get("n_computations", g["n_seeds"]).to_numpy(), samp], axis=-1),
             hovertemplate=("budget %{x:.1f}%<br>recovered %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}] "
-                           "(95% CI over %{customdata[2]} seeds)<br>sampling error (lm-eval): ±%{customdata[3]:.3f}"
+                           "(95% CI over %{customdata[2]} distinct computations)<br>sampling error (lm-eval): "
+                           "±%{customdata[3]:.3f}"
                            "<extra></extra>")))
     # labels on opposite sides of their lines, so they never collide however far the y axis stretches
     fig.add_hline(y=1, line_dash="dot", line_color="#555", annotation_text="ideal (all digital)",
@@ -327,14 +362,10 @@ def recovery_vs_budget(frame, title: str = "Recovered fraction of the noise loss
                   annotation_position="bottom left")
     hidden = frame[frame["recovered"].astype(float).isna()] if len(frame) else frame
     if len(hidden):      # say which presets have no fraction and why (paired.noise_loss), never plot noise
-        notes = (hidden.groupby("preset")["recovered_note"].first() if "recovered_note" in hidden
-                 else hidden.groupby("preset").size().map(lambda _: ""))
-        text = "<br>".join(f"{p} — {n or 'no noise loss measured'}: recovered fraction not shown"
-                           for p, n in notes.items())
-        where = dict(x=0.5, y=0.5, xanchor="center", yanchor="middle") if not len(shown) else \
-            dict(x=0.99, y=0.03, xanchor="right", yanchor="bottom")
-        fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", align="left",
-                           bgcolor="rgba(255,255,255,0.85)", font=dict(size=12, color="#555"), **where)
+        fig.add_annotation(text=_hidden_note(hidden), showarrow=False, xref="paper", yref="paper", align="left",
+                           bgcolor="rgba(255,255,255,0.85)", font=dict(size=12, color="#555"),
+                           **(dict(x=0.5, y=0.5, xanchor="center", yanchor="middle") if not len(shown) else
+                              dict(x=0.98, y=0.03, xanchor="right", yanchor="bottom")))
         if not len(shown):
             fig.update_yaxes(range=[-0.25, 1.25])
     fig.update_layout(title=title, **legend_below(len(fig.data), per_row=per_row))

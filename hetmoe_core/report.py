@@ -146,7 +146,7 @@ def _figures(summary) -> list:
                          title_text="digital budget (% of routed experts)")
         sd = noisy["std"].astype(float).fillna(0)
         fig.update_yaxes(title_text=metric, **metric_axis([*(noisy["mean"] - sd), *(noisy["mean"] + sd),
-                                                           *ideal["mean"].iloc[:1]]))
+                                                           *ideal["mean"].iloc[:1]], metric))
         fig.update_layout(meta=[task, metric, limit])   # pairs the figure with its recovered-fraction figure
         figs.append(fig)
     return figs
@@ -273,11 +273,13 @@ th{{background:#f3f3f3;position:sticky;top:0}}.note{{color:#555}}
 <p class='note'>Right: recovered fraction of the noise loss (A−X)/(A−I) per seed on the same seeds (A = all routed
 experts analog, I = ideal), mean with its 95% t interval over seeds; the hover adds lm-eval's sampling error. Where
 the noise loss A−I is not resolved (its 95% interval over seeds reaches 0, one seed within 1.96 × lm-eval's stderr, or
-no loss at all) the chart says “{html.escape(NOT_RESOLVED)}” instead of plotting a ratio of noise.</p>
+no loss at all; a deterministic preset's seeds are copies of one computation and count as one seed) the chart says
+“{html.escape(NOT_RESOLVED)}” instead of plotting a ratio of noise.</p>
 <h2>Paired differences between strategies</h2>
-<p class='note'>A − B on common seeds, mean [95% t interval]; “no difference” when the interval covers 0. Strategies
-by their chart labels (hover a header for its meaning); `runs --summary --json` keeps machine names and budget
-fractions.</p>
+<p class='note'>A − B on common seeds, mean [95% t interval]; “no difference” when the interval covers 0 (for a
+deterministic preset, one computation, the sampling interval A − B ± 1.96 × √(SE_A² + SE_B²) of lm-eval).
+Strategies by their chart labels (hover a header for its meaning); `runs --summary --json` keeps machine names and
+budget fractions.</p>
 {_paired_section(deltas)}
 <h2>Score vs energy per token</h2><p class='note'>One point per configuration; energy per token of its placement
 from hetmoe_core/energy.py (hardware figures and their sources: hetmoe_core/hardware.py); dashed: Pareto front.</p>

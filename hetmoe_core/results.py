@@ -259,19 +259,36 @@ def _verdict(text: str) -> str:
     return f"{strategy_label(text[:-7])} better" if text.endswith(" better") else text
 
 
+def seeds_label(n_seeds, n_computations=None) -> str:
+    """How many independent results stand behind a statistic: the seed count, or for seeds that are copies of
+    one deterministic computation (paired.recovery_table / paired_deltas' n_computations < n_seeds) the number of
+    computations, e.g. "1 computation (deterministic preset; 3 seeds share it)"."""
+    n = int(n_seeds)
+    c = n if n_computations is None or n_computations != n_computations else int(n_computations)
+    if c >= n:
+        return str(n)
+    share = "it" if c == 1 else "them"
+    return f"{c} computation{'' if c == 1 else 's'} (deterministic preset; {n} seeds share {share})"
+
+
 PAIRED_HELP = {
     "strategy A": "Placement strategy A, by its label as on the charts. Downloads (CSV/Parquet) and the CLI's "
                   "`runs --summary --json` keep the machine name (maxnn, frequency, …) in column a.",
     "strategy B": "Placement strategy B, compared with A on their common seeds. Downloads keep the machine name "
                   "in column b.",
     "digital budget": "Share of routed experts kept digital. Downloads keep it as a fraction (0.125 = 12.5%).",
-    "seeds": "Noise seeds both strategies were run with (the same programming noise for both: paired).",
+    "seeds": "Noise seeds both strategies were run with (the same programming noise for both: paired). A "
+             "deterministic preset (no per-seed randomness) computes once and its seeds are copies: the number "
+             "of distinct computations is shown instead.",
     "A − B": "Mean over the common seeds of A's result minus B's, in the metric's units.",
     "95% interval": "Student-t interval of A − B over the seeds (scipy.stats.t); n/a with one seed.",
     "A − B recovered": "Difference of the recovered fractions of the noise loss (A−X)/(A−I), fraction units.",
     "sampling SE": "lm-eval's standard error of one result over the task's documents (metric units), for scale.",
-    "verdict": "“no difference” when the 95% interval covers 0; otherwise the better strategy by the metric's "
-               "direction.",
+    "sampling interval": "Deterministic preset (one computation) only: A − B ± 1.96 × √(SE_A² + SE_B²), "
+                         "lm-eval's sampling error over the documents — the only uncertainty left, and what the "
+                         "verdict uses.",
+    "verdict": "“no difference” when the 95% interval (over seeds; for a deterministic preset the sampling "
+               "interval) covers 0; otherwise the better strategy by the metric's direction.",
 }
 """Help of each column of paired_view's table (the Results page's column tooltips, the report's header titles)."""
 
@@ -281,17 +298,23 @@ def paired_view(deltas: pd.DataFrame, metric: str | None = None, context: bool =
     """The paired-differences table (paired.paired_deltas rows) as people read it, and the footnotes of its n/a
     cells. Strategies by their chart labels, budgets in %, verdicts with labels, numbers to 4 significant digits;
     a missing value reads NA ("n/a"), never blank, "None" or "nan", and a note says why: no lm-eval stderr for the
-    metric; a recovered fraction of a noise loss inside the noise (paired.noise_loss); one seed, no interval.
+    metric; a recovered fraction of a noise loss inside the noise (paired.noise_loss); one seed, no interval; a
+    deterministic preset's seeds that are copies of one computation (seeds_label; judged by the sampling interval).
     ``context``: lead with task, metric and limit (the report's table spans tasks); ``metric`` names the metric
     in the notes (default: the metrics of the rows without a stderr). Column help: PAIRED_HELP."""
     num = number
+    n_comp = deltas["n_computations"] if "n_computations" in deltas else deltas["n_seeds"]
+    samp = [NA if lo != lo else f"[{number(lo)}, {number(hi)}]"
+            for lo, hi in zip(deltas.get("sampling_lo", pd.Series(math.nan, index=deltas.index)),
+                              deltas.get("sampling_hi", pd.Series(math.nan, index=deltas.index)))]
     cols = {"preset": deltas["preset"], "digital budget": deltas["budget"].map(percent),
             "strategy A": deltas["a"].map(strategy_label), "strategy B": deltas["b"].map(strategy_label),
-            "seeds": deltas["n_seeds"], "A − B": deltas["delta"].map(num),
+            "seeds": [seeds_label(n, c) for n, c in zip(deltas["n_seeds"], n_comp)],
+            "A − B": deltas["delta"].map(num),
             "95% interval": [NA if lo != lo else f"[{number(lo)}, {number(hi)}]"
                              for lo, hi in zip(deltas["delta_lo"], deltas["delta_hi"])],
             "A − B recovered": deltas["delta_recovered"].map(num), "sampling SE": deltas["sampling_se"].map(num),
-            "verdict": deltas["verdict"].map(_verdict)}
+            "sampling interval": samp, "verdict": deltas["verdict"].map(_verdict)}
     if context:
         cols = {"task": deltas["task"], "metric": deltas["metric"], "limit": deltas["limit"].map(limit_label),
                 **cols}
@@ -305,8 +328,18 @@ def paired_view(deltas: pd.DataFrame, metric: str | None = None, context: bool =
     if deltas["delta_recovered"].isna().any():
         notes.append(f"A − B recovered {NA}: the noise loss (all routed experts analog − ideal) is inside the noise "
                      "for that preset, so the recovered fraction is not defined.")
-    if deltas["delta_lo"].isna().any():
+    one = deltas["delta_lo"].isna()
+    copies = one & (n_comp < deltas["n_seeds"])
+    if copies.any():
+        notes.append(f"95% interval {NA} for a deterministic preset: its seeds are copies of one computation, so "
+                     "there is no seed spread (a zero-width interval over copies is not evidence); the verdict "
+                     "uses lm-eval's sampling error instead (sampling interval), and a difference inside it is "
+                     "“no difference”.")
+    if (one & ~copies).any():
         notes.append(f"95% interval {NA}: one seed, no spread to build an interval from; run two or more seeds.")
+    if any(x == NA for x in samp):
+        notes.append(f"sampling interval {NA}: only a deterministic preset's single computation is judged by "
+                     "lm-eval's sampling error; with seeds the 95% interval over them decides.")
     return view, notes
 
 

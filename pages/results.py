@@ -110,15 +110,18 @@ if len(rec):
                     "the hover adds the task's sampling error (lm-eval stderr ÷ noise loss). 0 = all routed experts "
                     "analog (A), 1 = ideal all digital (I). Where the noise loss A−I is inside the noise (its 95% "
                     "interval over seeds reaches 0, or one seed within 1.96 × lm-eval's stderr) the fraction "
-                    "would divide by noise: it is not drawn and the chart says so.")
+                    "would divide by noise: it is not drawn and the chart says so. A deterministic preset's "
+                    "seeds are copies of one computation: it counts as one seed.")
 else:
     st.info("The recovered fraction needs the ideal result and a 0 % budget result on the same seeds.")
 pd_ = paired_deltas(runs)
 if len(pd_):
     st.subheader("Paired differences between strategies")
     st.caption("A − B on their common seeds (metric units), mean with 95% t interval; “no difference” when the "
-               "interval covers 0. sampling SE: lm-eval's stderr of one result, for scale. Hover a column header "
-               "for its meaning; the downloads keep machine names (a, b, budget as a fraction).")
+               "interval covers 0. A deterministic preset (one computation shared by its seeds) is judged by "
+               "lm-eval's sampling error instead (sampling interval). sampling SE: lm-eval's stderr of one result, "
+               "for scale. Hover a column header for its meaning; the downloads keep machine names (a, b, budget "
+               "as a fraction).")
     view, notes = results.paired_view(pd_, metric)
     st.dataframe(view, hide_index=True, key="res_paired",
                  column_config={c: st.column_config.Column(help=h) for c, h in results.PAIRED_HELP.items()})

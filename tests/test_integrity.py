@@ -430,6 +430,8 @@ def test_identical_work_is_computed_once_and_marked_shared(tmp_path, capsys):
     assert "sweep:" in err and "Running loglikelihood requests" not in err and "Tokenizing inputs" not in err
     line = next(l for l in out.splitlines() if l.startswith("hetmoe_cloze"))
     assert "deterministic" in line and "±" not in line                      # 8-bit DAC/ADC only: no random part
+    assert out.splitlines()[-1] == "1 computed, 3 shared with identical computations (3 of deterministic presets), " \
+        "0 from the cache"                                                  # was "4 computed, 0 from the cache"
     long = Store(db, read_only=True).runs_frame()
     runs = long.drop_duplicates("key")
     assert len(runs) == 4 and runs.compute_key.nunique() == 1               # budget 0: every placement all analog
@@ -439,3 +441,9 @@ def test_identical_work_is_computed_once_and_marked_shared(tmp_path, capsys):
     rc, out, err = _cli(capsys, *args, "--strategies", "router_norm", "--json")   # a later call reuses the store's
     res = json.loads(out)["results"]
     assert rc == 0 and [r["shared_from"] for r in res] == [computed.key.iloc[0]] * 2, err
+    assert {k: json.loads(out)[k] for k in ("computed", "shared", "shared_deterministic", "cached")} == \
+        {"computed": 0, "shared": 2, "shared_deterministic": 2, "cached": 0}
+    from hetmoe_core.cli import _work_line       # the README sweep: 16 of its 36 new results were shared copies
+    assert _work_line({"computed": 20, "shared": 16, "shared_deterministic": 13, "cached": 1}) == \
+        "20 computed, 16 shared with identical computations (13 of deterministic presets, 3 the same placement " \
+        "under another strategy), 1 from the cache"

@@ -164,3 +164,112 @@ def test_recovery_table_hides_unresolved_groups_in_a_real_store(tmp_path):
     fig = recovery_vs_budget(t)
     assert [tr.name for tr in fig.data] == ["MaxNNScore · paper-pcm-c2.5"]
     assert list(fig.data[0].y) == pytest.approx([0.0, want])
+
+
+# The newcomer's README sweep (hetmoe_cloze, perplexity, 50 documents): lm-eval's values and stderrs as stored.
+IDEAL_PPL, IDEAL_SE = 132.136294, 77.992672
+DAC = {0.0: {"maxnn": (132.160807, 77.536519), "frequency": (132.160807, 77.536519)},
+       0.125: {"maxnn": (131.537419, 77.594032), "frequency": (133.876589, 79.159301)},
+       0.25: {"maxnn": (131.961295, 77.669981), "frequency": (133.250430, 78.276572)}}
+PCM = {0.0: [142.211607, 135.297190, 141.290230], 0.125: {"maxnn": [143.674644, 135.552827, 139.850984],
+                                                          "frequency": [134.488721, 128.286873, 136.376553]}}
+
+
+def _sweep_store(path, dac=DAC, se_scale=1.0, compute_key=True):
+    """A real store holding a sweep as evaluate stores it: paper-dac-adc-8bit is deterministic, so each (strategy,
+    budget) is computed once (seed 0) and seeds 1, 2 are copies (same compute_key, shared_from = seed 0's key;
+    budget 0 is one model for both strategies); paper-pcm-c2.5 computes every seed."""
+    from hetmoe_core.evaluate import source_fingerprint
+    from hetmoe_core.sweep import plan
+    st = Store(path)
+    first = {}
+    for s in plan("default", fingerprint=source_fingerprint("default"), budgets=(0.0, 0.125), seeds=3,
+                  presets=["paper-dac-adc-8bit", "paper-pcm-c2.5"], strategies=["maxnn", "frequency"], limit=50):
+        if s.ideal:
+            v, se, comp = IDEAL_PPL, IDEAL_SE, "ideal"
+        elif s.preset == "paper-dac-adc-8bit":
+            (v, se), comp = dac[s.budget][s.strategy], f"dac-{s.budget}-{s.strategy if s.budget else ''}"
+        else:
+            v = PCM[0.0][s.seed] if s.budget == 0 else PCM[s.budget][s.strategy][s.seed]
+            se, comp = 0.58 * v, f"pcm-{s.budget}-{s.strategy if s.budget else ''}-{s.seed}"
+        shared = first.setdefault(comp, s.key)
+        st.put_result(s.key, {**s.row(), "duration_s": 1.0, "compute_key": comp if compute_key else None,
+                              "shared_from": None if shared == s.key else shared},
+                      [{"task": s.task.name, "metric": "perplexity", "value": v, "stderr": se * se_scale,
+                        "seed": s.seed, "higher_is_better": False}])
+    return Store(path, create=False, read_only=True).runs_frame()
+
+
+def test_deterministic_preset_seeds_are_one_computation_judged_by_sampling_error(tmp_path):
+    """Three copies of one deterministic result are one observation: the 0.02 perplexity noise loss against
+    lm-eval's stderr of 77.5 is inside the noise (no fraction; before: +25 and -70 drawn), and A - B = 2.34 against
+    a sampling error of ~111 is "no difference" (before: "maxnn better" from the zero-width interval [2.339, 2.339]
+    over copies). The random preset's three seeds stay three computations."""
+    from scipy import stats
+    runs = _sweep_store(tmp_path / "r.duckdb")
+    t = recovery_table(runs).set_index(["preset", "strategy", "budget"])
+    dac = t.loc["paper-dac-adc-8bit"]
+    assert (dac.n_seeds == 3).all() and (dac.n_computations == 1).all()
+    assert dac.recovered.isna().all() and (dac.recovered_note == INSIDE_NOISE).all()
+    assert (t.loc["paper-pcm-c2.5"].n_computations == 3).all()
+    d = paired_deltas(runs).set_index(["preset", "budget"])
+    row = d.loc[("paper-dac-adc-8bit", 0.125)]
+    h = stats.norm.ppf(0.975) * math.hypot(79.159301, 77.594032)
+    assert (row.a, row.b, row.n_seeds, row.n_computations) == ("frequency", "maxnn", 3, 1)
+    assert row.delta == pytest.approx(133.876589 - 131.537419, abs=1e-9) and math.isnan(row.delta_lo)
+    assert (row.sampling_lo, row.sampling_hi) == pytest.approx((2.33917 - h, 2.33917 + h), abs=1e-5)
+    assert h == pytest.approx(217.256, abs=1e-3)
+    assert (row.basis, row.verdict) == ("sampling error", "no difference") and math.isnan(row.delta_recovered)
+    pcm = d.loc[("paper-pcm-c2.5", 0.125)]
+    diffs = [PCM[0.125]["frequency"][i] - PCM[0.125]["maxnn"][i] for i in range(3)]
+    assert pcm.n_computations == 3 and pcm.basis == "seeds" and math.isnan(pcm.sampling_lo)
+    assert (pcm.delta_lo, pcm.delta_hi) == pytest.approx(t_interval(diffs)[1:3], rel=1e-9)
+    c = combined_deltas(runs, baseline="maxnn").set_index("preset")
+    assert c.loc["paper-dac-adc-8bit", "n_computations"] == 1 and \
+        c.loc["paper-dac-adc-8bit", "verdict"] == "one computation: no interval"
+    assert (combined_recovery(runs).set_index("preset").loc["paper-dac-adc-8bit", "n_computations"] == 1).all()
+    # a store without compute keys (older schema): the deterministic config alone makes the copies one computation
+    old = _sweep_store(tmp_path / "old.duckdb", compute_key=False)
+    assert (recovery_table(old).set_index("preset").loc["paper-dac-adc-8bit", "n_computations"] == 1).all()
+    assert paired_deltas(old).set_index(["preset", "budget"]).loc[("paper-dac-adc-8bit", 0.125), "verdict"] == \
+        "no difference"
+
+
+def test_deterministic_preset_outside_the_sampling_error_gets_a_verdict_and_one_fraction(tmp_path):
+    """With lm-eval stderrs 10^4 x smaller the same numbers are resolved: the loss 0.0245 > 1.96 x 0.00775, so one
+    fraction per cell (no interval: one computation), and A - B = 2.34 > 1.96 x 0.0111: MaxNNScore better (lower
+    perplexity)."""
+    runs = _sweep_store(tmp_path / "r.duckdb", se_scale=1e-4)
+    t = recovery_table(runs).set_index(["preset", "strategy", "budget"]).loc["paper-dac-adc-8bit"]
+    a, i = 132.160807, IDEAL_PPL
+    assert (t.recovered_note == "").all() and t.recovered_lo.isna().all()
+    assert t.loc[("maxnn", 0.125), "recovered"] == pytest.approx((a - 131.537419) / (a - i), rel=1e-9)
+    assert t.loc[("frequency", 0.125), "recovered"] == pytest.approx((a - 133.876589) / (a - i), rel=1e-9)
+    row = paired_deltas(runs).set_index(["preset", "budget"]).loc[("paper-dac-adc-8bit", 0.125)]
+    assert (row.basis, row.verdict) == ("sampling error", "maxnn better") and row.sampling_lo > 0
+
+
+def test_deterministic_preset_as_the_results_page_report_and_cli_show_it(tmp_path):
+    import subprocess
+    import sys
+    from hetmoe_core.figures import NOTE_WIDTH, recovery_vs_budget
+    from hetmoe_core.results import paired_view
+    runs = _sweep_store(tmp_path / "r.duckdb")
+    view, notes = paired_view(paired_deltas(runs), "perplexity")
+    row = view[view.preset == "paper-dac-adc-8bit"].iloc[0]
+    assert row["seeds"] == "1 computation (deterministic preset; 3 seeds share it)"
+    assert (row["95% interval"], row["sampling interval"], row["verdict"]) == ("n/a", "[-214.9, 219.6]",
+                                                                               "no difference")
+    assert view[view.preset == "paper-pcm-c2.5"].iloc[0]["seeds"] == "3"
+    assert any("copies of one computation" in n for n in notes)
+    fig = recovery_vs_budget(recovery_table(runs))
+    assert len(fig.data) == 0                           # neither preset's loss is resolved: nothing drawn
+    note = fig.layout.annotations[-1].text
+    assert "paper-dac-adc-8bit — noise loss inside the noise: recovered fraction not shown" in note.replace(
+        "<br>  ", " ") and "3 seeds share one computation" in note.replace("<br>  ", " ")
+    assert max(len(x) for x in note.split("<br>")) <= NOTE_WIDTH
+    text = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--store", str(tmp_path / "r.duckdb"),
+                           "--summary"], capture_output=True, text=True, check=True).stdout
+    paired = text.split("paired deltas a - b")[1]
+    assert "maxnn better" not in paired and "frequency better" not in paired
+    assert "1 computation (deterministic preset; 3 seeds share it)" in paired and "-214.9" in paired

@@ -214,3 +214,39 @@ def test_legend_rows_drawn_are_the_rows_counted_at_any_width(tmp_path, chromium)
         lb, fb, lr, fr = page.evaluate(inside)
         assert lb <= fb + 1 and lr <= fr + 1, (width, lb, fb, lr, fr)
         page.close()
+
+
+def test_recovery_note_and_error_bars_stay_inside_the_plot_in_chromium(tmp_path, chromium):
+    """The README sweep's shape drawn in headless Chromium at 1300 px: the "no noise loss … not shown" note of the
+    recovered-fraction chart lies inside the plot, right of the y-axis title (before: one 100-character line,
+    centred, that ran under the title and off the right edge), and the accuracy chart's outermost error-bar caps
+    keep 6 % of the plot's height from its edges (before: Plotly's autorange left 15 px, 5 %, and the lowest cap
+    sat on the bottom gridline, where it read as cut off by the axis)."""
+    from hetmoe_core.sweep import plan
+    st = Store(tmp_path / "r.duckdb")
+    acc = {"paper-dac-adc-8bit": [0.18] * 3, "paper-pcm-c2.5": [0.14, 0.16, 0.18]}   # ideal 0.16: no loss
+    for s in plan("default", fingerprint=FP, strategies=["maxnn"], budgets=(0.0, 0.125), seeds=3, limit=50,
+                  presets=list(acc)):
+        det = s.preset == "paper-dac-adc-8bit"
+        st.put_result(s.key, {**s.row(), "duration_s": 1.0, "compute_key": f"{s.preset}{s.budget}"
+                              f"{'' if det else s.seed}" if not s.ideal else "ideal"},
+                      [{"task": s.task.name, "metric": "acc", "value": 0.16 if s.ideal else acc[s.preset][s.seed],
+                        "stderr": 0.05, "seed": s.seed, "higher_is_better": True}])
+    write_report(st, tmp_path / "r.html")
+    page = chromium.new_page(viewport={"width": 1300, "height": 1400})
+    page.goto((tmp_path / "r.html").as_uri())
+    page.wait_for_function("document.querySelectorAll('.fig .main-svg').length >= 2", timeout=30000)
+    box = "e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; }"
+    figs = page.query_selector_all(".fig")
+    rec = next(f for f in figs if "recovered fraction of the noise loss" in f.text_content())
+    score = next(f for f in figs if "acc (higher is better)" in f.text_content())
+    pl, pt, pr, pb = rec.query_selector(".nsewdrag").evaluate(box)          # the plot area
+    note = rec.query_selector_all(".annotation")[-1]
+    assert "no noise loss" in note.text_content()
+    nl, nt, nr, nb = note.evaluate(box)
+    assert rec.query_selector(".ytitle").evaluate(box)[2] < nl and pl <= nl and nr <= pr and pt <= nt and nb <= pb
+    pl, pt, pr, pb = score.query_selector(".nsewdrag").evaluate(box)
+    bars = [b.evaluate(box) for b in score.query_selector_all(".errorbar path")]
+    room = 0.06 * (pb - pt)
+    assert bars and all(pt + room < t and b < pb - room for _, t, _, b in bars if b > t), (pt, pb, bars)
+    page.close()
