@@ -236,7 +236,8 @@ room for the outermost error-bar caps."""
 
 def metric_axis(values, metric: str | None = None) -> dict:
     """y-axis settings (``fig.update_yaxes(**...)``) of a metric chart holding ``values`` (means, mean ± std, the
-    reference lines): ticks with at most 4 significant digits (Plotly's own format printed a float's binary
+    reference lines): ticks with 4 significant digits, more when the values span little of their size (a perplexity
+    axis from 3.0451e9 to 3.0453e9 read "3.045e+9" on every tick; Plotly's own format printed a float's binary
     expansion, "0.2000000000000000111", when every value was equal), and when the values span (almost) nothing —
     equal results, or a panel whose only point is the ideal reference line, which Plotly drew on -1…4 — a range
     of ± 5 % of the value (at least ± 0.05) around them. With ``metric`` (an lm-eval metric name, "[filter]"
@@ -252,6 +253,9 @@ def metric_axis(values, metric: str | None = None) -> dict:
     lo, hi = float(v.min()), float(v.max())
     if hi - lo > 1e-9 * max(1.0, abs(hi)):      # never clamped: an error bar's end is drawn where it falls
         axis["range"] = [lo - AXIS_PAD * (hi - lo), hi + AXIS_PAD * (hi - lo)]
+        step = (hi - lo) / 6                    # about Plotly's tick spacing
+        digits = int(np.ceil(np.log10(max(abs(lo), abs(hi)) / step))) + 1 if max(abs(lo), abs(hi)) > 0 else 4
+        axis["tickformat"] = f".{min(12, max(4, digits))}~g"   # neighbouring ticks never print alike
         return axis
     pad = max(0.05 * abs(hi), 0.05)
     r0, r1 = lo - pad, hi + pad

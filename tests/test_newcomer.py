@@ -301,3 +301,11 @@ def test_learn_lesson_says_where_the_top_expert_ranks():
     assert lesson_head(les).endswith("1.2× the layer's median, only the 2nd largest of the 4 experts' errors.")
     assert "the largest of the 4" in lesson_head({**les, "rank": 1})
     assert "only the 11th largest" in lesson_head({**les, "rank": 11})
+
+
+def test_metric_ticks_never_print_alike():
+    """A perplexity axis spanning 3.0451e9…3.0453e9 printed "3.045e+9" on every tick with 4 significant digits."""
+    from hetmoe_core.figures import metric_axis
+    assert metric_axis([3.0451e9, 3.0453e9])["tickformat"] == ".6~g"
+    assert metric_axis([0.2, 0.6])["tickformat"] == ".4~g"
+    assert metric_axis([132.14, 132.16])["tickformat"] == ".6~g"
