@@ -143,6 +143,9 @@ else:
                                                higher_is_better=higher), key="res_energy")
     st.caption(f"One point per configuration (mean ± std over seeds), energy of its placement on {hw_name} "
                f"({note}); dashed: the Pareto front — no other configuration is cheaper and at least as good.")
+    if left_out := energy.unpriced(runs_e[keep]):
+        st.caption(f"Not on this chart (no stored placement fits the model's shapes, so no energy): "
+                   f"{'; '.join(left_out)}.")
 
 st.subheader("Table")
 view, notes = results.summary_view(results.summary_table(s, shown))
