@@ -100,11 +100,15 @@ def opening_limit(store, limits: list, model: str, task: str, last_run: dict) ->
     ``task``: the limit of this session's last evaluation when it ran this model and task, else that of the newest
     stored result of them (:func:`latest`: the limit run last, not the largest one, whose results an earlier CLI
     run may have left), else the last choice. Reads ``store`` (a ``store.Store``) only when the session's run does
-    not decide."""
+    not decide; while another process writes it (StoreBusy), opens on the last choice."""
+    from .store_file import StoreBusy
     if last_run.get("model_fingerprint") == model and last_run.get("task") == task:
         last = last_run
     else:
-        last = latest(store, model, task) or {}
+        try:
+            last = latest(store, model, task) or {}
+        except StoreBusy:
+            last = {}
     return limits.index(last["limit"]) if last.get("limit") in limits else len(limits) - 1
 
 

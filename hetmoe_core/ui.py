@@ -49,6 +49,7 @@ def _begin_run() -> None:
         MODELS.release(old)
     _RUN.owner = (threading.current_thread(), time.monotonic_ns())
     _RUN.slot = None
+    _RUN.busy_shown = False
 
 
 @contextmanager
@@ -135,6 +136,22 @@ def frame(entry: bool = False) -> None:
     with st.sidebar:
         _sidebar()
     sync_query_params()
+
+
+def store_busy(error, stale: bool = False) -> None:
+    """Say, once per run, that the results store is being written by another process (``error``: the StoreBusy
+    naming it): a warning that the page shows results as last read (``stale``), else an error line and a Retry
+    button; the page goes on (stale) or the caller stops it. One line, no traceback."""
+    if getattr(_RUN, "busy_shown", False):
+        return
+    _RUN.busy_shown = True
+    text = str(error)
+    text = text[:1].upper() + text[1:]
+    if stale:
+        st.warning(f"Showing the results as last read. {text}.")
+    else:
+        st.error(f"{text}.")
+        st.button("Retry", key="store_busy_retry")
 
 
 def _sidebar() -> None:

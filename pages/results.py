@@ -5,7 +5,7 @@ from hetmoe_core import energy, figures, results, ui
 from hetmoe_core.hardware import HARDWARE
 from hetmoe_core.paired import paired_deltas, recovery_table
 from hetmoe_core.placement import SHARE_HELP
-from hetmoe_core.store import Store, shown_path
+from hetmoe_core.store import Store, StoreBusy, shown_path
 from hetmoe_core.strategies import ordered
 
 ui.frame()
@@ -14,6 +14,9 @@ ss = st.session_state
 try:
     store = Store()
     summary = ui.store_read(store, "summary_frame")
+except StoreBusy as e:        # another process writes it: one line and Retry, the sidebar stays usable
+    ui.store_busy(e)
+    st.stop()
 except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")

@@ -19,8 +19,11 @@ ss = st.session_state
 try:
     from hetmoe_core.examples import EXAMPLES, load_examples, n_seeds, stored_validations
     from hetmoe_core.noise import PRESETS
-    from hetmoe_core.store import Store
+    from hetmoe_core.store import Store, StoreBusy
     store = Store()
+except StoreBusy as e:    # another process writes it: one line and Retry, the sidebar stays usable
+    ui.store_busy(e)
+    st.stop()
 except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")
@@ -28,7 +31,18 @@ except (ValueError, RuntimeError) as e:
 
 h = ui.require_model()
 fp = h.lm.fingerprint
-stored = stored_validations(store, fp)
+
+
+def _stored():
+    """The measurements stored for this model; while another process writes the store, its one line and a stop."""
+    try:
+        return stored_validations(store, fp)
+    except StoreBusy as e:
+        ui.store_busy(e)
+        st.stop()
+
+
+stored = _stored()
 if not stored and EXAMPLES.is_file() and ss["source"] == "default":
     st.info("No measured sensitivity of this model in the store yet. The example results hold it for both paper "
             "presets (computed by scripts/example_results.py).")
@@ -86,7 +100,7 @@ jobs.job_progress("val_job", lambda j: (measurement_line(None, j.preset, j.done,
                 cancel_note="Cancelling: the measurement stops within one layer's forward; nothing is stored.")
 
 # ---------------------------------------------------------------- which result to show
-stored = stored_validations(store, fp)
+stored = _stored()
 if job is not None and job.result is not None and job.result.get("model_fingerprint") == fp:
     v = job.result
 else:
