@@ -240,6 +240,19 @@ def number(v, spec: str = ".4g", scale=None) -> str:
     return text
 
 
+def text_widths(frame: pd.DataFrame, columns, px_per_char: float = 7.6, padding: int = 30, most: int = 420) -> dict:
+    """{column: width in px} that shows the longest text of each of ``columns`` in ``frame`` (header included)
+    whole in a Streamlit table (~7.6 px per character of its 14 px font, plus cell padding and the sort icon),
+    at most ``most`` px; columns missing from ``frame`` are left out. Streamlit's auto-sizing of a table whose
+    columns are pinned cut "MaxNNScore" to "MaxNNSc" and "paper-pcm-c1.5" to "paper-pc"."""
+    out = {}
+    for c in columns:
+        if c in frame:
+            longest = max([len(str(c)), *(len(str(v)) for v in frame[c])])
+            out[c] = int(min(most, round(longest * px_per_char + padding)))
+    return out
+
+
 def as_text(frame: pd.DataFrame, formats: dict) -> pd.DataFrame:
     """``frame`` with the columns of ``formats`` ({column: format spec, e.g. ".4g"}) as text (``number``): a missing
     value reads NA — a table cell never shows the word "None" or "nan" where a number has no meaning."""

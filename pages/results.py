@@ -78,11 +78,14 @@ def kept_filter(col, label, column, key, order=sorted, **kw):
     return chosen
 
 
-c1, c2, c3 = st.columns([2, 3, 1])   # strategy labels are the longest chips
-presets = kept_filter(c1, "Presets", "preset", "res_presets")
-strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies", order=ordered,
+# strategies on a row of their own (the most and longest chips), then presets (an edited preset's name is long)
+# and backends side by side while both fit, else one under the other: in columns a chip read "f…" at 1280 px and
+# "pap…" at 820 px
+strategies = kept_filter(st, "Strategies", "strategy", "res_strategies", order=ordered,
                          format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
-backends = kept_filter(c3, "Backends", "backend", "res_backends")
+c1, c2 = ui.filter_row(st, (440, 220))
+presets = kept_filter(c1, "Presets", "preset", "res_presets")
+backends = kept_filter(c2, "Backends", "backend", "res_backends")
 shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noisy.backend.isin(backends)]
 ideal, analog = results.references(s, shown)
 higher = results.higher_is_better(metric, s)
@@ -156,8 +159,10 @@ st.dataframe(view, hide_index=True, key="res_table",
              column_config={"digital_share": st.column_config.TextColumn("digital share",
                                                                          help=SHARE_HELP["digital_share"]),
                             # kept in view when the wide table scrolls sideways (the mean was cut at the edge)
-                            **{c: st.column_config.Column(pinned=True) for c in ("strategy", "budget %", "mean",
-                                                                                 "std")}})
+                            **{c: st.column_config.Column(pinned=True) for c in ("budget %", "mean", "std")},
+                            # as wide as their longest text: auto-sizing cut "MaxNNSc", "paper-pc"
+                            **{c: st.column_config.Column(pinned=c == "strategy", width=w)
+                               for c, w in results.text_widths(view, ("strategy", "preset")).items()}})
 for n in notes:
     st.caption(n)
 

@@ -148,10 +148,10 @@ st.caption(f"{seeds_text(nv)} × {v['tokens']:,} tokens of {calibration_source(v
 # ---------------------------------------------------------------- heatmaps: measured vs MaxNNScore
 sc = ui.scores(h)
 layers = figures._decoder_layers(v["experts"])
-left, right = st.columns(2)
-left.plotly_chart(figures.damage_heatmap(v), key="val_heat_damage")
+# one above the other, each the page's width: side by side each got ~400 px, squeezing 16 expert labels together
+st.plotly_chart(figures.damage_heatmap(v), key="val_heat_damage")
 if sc is not None:
-    right.plotly_chart(figures.expert_heatmap(sc.get("maxnn"), [ls.layer for ls in sc.layers], "MaxNNScore per expert",
+    st.plotly_chart(figures.expert_heatmap(sc.get("maxnn"), [ls.layer for ls in sc.layers], "MaxNNScore per expert",
                                               "MaxNNScore", log=True), key="val_heat_maxnn")
 
 
