@@ -169,7 +169,7 @@ def store_read(store, what: str, *args):
         store_busy(e, stale=True)
         return copy.deepcopy(_LAST[key])
     _LAST.pop(key, None)
-    _LAST[key] = out
-    while len(_LAST) > _LAST_MAX:
+    _LAST[key] = out        # st.cache_data handed this call a copy of its own: kept as is (no second copy of
+    while len(_LAST) > _LAST_MAX:   # every frame on every rerun); the stale answer is copied when served
         _LAST.pop(next(iter(_LAST)))
-    return copy.deepcopy(out)
+    return out
