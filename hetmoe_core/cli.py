@@ -613,6 +613,10 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug or an environment problem: one line for users, the traceback on request
+        store_file = sys.modules.get(f"{__package__}.store_file")   # imported when a store was opened
+        if store_file is not None and isinstance(e, store_file.StoreBusy):   # another process writes the store
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         if os.environ.get("HETMOE_DEBUG"):
             raise
         print(f"error: {type(e).__name__}: {e} (set HETMOE_DEBUG=1 for the traceback)", file=sys.stderr)

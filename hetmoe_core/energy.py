@@ -440,7 +440,9 @@ def pareto_front(energy, score, higher_is_better: bool = True) -> np.ndarray:
 def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = None, batch: int = 32):
     """Stored runs of one model (``store.runs_frame`` rows, one per run and metric) with their placement's
     ``energy_per_token_j``, ``tokens_per_s`` and ``tiles`` (columns added), routing measured when the store holds
-    the model's activation statistics, else uniform.
+    the model's activation statistics, else uniform. Labelled as the summary labels them (``summary.label_runs``):
+    ``preset`` is the label an edited preset has on the Results page (``paper-pcm-c1.5 (adc_bits=6)``; the stored
+    name in ``preset_name``) and ``config_id`` tells configurations apart as the summary's rows do.
 
     The model's shapes come from the store (``stored_shapes``: nothing heavy is imported); only a store or
     snapshot that holds none for the model (made before hetmoe stored them) has them built from the model's config
@@ -484,7 +486,8 @@ def run_costs(store, model_fingerprint: str, hardware: Hardware | str | None = N
             continue
         rows[k] = (c.energy_per_token_j, c.tokens_per_s, c.tiles)
     cols = np.array([rows.get(k, (np.nan, np.nan, 0)) for k in runs.placement_key], dtype=float).reshape(-1, 3)
-    out = runs.assign(energy_per_token_j=cols[:, 0], tokens_per_s=cols[:, 1], tiles=cols[:, 2])
+    from .summary import label_runs
+    out = label_runs(runs.assign(energy_per_token_j=cols[:, 0], tokens_per_s=cols[:, 1], tiles=cols[:, 2]))
     note = f"{'measured' if freq is not None else 'uniform'} routing, batch {batch}"
     return out, note + built + (f"; {bad} placement(s) do not fit the model's config: left out" if bad else "")
 
@@ -495,15 +498,27 @@ CONFIG_COLUMNS = ("task", "metric", "limit", "strategy", "budget", "scope", "pre
 def config_points(runs):
     """One point per configuration from ``run_costs`` rows: mean, sample std and number of seeds of the metric,
     the placement's energy_per_token_j and tokens_per_s (equal across seeds unless the random strategy draws a
-    new placement per seed: then their mean). Rows without a value or an energy are dropped."""
+    new placement per seed: then their mean). Configurations are told apart as the Results table's rows are: by
+    CONFIG_COLUMNS and, when the rows carry it (``run_costs`` output), ``config_id`` (the whole config minus the
+    seed), so an edited preset never averages with the preset it was edited from. Rows without a value or an
+    energy are dropped (``unpriced`` lists them)."""
     import pandas as pd
+    keys = [*CONFIG_COLUMNS, *(["config_id"] if "config_id" in runs else [])]
     r = runs.dropna(subset=["value", "energy_per_token_j"])
     if r.empty:
-        return pd.DataFrame(columns=[*CONFIG_COLUMNS, "mean", "std", "n_seeds", "energy_per_token_j", "tokens_per_s"])
-    g = r.groupby(list(CONFIG_COLUMNS), dropna=False, sort=True)
+        return pd.DataFrame(columns=[*keys, "mean", "std", "n_seeds", "energy_per_token_j", "tokens_per_s"])
+    g = r.groupby(keys, dropna=False, sort=True)
     return g.agg(mean=("value", "mean"), std=("value", "std"), n_seeds=("value", "size"),
                  energy_per_token_j=("energy_per_token_j", "mean"),
                  tokens_per_s=("tokens_per_s", "mean")).reset_index()
+
+
+def unpriced(runs) -> list[str]:
+    """The configurations among ``run_costs`` rows that have a value but no energy (their placement is missing
+    from the store or does not fit the model's shapes), as "strategy budget% preset" lines, sorted: what the
+    accuracy-vs-energy chart leaves out, for its note."""
+    r = runs[runs["value"].notna() & runs["energy_per_token_j"].isna()]
+    return sorted({f"{s} {b * 100:g}% {p}" for s, b, p in zip(r.strategy, r.budget, r.preset)})
 
 
 # ---------------------------------------------------------------------------------------- Table 2 reference

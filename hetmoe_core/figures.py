@@ -6,6 +6,8 @@ padded with NaN (blank cells). Hover always names the layer, the expert and the 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import plotly.graph_objects as go
 
@@ -52,11 +54,20 @@ def line_style(strategy: str, preset, variant: int = 0) -> dict:
                 marker=dict(color=c, symbol=PRESET_SYMBOLS[i], size=7))
 
 
-def legend_below(n_entries: int, plot_height: int = 300, per_row: int = 2) -> dict:
+LEGEND_SHARED_CHARS = 36
+"""Longest legend name that shares a row with another: half of a chart at 820 px (a ~470 px plot) less the
+entry's symbol, at ~5.3 px per character of the 11 px legend font. An edited preset's name ("MaxNNScore ·
+paper-pcm-c1.5 (adc_bits=6, t_inference=3600)") is longer and ran into its neighbour."""
+
+
+def legend_below(n_entries: int, plot_height: int = 300, per_row: int = 2, names=()) -> dict:
     """Layout kwargs of a chart whose legend sits in rows below the plot and never covers it: the figure grows by
     one row per ``per_row`` entries instead of squeezing the plot (``plot_height`` px of plotting area stays).
     Each entry is given 1 / ``per_row`` of the width (Plotly's ``entrywidthmode="fraction"``), so the rows drawn are
-    the rows counted at any width (left to Plotly, a narrow figure put one entry per row and cut the tail off)."""
+    the rows counted at any width (left to Plotly, a narrow figure put one entry per row and cut the tail off).
+    ``names``: the entries' names; one longer than LEGEND_SHARED_CHARS gets a row to itself (per_row 1)."""
+    if any(len(str(n)) > LEGEND_SHARED_CHARS for n in names):
+        per_row = 1
     rows = -(-n_entries // per_row)
     bottom = 62 + 21 * rows                     # x-axis ticks and title, then the legend rows
     height = plot_height + 64 + bottom
@@ -99,17 +110,27 @@ def kind_label(kind: str, tied_lm_head: bool = False) -> str:
     return KIND_LABELS.get(kind, kind)
 
 
+def _bar_label(label: str) -> str:
+    """A bar chart's category label on at most ~15 characters a line (Plotly breaks tick labels only at <br>):
+    "embeddings = tied LM head" -> "embeddings =<br>tied LM head", so a chart in a narrow column keeps it whole."""
+    words, lines = label.split(" "), [""]
+    for w in words:
+        lines[-1:] = [f"{lines[-1]} {w}".strip()] if len(lines[-1]) + len(w) < 15 or not lines[-1] \
+            else [lines[-1], w]
+    return "<br>".join(lines)
+
+
 def param_breakdown(param_counts: dict, tied_lm_head: bool = False) -> go.Figure:
     """Horizontal bar chart of parameters per module kind (count and share of the total)."""
     items = sorted(((k, int(v)) for k, v in param_counts.items() if v), key=lambda kv: kv[1])
     total = sum(v for _, v in items) or 1
-    labels = [kind_label(k, tied_lm_head) for k, _ in items]
+    labels = [_bar_label(kind_label(k, tied_lm_head)) for k, _ in items]
     vals = [v for _, v in items]
     fig = go.Figure(go.Bar(x=vals, y=labels, orientation="h", text=[f"{v / total:.1%}" for v in vals],
                            textposition="auto", hovertemplate="%{y}: %{x:,} parameters<extra></extra>",
                            marker_color="#4c78a8"))
     fig.update_layout(title=f"Parameters by module kind ({total:,} in all)", xaxis_title="parameters",
-                      height=60 + 34 * len(items), **_LAYOUT)
+                      height=60 + 34 * len(items), yaxis=dict(automargin=True), **_LAYOUT)
     return fig
 
 
@@ -132,7 +153,10 @@ def expert_heatmap(values, layers, title: str, value_name: str, digital=None, ex
     with np.errstate(divide="ignore", invalid="ignore"):
         zc = np.log10(np.where(z > 0, z, np.nan)) if log else z
     data = [dict(type="heatmap", z=zc, x=list(range(z.shape[1])), y=rows, customdata=custom, hovertemplate=hover,
-                 colorscale=colorscale, colorbar=dict(title=dict(text=("log10 " if log else "") + value_name)),
+                 # the colour bar's title runs up its right side: written across the top, "log10 only-this damage
+                 # (nats)" took ~190 px from the experts, whose 16 tick labels then turned and ran together
+                 colorscale=colorscale, colorbar=dict(title=dict(text=("log10 " if log else "") + value_name,
+                                                                 side="right"), thickness=14),
                  xgap=1, ygap=1)]
     ticks = 1 if z.shape[1] <= (8 if compact else 32) else None
     layout = dict(title=dict(text=title), height=max(220, 90 + (30 if compact else 36) * len(rows)), **_LAYOUT,
@@ -220,12 +244,18 @@ def neuron_histogram(neuron_norms: dict, layer: int, expert: int) -> go.Figure:
 def share_bars(by_kind: dict, tied_lm_head: bool = False) -> go.Figure:
     """Stacked bars of digital / analog / memory parameters per module kind (placement.digital_share's by_kind)."""
     kinds = [k for k, v in by_kind.items() if v["params"]]
-    labels = [kind_label(k, tied_lm_head) for k in kinds]
+    labels = [_bar_label(kind_label(k, tied_lm_head)) for k in kinds]
     data = [dict(type="bar", y=labels, x=[by_kind[k][part] for k in kinds], name=part, orientation="h",
                  marker=dict(color=color), hovertemplate="%{y}: %{x:,} " + part + " parameters<extra></extra>")
             for part, color in (("digital", "#e45756"), ("analog", "#4c78a8"), ("memory", "#bab0ac"))]
+    # the legend in one row under the axis title: at the plot's right it took a third of a narrow column from the
+    # labels (cut to "beddings = tied LM head"), above the plot it ran into the title
     layout = dict(barmode="stack", title=dict(text="Where each module kind runs"),
-                  xaxis=dict(title=dict(text="parameters")), height=80 + 30 * len(kinds), **_LAYOUT)
+                  xaxis=dict(title=dict(text="parameters")), yaxis=dict(automargin=True),
+                  height=120 + 30 * len(kinds), **_LAYOUT,
+                  legend=dict(orientation="h", yref="container", y=0, yanchor="bottom", x=0, xanchor="left",
+                              font=dict(size=11)))
+    layout["margin"] = dict(_LAYOUT["margin"], b=80)
     return go.Figure(dict(data=data, layout=layout))
 
 
@@ -295,7 +325,7 @@ def metric_vs_budget(frame, metric: str, ideal: float | None = None, all_analog:
                                      line=dict(dash=dash, color="#555", width=1.5),
                                      hovertemplate=f"{name}: {y:.4g}<extra></extra>"))
     fig.update_layout(title=f"{metric} vs digital budget" + ("" if higher_is_better else " (lower is better)"),
-                      **legend_below(len(fig.data), per_row=per_row))
+                      **legend_below(len(fig.data), per_row=per_row, names=[t.name for t in fig.data]))
     fig.update_xaxes(range=[-3, 103], title_text="digital budget (% of routed experts)")
     m, sd = frame["mean"].astype(float), frame["std"].astype(float).fillna(0)
     fig.update_yaxes(title_text=metric, **metric_axis([*(m - sd), *(m + sd), *(y for _, y, _ in refs
@@ -401,13 +431,13 @@ def damage_heatmap(validation: dict, field: str = "only_this") -> go.Figure:
     name = "only-this damage (nats)" if field == "only_this" else "all-but-this recovery (nats)"
     values = _per_layer(ex, field)
     n_white = int(sum((np.asarray(v, float) <= 0).sum() for v in values))
-    # two short subtitle lines: Plotly never wraps a title, and a half-width column at 1280 px is ~400 px wide
-    note = (f"<br><sup>white: {n_white} expert(s) with a value ≤ 0 — no measurable damage;<br>a log colour scale "
-            "cannot show them (hover for the value)</sup>") if n_white else ""
+    # one short subtitle line (Plotly never wraps a title): fits the full-width chart at 820 px (~470 px)
+    note = (f"<br><sup>white: {n_white} expert(s) ≤ 0, no measurable damage (log colour; hover for the value)"
+            "</sup>") if n_white else ""
     fig = expert_heatmap(values, layers, f"Measured {name} · {validation['preset']}{note}", name,
                          extra={"± se": _per_layer(ex, field + "_se")}, colorscale="Inferno", log=True)
-    if n_white:                                  # room for the two subtitle lines above the plot
-        fig.update_layout(margin_t=84, height=fig.layout.height + 44)
+    if n_white:                                  # room for the subtitle line above the plot
+        fig.update_layout(margin_t=66, height=fig.layout.height + 26)
     return fig
 
 
@@ -503,6 +533,16 @@ def dense_vs_experts(validation: dict) -> go.Figure:
     return fig
 
 
+def percent_ticks(top: float, n: int = 5) -> dict:
+    """Axis kwargs for a 0…``top`` fraction axis drawn in percent: ~``n`` ticks on a 1-2-5 step, with as many
+    decimals as the step needs, so no two ticks read the same (".0%" wrote 0.2 % steps "0% 0% 0% 1% 1% 1%")."""
+    raw = max(top, 1e-12) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
+    decimals = max(0, -math.floor(math.log10(step * 100) + 1e-9))
+    return dict(range=[0, top], tick0=0, dtick=step, tickformat=f".{decimals}%")
+
+
 def _drift_top(rows: list[dict]) -> float:
     """Top of the routing-drift share axis: 15 % above the tallest bar (with its standard error), at least 1 %."""
     tall = [r["changed_share"] + (r.get("changed_share_se") or 0.0) for r in rows
@@ -528,8 +568,8 @@ def routing_drift(validation: dict) -> go.Figure:
     fig.update_layout(title="Routing drift under noise", height=340,
                       # an explicit range with room above the tallest bar: autorange drew it up to the frame's
                       # edge, where it read as cut off
-                      yaxis=dict(title=dict(text="tokens with a changed top-k set (%)"), tickformat=".0%",
-                                 range=[0, _drift_top(rows)]),
+                      yaxis=dict(title=dict(text="tokens with a changed top-k set (%)"),
+                                 **percent_ticks(_drift_top(rows))),
                       yaxis2=dict(title=dict(text="max/mean expert load (×, 1 = balanced)"), overlaying="y",
                                   side="right", tickmode="auto", nticks=6, tickformat=".2~f", showgrid=False,
                                   range=[1, 1 + (top - 1) * 1.1 if top > 1 else 2]),
@@ -565,7 +605,7 @@ def accuracy_vs_energy(points, metric: str, higher_is_better: bool = True, title
                                  line=dict(dash="dash", color="#555"), hoverinfo="skip"))
     fig.update_layout(title=title or f"{metric} vs energy per token" + ("" if higher_is_better else
                                                                        " (lower is better)"),
-                      **legend_below(len(fig.data)))
+                      **legend_below(len(fig.data), names=[t.name for t in fig.data]))
     fig.update_xaxes(type="log", title_text="energy per token (J, log scale)")
     sd = points["std"].astype(float).fillna(0) if len(points) else []
     fig.update_yaxes(title_text=metric, **metric_axis([*(points["mean"] - sd), *(points["mean"] + sd)]

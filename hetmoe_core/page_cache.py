@@ -140,10 +140,36 @@ def _store_read(path: str, state: tuple, what: str, args: str):
     return getattr(store, what)(*a)
 
 
+_LAST: dict = {}
+"""(store path, what, arguments) -> the last value ``store_read`` returned, served while another process writes the
+store (DuckDB lets no one read a file another process holds read-write); the newest ``_LAST_MAX`` kept."""
+_LAST_MAX = 32
+
+
 def store_read(store, what: str, *args):
     """``store.<what>(*args)`` (summary_frame, runs_frame), ``energy.run_costs(store, *args)`` or "downloads"
     ((runs, CSV bytes, Parquet bytes) of ``store.runs_frame(*args)``), cached by
     ``store_state``: the Results page summarises 2,512 example runs once, not on every filter change. Arguments
-    must be JSON-able; the frame returned is a copy (st.cache_data)."""
+    must be JSON-able; the frame returned is a copy (st.cache_data).
+
+    While another process writes the store (``store_file.StoreBusy`` after a few seconds, not the store's whole
+    timeout), the same read's last answer in this server is returned and the page says once, in one line, that it
+    shows results as last read; with no earlier answer StoreBusy propagates (the page shows its one line)."""
+    import copy
     import json
-    return _store_read(str(store.path), store_state(store), what, json.dumps(args, sort_keys=True, default=str))
+    from .store_file import StoreBusy
+    a = json.dumps(args, sort_keys=True, default=str)
+    key = (str(store.path), what, a)
+    try:
+        out = _store_read(str(store.path), store_state(store), what, a)
+    except StoreBusy as e:
+        if key not in _LAST:
+            raise
+        from .ui import store_busy
+        store_busy(e, stale=True)
+        return copy.deepcopy(_LAST[key])
+    _LAST.pop(key, None)
+    _LAST[key] = out        # st.cache_data handed this call a copy of its own: kept as is (no second copy of
+    while len(_LAST) > _LAST_MAX:   # every frame on every rerun); the stale answer is copied when served
+        _LAST.pop(next(iter(_LAST)))
+    return out

@@ -100,11 +100,15 @@ def opening_limit(store, limits: list, model: str, task: str, last_run: dict) ->
     ``task``: the limit of this session's last evaluation when it ran this model and task, else that of the newest
     stored result of them (:func:`latest`: the limit run last, not the largest one, whose results an earlier CLI
     run may have left), else the last choice. Reads ``store`` (a ``store.Store``) only when the session's run does
-    not decide."""
+    not decide; while another process writes it (StoreBusy), opens on the last choice."""
+    from .store_file import StoreBusy
     if last_run.get("model_fingerprint") == model and last_run.get("task") == task:
         last = last_run
     else:
-        last = latest(store, model, task) or {}
+        try:
+            last = latest(store, model, task) or {}
+        except StoreBusy:
+            last = {}
     return limits.index(last["limit"]) if last.get("limit") in limits else len(limits) - 1
 
 
@@ -234,6 +238,19 @@ def number(v, spec: str = ".4g", scale=None) -> str:
     if text.startswith("-") and not any(c in "123456789" for c in text.split("e")[0]):
         text = text[1:]     # "-0.0000": a negative number that rounds to zero at this precision
     return text
+
+
+def text_widths(frame: pd.DataFrame, columns, px_per_char: float = 7.6, padding: int = 30, most: int = 420) -> dict:
+    """{column: width in px} that shows the longest text of each of ``columns`` in ``frame`` (header included)
+    whole in a Streamlit table (~7.6 px per character of its 14 px font, plus cell padding and the sort icon),
+    at most ``most`` px; columns missing from ``frame`` are left out. Streamlit's auto-sizing of a table whose
+    columns are pinned cut "MaxNNScore" to "MaxNNSc" and "paper-pcm-c1.5" to "paper-pc"."""
+    out = {}
+    for c in columns:
+        if c in frame:
+            longest = max([len(str(c)), *(len(str(v)) for v in frame[c])])
+            out[c] = int(min(most, round(longest * px_per_char + padding)))
+    return out
 
 
 def as_text(frame: pd.DataFrame, formats: dict) -> pd.DataFrame:

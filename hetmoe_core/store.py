@@ -72,9 +72,14 @@ class Store(StoreFile):
         if exists and _file_id(self.path) in _READY:
             return   # marker and schema already checked by this process for this very file
         if exists:
-            with self._connect(write=False) as con:
-                version = schema.schema_version(con, self.path)
-                incomplete = schema.missing(con)
+            try:
+                with self._connect(write=False) as con:
+                    version = schema.schema_version(con, self.path)
+                    incomplete = schema.missing(con)
+            except StoreBusy:   # another process writes it: a file this process checked before opens unchecked
+                if not any(f[-1] == str(self.path) for f in _READY):   # (each read then says it is busy, or
+                    raise                                            # a page shows its last answer)
+                return
             if version < schema.READ_AS_IS and (read_only or not self.writable):
                 raise ValueError(f"store {self.path} has schema version {version}; open it once where it is "
                                  f"writable (e.g. `import` or `evaluate` with --store) to upgrade it to "

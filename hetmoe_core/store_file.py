@@ -9,6 +9,10 @@ Concurrency design (DuckDB lets one read-write process lock out every other proc
     operation opens its own file descriptor, so threads of one process exclude each other like processes do);
     a second lock ``<db>.lock-gate`` gives writers preference, so polling readers can never starve a sweep;
   * a DuckDB lock error from a foreign process (e.g. the duckdb CLI) is retried with backoff until ``timeout`` s;
+  * a read waits at most ``READ_WAIT`` s for a foreign writer (``HETMOE_READ_WAIT`` for hetmoe's), then fails with
+    one line naming it ("the store … is being written by another process (pid …); retry in a moment"): DuckDB cannot
+    read a file another process holds read-write, so a page or ``runs --summary`` says so at once instead of
+    hanging for the whole ``timeout`` (a hetmoe writer writes its pid into ``<db>.lock`` while it holds it);
   * results are append-only: one transaction writes a run and all its metrics, so ``kill -9`` leaves whole
     results only (DuckDB's WAL drops the uncommitted transaction on the next open).
 Connections are never shared between threads; every public method is safe to call from any thread.
@@ -19,12 +23,21 @@ import contextlib
 import fcntl
 import os
 import random
+import re
 import time
 from pathlib import Path
 
 import duckdb
 
 from .dbhost import open_attached
+
+READ_WAIT = 3.0
+"""Seconds a read waits for a foreign process's read-write DuckDB connection (the duckdb CLI, a notebook: it may
+hold the file for hours, so waiting longer only hangs the page) before StoreBusy; writes wait the store's
+``timeout``."""
+HETMOE_READ_WAIT = 10.0
+"""Seconds a read waits for hetmoe writers (the ``<db>.lock`` flock) before StoreBusy: each holds it for one
+transaction (milliseconds; a snapshot import or schema upgrade: seconds), a queue of them a little longer."""
 
 _READY: set = set()   # (device, inode, mtime, size, path) of store files whose schema this process checked
 
@@ -35,7 +48,22 @@ def _file_id(path: Path) -> tuple:
 
 
 class StoreBusy(RuntimeError):
-    """Raised when the store stays locked by another process for longer than the timeout."""
+    """Raised when the store stays locked by another process for longer than the timeout (``READ_WAIT`` for a
+    read). Its message is one line naming the process when known."""
+
+
+def busy_message(path, holder: str | None) -> str:
+    """The one line a locked store gives: "the store <path> is being written by another process (pid 123,
+    /usr/bin/python3); retry in a moment"."""
+    return (f"the store {path} is being written by another process ({holder or 'pid unknown'}); retry in a "
+            "moment")
+
+
+def duckdb_holder(error: str) -> str | None:
+    """"pid 123, /usr/bin/python3" from DuckDB's lock error ("… Conflicting lock is held in /usr/bin/python3
+    (PID 123) …"), None when it names no process."""
+    m = re.search(r"lock is held in (.*?) \(PID (\d+)\)", error)
+    return f"pid {m.group(2)}, {m.group(1)}" if m else None
 
 
 class StoreFile:
@@ -82,7 +110,7 @@ class StoreFile:
     def _connect(self, write: bool):
         if write and not self.writable:
             raise ValueError(self._read_only_message())
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + (self.timeout if write else min(self.timeout, HETMOE_READ_WAIT))
         gate = self._lock_fd("-gate", write)
         fd = self._lock_fd("", write)
         try:
@@ -96,9 +124,15 @@ class StoreFile:
             finally:
                 if not write and gate is not None:
                     fcntl.flock(gate, fcntl.LOCK_UN)
+            if write and fd is not None:   # who holds it, for a reader that gives up (busy_message)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, str(os.getpid()).encode(), 0)
             # a write changes the file's mtime: the schema this process checked stays known (under the lock)
             checked = _file_id(self.path) if write and self.path.is_file() else None
             checked = checked if checked in _READY else None
+            if not write:
+                deadline = time.monotonic() + min(self.timeout, READ_WAIT)
             while True:
                 try:
                     con, close = open_attached(self.path, write)
@@ -111,7 +145,7 @@ class StoreFile:
                         raise ValueError(f"{self.path} is not a readable DuckDB store ({str(e).splitlines()[0]}); "
                                          "use another --store path") from None
                     if time.monotonic() > deadline:
-                        raise StoreBusy(f"store {self.path} is locked by another program: {e}") from None
+                        raise StoreBusy(busy_message(self.path, duckdb_holder(str(e)))) from None
                     time.sleep(0.02 + random.random() * 0.05)
                 except duckdb.Error as e:
                     raise ValueError(f"{self.path} is not a readable DuckDB store ({e}); use another --store "
@@ -137,5 +171,18 @@ class StoreFile:
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise StoreBusy(f"store {self.path} busy for {self.timeout:.0f} s; retry later") from None
+                    raise StoreBusy(busy_message(self.path, self._hetmoe_holder())) from None
                 time.sleep(0.002 + random.random() * 0.01)
+
+    def _hetmoe_holder(self) -> str | None:
+        """"pid 123, hetmoe" of the hetmoe process that last took the write lock (its pid in ``<db>.lock``; "this
+        process" for a thread of this one), when that process is alive; else None."""
+        try:
+            with open(self._lockfile) as f:
+                pid = int(f.read().strip() or 0)
+            if pid <= 0:
+                return None
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return f"pid {pid}, {'this process' if pid == os.getpid() else 'hetmoe'}"

@@ -51,15 +51,16 @@ def _direction(g):
     return None if len(known) == 0 else bool(known.astype(bool).all())
 
 
-def summarize_runs(runs):
-    """Summary rows (see Store.summary_frame) of a runs_frame: seeds grouped by the config minus the seed."""
+def label_runs(runs):
+    """``runs`` (a runs_frame, one row per run and metric) with the columns the summary groups and labels by:
+    preset (the label, e.g. ``paper-pcm-c1.5 (adc_bits=6, t_inference=3600)`` for an edited preset: the name as
+    the Results page's filters and table show it), preset_name (the stored name), overrides, config_id (12 hex
+    digits of the config minus the seed), deterministic, analog_dense and dtype. Frames that filter or group runs
+    alongside summary rows (``energy.run_costs``) label them here, so an edited preset matches its summary row."""
     import pandas as pd
-    cols = ["model_source", "model_fingerprint", "strategy", "budget", "scope", "preset", "preset_name",
-            "overrides", "dtype", "batch_size", "num_fewshot", "analog_dense", "backend", "task", "limit", "metric",
-            "mean", "std", "n_seeds", "deterministic", "digital_share", "seeds", "origins", "shared", "config_id", "higher_is_better"]
-    runs = runs[runs["metric"].notna() & (runs["status"] == "ok")] if len(runs) else runs
     if runs.empty:
-        return pd.DataFrame(columns=cols)
+        return runs.assign(preset_name=runs.get("preset"), overrides="", config_id="", deterministic=False,
+                           analog_dense="")
     info = {}
     for key, cfg_text, row in zip(runs.key, runs.config, runs.to_dict("records")):
         if key in info:
@@ -79,7 +80,19 @@ def summarize_runs(runs):
                      "analog_dense": ",".join(k for k, v in sorted(dense.items()) if v is False),
                      "dtype": row.get("dtype") or (cfg.get("model") or {}).get("dtype")}
     extra = pd.DataFrame.from_dict(info, orient="index")
-    df = runs.drop(columns=[c for c in ("preset", "dtype") if c in runs]).join(extra, on="key")
+    return runs.drop(columns=[c for c in extra.columns if c in runs]).join(extra, on="key")
+
+
+def summarize_runs(runs):
+    """Summary rows (see Store.summary_frame) of a runs_frame: seeds grouped by the config minus the seed."""
+    import pandas as pd
+    cols = ["model_source", "model_fingerprint", "strategy", "budget", "scope", "preset", "preset_name",
+            "overrides", "dtype", "batch_size", "num_fewshot", "analog_dense", "backend", "task", "limit", "metric",
+            "mean", "std", "n_seeds", "deterministic", "digital_share", "seeds", "origins", "shared", "config_id", "higher_is_better"]
+    runs = runs[runs["metric"].notna() & (runs["status"] == "ok")] if len(runs) else runs
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    df = label_runs(runs)
     out = []
     for _, g in df.groupby(list(SUMMARY_KEYS), sort=False, dropna=False):
         first = g.iloc[0]

@@ -50,6 +50,7 @@ def _begin_run() -> None:
         MODELS.release(old)
     _RUN.owner = (threading.current_thread(), time.monotonic_ns())
     _RUN.slot = None
+    _RUN.busy_shown = False
 
 
 @contextmanager
@@ -136,6 +137,43 @@ def frame(entry: bool = False) -> None:
     with st.sidebar:
         _sidebar()
     sync_query_params()
+
+
+METRIC_WIDTH = 175
+"""Width (px) of one metric in a ``metric_row``: a value of ~9 characters in Streamlit's 36 px metric font and a
+label of ~24 characters fit whole, four in a row at 1280 px (~780 px of page), two at 820 px (four columns,
+~120 px each, cut "9.19…" µJ)."""
+
+
+def metric_row(parent, n: int, width: int = METRIC_WIDTH) -> list:
+    """``n`` cells of ``width`` px for ``st.metric``s, side by side while they fit and wrapped onto further rows when
+    they do not (``st.columns`` shares the width out however narrow it gets and cuts the values). ``parent``: ``st``
+    or a container."""
+    return filter_row(parent, [width] * n)
+
+
+def filter_row(parent, widths) -> list:
+    """Cells of ``widths`` px for widgets (filters, metrics), side by side while they fit and wrapped onto further
+    rows when they do not, so a multiselect's chips and a metric's value keep their text (in ``st.columns`` a
+    sixth of the page showed the chip "fast" as "f…"). ``parent``: ``st`` or a container."""
+    row = parent.container(horizontal=True, wrap=True, gap="medium")
+    return [row.container(width=w) for w in widths]
+
+
+def store_busy(error, stale: bool = False) -> None:
+    """Say, once per run, that the results store is being written by another process (``error``: the StoreBusy
+    naming it): a warning that the page shows results as last read (``stale``), else an error line and a Retry
+    button; the page goes on (stale) or the caller stops it. One line, no traceback."""
+    if getattr(_RUN, "busy_shown", False):
+        return
+    _RUN.busy_shown = True
+    text = str(error)
+    text = text[:1].upper() + text[1:]
+    if stale:
+        st.warning(f"Showing the results as last read. {text}.")
+    else:
+        st.error(f"{text}.")
+        st.button("Retry", key="store_busy_retry")
 
 
 def _sidebar() -> None:

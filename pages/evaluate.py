@@ -6,7 +6,7 @@ from hetmoe_core import figures, jobs, results, ui
 from hetmoe_core.noise import PRESET_DOCS, PRESETS, field_docs, slow_tile_warning
 from hetmoe_core.noise import preset_label as preset_label_of
 from hetmoe_core.placement import DENSE_KINDS
-from hetmoe_core.store import Store
+from hetmoe_core.store import Store, StoreBusy
 
 ui.frame()
 st.title("Noisy evaluation")
@@ -134,16 +134,21 @@ for note in ui.budget_notes(budgets, h.lm.anatomy, ss.get("scope", "layer")):
 kw = dict(strategies=strategies, budgets=budgets, presets=[preset], seeds=int(seeds), tasks=tasks,
           limit=int(limit) or None, backend=backend, batch_size=int(batch), scope=ss.get("scope", "layer"),
           dense=dense, preset_overrides=overrides or None, device=ss["device"], dtype=ss["dtype"])
+store = have = None
 try:
     specs = ev.plan(ss["source"], **kw)
     store = Store()
     have = store.existing_keys(s.key for s in specs)
+except StoreBusy as e:     # another process writes the store: say so in one line, the form stays usable
+    ui.store_busy(e)
 except ValueError as e:
     _blocked(f"{e}")
-if not running_now and (note := ui.measurement_notice(h, strategies, noise, store, preset_label)):
+if not running_now and have is not None and (note := ui.measurement_notice(h, strategies, noise, store,
+                                                                          preset_label)):
     st.warning(note)
 st.markdown(f"**{len(specs)} results** in this sweep under **{preset_label}** (ideal references included): "
-            f"**{len(have)} cached**, {len(specs) - len(have)} to compute.")
+            + (f"**{len(have)} cached**, {len(specs) - len(have)} to compute." if have is not None else
+               "how many are cached is not known while another process writes the store."))
 
 
 def _start(source, kw):
@@ -208,7 +213,7 @@ if noisy:
             try:
                 with st.spinner("Routing the calibration tokens, digital and noisy …"):
                     ss["ev_drift_rows"] = (first.key, ev.spec_routing_drift(h.lm, first, store))
-            except ValueError as e:
+            except (ValueError, StoreBusy) as e:
                 st.error(str(e))
         got = ss.get("ev_drift_rows")
         if got and got[0] == first.key:

@@ -97,7 +97,7 @@ def view(hw):
                                            digital=p.digital, extra=extra,
                                            log=ss["strategy"] in ("maxnn", "router_norm", "random")),
                     key="placement_heat")
-    m = metrics_box.columns(4)
+    m = ui.metric_row(metrics_box, 4)   # wraps at narrow widths instead of cutting the values
     # the parameter share stays below 100 % at a 100 % budget: norms (and untied embeddings) are memory, neither
     # digital nor analog; the line under it says what the rest is, the routed experts' metric gives their share
     memory = [k for k, v in share["by_kind"].items() if v["memory"]]
@@ -128,7 +128,7 @@ def view(hw):
     costs = {n: energy.cost(shapes, q, hw, batch, e_stats) for n, q in refs.items()}
     c, ref = costs["this placement"], costs[energy.REFERENCE_LABELS["all_digital"]]
     with cost_box:
-        e = st.columns(4)
+        e = ui.metric_row(st, 4)
         e[0].metric("Energy per token", f"{c.energy_per_token_j * 1e6:.4g} µJ",
                     help=f"{c.tokens_per_j:,.0f} tokens per joule; {c.energy_per_token_j / ref.energy_per_token_j:.1%}"
                          f" of all-digital ({ref.energy_per_token_j * 1e6:.4g} µJ). {c.routing.capitalize()} routing.")

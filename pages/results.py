@@ -5,7 +5,7 @@ from hetmoe_core import energy, figures, results, ui
 from hetmoe_core.hardware import HARDWARE
 from hetmoe_core.paired import paired_deltas, recovery_table
 from hetmoe_core.placement import SHARE_HELP
-from hetmoe_core.store import Store, shown_path
+from hetmoe_core.store import Store, StoreBusy, shown_path
 from hetmoe_core.strategies import ordered
 
 ui.frame()
@@ -14,6 +14,9 @@ ss = st.session_state
 try:
     store = Store()
     summary = ui.store_read(store, "summary_frame")
+except StoreBusy as e:        # another process writes it: one line and Retry, the sidebar stays usable
+    ui.store_busy(e)
+    st.stop()
 except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")
@@ -75,11 +78,14 @@ def kept_filter(col, label, column, key, order=sorted, **kw):
     return chosen
 
 
-c1, c2, c3 = st.columns([2, 3, 1])   # strategy labels are the longest chips
-presets = kept_filter(c1, "Presets", "preset", "res_presets")
-strategies = kept_filter(c2, "Strategies", "strategy", "res_strategies", order=ordered,
+# strategies on a row of their own (the most and longest chips), then presets (an edited preset's name is long)
+# and backends side by side while both fit, else one under the other: in columns a chip read "f…" at 1280 px and
+# "pap…" at 820 px
+strategies = kept_filter(st, "Strategies", "strategy", "res_strategies", order=ordered,
                          format_func=lambda x: figures.STRATEGY_LABELS.get(x, x))
-backends = kept_filter(c3, "Backends", "backend", "res_backends")
+c1, c2 = ui.filter_row(st, (440, 220))
+presets = kept_filter(c1, "Presets", "preset", "res_presets")
+backends = kept_filter(c2, "Backends", "backend", "res_backends")
 shown = noisy[noisy.preset.isin(presets) & noisy.strategy.isin(strategies) & noisy.backend.isin(backends)]
 ideal, analog = results.references(s, shown)
 higher = results.higher_is_better(metric, s)
@@ -146,6 +152,9 @@ else:
                                                higher_is_better=higher), key="res_energy")
     st.caption(f"One point per configuration (mean ± std over seeds), energy of its placement on {hw_name} "
                f"({note}); dashed: the Pareto front — no other configuration is cheaper and at least as good.")
+    if left_out := energy.unpriced(runs_e[keep]):
+        st.caption(f"Not on this chart (no stored placement fits the model's shapes, so no energy): "
+                   f"{'; '.join(left_out)}.")
 
 st.subheader("Table")
 view, notes = results.summary_view(results.summary_table(s, shown))
@@ -153,8 +162,10 @@ st.dataframe(view, hide_index=True, key="res_table",
              column_config={"digital_share": st.column_config.TextColumn("digital share",
                                                                          help=SHARE_HELP["digital_share"]),
                             # kept in view when the wide table scrolls sideways (the mean was cut at the edge)
-                            **{c: st.column_config.Column(pinned=True) for c in ("strategy", "budget %", "mean",
-                                                                                 "std")}})
+                            **{c: st.column_config.Column(pinned=True) for c in ("budget %", "mean", "std")},
+                            # as wide as their longest text: auto-sizing cut "MaxNNSc", "paper-pc"
+                            **{c: st.column_config.Column(pinned=c == "strategy", width=w)
+                               for c, w in results.text_widths(view, ("strategy", "preset")).items()}})
 for n in notes:
     st.caption(n)
 

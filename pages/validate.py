@@ -19,8 +19,11 @@ ss = st.session_state
 try:
     from hetmoe_core.examples import EXAMPLES, load_examples, n_seeds
     from hetmoe_core.noise import PRESETS
-    from hetmoe_core.store import Store
+    from hetmoe_core.store import Store, StoreBusy
     store = Store()
+except StoreBusy as e:    # another process writes it: one line and Retry, the sidebar stays usable
+    ui.store_busy(e)
+    st.stop()
 except (ValueError, RuntimeError) as e:
     st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
              "holding it.")
@@ -28,7 +31,19 @@ except (ValueError, RuntimeError) as e:
 
 h = ui.require_model()
 fp = h.lm.fingerprint
-stored = stored_measurements(store, fp)     # every preset, whatever seeds and tokens, largest first
+
+
+def _stored():
+    """The measurements stored for this model (every preset, whatever seeds and tokens, largest first); while
+    another process writes the store, its one line and a stop."""
+    try:
+        return stored_measurements(store, fp)
+    except StoreBusy as e:
+        ui.store_busy(e)
+        st.stop()
+
+
+stored = _stored()
 if not stored and EXAMPLES.is_file() and ss["source"] == "default":
     st.info("No measured sensitivity of this model in the store yet. The example results hold it for both paper "
             "presets (computed by scripts/example_results.py).")
@@ -121,7 +136,7 @@ jobs.job_progress("val_job", lambda j: (measurement_line(None, j.preset, j.done,
                 cancel_note="Cancelling: the measurement stops within one layer's forward; nothing is stored.")
 
 # ---------------------------------------------------------------- which result to show
-stored = stored_measurements(store, fp)
+stored = _stored()
 if job is not None and job.result is not None and job.result.get("model_fingerprint") == fp:
     v = job.result
 else:
@@ -168,10 +183,10 @@ st.caption(f"{seeds_text(nv)} × {v['tokens']:,} tokens of {calibration_source(v
 # ---------------------------------------------------------------- heatmaps: measured vs MaxNNScore
 sc = ui.scores(h)
 layers = figures._decoder_layers(v["experts"])
-left, right = st.columns(2)
-left.plotly_chart(figures.damage_heatmap(v), key="val_heat_damage")
+# one above the other, each the page's width: side by side each got ~400 px, squeezing 16 expert labels together
+st.plotly_chart(figures.damage_heatmap(v), key="val_heat_damage")
 if sc is not None:
-    right.plotly_chart(figures.expert_heatmap(sc.get("maxnn"), [ls.layer for ls in sc.layers], "MaxNNScore per expert",
+    st.plotly_chart(figures.expert_heatmap(sc.get("maxnn"), [ls.layer for ls in sc.layers], "MaxNNScore per expert",
                                               "MaxNNScore", log=True), key="val_heat_maxnn")
 
 

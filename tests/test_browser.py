@@ -520,18 +520,82 @@ _CHIPS = """() => [...document.querySelectorAll('[data-testid="stMultiSelect"]')
 """[label, [[chip text, left, right, hidden px of its text]], left, right] of every multiselect on the page."""
 
 
-def test_results_filter_chips_are_not_cut(examples_server, browser):
-    """The Strategies filter's chips wrap inside their box: 'Activation frequency' read 'cy' (a single scrolled row
-    cut the chips at the column's edge)."""
-    pg = browser.new_page(viewport={"width": 1280, "height": 800})
+@pytest.mark.parametrize("width", [820, 1280])
+def test_results_filter_chips_are_not_cut(examples_server, browser, width):
+    """Every filter's chips wrap inside their box and show their whole text, at a narrow and a laptop width: the
+    Strategies chip 'Activation frequency' read 'cy' (a single scrolled row cut the chips at the column's edge),
+    the Presets chip 'pap…' at 820 px and the Backends chip 'f…' at 1280 px (columns of a sixth of the page)."""
+    pg = browser.new_page(viewport={"width": width, "height": 800})
     pg.goto(f"{examples_server}/results?model=default")
     pg.get_by_text("Paired differences between strategies").wait_for(timeout=120000)
     idle(pg)
     no_errors(pg, "results")
     got = {label: (chips, lo, hi) for label, chips, lo, hi in pg.evaluate(_CHIPS)}
-    chips, lo, hi = got["Strategies"]
-    assert "Activation frequency" in [c[0] for c in chips] and len(chips) >= 7
-    assert all(lo <= left and right <= hi and hidden <= 0 for _, left, right, hidden in chips), (chips, lo, hi)
+    assert "Activation frequency" in [c[0] for c in got["Strategies"][0]] and len(got["Strategies"][0]) >= 7
+    assert [c[0] for c in got["Backends"][0]] == ["fast"] and len(got["Presets"][0]) == 2
+    for label, (chips, lo, hi) in got.items():
+        assert all(lo <= left and right <= hi and hidden <= 0 for _, left, right, hidden in chips), \
+            (label, chips, lo, hi)
+    pg.close()
+
+
+@pytest.mark.parametrize("width", [820, 1280])
+def test_placement_metric_values_are_not_cut(examples_server, browser, width):
+    """The Placement page's eight metrics show their whole values at 820 px (four columns cut "9.19…" µJ and
+    "8,16…" tokens/s): they wrap onto further rows instead (ui.metric_row), and stay four in a row at 1280 px."""
+    pg = browser.new_page(viewport={"width": width, "height": 1600})
+    pg.goto(f"{examples_server}/placement?model=default")
+    pg.get_by_text("Energy per token").first.wait_for(timeout=120000)
+    idle(pg)
+    no_errors(pg, "placement")
+    got = [(t, w, room) for t, w, room in pg.evaluate(_CUT)]
+    values = [t for t, _, _ in got]
+    assert any(t.endswith("µJ") for t in values) and any(t.endswith(" MB") for t in values), values
+    cut = [(t, w, room) for t, w, room in got if w > room + 1]
+    assert not cut, cut
+    tops = pg.evaluate("""() => [...document.querySelectorAll('[data-testid="stMetric"]')].map(m =>
+        Math.round(m.getBoundingClientRect().top))""")
+    assert len(tops) >= 8 and len(set(tops[:4])) == (1 if width == 1280 else 2), tops
+    pg.close()
+
+
+_TICKS = """() => [...document.querySelectorAll('.js-plotly-plot')].map(p => {
+  const boxes = sel => [...p.querySelectorAll(sel)].map(t => { const r = t.getBoundingClientRect();
+    return [t.textContent, r.left, r.right, r.top, r.bottom]; });
+  return {x: boxes('.xtick text'), y: boxes('.ytick text'), left: p.getBoundingClientRect().left}; })"""
+"""Per chart: x and y tick labels as [text, left, right, top, bottom] and the chart's left edge."""
+
+
+def test_chart_tick_labels_read_apart_in_a_narrow_column(browser, tmp_path):
+    """Charts drawn by Plotly in Chromium at the widths they get at 820 px: the damage heatmap's 16 expert labels do
+    not overlap (beside the MaxNNScore heatmap they ran together), the routing-drift share axis of a ~0 drift has
+    no two ticks alike ("0% 0% 0% 1% 1% 1%"), and the bar chart's module labels start inside the chart
+    ("beddings = tied LM head")."""
+    import numpy as np
+    from hetmoe_core import figures
+    rng = np.random.default_rng(0)
+    experts = [{"layer": l, "expert": e, "only_this": float(v), "only_this_se": 1e-4}
+               for l in range(4) for e, v in enumerate(rng.choice([-1e-3, 1e-5, 1e-3, 1e-2], 16))]
+    drift = [{"layer": i, "changed_share": 1e-4 * i, "changed_share_se": None, "load_max_over_mean_ideal": 2.0,
+              "load_max_over_mean_noisy": 2.0} for i in range(2)]
+    kinds = {k: {"params": 10 ** 6, "digital": d, "analog": 10 ** 6 - d, "memory": 0}
+             for k, d in (("embeddings", 10 ** 6), ("attention", 10 ** 6), ("experts", 10 ** 5))}
+    figs = [(figures.damage_heatmap({"experts": experts, "preset": "paper-pcm-c1.5"}), 470),
+            (figures.routing_drift({"routing_drift": drift}), 470), (figures.share_bars(kinds, True), 290)]
+    html = "".join(f.to_html(full_html=False, include_plotlyjs=i == 0, default_width=w)
+                   for i, (f, w) in enumerate(figs))
+    (tmp_path / "charts.html").write_text(f"<html><body style='margin:0'>{html}</body></html>")
+    pg = browser.new_page(viewport={"width": 820, "height": 1600})
+    pg.goto(f"file://{tmp_path / 'charts.html'}")
+    pg.wait_for_function("document.querySelectorAll('.js-plotly-plot .xtick').length > 0")
+    heat, drift_ax, bars = pg.evaluate(_TICKS)
+    xs = sorted(heat["x"], key=lambda t: t[1])
+    assert [t[0] for t in xs] == [str(i) for i in range(16)]
+    assert all(a[2] <= b[1] for a, b in zip(xs, xs[1:])), xs            # no two expert labels overlap
+    shares = [t[0] for t in drift_ax["y"]]
+    assert len(shares) >= 3 and len(set(shares)) == len(shares), shares
+    assert all(t[1] >= bars["left"] for t in bars["y"]), bars["y"]
+    assert any("tied LM head" in t[0] for t in bars["y"])
     pg.close()
 
 

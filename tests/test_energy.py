@@ -287,3 +287,47 @@ def test_energy_module_cli_bad_batch_is_one_line(capsys):
     assert main(["h100+pcm", "8"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert len(rows) == 4 and all("tokens/J" in r for r in rows)
+
+
+def test_edited_preset_is_priced_on_the_results_energy_chart(tmp_path, monkeypatch):
+    """An edited preset (``--set adc_bits=6 --set t_inference=3600``) is labelled on the Results page's table and
+    filters as ``paper-pcm-c1.5 (adc_bits=6, t_inference=3600)``; run_costs labels its rows the same way, so the
+    accuracy-vs-energy chart shows it (it showed only the ideal point), apart from the unedited preset's point."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from streamlit.testing.v1 import AppTest
+    from hetmoe_core.energy import config_points, run_costs, unpriced
+    from hetmoe_core.store import Store
+    root = Path(__file__).resolve().parent.parent
+    db = tmp_path / "r.duckdb"
+    base = [sys.executable, "-m", "hetmoe_core", "evaluate", "tiny:olmoe", "--tasks", "hetmoe_cloze", "--limit", "5",
+            "--store", str(db)]
+    for extra in ([], ["--set", "adc_bits=6", "--set", "t_inference=3600"]):
+        out = subprocess.run(base + extra, capture_output=True, text=True, cwd=root, timeout=300)
+        assert out.returncode == 0, out.stderr
+    st = Store(db, read_only=True)
+    summary = st.summary_frame()
+    edited = "paper-pcm-c1.5 (adc_bits=6, t_inference=3600)"
+    assert set(summary.preset) == {"ideal", "paper-pcm-c1.5", edited}
+    runs, note = run_costs(st, "tiny:olmoe:seed0")
+    assert note == "uniform routing, batch 32" and unpriced(runs) == []
+    assert set(runs.preset) == set(summary.preset) and set(runs.preset_name) == {"ideal", "paper-pcm-c1.5"}
+    pts = config_points(runs[runs.metric == "acc"])
+    assert sorted(pts.preset) == sorted(["ideal", "paper-pcm-c1.5", edited])      # never averaged together
+    assert pts.energy_per_token_j.notna().all() and (pts.n_seeds == 1).all()
+    acc = summary[summary.metric == "acc"].set_index("preset")["mean"]
+    assert pts.set_index("preset")["mean"].to_dict() == pytest.approx(acc.to_dict())
+
+    monkeypatch.setenv("HETMOE_STORE", str(db))
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/results.py").run()
+    assert not at.exception and at.selectbox(key="res_limit").value == 5
+    at.selectbox(key="res_metric").set_value("acc").run()
+    assert edited in at.multiselect(key="res_presets").value
+    fig = json.loads(next(c for c in at.get("plotly_chart") if c.proto.id.endswith("res_energy")
+                          or "energy per token" in c.proto.spec).proto.spec)
+    names = {t.get("name") for t in fig["data"]}
+    assert any(n and n.endswith(edited) for n in names), names
+    assert any(n and n.endswith("· paper-pcm-c1.5") for n in names), names
+    assert not any("Not on this chart" in c.value for c in at.caption)

@@ -136,7 +136,8 @@ def test_damage_heatmap_says_what_white_cells_are():
     experts = [{"layer": 0, "expert": e, "only_this": v, "only_this_se": 0.01}
                for e, v in enumerate([0.2, -0.01, 0.0, 0.05])]
     fig = figures.damage_heatmap({"experts": experts, "preset": "p"})
-    assert "white: 2 expert(s) with a value ≤ 0" in fig.layout.title.text
+    assert "white: 2 expert(s) ≤ 0, no measurable damage" in fig.layout.title.text
+    assert fig.layout.title.text.count("<br>") == 1                 # one subtitle line: a full-width chart holds it
     assert "white" not in figures.damage_heatmap({"experts": experts[:1], "preset": "p"}).layout.title.text
 
 
@@ -150,6 +151,31 @@ def test_routing_drift_right_axis_has_its_own_readable_ticks_and_units():
     assert lay.yaxis2.range[1] == pytest.approx(1 + 2.06 * 1.1) and lay.yaxis2.tickformat == ".2~f"
     assert "(%)" in lay.yaxis.title.text and "1 = balanced" in lay.yaxis2.title.text
     assert lay.xaxis.title.text == "MoE layer"
+
+
+def test_percent_axis_ticks_never_repeat_a_label():
+    """A routing drift of ~0 gets a 0-1 % axis: ".0%" wrote its 0.2 % steps "0% 0% 0% 1% 1% 1%"; the step's own
+    decimals now (percent_ticks), 1-2-5 steps."""
+    for top, step, fmt in ((0.01, 0.002, ".1%"), (0.3, 0.1, ".0%"), (0.002, 0.0005, ".2%"), (1.0, 0.2, ".0%")):
+        ax = figures.percent_ticks(top)
+        assert (ax["dtick"], ax["tickformat"], ax["range"]) == (pytest.approx(step), fmt, [0, top])
+        labels = [format(i * ax["dtick"], ax["tickformat"]) for i in range(int(top / ax["dtick"] + 1e-9) + 1)]
+        assert len(set(labels)) == len(labels), labels
+    rows = [{"layer": 0, "changed_share": 0.0, "load_max_over_mean_ideal": 2.0, "load_max_over_mean_noisy": 2.0}]
+    assert figures.routing_drift({"routing_drift": rows}).layout.yaxis.tickformat == ".1%"
+
+
+def test_long_legend_names_get_a_row_each_and_bar_labels_wrap():
+    """An edited preset's legend name ran into its neighbour in a half-row; long module-kind labels break in two."""
+    assert figures.legend_below(4)["legend"]["entrywidth"] == 0.5
+    long = "MaxNNScore · paper-pcm-c1.5 (adc_bits=6, t_inference=3600)"
+    assert figures.legend_below(4, names=[long, "ideal"])["legend"]["entrywidth"] == 1
+    frame = pd.DataFrame({"strategy": ["maxnn"], "preset": ["paper-pcm-c1.5 (adc_bits=6, t_inference=3600)"],
+                          "budget": [0.125], "mean": [0.1257], "std": [float("nan")], "n_seeds": [1]})
+    fig = figures.metric_vs_budget(frame, "acc", 0.1314)
+    assert fig.layout.legend.entrywidth == 1 and fig.data[0].name == long
+    fig = figures.share_bars({"embeddings": {"params": 10, "digital": 10, "analog": 0, "memory": 0}}, True)
+    assert list(fig.data[0].y) == ["embeddings =<br>tied LM head"] and fig.layout.legend.orientation == "h"
 
 
 def test_damage_scatter_log_axis_spans_the_informative_damages_only():
@@ -223,3 +249,10 @@ def test_results_page_opens_on_the_sessions_last_run_else_the_most_results_at_th
     assert results.opening_limit(st, limits, "fp", "b", {**mine, "task": "b", "limit": results.ALL}) == 1
     assert results.opening_limit(st, [4, 20, results.ALL], "fp", "b", {}) == 0
     assert results.session_run(None) == {}
+
+
+def test_text_widths_fit_the_longest_text():
+    """Results table columns as wide as their longest text (auto-sizing with pinned columns cut "MaxNNSc")."""
+    view = pd.DataFrame({"strategy": ["ideal", "MaxNNScore"], "preset": ["ideal", "x" * 100]})
+    assert results.text_widths(view, ("strategy", "preset", "absent")) == {"strategy": round(10 * 7.6 + 30),
+                                                                           "preset": 420}

@@ -288,3 +288,97 @@ def test_rows_inserted_as_arrow_equal_rows_bound_as_parameters(tmp_path, monkeyp
     a, p = frames
     assert a.equals(p) and len(a) == 4 * len(METRICS)
     assert a.started_at.iloc[0] == t0 and a.duration_s.isna().sum() == 3 * len(METRICS) and a.origin.eq("computed").all()
+
+
+def _hold(args, ready="held"):
+    """A second process that holds the store (started with ``args``) until its stdin closes."""
+    p = subprocess.Popen([sys.executable, "-c", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == ready
+    return p
+
+
+def _release(p):
+    p.stdin.close()
+    assert p.wait(30) == 0
+
+
+def _put_shown(st, key):
+    """A result as the Results page lists it (model, task, strategy, budget, preset, backend)."""
+    return st.put_result(key, {"model_source": "tiny:olmoe", "model_fingerprint": "tiny:olmoe:seed0", "task": "t",
+                               "seed": 0, "strategy": "maxnn", "budget": 0.25, "scope": "layer", "preset": "p",
+                               "backend": "fast"},
+                         [{"task": "t", "metric": "acc", "value": 0.5, "stderr": 0.1, "seed": 0}])
+
+
+def test_locked_store_fails_fast_with_the_writer_named_and_pages_stay_usable(tmp_path, monkeypatch):
+    """While another process holds the DuckDB file read-write (the duckdb CLI, a notebook), a read gives up after
+    store_file.READ_WAIT s, not the store's 60 s timeout, with one line naming the process; `runs --summary` prints
+    that line; the Results page shows it with Retry (nothing else waits), and a page read before shows the results
+    as last read with a warning; the store is whole again once the process lets go."""
+    from streamlit.testing.v1 import AppTest
+    from hetmoe_core.store_file import READ_WAIT, StoreBusy
+    db = tmp_path / "r.duckdb"
+    st = Store(db)
+    _put_shown(st, "a")
+    fresh = tmp_path / "fresh.duckdb"
+    _put_shown(Store(fresh), "b")
+    monkeypatch.setenv("HETMOE_STORE", str(db))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+    at.switch_page("pages/results.py").run()     # read once: the page's last answer
+    assert not at.exception and not at.error and len(at.dataframe) >= 1
+    hold = "import duckdb, sys; c = duckdb.connect(sys.argv[1]); c.execute('SELECT 1'); print('held', flush=True); " \
+           "sys.stdin.read()"
+    for path in (db, fresh):
+        os.utime(path)   # another writer touched it: this process checks its schema again
+    holder = _hold([hold, str(db)])
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreBusy) as e:
+            Store(db).query("SELECT count(*) FROM runs")
+        waited = time.monotonic() - t0
+        assert st.timeout == 60 and READ_WAIT <= waited < 30    # not the whole timeout
+        msg = str(e.value)
+        assert msg.startswith(f"the store {db} is being written by another process (pid {holder.pid}, ")
+        assert msg.endswith("); retry in a moment") and "\n" not in msg
+        cli = subprocess.run([sys.executable, "-m", "hetmoe_core", "runs", "--summary", "--store", str(db)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert cli.returncode == 1 and cli.stderr.strip().splitlines() == [f"error: {msg}"]
+        at.run()                                      # a page that read before: its last answer, one warning
+        assert not at.exception and len(at.dataframe) >= 1
+        assert [w.value for w in at.warning if "last read" in w.value] == [
+            f"Showing the results as last read. The store {db} is being written by another process "
+            f"(pid {holder.pid}, {msg.split(', ', 1)[1]}."]
+        monkeypatch.setenv("HETMOE_STORE", str(fresh))
+        holder2 = _hold([hold, str(fresh)])
+        try:
+            at2 = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120).run()
+            at2.switch_page("pages/results.py").run()   # nothing read before: the one line and Retry
+            assert not at2.exception and [x.value for x in at2.error] == [
+                f"The store {fresh} is being written by another process (pid {holder2.pid}, "
+                f"{msg.split(', ', 1)[1]}."]
+            assert at2.button(key="store_busy_retry")
+        finally:
+            _release(holder2)
+        at2.button(key="store_busy_retry").click().run()
+        assert not at2.error and len(at2.dataframe) >= 1
+    finally:
+        _release(holder)
+    assert Store(db).counts()["runs"] == 1
+
+
+def test_a_hetmoe_writer_holding_the_store_is_named_by_pid(tmp_path, monkeypatch):
+    """A hetmoe process inside a long write transaction (e.g. a snapshot import) holds the store's flock: a reader
+    gives up after HETMOE_READ_WAIT s (shortened here) naming that process's pid."""
+    from hetmoe_core import store_file
+    db = tmp_path / "r.duckdb"
+    _put(Store(db), "a")
+    monkeypatch.setattr(store_file, "HETMOE_READ_WAIT", 0.5)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from hetmoe_core.store import Store\n"
+            "with Store(sys.argv[1]).write_transaction():\n    print('held', flush=True); sys.stdin.read()")
+    holder = _hold([code, str(db)])
+    try:
+        with pytest.raises(store_file.StoreBusy, match=rf"\(pid {holder.pid}, hetmoe\); retry in a moment$"):
+            Store(db).get_result("a")
+    finally:
+        _release(holder)
+    assert Store(db).get_result("a")["metrics"][0]["value"] == 0.5
