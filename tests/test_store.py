@@ -186,7 +186,7 @@ def test_cli_sweep_killed_mid_way_then_resumed(tmp_path):
     assert 2 <= done < n
     out = subprocess.run(sw, cwd=ROOT, capture_output=True, text=True, timeout=400)
     res = json.loads(out.stdout)
-    assert len(res["results"]) == n and res["computed"] == n - done and res["cached"] == done, out.stderr
+    assert len(res["results"]) == n and res["computed"] + res["shared"] == n - done and res["cached"] == done, out.stderr
     runs = Store(db).runs_frame()
     assert set(runs.key) == keys and len(runs) == 2 * len(keys)   # 2 metrics per run, no duplicates
 
