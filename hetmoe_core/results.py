@@ -112,6 +112,17 @@ def opening_limit(store, limits: list, model: str, task: str, last_run: dict) ->
     return limits.index(last["limit"]) if last.get("limit") in limits else len(limits) - 1
 
 
+def paired_runs(runs: pd.DataFrame, metric: str, limit, presets, strategies, backends) -> pd.DataFrame:
+    """The runs the Results page's paired statistics use: ``runs`` (a runs_frame of one model and task) of ``metric``
+    at ``limit`` (:func:`at_limit`), the ideal ones and those of the chosen presets, strategies and backends. Runs
+    are labelled as the summary labels them (``summary.label_runs``), so an edited preset ("paper-pcm-c1.5
+    (adc_bits=6)") matches its filter chip and is never paired with the unedited preset's runs."""
+    from .summary import label_runs
+    runs = at_limit(label_runs(runs[runs.metric == metric]), limit)
+    return runs[(runs.strategy == "ideal") | (runs.preset.isin(presets) & runs.strategy.isin(strategies)
+                                              & runs.backend.isin(backends))]
+
+
 def at_limit(summary: pd.DataFrame, limit) -> pd.DataFrame:
     """Rows of ``summary`` computed with ``limit`` documents per task (``ALL``: every document)."""
     if limit == ALL:

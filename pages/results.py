@@ -104,10 +104,8 @@ elif not analog:
     st.caption("Run a budget of 0 % with these presets to draw the all-analog reference line.")
 
 # paired statistics: the same seeds for every strategy and budget (hetmoe_core.paired)
-runs = ui.store_read(store, "runs_frame", {"model_fingerprint": model, "task": task})
-runs = results.at_limit(runs[runs.metric == metric], lim)
-runs = runs[(runs.strategy == "ideal") | (runs.preset.isin(presets) & runs.strategy.isin(strategies)
-                                          & runs.backend.isin(backends))]
+runs = results.paired_runs(ui.store_read(store, "runs_frame", {"model_fingerprint": model, "task": task}),
+                           metric, lim, presets, strategies, backends)
 rec = recovery_table(runs)
 if len(rec):
     st.plotly_chart(figures.recovery_vs_budget(rec, f"Recovered fraction of the noise loss · {metric}"),

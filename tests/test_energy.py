@@ -318,6 +318,11 @@ def test_edited_preset_is_priced_on_the_results_energy_chart(tmp_path, monkeypat
     assert pts.energy_per_token_j.notna().all() and (pts.n_seeds == 1).all()
     acc = summary[summary.metric == "acc"].set_index("preset")["mean"]
     assert pts.set_index("preset")["mean"].to_dict() == pytest.approx(acc.to_dict())
+    from hetmoe_core.results import paired_runs          # the paired statistics keep the two presets apart too
+    both = paired_runs(st.runs_frame({}), "acc", 5, ["paper-pcm-c1.5", edited], ["maxnn"], ["fast"])
+    assert both.groupby("preset").size().to_dict() == {"ideal": 1, "paper-pcm-c1.5": 1, edited: 1}
+    only = paired_runs(st.runs_frame({}), "acc", 5, [edited], ["maxnn"], ["fast"])
+    assert set(only.preset) == {"ideal", edited}
 
     monkeypatch.setenv("HETMOE_STORE", str(db))
     at = AppTest.from_file(str(root / "app.py"), default_timeout=120).run()
