@@ -160,6 +160,21 @@ def filter_row(parent, widths) -> list:
     return [row.container(width=w) for w in widths]
 
 
+def store_or_stop(read):
+    """``read()``'s value (a function that opens the results store and reads it), or the page stops with one line:
+    while another process writes the store, :func:`store_busy`'s line and Retry (the sidebar stays usable); a
+    store hetmoe cannot use (not a DuckDB file, a newer schema, unreadable), what is wrong and what to do."""
+    from .store import StoreBusy
+    try:
+        return read()
+    except StoreBusy as e:
+        store_busy(e)
+    except (ValueError, RuntimeError) as e:
+        st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
+                 "holding it.")
+    st.stop()
+
+
 def store_busy(error, stale: bool = False) -> None:
     """Say, once per run, that the results store is being written by another process (``error``: the StoreBusy
     naming it): a warning that the page shows results as last read (``stale``), else an error line and a Retry

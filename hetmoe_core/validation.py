@@ -262,6 +262,32 @@ def stored_measurements(store, fingerprint: str, preset=None, *, dtype: str | No
     return sorted(newest_first, key=_size)       # stable: equal sizes stay newest first
 
 
+TOKEN_CHOICES = (256, 1024, 4096, 16384, 65536)
+"""Calibration token counts the Validate page offers for a new measurement (16,384 is validate's default)."""
+
+
+def stored_requests(stored: list[dict], preset: str) -> list[tuple[int, int]]:
+    """The (seeds, tokens) requests of ``stored`` (:func:`stored_measurements`' list) measured under ``preset``,
+    once each, in its order (largest first): what the Validate page's "Stored under" menu lists."""
+    from .examples import n_seeds
+    return list(dict.fromkeys((n_seeds(d["seeds"]), int(d["tokens"])) for d in stored if d["preset"] == preset))
+
+
+def token_choices(stored: list[dict], current: int | None = None) -> list[int]:
+    """Token counts the Validate page offers, ascending: :data:`TOKEN_CHOICES`, every count stored for the model
+    (``stored``), and the form's ``current`` one."""
+    return sorted(set(TOKEN_CHOICES) | {int(d["tokens"]) for d in stored} | ({int(current)} if current else set()))
+
+
+def shown_measurement(stored: list[dict], preset: str, seeds: int, tokens: int) -> tuple[dict | None, bool]:
+    """(the stored measurement the Validate page shows for the request ``preset`` x ``seeds`` x ``tokens``,
+    whether it is that request): the request when stored, else the preset's largest stored measurement, else None."""
+    from .examples import n_seeds
+    match = [d for d in stored if (d["preset"], n_seeds(d["seeds"]), d["tokens"]) == (preset, seeds, tokens)]
+    same = [d for d in stored if d["preset"] == preset]
+    return (match or same or [None])[0], bool(match)
+
+
 def stored_strategy_scores(source: str, preset, *, store=None, dtype: str = "float32",
                            device: str = "cpu") -> tuple[Validation | None, dict[str, list[np.ndarray]]]:
     """(the stored measurement, {measured strategy: per-layer float64 ``[E]`` scores}) that the Placement page

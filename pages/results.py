@@ -5,22 +5,14 @@ from hetmoe_core import energy, figures, results, ui
 from hetmoe_core.hardware import HARDWARE
 from hetmoe_core.paired import paired_deltas, recovery_table
 from hetmoe_core.placement import SHARE_HELP
-from hetmoe_core.store import Store, StoreBusy, shown_path
+from hetmoe_core.store import Store, shown_path
 from hetmoe_core.strategies import ordered
 
 ui.frame()
 st.title("Results")
 ss = st.session_state
-try:
-    store = Store()
-    summary = ui.store_read(store, "summary_frame")
-except StoreBusy as e:        # another process writes it: one line and Retry, the sidebar stays usable
-    ui.store_busy(e)
-    st.stop()
-except (ValueError, RuntimeError) as e:
-    st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
-             "holding it.")
-    st.stop()
+store = ui.store_or_stop(Store)
+summary = ui.store_or_stop(lambda: ui.store_read(store, "summary_frame"))
 st.caption(f"Store `{shown_path(store.path)}` · {len(summary)} summary rows (mean ± std over seeds).")
 if summary.empty:
     st.info("No results stored yet. Run an evaluation on the **Evaluate** page (or `python -m hetmoe_core`).")

@@ -8,7 +8,7 @@ import streamlit as st
 from hetmoe_core import results, ui
 from hetmoe_core.report import write_report
 from hetmoe_core.snapshot import SnapshotError, export_snapshot, import_snapshot, read_snapshot
-from hetmoe_core.store import Store, StoreBusy, shown_path
+from hetmoe_core.store import Store, shown_path
 
 UPLOAD_MB = 50      # also server.maxUploadSize in .streamlit/config.toml
 
@@ -25,12 +25,8 @@ st.caption("Opens the Placement page with the same model, strategy, digital budg
            "modules and hardware constants (every page keeps these in its URL; dense modules and hardware only "
            "where they differ from the defaults).")
 
-try:
-    store = Store()
-    counts = store.counts()
-except StoreBusy as e:   # another process writes it: one line and Retry, the sidebar stays usable
-    ui.store_busy(e)
-    st.stop()
+store = ui.store_or_stop(Store)
+counts = ui.store_or_stop(store.counts)
 st.subheader("Export")
 h = ui.get_model(show_errors=False)
 scope = st.radio("Results to export", ["this model", "all models"], horizontal=True, key="share_scope",

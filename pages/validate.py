@@ -5,8 +5,9 @@ import streamlit as st
 
 from hetmoe_core import figures, forms, jobs, ui
 from hetmoe_core.evaluate import measurement_line
-from hetmoe_core.validation import (calibration_source, correlation_table, damage_resolved, seeds_text, signed,
-                                   spread_text, stored_measurements)
+from hetmoe_core.validation import (calibration_source, correlation_table, damage_resolved, seeds_text,
+                                   shown_measurement, signed, spread_text, stored_measurements, stored_requests,
+                                   token_choices)
 
 ui.frame()
 st.title("Validate the criteria")
@@ -16,34 +17,14 @@ st.caption("Does MaxNNScore find the experts that really suffer on AIMC? Each ex
            "Then each criterion's rank correlation with that damage is given with a 95% bootstrap interval.")
 ss = st.session_state
 
-try:
-    from hetmoe_core.examples import EXAMPLES, load_examples, n_seeds
-    from hetmoe_core.noise import PRESETS
-    from hetmoe_core.store import Store, StoreBusy
-    store = Store()
-except StoreBusy as e:    # another process writes it: one line and Retry, the sidebar stays usable
-    ui.store_busy(e)
-    st.stop()
-except (ValueError, RuntimeError) as e:
-    st.error(f"Could not open the results store: {e}\n\nSet HETMOE_STORE to another file or close the program "
-             "holding it.")
-    st.stop()
+from hetmoe_core.examples import EXAMPLES, load_examples, n_seeds
+from hetmoe_core.noise import PRESETS
+from hetmoe_core.store import Store
 
+store = ui.store_or_stop(Store)
 h = ui.require_model()
 fp = h.lm.fingerprint
-
-
-def _stored():
-    """The measurements stored for this model (every preset, whatever seeds and tokens, largest first); while
-    another process writes the store, its one line and a stop."""
-    try:
-        return stored_measurements(store, fp)
-    except StoreBusy as e:
-        ui.store_busy(e)
-        st.stop()
-
-
-stored = _stored()
+stored = ui.store_or_stop(lambda: stored_measurements(store, fp))   # every preset, any seeds/tokens, largest first
 if not stored and EXAMPLES.is_file() and ss["source"] == "default":
     st.info("No measured sensitivity of this model in the store yet. The example results hold it for both paper "
             "presets (computed by scripts/example_results.py).")
@@ -60,26 +41,17 @@ if ss.get("val_preset") not in presets:
     ss["val_preset"] = ss.get("preset") if ss.get("preset") in presets else presets[0]
 
 
-def of_preset(name: str) -> list[dict]:
-    """The stored measurements of this model under preset ``name``, largest first."""
-    return [d for d in stored if d["preset"] == name]
-
-
-def open_stored(d: dict) -> None:
-    """Put a stored measurement's seeds and tokens into the form (before its widgets are drawn, or in a callback)."""
-    ss["val_seeds"], ss["val_tokens"] = float(n_seeds(d["seeds"])), int(d["tokens"])
+def open_stored(request) -> None:
+    """Put a stored (seeds, tokens) request into the form (before its widgets are drawn, or in a callback)."""
+    ss["val_seeds"], ss["val_tokens"] = float(request[0]), int(request[1])
 
 
 # a preset opened (first visit, or another preset chosen): the form opens its largest stored measurement, if any
-if ss.get("_val_opened") != ss["val_preset"]:
-    ss["_val_opened"] = ss["val_preset"]
-    if of_preset(ss["val_preset"]):
-        open_stored(of_preset(ss["val_preset"])[0])
+if ss.get("_val_opened") != ss["val_preset"] and (first := stored_requests(stored, ss["val_preset"])):
+    open_stored(first[0])
 jobs.restore_form("val_job")   # a reload: the form shows the running measurement's request, not the defaults
 ss["_val_opened"] = ss["val_preset"]
-TOKENS = [256, 1024, 4096, 16384, 65536]     # offered for a new measurement; any stored value is added
-tokens_offered = sorted(set(TOKENS) | {int(d["tokens"]) for d in stored}
-                        | ({int(ss["val_tokens"])} if ss.get("val_tokens") else set()))
+tokens_offered = token_choices(stored, ss.get("val_tokens"))
 c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
 preset = c1.selectbox("Noise preset", presets, key="val_preset")
 # a float box shown as a whole number: Streamlit's integer box reads a typed "1e9" as 1 (forms.sweep_number_problem)
@@ -106,16 +78,12 @@ c4.button("Measure", type="primary", disabled=running or seeds_problem is not No
 if seeds_problem:
     st.error(seeds_problem)
     st.stop()
-here = of_preset(preset)
-if here:       # the stored seed/token combinations of this preset: choosing one opens it
-    combos = [(n_seeds(d["seeds"]), int(d["tokens"])) for d in here]
-    combos = list(dict.fromkeys(combos))
+if combos := stored_requests(stored, preset):      # this preset's stored requests: choosing one opens it
     ss["val_stored"] = (seeds, tokens) if (seeds, tokens) in combos else None
     st.selectbox(f"Stored under {preset} ({len(combos)})", combos, index=None, key="val_stored",
                  format_func=lambda c: f"{seeds_text(c[0])} × {c[1]:,} tokens",
                  placeholder="a new request (not stored)",
-                 on_change=lambda: open_stored({"seeds": ss["val_stored"][0], "tokens": ss["val_stored"][1]})
-                 if ss["val_stored"] else None,
+                 on_change=lambda: open_stored(ss["val_stored"]) if ss["val_stored"] else None,
                  help="The measurements of this model stored under this preset (from this page, the command line "
                       "or the example results), largest first. Choosing one shows it.")
 
@@ -136,13 +104,12 @@ jobs.job_progress("val_job", lambda j: (measurement_line(None, j.preset, j.done,
                 cancel_note="Cancelling: the measurement stops within one layer's forward; nothing is stored.")
 
 # ---------------------------------------------------------------- which result to show
-stored = _stored()
+stored = ui.store_or_stop(lambda: stored_measurements(store, fp))
 if job is not None and job.result is not None and job.result.get("model_fingerprint") == fp:
     v = job.result
 else:
-    match = [d for d in stored if (d["preset"], n_seeds(d["seeds"]), d["tokens"]) == (preset, seeds, tokens)]
-    v = (match or of_preset(preset) or [None])[0]         # the request, else this preset's largest
-    if not match and not running:
+    v, exact = shown_measurement(stored, preset, seeds, tokens)    # the request, else this preset's largest
+    if not exact and not running:
         st.caption(f"Not stored yet: measuring {seeds_text(seeds)} × {tokens:,} tokens takes "
                    f"{ui.measurement_time(h, seeds, tokens)}.")
 if v is None:

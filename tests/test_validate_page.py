@@ -239,3 +239,22 @@ def test_time_estimate_times_a_forward_of_the_measurements_size(store_env):
     job = _wait(at)
     assert job.status == "done" and not job.result["cached"]
     assert job.elapsed <= small["seconds"] + 1, (job.elapsed, small)     # an upper bound ("about N s" is rounded)
+
+
+def test_the_pages_choice_among_stored_measurements():
+    """validation.stored_requests / token_choices / shown_measurement: what the Validate page lists, offers and shows
+    (stored_measurements' list is largest first)."""
+    from hetmoe_core.validation import shown_measurement, stored_requests, token_choices
+    stored = [dict(preset="paper-pcm-c2.5", seeds=[0, 1, 2, 3, 4], tokens=2048, tag="a"),
+              dict(preset="paper-pcm-c1.5", seeds=2, tokens=256, tag="b"),
+              dict(preset="paper-pcm-c2.5", seeds=[0], tokens=2048, tag="c"),
+              dict(preset="paper-pcm-c2.5", seeds=1, tokens=2048, tag="d")]          # same request as "c", older
+    assert stored_requests(stored, "paper-pcm-c2.5") == [(5, 2048), (1, 2048)]
+    assert stored_requests(stored, "paper-pcm-c1.5") == [(2, 256)] and stored_requests(stored, "x") == []
+    assert token_choices(stored) == [256, 1024, 2048, 4096, 16384, 65536]
+    assert token_choices([], 300) == [256, 300, 1024, 4096, 16384, 65536]
+    v, exact = shown_measurement(stored, "paper-pcm-c2.5", 1, 2048)
+    assert (v["tag"], exact) == ("c", True)
+    v, exact = shown_measurement(stored, "paper-pcm-c2.5", 3, 4096)      # not stored: the preset's largest
+    assert (v["tag"], exact) == ("a", False)
+    assert shown_measurement(stored, "aihwkit-pcm-drift", 5, 16384) == (None, False)
